@@ -1,0 +1,20 @@
+//! Melange wire protocol v1 and the byte-stream ports it runs over.
+//!
+//! - [`frame`]: the 16-byte frame header and an incremental, resynchronising decoder.
+//! - [`message`]: control messages (serde + postcard) and the binary media packet.
+//! - [`session`]: a sans-IO state machine for one connection (handshake, heartbeat,
+//!   streams). No sockets and no clock inside.
+//! - [`port`]: the I/O edge: `virtio:NAME`, `unix:PATH` (connect, retrying), a listening
+//!   unix socket, stdio, and an in-memory pair for tests.
+//!
+//! The spec is `docs/protocol.md`. This crate knows nothing about codecs or PipeWire.
+
+pub mod frame;
+pub mod message;
+pub mod port;
+pub mod session;
+
+pub use frame::{FrameDecoder, FrameError, FrameKind, MAX_FRAME};
+pub use message::{AppInfo, AudioFormat, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamOpen};
+pub use port::{Link, LinkEvent, PortSpec, Waker};
+pub use session::{CloseReason, Event, PeerInfo, Session, SessionConfig, SessionError};

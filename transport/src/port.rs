@@ -1,0 +1,591 @@
+//! Byte-stream ports: the I/O edge under a [`Session`](crate::Session).
+//!
+//! A [`Link`] owns one port and its connectivity. It reconnects by itself where the port
+//! kind allows and reports each change as a [`LinkEvent`]: every `Connected` means "start
+//! a new session", every `Disconnected` means "the session is over".
+//!
+//! | spec | behaviour |
+//! |---|---|
+//! | `virtio:NAME` | `/dev/virtio-ports/NAME`, opened once, non-blocking; `POLLHUP` means "host absent", `POLLOUT` without it means "host present" |
+//! | `unix:PATH` | connects, retrying with backoff (100 ms doubling to 2 s) |
+//! | listening `unix:PATH` | binds (mode 0600), accepts; a new connection replaces the current one |
+//! | `stdio` | stdin/stdout; end of input ends the link for good |
+//! | [`Link::pair`] | two connected ends in memory, for tests |
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// Where virtio-serial ports appear in a guest (udev makes these links by port name).
+pub const VIRTIO_PORTS_DIR: &str = "/dev/virtio-ports";
+/// How often to look again at a virtio port that reports "host absent": poll() cannot
+/// wait for the host to appear (POLLHUP is level-triggered), so we sleep between looks.
+const VIRTIO_RECHECK: Duration = Duration::from_millis(100);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// A port as written on a command line or in a config: `virtio:NAME`, `unix:PATH`, `stdio`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortSpec {
+    /// A virtio-serial port by name (guest side).
+    Virtio(String),
+    /// A unix socket path (connect, or listen with [`Link::listen`]).
+    Unix(PathBuf),
+    /// Standard input and output.
+    Stdio,
+}
+
+impl FromStr for PortSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "stdio" {
+            return Ok(PortSpec::Stdio);
+        }
+        match s.split_once(':') {
+            Some(("virtio", name)) if !name.is_empty() && !name.contains('/') => Ok(PortSpec::Virtio(name.into())),
+            Some(("unix", path)) if !path.is_empty() => Ok(PortSpec::Unix(path.into())),
+            _ => Err(format!(
+                "invalid port {s:?}: expected virtio:NAME (e.g. virtio:org.melange.media.0), unix:PATH or stdio"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortSpec::Virtio(n) => write!(f, "virtio:{n}"),
+            PortSpec::Unix(p) => write!(f, "unix:{}", p.display()),
+            PortSpec::Stdio => f.write_str("stdio"),
+        }
+    }
+}
+
+/// What happened on a link during [`Link::wait`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A peer is there: start a new session.
+    Connected,
+    /// The peer went away; the link will reconnect by itself if its kind can.
+    Disconnected(String),
+    /// Bytes can be read.
+    Readable,
+    /// Bytes can be written.
+    Writable,
+    /// The [`Waker`] was signalled.
+    Woken,
+    /// The timeout passed with nothing else to report.
+    Timeout,
+}
+
+/// Wakes a thread blocked in [`Link::wait`] from another thread (an eventfd).
+#[derive(Debug)]
+pub struct Waker {
+    fd: OwnedFd,
+}
+
+impl Waker {
+    /// A new waker.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    /// Makes the waiting thread return [`LinkEvent::Woken`]. Not for real-time threads.
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd. A full counter
+        // (EAGAIN) still leaves the fd readable, which is all we need.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+enum Kind {
+    Virtio { name: String, path: PathBuf, file: Option<File>, next_open: Instant },
+    Connect { path: PathBuf, next_attempt: Instant, backoff: Duration, last_error: Option<String> },
+    Listen { path: PathBuf, listener: UnixListener },
+    Stdio { finished: bool },
+    Pair,
+}
+
+/// One port plus its connectivity. See the module docs.
+pub struct Link {
+    kind: Kind,
+    /// The live connection for socket and stdio kinds.
+    stream: Option<Conn>,
+    /// Virtio: whether the host was present at the last look.
+    present: bool,
+    /// A change to report on the next wait, before anything else.
+    pending: Option<LinkEvent>,
+}
+
+enum Conn {
+    Unix(UnixStream),
+    Stdio,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("spec", &self.describe()).field("connected", &self.is_connected()).finish()
+    }
+}
+
+impl Link {
+    /// Opens a port for the connecting side (`virtio:`, `unix:` connect, `stdio`).
+    /// Never fails for a peer that is merely absent: the link waits and retries.
+    pub fn open(spec: &PortSpec) -> io::Result<Link> {
+        let now = Instant::now();
+        let kind = match spec {
+            PortSpec::Virtio(name) => Kind::Virtio {
+                name: name.clone(),
+                path: Path::new(VIRTIO_PORTS_DIR).join(name),
+                file: None,
+                next_open: now,
+            },
+            PortSpec::Unix(path) => {
+                Kind::Connect { path: path.clone(), next_attempt: now, backoff: BACKOFF_MIN, last_error: None }
+            }
+            PortSpec::Stdio => {
+                set_nonblocking(0)?;
+                set_nonblocking(1)?;
+                return Ok(Link {
+                    kind: Kind::Stdio { finished: false },
+                    stream: Some(Conn::Stdio),
+                    present: true,
+                    pending: Some(LinkEvent::Connected),
+                });
+            }
+        };
+        Ok(Link { kind, stream: None, present: false, pending: None })
+    }
+
+    /// Binds a listening unix socket at `path` (mode 0600; a stale socket file is
+    /// replaced) and accepts connections on it.
+    pub fn listen(path: &Path) -> io::Result<Link> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir)?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+        }
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by another listener", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        Ok(Link { kind: Kind::Listen { path: path.into(), listener }, stream: None, present: false, pending: None })
+    }
+
+    /// Two connected ends, for tests. Disconnecting either end is final.
+    pub fn pair() -> io::Result<(Link, Link)> {
+        let (a, b) = UnixStream::pair()?;
+        a.set_nonblocking(true)?;
+        b.set_nonblocking(true)?;
+        let end = |s| Link { kind: Kind::Pair, stream: Some(Conn::Unix(s)), present: true, pending: Some(LinkEvent::Connected) };
+        Ok((end(a), end(b)))
+    }
+
+    /// The port, for logs.
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            Kind::Virtio { path, .. } => path.display().to_string(),
+            Kind::Connect { path, .. } => format!("unix:{}", path.display()),
+            Kind::Listen { path, .. } => format!("listening unix:{}", path.display()),
+            Kind::Stdio { .. } => "stdio".into(),
+            Kind::Pair => "memory pair".into(),
+        }
+    }
+
+    /// True while a peer is there to talk to.
+    pub fn is_connected(&self) -> bool {
+        match self.kind {
+            Kind::Virtio { .. } => self.present,
+            _ => self.stream.is_some(),
+        }
+    }
+
+    /// True when the link can never connect again (stdio at end of input, a closed pair).
+    pub fn is_finished(&self) -> bool {
+        match self.kind {
+            Kind::Stdio { finished } => finished,
+            Kind::Pair => self.stream.is_none(),
+            _ => false,
+        }
+    }
+
+    /// The last reason a connect attempt failed, if it is still failing.
+    pub fn last_error(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Connect { last_error, .. } => last_error.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Blocks until something happens or `timeout` passes. `want_write` asks to be told
+    /// when bytes can be written. Connection changes come first and are reported once.
+    pub fn wait(&mut self, want_write: bool, timeout: Option<Duration>, waker: Option<&Waker>) -> io::Result<LinkEvent> {
+        if let Some(ev) = self.pending.take() {
+            return Ok(ev);
+        }
+        let now = Instant::now();
+        let deadline = timeout.map(|t| now + t);
+        // Connect-side housekeeping; it may shorten the wait.
+        let mut wait_until = deadline;
+        match &mut self.kind {
+            Kind::Connect { path, next_attempt, backoff, last_error } if self.stream.is_none() => {
+                if now >= *next_attempt {
+                    match UnixStream::connect(&*path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+                        Ok(s) => {
+                            self.stream = Some(Conn::Unix(s));
+                            *backoff = BACKOFF_MIN;
+                            *last_error = None;
+                            return Ok(LinkEvent::Connected);
+                        }
+                        Err(e) => {
+                            *last_error = Some(describe_connect_error(path, &e));
+                            *next_attempt = now + *backoff;
+                            *backoff = (*backoff * 2).min(BACKOFF_MAX);
+                        }
+                    }
+                }
+                wait_until = Some(wait_until.map_or(*next_attempt, |d| d.min(*next_attempt)));
+            }
+            Kind::Virtio { path, file, next_open, name } => {
+                if file.is_none() && now >= *next_open {
+                    match OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(&*path) {
+                        Ok(f) => *file = Some(f),
+                        Err(e) => {
+                            *next_open = now + BACKOFF_MAX;
+                            let text = describe_virtio_error(name, path, &e);
+                            if !matches!(&self.pending, Some(LinkEvent::Disconnected(t)) if *t == text) {
+                                return Ok(LinkEvent::Disconnected(text));
+                            }
+                        }
+                    }
+                }
+                if let Some(f) = file {
+                    let revents = poll_fds(&mut [(f.as_raw_fd(), libc::POLLOUT)], Some(Duration::ZERO))?[0];
+                    let present = revents & libc::POLLHUP == 0 && revents & libc::POLLOUT != 0;
+                    if present != self.present {
+                        self.present = present;
+                        return Ok(if present {
+                            LinkEvent::Connected
+                        } else {
+                            LinkEvent::Disconnected("host side of the virtio port closed".into())
+                        });
+                    }
+                }
+                if !self.present {
+                    let recheck = now + VIRTIO_RECHECK;
+                    wait_until = Some(wait_until.map_or(recheck, |d| d.min(recheck)));
+                }
+            }
+            _ => {}
+        }
+
+        let mut fds: Vec<(RawFd, libc::c_short)> = Vec::with_capacity(3);
+        let io_events = libc::POLLIN | if want_write { libc::POLLOUT } else { 0 };
+        match (&self.kind, &self.stream) {
+            (Kind::Virtio { file: Some(f), .. }, _) if self.present => fds.push((f.as_raw_fd(), io_events)),
+            (Kind::Stdio { .. }, Some(_)) => {
+                fds.push((0, libc::POLLIN));
+                if want_write {
+                    fds.push((1, libc::POLLOUT));
+                }
+            }
+            (_, Some(Conn::Unix(s))) => fds.push((s.as_raw_fd(), io_events)),
+            _ => {}
+        }
+        if let Kind::Listen { listener, .. } = &self.kind {
+            fds.push((listener.as_raw_fd(), libc::POLLIN));
+        }
+        let waker_index = waker.map(|w| {
+            fds.push((w.fd.as_raw_fd(), libc::POLLIN));
+            fds.len() - 1
+        });
+        let timeout = wait_until.map(|d| d.saturating_duration_since(Instant::now()));
+        let revents = poll_fds(&mut fds, timeout)?;
+
+        if let (Some(i), Some(w)) = (waker_index, waker) {
+            if revents[i] != 0 {
+                w.drain();
+                return Ok(LinkEvent::Woken);
+            }
+        }
+        if let Kind::Listen { listener, .. } = &self.kind {
+            let li = fds.iter().position(|(fd, _)| *fd == listener.as_raw_fd());
+            if li.is_some_and(|i| revents[i] != 0) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        s.set_nonblocking(true)?;
+                        let replaced = self.stream.replace(Conn::Unix(s)).is_some();
+                        if replaced {
+                            self.pending = Some(LinkEvent::Connected);
+                            return Ok(LinkEvent::Disconnected("replaced by a new connection".into()));
+                        }
+                        return Ok(LinkEvent::Connected);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let mut readable = false;
+        let mut writable = false;
+        let mut hangup = false;
+        for (i, (fd, _)) in fds.iter().enumerate() {
+            if Some(i) == waker_index || matches!(&self.kind, Kind::Listen { listener, .. } if listener.as_raw_fd() == *fd) {
+                continue;
+            }
+            let r = revents[i];
+            readable |= r & libc::POLLIN != 0;
+            writable |= r & libc::POLLOUT != 0;
+            hangup |= r & (libc::POLLHUP | libc::POLLERR) != 0;
+        }
+        if readable || (hangup && !matches!(self.kind, Kind::Virtio { .. })) {
+            // A hangup on a socket shows up as a read of 0 bytes; let read() report it.
+            return Ok(LinkEvent::Readable);
+        }
+        if hangup {
+            self.present = false;
+            return Ok(LinkEvent::Disconnected("host side of the virtio port closed".into()));
+        }
+        if writable {
+            return Ok(LinkEvent::Writable);
+        }
+        Ok(LinkEvent::Timeout)
+    }
+
+    /// Reads available bytes. `Ok(None)` means nothing to read now; a lost peer is
+    /// `Ok(Some(0))`, after which the link is disconnected (and will reconnect).
+    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let result = match (&mut self.kind, &mut self.stream) {
+            (Kind::Virtio { file: Some(f), .. }, _) if self.present => f.read(buf),
+            (Kind::Virtio { .. }, _) => return Ok(Some(0)),
+            (_, Some(Conn::Unix(s))) => s.read(buf),
+            (_, Some(Conn::Stdio)) => io::stdin().lock().read(buf),
+            (_, None) => return Ok(Some(0)),
+        };
+        match result {
+            Ok(0) => {
+                self.drop_connection();
+                Ok(Some(0))
+            }
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => Ok(None),
+            Err(_) => {
+                self.drop_connection();
+                Ok(Some(0))
+            }
+        }
+    }
+
+    /// Writes what the port takes now; `Ok(0)` when it takes nothing. A lost peer is an
+    /// error of kind `BrokenPipe`, after which the link is disconnected.
+    pub fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let result = match (&mut self.kind, &mut self.stream) {
+            (Kind::Virtio { file: Some(f), .. }, _) if self.present => f.write(buf),
+            (_, Some(Conn::Unix(s))) => s.write(buf),
+            (_, Some(Conn::Stdio)) => {
+                let mut out = io::stdout().lock();
+                out.write(buf).and_then(|n| out.flush().map(|()| n))
+            }
+            _ => return Err(io::ErrorKind::BrokenPipe.into()),
+        };
+        match result {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e) => {
+                self.drop_connection();
+                Err(io::Error::new(io::ErrorKind::BrokenPipe, e))
+            }
+        }
+    }
+
+    /// Drops the current connection (after a protocol failure, say). Reconnecting kinds
+    /// try again after their backoff.
+    pub fn disconnect(&mut self) {
+        self.drop_connection();
+    }
+
+    fn drop_connection(&mut self) {
+        match &mut self.kind {
+            Kind::Virtio { .. } => {
+                // Keep the fd: the port opens exclusively, and reopening loses bytes.
+                // Wait for the host to go and come back instead.
+                self.present = false;
+            }
+            Kind::Stdio { finished } => {
+                *finished = true;
+                self.stream = None;
+            }
+            Kind::Connect { next_attempt, backoff, .. } => {
+                self.stream = None;
+                *next_attempt = Instant::now() + *backoff;
+            }
+            Kind::Listen { .. } | Kind::Pair => self.stream = None,
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let Kind::Listen { path, .. } = &self.kind {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn describe_connect_error(path: &Path, e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => format!("{} does not exist yet (is the VM or melange-host running?)", path.display()),
+        io::ErrorKind::ConnectionRefused => format!("nobody listens on {}", path.display()),
+        io::ErrorKind::PermissionDenied => format!("no permission to connect to {}", path.display()),
+        _ => format!("cannot connect to {}: {e}", path.display()),
+    }
+}
+
+fn describe_virtio_error(name: &str, path: &Path, e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => format!(
+            "no virtio port {}: add `-device virtio-serial-pci -device virtserialport,chardev=...,name={name}` to QEMU \
+             (libvirt: <channel type='unix'><target type='virtio' name='{name}'/></channel>)",
+            path.display()
+        ),
+        io::ErrorKind::PermissionDenied => format!(
+            "no permission on {}: install the melange udev rule or add the user to the port's group",
+            path.display()
+        ),
+        _ if e.raw_os_error() == Some(libc::EBUSY) => {
+            format!("{} is busy: another process has it open (only one may)", path.display())
+        }
+        _ => format!("cannot open {}: {e}", path.display()),
+    }
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a caller-provided fd with integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// poll(2) over `(fd, events)`; returns `revents` in the same order.
+fn poll_fds(fds: &mut [(RawFd, libc::c_short)], timeout: Option<Duration>) -> io::Result<Vec<libc::c_short>> {
+    let mut pfds: Vec<libc::pollfd> = fds.iter().map(|&(fd, events)| libc::pollfd { fd, events, revents: 0 }).collect();
+    let ms = timeout.map_or(-1, |t| {
+        // Round up so that a 0.4 ms wait does not spin.
+        let ms = t.as_micros().div_ceil(1000);
+        libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+    });
+    loop {
+        // SAFETY: pfds is a valid, correctly sized array of pollfd.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        if n >= 0 {
+            return Ok(pfds.iter().map(|p| p.revents).collect());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_specs() {
+        assert_eq!("virtio:org.melange.media.0".parse(), Ok(PortSpec::Virtio("org.melange.media.0".into())));
+        assert_eq!("unix:/run/x.sock".parse(), Ok(PortSpec::Unix("/run/x.sock".into())));
+        assert_eq!("stdio".parse(), Ok(PortSpec::Stdio));
+        for bad in ["", "tcp:1.2.3.4", "virtio:", "virtio:a/b", "unix:"] {
+            let e = bad.parse::<PortSpec>().unwrap_err();
+            assert!(e.contains("expected virtio:NAME"), "{e}");
+        }
+    }
+
+    #[test]
+    fn pair_moves_bytes_and_reports_hangup() {
+        let (mut a, mut b) = Link::pair().unwrap();
+        assert_eq!(a.wait(false, Some(Duration::ZERO), None).unwrap(), LinkEvent::Connected);
+        assert_eq!(b.wait(false, Some(Duration::ZERO), None).unwrap(), LinkEvent::Connected);
+        assert_eq!(a.write(b"abc").unwrap(), 3);
+        assert_eq!(b.wait(false, Some(Duration::from_secs(1)), None).unwrap(), LinkEvent::Readable);
+        let mut buf = [0u8; 8];
+        assert_eq!(b.read(&mut buf).unwrap(), Some(3));
+        assert_eq!(b.read(&mut buf).unwrap(), None);
+        drop(a);
+        assert_eq!(b.wait(false, Some(Duration::from_secs(1)), None).unwrap(), LinkEvent::Readable);
+        assert_eq!(b.read(&mut buf).unwrap(), Some(0));
+        assert!(b.is_finished());
+    }
+
+    #[test]
+    fn unix_connect_retries_until_a_listener_appears() {
+        let dir = std::env::temp_dir().join(format!("melange-port-test-{}", std::process::id()));
+        let path = dir.join("s.sock");
+        let mut c = Link::open(&PortSpec::Unix(path.clone())).unwrap();
+        assert_eq!(c.wait(false, Some(Duration::from_millis(10)), None).unwrap(), LinkEvent::Timeout);
+        assert!(c.last_error().unwrap().contains("does not exist"));
+        let mut l = Link::listen(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.wait(false, Some(Duration::from_millis(50)), None).unwrap() != LinkEvent::Connected {
+            assert!(Instant::now() < deadline);
+        }
+        assert_eq!(l.wait(false, Some(Duration::from_secs(1)), None).unwrap(), LinkEvent::Connected);
+        assert_eq!(c.write(b"x").unwrap(), 1);
+        drop(l);
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn waker_interrupts_a_wait() {
+        let (mut a, _b) = Link::pair().unwrap();
+        a.wait(false, None, None).unwrap();
+        let w = Waker::new().unwrap();
+        w.wake();
+        assert_eq!(a.wait(false, Some(Duration::from_secs(5)), Some(&w)).unwrap(), LinkEvent::Woken);
+    }
+
+    #[test]
+    fn missing_virtio_port_names_the_fix() {
+        let mut l = Link::open(&PortSpec::Virtio("org.melange.test.missing".into())).unwrap();
+        let LinkEvent::Disconnected(text) = l.wait(false, Some(Duration::ZERO), None).unwrap() else { panic!() };
+        assert!(text.contains("/dev/virtio-ports/org.melange.test.missing") && text.contains("virtserialport"), "{text}");
+    }
+}

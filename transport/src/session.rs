@@ -1,0 +1,813 @@
+//! The session: a deterministic state machine over one connection.
+//!
+//! No sockets and no clock inside: time enters as an argument. The I/O edge calls
+//! - [`Session::handle_input`] with every chunk of bytes read from the port,
+//! - [`Session::handle_timeout`] when [`Session::poll_timeout`] has passed,
+//! - [`Session::poll_event`] until `None` after each of the above,
+//! - [`Session::pending_output`] / [`Session::consume_output`] to write bytes out.
+//!
+//! One `Session` lives exactly as long as one connection. After a disconnect the edge
+//! makes a new one (a new epoch); nothing from the old one is replayed.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::frame::{
+    encode_frame, Frame, FrameDecoder, FrameError, FrameKind, Header, FLAG_CRITICAL, FRAME_VERSION, MAX_PAYLOAD,
+};
+use crate::message::{
+    decode_control, encode_control, Capabilities, Heartbeat, Hello, MediaPacket, MessageError, Reason, Role,
+    StreamEnd, StreamOpen, Welcome, MEDIA_HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
+};
+
+/// Settings of one session. Every default is documented on [`SessionConfig::new`].
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Which end we are. The guest speaks first.
+    pub role: Role,
+    /// Our software name and version, sent in the handshake.
+    pub software: String,
+    /// Our clock domain (see [`Hello::clock_id`]).
+    pub clock_id: String,
+    /// What we can do.
+    pub capabilities: Capabilities,
+    /// This session's epoch (guest) or 0 (host, which echoes the guest's).
+    pub epoch: u64,
+    /// Our monotonic clock in nanoseconds at the `now` passed to [`Session::new`].
+    pub origin_ns: u64,
+    /// How often to send a heartbeat once established. Default 1 s.
+    pub heartbeat_interval: Duration,
+    /// Silence from the peer after which the session is dead. Default 5 s.
+    pub peer_timeout: Duration,
+    /// Time allowed from start to an established session. Default 5 s.
+    pub handshake_timeout: Duration,
+}
+
+impl SessionConfig {
+    /// Defaults: heartbeat every 1 s, peer timeout 5 s, handshake timeout 5 s.
+    pub fn new(role: Role, software: impl Into<String>, capabilities: Capabilities) -> Self {
+        Self {
+            role,
+            software: software.into(),
+            clock_id: String::new(),
+            capabilities,
+            epoch: 0,
+            origin_ns: 0,
+            heartbeat_interval: Duration::from_secs(1),
+            peer_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the peer told us in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Negotiated protocol version.
+    pub version: u8,
+    /// Peer software name and version.
+    pub software: String,
+    /// The session epoch.
+    pub epoch: u64,
+    /// Peer clock domain.
+    pub clock_id: String,
+    /// Peer capabilities.
+    pub capabilities: Capabilities,
+}
+
+/// Something the edge must act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The handshake is done; streams may be opened.
+    Established(PeerInfo),
+    /// The peer announced a stream.
+    StreamOpened {
+        /// Stream id.
+        stream: u32,
+        /// Its description.
+        open: StreamOpen,
+    },
+    /// The peer ended a stream.
+    StreamClosed {
+        /// Stream id.
+        stream: u32,
+        /// Why.
+        reason: String,
+    },
+    /// The peer refused a stream we opened.
+    StreamRejected {
+        /// Stream id.
+        stream: u32,
+        /// Why.
+        reason: String,
+    },
+    /// Media for an open stream.
+    Media {
+        /// Stream id.
+        stream: u32,
+        /// The packet.
+        packet: MediaPacket,
+    },
+    /// The guest started a new session on the same connection (its side restarted):
+    /// every stream of the old one is gone. A [`Event::Established`] follows.
+    PeerRestarted,
+    /// A bad frame or message was skipped; the session goes on. For rate-limited logs.
+    Error(SessionError),
+    /// The session is over; make a new one to talk again.
+    Closed(CloseReason),
+}
+
+/// A non-fatal problem with what the peer sent.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SessionError {
+    /// Bytes that are not a frame.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// A frame whose payload is not the message its kind says.
+    #[error(transparent)]
+    Message(#[from] MessageError),
+    /// A frame that makes no sense in the current state.
+    #[error("unexpected {kind:?} frame {state}")]
+    Unexpected {
+        /// Frame kind.
+        kind: FrameKind,
+        /// Where we were.
+        state: &'static str,
+    },
+    /// Media or close for a stream that is not open.
+    #[error("frame for unknown stream {0}")]
+    UnknownStream(u32),
+    /// A stream-open for an id already open.
+    #[error("stream {0} is already open")]
+    DuplicateStream(u32),
+    /// A stream-open over the stream limit.
+    #[error("stream {stream} refused: {limit} streams already open")]
+    TooManyStreams {
+        /// Refused stream id.
+        stream: u32,
+        /// The limit.
+        limit: u16,
+    },
+    /// Stream id 0 is reserved for session frames.
+    #[error("stream id 0 is reserved")]
+    ReservedStream,
+    /// A frame kind this build does not know, skipped.
+    #[error("skipped unknown frame kind 0x{0:02x}")]
+    UnknownKind(u8),
+    /// A call by the edge that is not allowed now (not a peer problem).
+    #[error("session is not established")]
+    NotEstablished,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CloseReason {
+    /// The two ends share no protocol version.
+    #[error("protocol version mismatch: peer speaks {peer_min}..={peer_max}, this build speaks {PROTOCOL_MIN}..={PROTOCOL_MAX}; upgrade the older side")]
+    VersionMismatch {
+        /// Peer's lowest version.
+        peer_min: u8,
+        /// Peer's highest version.
+        peer_max: u8,
+    },
+    /// The peer refused our handshake.
+    #[error("peer refused the session: {0}")]
+    Refused(String),
+    /// The peer is not the role we expect (two guests or two hosts).
+    #[error("peer has the wrong role {0:?}")]
+    WrongRole(Role),
+    /// No handshake within the handshake timeout.
+    #[error("no handshake within {0:?}")]
+    HandshakeTimeout(Duration),
+    /// Nothing heard from the peer within the peer timeout.
+    #[error("peer silent for {0:?}")]
+    PeerTimeout(Duration),
+    /// The peer said goodbye.
+    #[error("peer closed the session: {0}")]
+    Goodbye(String),
+    /// The peer sent a critical frame kind this build does not know.
+    #[error("peer sent critical frame kind 0x{0:02x} this build does not know")]
+    UnknownCritical(u8),
+    /// We closed it.
+    #[error("closed locally: {0}")]
+    Local(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Guest: hello sent. Host: waiting for hello.
+    Handshake,
+    Established,
+    Closed,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Handshake => "during the handshake",
+            State::Established => "in an established session",
+            State::Closed => "after close",
+        }
+    }
+}
+
+/// One connection's protocol state. See the module docs for the calling contract.
+pub struct Session {
+    config: SessionConfig,
+    state: State,
+    origin: Instant,
+    decoder: FrameDecoder,
+    out: Vec<u8>,
+    /// Bytes of `out` already handed to the port.
+    out_pos: usize,
+    events: VecDeque<Event>,
+    peer: Option<PeerInfo>,
+    /// Streams the peer opened towards us (value: nothing yet; later, per-stream state).
+    incoming: BTreeMap<u32, ()>,
+    /// Streams we opened towards the peer.
+    outgoing: BTreeMap<u32, ()>,
+    last_rx: Instant,
+    next_heartbeat: Instant,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("role", &self.config.role)
+            .field("state", &self.state)
+            .field("incoming", &self.incoming.len())
+            .field("outgoing", &self.outgoing.len())
+            .field("pending_output", &self.pending_output().len())
+            .finish()
+    }
+}
+
+impl Session {
+    /// Starts a session on a fresh connection. A guest queues its hello at once.
+    pub fn new(config: SessionConfig, now: Instant) -> Self {
+        let mut s = Self {
+            state: State::Handshake,
+            origin: now,
+            decoder: FrameDecoder::new(),
+            out: Vec::with_capacity(64 * 1024),
+            out_pos: 0,
+            events: VecDeque::new(),
+            peer: None,
+            incoming: BTreeMap::new(),
+            outgoing: BTreeMap::new(),
+            last_rx: now,
+            next_heartbeat: now + config.heartbeat_interval,
+            config,
+        };
+        if s.config.role == Role::Guest {
+            s.send_hello();
+        }
+        s
+    }
+
+    /// The negotiated peer, once established.
+    pub fn peer(&self) -> Option<&PeerInfo> {
+        self.peer.as_ref()
+    }
+
+    /// True between [`Event::Established`] and [`Event::Closed`].
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established
+    }
+
+    /// True once [`Event::Closed`] has been queued.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Feeds bytes read from the port.
+    pub fn handle_input(&mut self, now: Instant, bytes: &[u8]) {
+        if self.state == State::Closed || bytes.is_empty() {
+            return;
+        }
+        self.last_rx = now;
+        self.decoder.push(bytes);
+        loop {
+            if self.state == State::Closed {
+                return;
+            }
+            match self.decoder.next_frame() {
+                Ok(Some(frame)) => self.handle_frame(now, frame),
+                Ok(None) => return,
+                Err(e) => self.events.push_back(Event::Error(e.into())),
+            }
+        }
+    }
+
+    /// Runs timers: heartbeats, handshake and peer timeouts.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Closed => {}
+            State::Handshake => {
+                if now >= self.origin + self.config.handshake_timeout {
+                    self.close(CloseReason::HandshakeTimeout(self.config.handshake_timeout));
+                }
+            }
+            State::Established => {
+                if now >= self.last_rx + self.config.peer_timeout {
+                    self.close(CloseReason::PeerTimeout(self.config.peer_timeout));
+                } else if now >= self.next_heartbeat {
+                    let sent_ns = self.mono_ns(now);
+                    self.send_control(FrameKind::Heartbeat, 0, "heartbeat", &Heartbeat { sent_ns });
+                    self.next_heartbeat = now + self.config.heartbeat_interval;
+                }
+            }
+        }
+    }
+
+    /// When [`Session::handle_timeout`] must be called next, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Closed => None,
+            State::Handshake => Some(self.origin + self.config.handshake_timeout),
+            State::Established => Some(self.next_heartbeat.min(self.last_rx + self.config.peer_timeout)),
+        }
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Bytes waiting to be written to the port.
+    pub fn pending_output(&self) -> &[u8] {
+        &self.out[self.out_pos..]
+    }
+
+    /// Marks `n` bytes of [`Session::pending_output`] as written.
+    pub fn consume_output(&mut self, n: usize) {
+        self.out_pos = (self.out_pos + n).min(self.out.len());
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+        } else if self.out_pos > 64 * 1024 {
+            self.out.drain(..self.out_pos);
+            self.out_pos = 0;
+        }
+    }
+
+    /// Announces a stream to the peer.
+    pub fn open_stream(&mut self, stream: u32, open: &StreamOpen) -> Result<(), SessionError> {
+        self.require_established()?;
+        if stream == 0 {
+            return Err(SessionError::ReservedStream);
+        }
+        let payload = encode_control("stream-open", open)?;
+        self.outgoing.insert(stream, ());
+        self.push_frame(FrameKind::StreamOpen, stream, &payload);
+        Ok(())
+    }
+
+    /// Ends a stream we opened. Unknown ids are ignored (already closed or rejected).
+    pub fn close_stream(&mut self, stream: u32, reason: &str) {
+        if self.state != State::Established || self.outgoing.remove(&stream).is_none() {
+            return;
+        }
+        self.send_control(FrameKind::StreamClose, stream, "stream-close", &StreamEnd { reason: reason.into() });
+    }
+
+    /// Refuses a stream the peer opened.
+    pub fn reject_stream(&mut self, stream: u32, reason: &str) {
+        if self.state != State::Established || self.incoming.remove(&stream).is_none() {
+            return;
+        }
+        self.send_control(FrameKind::StreamReject, stream, "stream-reject", &StreamEnd { reason: reason.into() });
+    }
+
+    /// Queues one media packet of an open outgoing stream.
+    pub fn send_media(&mut self, stream: u32, packet: &MediaPacket) -> Result<(), SessionError> {
+        self.require_established()?;
+        if !self.outgoing.contains_key(&stream) {
+            return Err(SessionError::UnknownStream(stream));
+        }
+        let len = MEDIA_HEADER_LEN + packet.data.len();
+        let len16 = u16::try_from(len)
+            .ok()
+            .filter(|&l| usize::from(l) <= MAX_PAYLOAD)
+            .ok_or(MessageError::TooLarge { kind: "media", len })?;
+        let header = Header { version: FRAME_VERSION, kind: FrameKind::Media, flags: 0, stream, len: len16 };
+        self.out.extend_from_slice(&header.encode());
+        packet.encode_into(&mut self.out);
+        Ok(())
+    }
+
+    /// Says goodbye and closes.
+    pub fn close(&mut self, reason: CloseReason) {
+        if self.state == State::Closed {
+            return;
+        }
+        if self.state == State::Established {
+            self.send_control(FrameKind::Goodbye, 0, "goodbye", &Reason { text: reason.to_string() });
+        }
+        self.state = State::Closed;
+        self.events.push_back(Event::Closed(reason));
+    }
+
+    fn require_established(&self) -> Result<(), SessionError> {
+        if self.state == State::Established {
+            Ok(())
+        } else {
+            Err(SessionError::NotEstablished)
+        }
+    }
+
+    fn mono_ns(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.origin).as_nanos();
+        self.config.origin_ns.saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+    }
+
+    fn send_hello(&mut self) {
+        let hello = Hello {
+            min_version: PROTOCOL_MIN,
+            max_version: PROTOCOL_MAX,
+            role: self.config.role,
+            software: self.config.software.clone(),
+            epoch: self.config.epoch,
+            clock_id: self.config.clock_id.clone(),
+            capabilities: self.config.capabilities.clone(),
+        };
+        self.send_control(FrameKind::Hello, 0, "hello", &hello);
+    }
+
+    fn send_control<T: serde::Serialize>(&mut self, kind: FrameKind, stream: u32, name: &'static str, msg: &T) {
+        match encode_control(name, msg) {
+            Ok(payload) => self.push_frame(kind, stream, &payload),
+            // Only our own oversized strings can get here; report, never panic.
+            Err(e) => self.events.push_back(Event::Error(e.into())),
+        }
+    }
+
+    /// Queues a frame. Session frames are never critical: every v1 kind is known to
+    /// every v1 peer, and kinds added later must be safe to skip unless marked.
+    fn push_frame(&mut self, kind: FrameKind, stream: u32, payload: &[u8]) {
+        if let Err(e) = encode_frame(&mut self.out, kind, 0, stream, payload) {
+            self.events.push_back(Event::Error(e.into()));
+        }
+    }
+
+    fn handle_frame(&mut self, now: Instant, frame: Frame) {
+        let Frame { header, payload } = frame;
+        let unexpected = |state: State| Event::Error(SessionError::Unexpected { kind: header.kind, state: state.name() });
+        match (header.kind, self.state) {
+            (FrameKind::Hello, _) if self.config.role == Role::Host => self.on_hello(now, &payload),
+            (FrameKind::Welcome, State::Handshake) if self.config.role == Role::Guest => self.on_welcome(&payload),
+            (FrameKind::Refuse, State::Handshake) => {
+                let text = decode_control::<Reason>("refuse", &payload).map_or_else(|e| e.to_string(), |r| r.text);
+                self.state = State::Closed;
+                self.events.push_back(Event::Closed(CloseReason::Refused(text)));
+            }
+            (FrameKind::Goodbye, _) => {
+                let text = decode_control::<Reason>("goodbye", &payload).map_or_else(|e| e.to_string(), |r| r.text);
+                self.state = State::Closed;
+                self.events.push_back(Event::Closed(CloseReason::Goodbye(text)));
+            }
+            (FrameKind::Heartbeat, State::Established) => {
+                if let Err(e) = decode_control::<Heartbeat>("heartbeat", &payload) {
+                    self.events.push_back(Event::Error(e.into()));
+                }
+            }
+            (FrameKind::StreamOpen, State::Established) => self.on_stream_open(header.stream, &payload),
+            (FrameKind::StreamClose, State::Established) => {
+                if self.incoming.remove(&header.stream).is_none() {
+                    self.events.push_back(Event::Error(SessionError::UnknownStream(header.stream)));
+                    return;
+                }
+                let reason = decode_control::<StreamEnd>("stream-close", &payload).map_or_else(|e| e.to_string(), |r| r.reason);
+                self.events.push_back(Event::StreamClosed { stream: header.stream, reason });
+            }
+            (FrameKind::StreamReject, State::Established) => {
+                if self.outgoing.remove(&header.stream).is_none() {
+                    self.events.push_back(Event::Error(SessionError::UnknownStream(header.stream)));
+                    return;
+                }
+                let reason = decode_control::<StreamEnd>("stream-reject", &payload).map_or_else(|e| e.to_string(), |r| r.reason);
+                self.events.push_back(Event::StreamRejected { stream: header.stream, reason });
+            }
+            (FrameKind::Media, State::Established) => {
+                if !self.incoming.contains_key(&header.stream) {
+                    self.events.push_back(Event::Error(SessionError::UnknownStream(header.stream)));
+                    return;
+                }
+                match MediaPacket::decode(&payload) {
+                    Ok(packet) => self.events.push_back(Event::Media { stream: header.stream, packet }),
+                    Err(e) => self.events.push_back(Event::Error(e.into())),
+                }
+            }
+            (FrameKind::Unknown(k), _) => {
+                if header.flags & FLAG_CRITICAL != 0 {
+                    self.close(CloseReason::UnknownCritical(k));
+                } else {
+                    self.events.push_back(Event::Error(SessionError::UnknownKind(k)));
+                }
+            }
+            (_, state) => self.events.push_back(unexpected(state)),
+        }
+    }
+
+    fn on_hello(&mut self, now: Instant, payload: &[u8]) {
+        let hello = match decode_control::<Hello>("hello", payload) {
+            Ok(h) => h,
+            Err(e) => {
+                self.events.push_back(Event::Error(e.into()));
+                return;
+            }
+        };
+        if self.state == State::Established {
+            // The guest side restarted without us seeing a disconnect (a virtio port
+            // stays connected on the host across a guest module restart).
+            self.incoming.clear();
+            self.outgoing.clear();
+            self.peer = None;
+            self.state = State::Handshake;
+            self.events.push_back(Event::PeerRestarted);
+        }
+        if hello.role != Role::Guest {
+            self.refuse(CloseReason::WrongRole(hello.role));
+            return;
+        }
+        let version = hello.max_version.min(PROTOCOL_MAX);
+        if version < hello.min_version || version < PROTOCOL_MIN {
+            self.refuse(CloseReason::VersionMismatch { peer_min: hello.min_version, peer_max: hello.max_version });
+            return;
+        }
+        let welcome = Welcome {
+            version,
+            software: self.config.software.clone(),
+            epoch: hello.epoch,
+            clock_id: self.config.clock_id.clone(),
+            capabilities: self.config.capabilities.clone(),
+        };
+        self.send_control(FrameKind::Welcome, 0, "welcome", &welcome);
+        self.next_heartbeat = now + self.config.heartbeat_interval;
+        self.establish(PeerInfo {
+            version,
+            software: hello.software,
+            epoch: hello.epoch,
+            clock_id: hello.clock_id,
+            capabilities: hello.capabilities,
+        });
+    }
+
+    fn on_welcome(&mut self, payload: &[u8]) {
+        match decode_control::<Welcome>("welcome", payload) {
+            Ok(w) if (PROTOCOL_MIN..=PROTOCOL_MAX).contains(&w.version) => self.establish(PeerInfo {
+                version: w.version,
+                software: w.software,
+                epoch: w.epoch,
+                clock_id: w.clock_id,
+                capabilities: w.capabilities,
+            }),
+            Ok(w) => self.close(CloseReason::VersionMismatch { peer_min: w.version, peer_max: w.version }),
+            Err(e) => self.events.push_back(Event::Error(e.into())),
+        }
+    }
+
+    fn establish(&mut self, peer: PeerInfo) {
+        self.state = State::Established;
+        self.peer = Some(peer.clone());
+        self.events.push_back(Event::Established(peer));
+    }
+
+    fn refuse(&mut self, reason: CloseReason) {
+        self.send_control(FrameKind::Refuse, 0, "refuse", &Reason { text: reason.to_string() });
+        self.state = State::Closed;
+        self.events.push_back(Event::Closed(reason));
+    }
+
+    fn on_stream_open(&mut self, stream: u32, payload: &[u8]) {
+        if stream == 0 {
+            self.events.push_back(Event::Error(SessionError::ReservedStream));
+            return;
+        }
+        if self.incoming.contains_key(&stream) {
+            self.events.push_back(Event::Error(SessionError::DuplicateStream(stream)));
+            return;
+        }
+        let limit = self.config.capabilities.max_streams;
+        if self.incoming.len() >= usize::from(limit) {
+            self.events.push_back(Event::Error(SessionError::TooManyStreams { stream, limit }));
+            self.send_control(FrameKind::StreamReject, stream, "stream-reject", &StreamEnd {
+                reason: format!("stream limit of {limit} reached"),
+            });
+            return;
+        }
+        match decode_control::<StreamOpen>("stream-open", payload) {
+            Ok(open) => {
+                self.incoming.insert(stream, ());
+                self.events.push_back(Event::StreamOpened { stream, open });
+            }
+            Err(e) => {
+                // An unknown codec or media kind from a newer peer: refuse this stream only.
+                self.send_control(FrameKind::StreamReject, stream, "stream-reject", &StreamEnd { reason: e.to_string() });
+                self.events.push_back(Event::Error(e.into()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{AppInfo, AudioFormat, Codec, MediaKind};
+
+    fn caps() -> Capabilities {
+        Capabilities { codecs: 3, max_streams: 4 }
+    }
+
+    fn pair(now: Instant) -> (Session, Session) {
+        let mut g = SessionConfig::new(Role::Guest, "guest-test", caps());
+        g.epoch = 7;
+        let h = SessionConfig::new(Role::Host, "host-test", caps());
+        (Session::new(g, now), Session::new(h, now))
+    }
+
+    /// Moves all pending bytes from `a` to `b`, optionally in pieces of `chunk` bytes.
+    fn shuttle(now: Instant, a: &mut Session, b: &mut Session, chunk: usize) {
+        let bytes = a.pending_output().to_vec();
+        a.consume_output(bytes.len());
+        for piece in bytes.chunks(chunk.max(1)) {
+            b.handle_input(now, piece);
+        }
+    }
+
+    fn events(s: &mut Session) -> Vec<Event> {
+        std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    fn open() -> StreamOpen {
+        StreamOpen {
+            media: MediaKind::Audio(AudioFormat { rate: 48000, channels: 2, positions: vec![3, 4] }),
+            codec: Codec::PcmS16Le,
+            frame_samples: 480,
+            app: AppInfo { name: "pw-play".into(), ..Default::default() },
+        }
+    }
+
+    fn established(now: Instant) -> (Session, Session) {
+        let (mut g, mut h) = pair(now);
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        shuttle(now, &mut h, &mut g, usize::MAX);
+        assert!(g.is_established() && h.is_established());
+        events(&mut g);
+        events(&mut h);
+        (g, h)
+    }
+
+    #[test]
+    fn handshake_with_input_split_at_every_byte() {
+        let now = Instant::now();
+        let (mut g0, _) = pair(now);
+        let hello = g0.pending_output().to_vec();
+        for cut in 0..=hello.len() {
+            let (_, mut h) = pair(now);
+            h.handle_input(now, &hello[..cut]);
+            h.handle_input(now, &hello[cut..]);
+            let ev = events(&mut h);
+            assert!(matches!(&ev[..], [Event::Established(p)] if p.epoch == 7 && p.software == "guest-test"), "cut {cut}: {ev:?}");
+        }
+    }
+
+    #[test]
+    fn stream_open_media_close_round_trip() {
+        let now = Instant::now();
+        let (mut g, mut h) = established(now);
+        g.open_stream(5, &open()).unwrap();
+        for seq in 0..3 {
+            let p = MediaPacket { seq, pts_ns: u64::from(seq) * 10_000_000, duration: 480, data: vec![seq as u8; 1920] };
+            g.send_media(5, &p).unwrap();
+        }
+        g.close_stream(5, "app stopped");
+        shuttle(now, &mut g, &mut h, 7);
+        let ev = events(&mut h);
+        assert_eq!(ev.len(), 5, "{ev:?}");
+        assert!(matches!(&ev[0], Event::StreamOpened { stream: 5, open: o } if *o == open()));
+        assert!(matches!(&ev[3], Event::Media { stream: 5, packet } if packet.seq == 2 && packet.data == vec![2u8; 1920]));
+        assert!(matches!(&ev[4], Event::StreamClosed { stream: 5, reason } if reason == "app stopped"));
+    }
+
+    #[test]
+    fn version_mismatch_is_refused_with_a_clear_error() {
+        let now = Instant::now();
+        let (_, mut h) = pair(now);
+        let hello = Hello {
+            min_version: 2,
+            max_version: 3,
+            role: Role::Guest,
+            software: "future".into(),
+            epoch: 1,
+            clock_id: String::new(),
+            capabilities: caps(),
+        };
+        let mut wire = Vec::new();
+        encode_frame(&mut wire, FrameKind::Hello, 0, 0, &encode_control("hello", &hello).unwrap()).unwrap();
+        h.handle_input(now, &wire);
+        let ev = events(&mut h);
+        let Some(Event::Closed(reason)) = ev.last() else { panic!("{ev:?}") };
+        let text = reason.to_string();
+        assert!(text.contains("peer speaks 2..=3") && text.contains("speaks 1..=1"), "{text}");
+
+        // The guest learns why.
+        let (mut g, _) = pair(now);
+        g.consume_output(usize::MAX);
+        let refuse = h.pending_output().to_vec();
+        g.handle_input(now, &refuse);
+        let ev = events(&mut g);
+        assert!(matches!(&ev[..], [Event::Closed(CloseReason::Refused(t))] if t.contains("version mismatch")), "{ev:?}");
+    }
+
+    #[test]
+    fn heartbeats_keep_it_alive_and_silence_closes_it() {
+        let t0 = Instant::now();
+        let (mut g, mut h) = established(t0);
+        for s in 1..=20 {
+            let now = t0 + Duration::from_millis(500 * s);
+            g.handle_timeout(now);
+            h.handle_timeout(now);
+            shuttle(now, &mut g, &mut h, usize::MAX);
+            shuttle(now, &mut h, &mut g, usize::MAX);
+        }
+        assert!(g.is_established() && h.is_established());
+        assert!(events(&mut h).is_empty());
+        // Now the guest falls silent.
+        let last = t0 + Duration::from_millis(10_000);
+        let mut now = last;
+        while !h.is_closed() {
+            now = h.poll_timeout().unwrap();
+            h.handle_timeout(now);
+        }
+        assert!(now - last <= Duration::from_secs(5));
+        assert!(matches!(events(&mut h).last(), Some(Event::Closed(CloseReason::PeerTimeout(_)))));
+    }
+
+    #[test]
+    fn handshake_times_out() {
+        let t0 = Instant::now();
+        let (_, mut h) = pair(t0);
+        let deadline = h.poll_timeout().unwrap();
+        assert_eq!(deadline, t0 + Duration::from_secs(5));
+        h.handle_timeout(deadline);
+        assert!(matches!(events(&mut h)[..], [Event::Closed(CloseReason::HandshakeTimeout(_))]));
+    }
+
+    #[test]
+    fn unknown_kinds_are_skipped_unless_critical() {
+        let now = Instant::now();
+        let (_, mut h) = established(now);
+        let mut wire = Vec::new();
+        encode_frame(&mut wire, FrameKind::Unknown(0x7E), 0, 0, b"future").unwrap();
+        h.handle_input(now, &wire);
+        assert!(matches!(events(&mut h)[..], [Event::Error(SessionError::UnknownKind(0x7E))]));
+        assert!(h.is_established());
+        wire.clear();
+        encode_frame(&mut wire, FrameKind::Unknown(0x7F), FLAG_CRITICAL, 0, b"future").unwrap();
+        h.handle_input(now, &wire);
+        assert!(matches!(events(&mut h)[..], [Event::Closed(CloseReason::UnknownCritical(0x7F))]));
+    }
+
+    #[test]
+    fn media_for_unknown_stream_and_stream_limit() {
+        let now = Instant::now();
+        let (mut g, mut h) = established(now);
+        let mut wire = Vec::new();
+        let mut payload = Vec::new();
+        MediaPacket { seq: 0, pts_ns: 0, duration: 1, data: vec![] }.encode_into(&mut payload);
+        encode_frame(&mut wire, FrameKind::Media, 0, 9, &payload).unwrap();
+        h.handle_input(now, &wire);
+        assert!(matches!(events(&mut h)[..], [Event::Error(SessionError::UnknownStream(9))]));
+        for id in 1..=5 {
+            g.open_stream(id, &open()).unwrap();
+        }
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        let ev = events(&mut h);
+        assert_eq!(ev.iter().filter(|e| matches!(e, Event::StreamOpened { .. })).count(), 4);
+        assert!(matches!(ev.last(), Some(Event::Error(SessionError::TooManyStreams { stream: 5, limit: 4 }))));
+        shuttle(now, &mut h, &mut g, usize::MAX);
+        assert!(matches!(events(&mut g)[..], [Event::StreamRejected { stream: 5, .. }]));
+        assert_eq!(g.send_media(5, &MediaPacket { seq: 0, pts_ns: 0, duration: 1, data: vec![] }), Err(SessionError::UnknownStream(5)));
+    }
+
+    #[test]
+    fn a_second_hello_restarts_the_session() {
+        let now = Instant::now();
+        let (mut g, mut h) = established(now);
+        g.open_stream(1, &open()).unwrap();
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        events(&mut h);
+        let (mut g2, _) = pair(now);
+        shuttle(now, &mut g2, &mut h, usize::MAX);
+        let ev = events(&mut h);
+        assert!(matches!(&ev[..], [Event::PeerRestarted, Event::Established(_)]), "{ev:?}");
+        // The old stream is gone: its media is now an error.
+        g.send_media(1, &MediaPacket { seq: 0, pts_ns: 0, duration: 1, data: vec![] }).unwrap();
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        assert!(matches!(events(&mut h)[..], [Event::Error(SessionError::UnknownStream(1))]));
+    }
+}
