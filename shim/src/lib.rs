@@ -1,1 +1,17 @@
-//! placeholder
+//! Melange's media core, with no PipeWire in it.
+//!
+//! - Guest side: the [`tap`] ring that the real-time capture callback writes, the
+//!   per-stream [`tap::TapEncoder`] (packetizer), and the [`link`] manager (one I/O
+//!   thread, reconnect, bounded queues).
+//! - Both sides: [`codec`] (Opus through the system libopus, PCM), the [`playout`]
+//!   decision of the jitter buffer, and the [`clock`].
+//!
+//! The renderer depends on this crate for the shared pieces; nothing here depends on
+//! PipeWire or on the renderer.
+
+pub mod clock;
+pub mod codec;
+pub mod link;
+pub mod opus;
+pub mod playout;
+pub mod tap;

@@ -1,0 +1,413 @@
+//! The guest's link manager: one I/O thread that owns the port and the session.
+//!
+//! Streams are registered through a [`LinkHandle`] from any thread. The I/O thread
+//! (re)connects by itself, starts a new session (a new epoch) on every connect,
+//! announces every live stream in it, and forwards media. Media is dropped, and
+//! counted, while no host is there or the port cannot keep up; stream control is never
+//! dropped: the current set of streams is re-announced after every reconnect.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use melange_transport::message::{codec_bits, Capabilities, MediaPacket, Role, StreamOpen};
+use melange_transport::port::{Link, LinkEvent, PortSpec, Waker};
+use melange_transport::session::{Event, Session, SessionConfig};
+
+use crate::clock;
+
+/// Most bytes queued for the port before new media is dropped (~1 s of PCM stereo).
+pub const MAX_QUEUED_BYTES: usize = 192 * 1024;
+/// Media packets that may wait between the encoders and the I/O thread.
+const MEDIA_QUEUE: usize = 512;
+/// Streams the guest may announce at once.
+pub const MAX_STREAMS: u16 = 64;
+
+/// Link counters, readable from any thread.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// Sessions established.
+    pub sessions: AtomicU64,
+    /// Media packets written to a session.
+    pub packets_sent: AtomicU64,
+    /// Media packets dropped (no host, stream not announced, port too slow).
+    pub packets_dropped: AtomicU64,
+    /// Bytes written to the port.
+    pub bytes_written: AtomicU64,
+    /// True while a session is established.
+    pub connected: AtomicBool,
+}
+
+enum Command {
+    Open(u32, StreamOpen),
+    Close(u32, String),
+    Shutdown,
+}
+
+/// Cheap, cloneable access to the link from taps and encoders.
+#[derive(Debug, Clone)]
+pub struct LinkHandle {
+    control: Sender<Command>,
+    media: Sender<(u32, MediaPacket)>,
+    waker: Arc<Waker>,
+    next_id: Arc<AtomicU32>,
+    stats: Arc<LinkStats>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Open(id, _) => write!(f, "Open({id})"),
+            Command::Close(id, _) => write!(f, "Close({id})"),
+            Command::Shutdown => f.write_str("Shutdown"),
+        }
+    }
+}
+
+impl LinkHandle {
+    /// Registers a stream; it is announced now if a host is there, else on connect.
+    pub fn open_stream(&self, open: StreamOpen) -> u32 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
+        let _ = self.control.send(Command::Open(id, open));
+        self.waker.wake();
+        id
+    }
+
+    /// Ends a stream.
+    pub fn close_stream(&self, stream: u32, reason: &str) {
+        let _ = self.control.send(Command::Close(stream, reason.into()));
+        self.waker.wake();
+    }
+
+    /// Queues a media packet; false if it was dropped because the queue is full.
+    pub fn send_media(&self, stream: u32, packet: MediaPacket) -> bool {
+        match self.media.try_send((stream, packet)) {
+            Ok(()) => {
+                self.waker.wake();
+                true
+            }
+            Err(_) => {
+                self.stats.packets_dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Link counters.
+    pub fn stats(&self) -> &Arc<LinkStats> {
+        &self.stats
+    }
+}
+
+/// Settings of the guest link.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// Where the host is.
+    pub port: PortSpec,
+    /// Software name sent in the handshake.
+    pub software: String,
+}
+
+/// The running I/O thread.
+#[derive(Debug)]
+pub struct LinkManager {
+    handle: LinkHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LinkManager {
+    /// Opens the port and starts the I/O thread. Fails only if the port spec itself
+    /// is unusable; an absent host is waited for.
+    pub fn spawn(config: LinkConfig) -> io::Result<Self> {
+        let link = Link::open(&config.port)?;
+        let (control_tx, control_rx) = crossbeam_channel::unbounded();
+        let (media_tx, media_rx) = crossbeam_channel::bounded(MEDIA_QUEUE);
+        let waker = Arc::new(Waker::new()?);
+        let stats = Arc::new(LinkStats::default());
+        let handle = LinkHandle {
+            control: control_tx,
+            media: media_tx,
+            waker: waker.clone(),
+            next_id: Arc::new(AtomicU32::new(1)),
+            stats: stats.clone(),
+        };
+        let mut io = IoThread {
+            link,
+            config,
+            control: control_rx,
+            media: media_rx,
+            waker,
+            stats,
+            session: None,
+            streams: BTreeMap::new(),
+            announced: BTreeSet::new(),
+            epoch: 0,
+            last_status: String::new(),
+            clock_id: clock::clock_id(),
+        };
+        let thread = std::thread::Builder::new().name("melange-link".into()).spawn(move || io.run())?;
+        Ok(Self { handle, thread: Some(thread) })
+    }
+
+    /// A handle for taps and encoders.
+    pub fn handle(&self) -> LinkHandle {
+        self.handle.clone()
+    }
+
+    /// Says goodbye to the host and stops the thread.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.handle.control.send(Command::Shutdown);
+            self.handle.waker.wake();
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for LinkManager {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct IoThread {
+    link: Link,
+    config: LinkConfig,
+    control: Receiver<Command>,
+    media: Receiver<(u32, MediaPacket)>,
+    waker: Arc<Waker>,
+    stats: Arc<LinkStats>,
+    session: Option<Session>,
+    /// Every live stream, announced or not.
+    streams: BTreeMap<u32, StreamOpen>,
+    /// Streams announced in the current session.
+    announced: BTreeSet<u32>,
+    epoch: u64,
+    /// Last connectivity problem logged, so each is logged once.
+    last_status: String,
+    clock_id: String,
+}
+
+impl IoThread {
+    fn run(&mut self) {
+        log::info!("melange link: waiting for the host on {}", self.link.describe());
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if !self.drain_commands() {
+                break;
+            }
+            self.drain_media();
+            self.flush();
+            let timeout = self
+                .session
+                .as_ref()
+                .and_then(Session::poll_timeout)
+                .map(|t| t.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(1));
+            let want_write = self.session.as_ref().is_some_and(|s| !s.pending_output().is_empty());
+            let event = match self.link.wait(want_write, Some(timeout), Some(&self.waker)) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    self.status(format!("port error on {}: {e}", self.link.describe()));
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+            };
+            match event {
+                LinkEvent::Connected => self.start_session(),
+                LinkEvent::Disconnected(reason) => self.end_session(&reason),
+                LinkEvent::Readable => self.read(&mut buf),
+                LinkEvent::Woken | LinkEvent::Writable | LinkEvent::Timeout => {}
+            }
+            if self.session.is_none() {
+                if let Some(e) = self.link.last_error().map(str::to_owned) {
+                    self.status(format!("waiting for the host: {e}"));
+                }
+            }
+            if let Some(s) = &mut self.session {
+                if s.poll_timeout().is_some_and(|t| t <= Instant::now()) {
+                    s.handle_timeout(Instant::now());
+                }
+            }
+            self.handle_events();
+        }
+        if let Some(s) = &mut self.session {
+            s.close(melange_transport::session::CloseReason::Local("guest side shutting down".into()));
+        }
+        self.flush();
+    }
+
+    /// Logs a connectivity problem once, until it changes.
+    fn status(&mut self, text: String) {
+        if text != self.last_status {
+            log::warn!("melange link: {text}");
+            self.last_status = text;
+        }
+    }
+
+    fn start_session(&mut self) {
+        self.epoch += 1;
+        let (now, now_ns) = clock::now_pair();
+        let mut cfg = SessionConfig::new(
+            Role::Guest,
+            self.config.software.clone(),
+            Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: MAX_STREAMS },
+        );
+        cfg.epoch = (now_ns & !0xFFFF) | (self.epoch & 0xFFFF);
+        cfg.origin_ns = now_ns;
+        cfg.clock_id = self.clock_id.clone();
+        self.session = Some(Session::new(cfg, now));
+        self.announced.clear();
+    }
+
+    fn end_session(&mut self, reason: &str) {
+        if self.session.take().is_some() {
+            log::warn!("melange link: host disconnected ({reason}); reconnecting");
+        } else {
+            self.status(reason.to_string());
+        }
+        self.announced.clear();
+        self.stats.connected.store(false, Ordering::Relaxed);
+    }
+
+    fn read(&mut self, buf: &mut [u8]) {
+        loop {
+            match self.link.read(buf) {
+                Ok(Some(0)) => {
+                    self.end_session("end of stream");
+                    return;
+                }
+                Ok(Some(n)) => {
+                    if let Some(s) = &mut self.session {
+                        s.handle_input(Instant::now(), &buf[..n]);
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.end_session(&e.to_string());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle_events(&mut self) {
+        loop {
+            let Some(event) = self.session.as_mut().and_then(Session::poll_event) else { return };
+            match event {
+                Event::Established(peer) => {
+                    log::info!(
+                        "melange link: connected to {} on {} (protocol v{}, session {:#x})",
+                        peer.software,
+                        self.link.describe(),
+                        peer.version,
+                        peer.epoch
+                    );
+                    self.last_status.clear();
+                    self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+                    self.stats.connected.store(true, Ordering::Relaxed);
+                    let ids: Vec<u32> = self.streams.keys().copied().collect();
+                    for id in ids {
+                        self.announce(id);
+                    }
+                }
+                Event::StreamRejected { stream, reason } => {
+                    log::warn!("melange link: host refused stream {stream}: {reason}");
+                    self.announced.remove(&stream);
+                }
+                Event::Closed(reason) => {
+                    log::warn!("melange link: session closed: {reason}");
+                    self.session = None;
+                    self.announced.clear();
+                    self.stats.connected.store(false, Ordering::Relaxed);
+                    self.link.disconnect();
+                    return;
+                }
+                Event::Error(e) => log::debug!("melange link: skipped bad input from host: {e}"),
+                // The host opens no streams towards the guest in this version.
+                Event::StreamOpened { stream, .. } => {
+                    log::debug!("melange link: ignoring host stream {stream}");
+                }
+                Event::StreamClosed { .. } | Event::Media { .. } | Event::PeerRestarted => {}
+            }
+        }
+    }
+
+    fn announce(&mut self, id: u32) {
+        let (Some(s), Some(open)) = (&mut self.session, self.streams.get(&id)) else { return };
+        if !s.is_established() {
+            return;
+        }
+        let wanted = open.codec.bit();
+        if s.peer().is_some_and(|p| p.capabilities.codecs & wanted == 0) {
+            log::warn!("melange link: host cannot decode {} for stream {id}", open.codec.name());
+            return;
+        }
+        match s.open_stream(id, open) {
+            Ok(()) => {
+                self.announced.insert(id);
+            }
+            Err(e) => log::warn!("melange link: cannot announce stream {id}: {e}"),
+        }
+    }
+
+    /// Applies stream commands; false on shutdown.
+    fn drain_commands(&mut self) -> bool {
+        loop {
+            match self.control.try_recv() {
+                Ok(Command::Open(id, open)) => {
+                    self.streams.insert(id, open);
+                    self.announce(id);
+                }
+                Ok(Command::Close(id, reason)) => {
+                    self.streams.remove(&id);
+                    if self.announced.remove(&id) {
+                        if let Some(s) = &mut self.session {
+                            s.close_stream(id, &reason);
+                        }
+                    }
+                }
+                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return false,
+                Err(TryRecvError::Empty) => return true,
+            }
+        }
+    }
+
+    fn drain_media(&mut self) {
+        while let Ok((id, packet)) = self.media.try_recv() {
+            let sent = match &mut self.session {
+                Some(s) if self.announced.contains(&id) && s.pending_output().len() < MAX_QUEUED_BYTES => {
+                    s.send_media(id, &packet).is_ok()
+                }
+                _ => false,
+            };
+            let counter = if sent { &self.stats.packets_sent } else { &self.stats.packets_dropped };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn flush(&mut self) {
+        let Some(s) = &mut self.session else { return };
+        while !s.pending_output().is_empty() {
+            match self.link.write(s.pending_output()) {
+                Ok(0) => return,
+                Ok(n) => {
+                    s.consume_output(n);
+                    self.stats.bytes_written.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.end_session(&e.to_string());
+                    return;
+                }
+            }
+        }
+    }
+}
