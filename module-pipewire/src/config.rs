@@ -1,0 +1,138 @@
+//! Module arguments, from the `args = { ... }` block of `melange-guest.conf` (SPA-JSON).
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `port` | `virtio:org.melange.media.0` | where the host is: `virtio:NAME`, `unix:PATH` |
+//! | `codec` | `opus` | `opus` or `pcm` (s16le) |
+//! | `bitrate` | `128000` | Opus bitrate in bit/s, 6000..=510000 |
+//! | `frame.duration` | `10` | packet duration in ms: 2.5, 5, 10, 20, 40 or 60 |
+//! | `sink.name` | `melange` | `node.name` of the redirect sink |
+//! | `sink.description` | `Melange` | what desktops show for the sink |
+
+use melange_shim::codec::FRAME_DURATIONS_US;
+use melange_transport::message::Codec;
+use melange_transport::port::PortSpec;
+use thiserror::Error;
+
+/// The default virtio-serial port name.
+pub const DEFAULT_PORT: &str = "virtio:org.melange.media.0";
+
+/// Parsed module arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Where the host is.
+    pub port: PortSpec,
+    /// How taps are encoded.
+    pub codec: Codec,
+    /// Packet duration in microseconds.
+    pub frame_us: u32,
+    /// `node.name` of the redirect sink.
+    pub sink_name: String,
+    /// `node.description` of the redirect sink.
+    pub sink_description: String,
+}
+
+/// A module argument with a value the module cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("invalid module argument {key} = {value:?}: {expected}")]
+pub struct ConfigError {
+    /// The key.
+    pub key: String,
+    /// The value given.
+    pub value: String,
+    /// What would be accepted.
+    pub expected: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            port: PortSpec::Virtio("org.melange.media.0".into()),
+            codec: Codec::Opus { bitrate: 128_000 },
+            frame_us: 10_000,
+            sink_name: "melange".into(),
+            sink_description: "Melange".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Builds a config from key/value pairs; unknown keys are returned for a warning.
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<(Config, Vec<String>), ConfigError> {
+        let mut c = Config::default();
+        let mut codec_name = "opus".to_string();
+        let mut bitrate = 128_000u32;
+        let mut unknown = Vec::new();
+        let err = |key: &str, value: &str, expected: &str| ConfigError {
+            key: key.into(),
+            value: value.into(),
+            expected: expected.into(),
+        };
+        for (key, value) in pairs {
+            match key {
+                "port" => c.port = value.parse().map_err(|e: String| err(key, value, &e))?,
+                "codec" => match value {
+                    "opus" | "pcm" => codec_name = value.into(),
+                    _ => return Err(err(key, value, "opus or pcm")),
+                },
+                "bitrate" => {
+                    bitrate = value
+                        .parse()
+                        .ok()
+                        .filter(|b| (6_000..=510_000).contains(b))
+                        .ok_or_else(|| err(key, value, "bits per second, 6000..=510000"))?;
+                }
+                "frame.duration" => {
+                    let ms: f64 = value.parse().map_err(|_| err(key, value, "2.5, 5, 10, 20, 40 or 60 (ms)"))?;
+                    let us = (ms * 1000.0).round();
+                    c.frame_us = FRAME_DURATIONS_US
+                        .iter()
+                        .copied()
+                        .find(|d| f64::from(*d) == us)
+                        .ok_or_else(|| err(key, value, "2.5, 5, 10, 20, 40 or 60 (ms)"))?;
+                }
+                "sink.name" if !value.is_empty() => c.sink_name = value.into(),
+                "sink.description" if !value.is_empty() => c.sink_description = value.into(),
+                "sink.name" | "sink.description" => return Err(err(key, value, "a non-empty string")),
+                other => unknown.push(other.to_string()),
+            }
+        }
+        c.codec = if codec_name == "pcm" { Codec::PcmS16Le } else { Codec::Opus { bitrate } };
+        Ok((c, unknown))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let (c, unknown) = Config::from_pairs([]).unwrap();
+        assert_eq!(c, Config::default());
+        assert!(unknown.is_empty());
+        let (c, unknown) = Config::from_pairs([
+            ("port", "unix:/tmp/m.sock"),
+            ("codec", "pcm"),
+            ("frame.duration", "2.5"),
+            ("sink.name", "m2"),
+            ("colour", "blue"),
+        ])
+        .unwrap();
+        assert_eq!(c.port, PortSpec::Unix("/tmp/m.sock".into()));
+        assert_eq!(c.codec, Codec::PcmS16Le);
+        assert_eq!(c.frame_us, 2_500);
+        assert_eq!(c.sink_name, "m2");
+        assert_eq!(unknown, ["colour"]);
+        let (c, _) = Config::from_pairs([("bitrate", "64000")]).unwrap();
+        assert_eq!(c.codec, Codec::Opus { bitrate: 64_000 });
+    }
+
+    #[test]
+    fn bad_values_say_what_is_expected() {
+        for (k, v) in [("codec", "mp3"), ("bitrate", "12"), ("frame.duration", "7"), ("port", "tcp:x"), ("sink.name", "")] {
+            let e = Config::from_pairs([(k, v)]).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("invalid module argument {k} = ")), "{e}");
+        }
+    }
+}

@@ -1,0 +1,512 @@
+//! The guest side in PipeWire: the redirect sink, the watch on app streams, the taps.
+//!
+//! Everything here runs on the module process's main loop, except each tap's `process`
+//! callback, which runs on the real-time data loop and only writes its [`TapWriter`].
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use melange_shim::codec::{input_format, SampleFormat};
+use melange_shim::link::{LinkConfig, LinkHandle, LinkManager};
+use melange_shim::opus::Application;
+use melange_shim::tap::{tap_ring, TapEncoder, TapWriter};
+use melange_transport::message::{AppInfo, AudioFormat, MediaKind, StreamOpen};
+use pipewire as pw;
+use pw::core::CoreBox;
+use pw::properties::properties;
+use pw::registry::RegistryBox;
+use pw::spa;
+use pw::spa::utils::dict::DictRef;
+use pw::types::ObjectType;
+
+use crate::config::Config;
+
+/// Graph rate the taps ask for: Opus's native rate, and PipeWire's default.
+const TAP_RATE: u32 = 48_000;
+/// SPA channel positions of the redirect sink (and so of every tap): FL, FR.
+const POSITIONS: [u32; 2] = [spa::sys::SPA_AUDIO_CHANNEL_FL, spa::sys::SPA_AUDIO_CHANNEL_FR];
+/// Audio a tap ring holds: far more than an encoder wake-up period.
+const TAP_RING: Duration = Duration::from_millis(500);
+
+/// An app playback stream seen in the registry.
+struct AppNode {
+    serial: String,
+    info: Option<AppInfo>,
+    _proxy: pw::node::Node,
+    _listener: pw::node::NodeListener,
+}
+
+/// One tap: a passive capture stream on one app's output, and its encoder thread.
+struct Tap {
+    stream_id: u32,
+    // Declared before `stream`: the listener (and its TapWriter) must go first.
+    listener: Option<pw::stream::StreamListener<TapWriter>>,
+    stream: pw::stream::StreamBox<'static>,
+    encoder: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        // Stop the data loop from calling us before the listener and its writer go.
+        let _ = self.stream.disconnect();
+        self.listener.take();
+        // The encoder sees the writer gone, drains what is left and closes the stream.
+        if let Some(t) = self.encoder.take() {
+            let _ = t.join();
+        }
+        log::debug!("melange: tap for stream {} removed", self.stream_id);
+    }
+}
+
+/// Mutable state shared by the registry and node callbacks.
+struct State {
+    config: Config,
+    core: &'static CoreBox<'static>,
+    link: LinkHandle,
+    sink_id: Option<u32>,
+    sink_proxy: Option<pw::node::Node>,
+    synced: bool,
+    apps: BTreeMap<u32, AppNode>,
+    /// Link id -> (output node, input node).
+    links: BTreeMap<u32, (u32, u32)>,
+    taps: BTreeMap<u32, Tap>,
+}
+
+/// The running guest side. Dropping it tears everything down in order.
+pub struct Guest {
+    state: Rc<RefCell<State>>,
+    registry_listener: Option<pw::registry::Listener>,
+    core_listener: Option<pw::core::Listener>,
+    registry: *mut RegistryBox<'static>,
+    core: *mut CoreBox<'static>,
+    link: Option<LinkManager>,
+}
+
+impl Guest {
+    /// Connects to the session's PipeWire through `context`, makes sure the sink exists
+    /// and starts watching app streams.
+    ///
+    /// # Safety
+    /// `context` must be the live context of the process that loaded the module, and
+    /// outlive the returned value.
+    pub unsafe fn start(context: *mut pw::sys::pw_context, config: Config) -> Result<Box<Guest>, String> {
+        // SAFETY: Context is a transparent wrapper over pw_context; we only borrow it.
+        let context: &'static pw::context::Context = unsafe { &*(context as *const pw::context::Context) };
+        let core = context
+            .connect(None)
+            .map_err(|e| format!("cannot connect to PipeWire (is it running for this user?): {e}"))?;
+        let core: &'static CoreBox<'static> = Box::leak(Box::new(core));
+        let registry = match core.get_registry() {
+            Ok(r) => {
+                let ptr = std::ptr::NonNull::new(r.as_raw_ptr()).ok_or("null registry")?;
+                std::mem::forget(r);
+                // SAFETY: we took the registry out of the box above; the core outlives it.
+                let r: RegistryBox<'static> = unsafe { RegistryBox::from_raw(ptr) };
+                &*Box::leak(Box::new(r))
+            }
+            Err(e) => {
+                // SAFETY: leaked just above and not shared yet.
+                drop(unsafe { Box::from_raw(core as *const CoreBox<'static> as *mut CoreBox<'static>) });
+                return Err(format!("cannot get the PipeWire registry: {e}"));
+            }
+        };
+        let link = LinkManager::spawn(LinkConfig {
+            port: config.port.clone(),
+            software: format!("melange-guest {}", env!("CARGO_PKG_VERSION")),
+        })
+        .map_err(|e| format!("cannot open port {}: {e}", config.port))?;
+
+        let state = Rc::new(RefCell::new(State {
+            config,
+            core,
+            link: link.handle(),
+            sink_id: None,
+            sink_proxy: None,
+            synced: false,
+            apps: BTreeMap::new(),
+            links: BTreeMap::new(),
+            taps: BTreeMap::new(),
+        }));
+
+        let weak = Rc::downgrade(&state);
+        let weak_remove = weak.clone();
+        let registry_listener = registry
+            .add_listener_local()
+            .global(move |global| {
+                if let Some(state) = weak.upgrade() {
+                    on_global(&state, registry, global);
+                }
+            })
+            .global_remove(move |id| {
+                if let Some(state) = weak_remove.upgrade() {
+                    on_global_remove(&state, id);
+                }
+            })
+            .register();
+
+        let pending = core.sync(0).map_err(|e| format!("core sync failed: {e}"))?;
+        let weak = Rc::downgrade(&state);
+        let core_listener = core
+            .add_listener_local()
+            .done(move |id, seq| {
+                if id == pw::core::PW_ID_CORE && seq == pending {
+                    if let Some(state) = weak.upgrade() {
+                        state.borrow_mut().synced = true;
+                        ensure_sink(&state);
+                    }
+                }
+            })
+            .error(|id, _seq, res, message| {
+                if res == -libc::ENOENT {
+                    // WirePlumber destroys a dont-reconnect tap whose app went first.
+                    log::debug!("melange: PipeWire object {id} already gone: {message}");
+                } else if res == -libc::EPIPE {
+                    log::error!("melange: lost the connection to PipeWire: {message}");
+                } else {
+                    log::warn!("melange: PipeWire error on object {id}: {message} ({res})");
+                }
+            })
+            .register();
+
+        Ok(Box::new(Guest {
+            state,
+            registry_listener: Some(registry_listener),
+            core_listener: Some(core_listener),
+            registry: registry as *const RegistryBox<'static> as *mut RegistryBox<'static>,
+            core: core as *const CoreBox<'static> as *mut CoreBox<'static>,
+            link: Some(link),
+        }))
+    }
+}
+
+impl Guest {
+    /// The core proxy, for the module to watch its removal.
+    pub fn core_ptr(&self) -> *mut pw::sys::pw_core {
+        // SAFETY: the core lives until `release` or drop.
+        unsafe { (*self.core).as_raw_ptr() }
+    }
+
+    /// Tears down everything that hangs on the core: taps, proxies, listeners, the
+    /// registry, and the link. Idempotent.
+    fn release(&mut self) {
+        {
+            let mut s = self.state.borrow_mut();
+            s.taps.clear();
+            s.apps.clear();
+            s.sink_proxy.take();
+        }
+        // No more callbacks from here on.
+        self.registry_listener.take();
+        self.core_listener.take();
+        if let Some(link) = self.link.take() {
+            link.shutdown();
+        }
+        if !self.registry.is_null() {
+            // SAFETY: leaked in `start`; its listener and users are gone above.
+            drop(unsafe { Box::from_raw(self.registry) });
+            self.registry = std::ptr::null_mut();
+        }
+    }
+
+    /// The process is disconnecting our core (context teardown destroys cores before
+    /// modules): release what hangs on it now, and leave the core itself to PipeWire.
+    pub fn on_core_removed(&mut self) {
+        self.release();
+        if !self.core.is_null() {
+            // SAFETY: leaked in `start`; PipeWire frees the pw_core itself now, so only
+            // the Box is freed, without running CoreBox's disconnect.
+            let core = unsafe { Box::from_raw(self.core) };
+            let _ = core.into_raw();
+            self.core = std::ptr::null_mut();
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.release();
+        if !self.core.is_null() {
+            // SAFETY: leaked in `start`; everything that borrowed it is gone.
+            drop(unsafe { Box::from_raw(self.core) });
+        }
+    }
+}
+
+fn dict_get<'a>(props: Option<&'a DictRef>, key: &str) -> Option<&'a str> {
+    props.and_then(|p| p.get(key)).filter(|v| !v.is_empty())
+}
+
+fn on_global(state: &Rc<RefCell<State>>, registry: &'static RegistryBox<'static>, global: &pw::registry::GlobalObject<&DictRef>) {
+    let props = global.props;
+    match global.type_ {
+        ObjectType::Node => {
+            let class = dict_get(props, "media.class").unwrap_or("");
+            let name = dict_get(props, "node.name").unwrap_or("");
+            let mut s = state.borrow_mut();
+            if class == "Audio/Sink" && name == s.config.sink_name {
+                log::info!("melange: redirect sink {name} is node {}", global.id);
+                s.sink_id = Some(global.id);
+                drop(s);
+                reconcile(state);
+            } else if class == "Stream/Output/Audio" {
+                let Ok(proxy) = registry.bind::<pw::node::Node, _>(global) else { return };
+                let id = global.id;
+                let weak: Weak<RefCell<State>> = Rc::downgrade(state);
+                let listener = proxy
+                    .add_listener_local()
+                    .info(move |info| {
+                        let Some(state) = weak.upgrade() else { return };
+                        // Later info events carry an empty dict when props did not change.
+                        let props = info.props().filter(|p| p.iter().next().is_some());
+                        if props.is_none() {
+                            return;
+                        }
+                        let app = AppInfo {
+                            name: dict_get(props, "application.name")
+                                .or_else(|| dict_get(props, "node.name"))
+                                .unwrap_or("unknown")
+                                .to_string(),
+                            role: dict_get(props, "media.role").unwrap_or("").to_string(),
+                            binary: dict_get(props, "application.process.binary").unwrap_or("").to_string(),
+                            icon_name: dict_get(props, "application.icon-name").unwrap_or("").to_string(),
+                            media_name: dict_get(props, "media.name").unwrap_or("").to_string(),
+                        };
+                        let known = {
+                            let mut s = state.borrow_mut();
+                            let Some(node) = s.apps.get_mut(&id) else { return };
+                            let known = node.info.is_some();
+                            node.info = Some(app);
+                            known
+                        };
+                        if !known {
+                            reconcile(&state);
+                        }
+                    })
+                    .register();
+                let serial = dict_get(props, "object.serial").unwrap_or("").to_string();
+                s.apps.insert(id, AppNode { serial, info: None, _proxy: proxy, _listener: listener });
+            }
+        }
+        ObjectType::Link => {
+            let num = |k| dict_get(props, k).and_then(|v| v.parse::<u32>().ok());
+            if let (Some(out), Some(inp)) = (num("link.output.node"), num("link.input.node")) {
+                state.borrow_mut().links.insert(global.id, (out, inp));
+                reconcile(state);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn on_global_remove(state: &Rc<RefCell<State>>, id: u32) {
+    let removed = {
+        let mut s = state.borrow_mut();
+        if s.sink_id == Some(id) {
+            log::warn!("melange: redirect sink {id} was removed");
+            s.sink_id = None;
+        }
+        // Drop the tap outside the borrow: its Drop joins the encoder thread.
+        let tap = s.taps.remove(&id);
+        let app = s.apps.remove(&id);
+        let link = s.links.remove(&id);
+        (tap, app, link)
+    };
+    drop(removed);
+    reconcile(state);
+}
+
+/// Creates the redirect sink if the registry has none (after the first sync).
+fn ensure_sink(state: &Rc<RefCell<State>>) {
+    let mut s = state.borrow_mut();
+    if !s.synced || s.sink_id.is_some() || s.sink_proxy.is_some() {
+        return;
+    }
+    let name = s.config.sink_name.clone();
+    let description = s.config.sink_description.clone();
+    let props = properties! {
+        "factory.name" => "support.null-audio-sink",
+        "node.name" => name.as_str(),
+        "node.description" => description.as_str(),
+        "media.class" => "Audio/Sink",
+        "audio.position" => "FL,FR",
+        "audio.rate" => "48000",
+        // Outlive this process: apps keep playing into it if the module restarts.
+        "object.linger" => "true",
+        // Above any emulated sound card, so WirePlumber makes it the default.
+        "priority.session" => "2000",
+        "monitor.channel-volumes" => "true",
+        "node.virtual" => "true",
+    };
+    match s.core.create_object::<pw::node::Node>("adapter", &props) {
+        Ok(proxy) => {
+            log::info!("melange: created redirect sink {name} (\"{description}\")");
+            s.sink_proxy = Some(proxy);
+        }
+        Err(e) => log::error!("melange: cannot create the redirect sink {name}: {e}"),
+    }
+}
+
+/// Opens taps for app streams linked to the sink and closes the rest.
+fn reconcile(state: &Rc<RefCell<State>>) {
+    let mut stale = Vec::new();
+    {
+        let mut s = state.borrow_mut();
+        let linked: BTreeSet<u32> = match s.sink_id {
+            Some(sink) => s.links.values().filter(|(_, inp)| *inp == sink).map(|(out, _)| *out).collect(),
+            None => BTreeSet::new(),
+        };
+        let gone: Vec<u32> = s.taps.keys().copied().filter(|id| !linked.contains(id)).collect();
+        for id in gone {
+            if let Some(t) = s.taps.remove(&id) {
+                stale.push(t);
+            }
+        }
+        for id in linked {
+            if s.taps.contains_key(&id) {
+                continue;
+            }
+            let Some(app) = s.apps.get(&id) else { continue };
+            let Some(info) = app.info.clone() else { continue };
+            let serial = app.serial.clone();
+            match open_tap(&s, id, &serial, info) {
+                Ok(tap) => {
+                    s.taps.insert(id, tap);
+                }
+                Err(e) => log::error!("melange: cannot tap app node {id}: {e}"),
+            }
+        }
+    }
+    drop(stale);
+}
+
+fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, String> {
+    let codec = s.config.codec.clone();
+    let sample = input_format(&codec);
+    let format = AudioFormat { rate: TAP_RATE, channels: POSITIONS.len() as u8, positions: POSITIONS.to_vec() };
+    let frame_samples = (u64::from(TAP_RATE) * u64::from(s.config.frame_us) / 1_000_000) as u32;
+    let frame_bytes = usize::from(format.channels) * sample.bytes();
+    let ring_bytes = (TAP_RATE as usize * frame_bytes) * TAP_RING.as_millis() as usize / 1000;
+    let (writer, reader) = tap_ring(ring_bytes, frame_bytes);
+    let mut encoder = TapEncoder::new(reader, &format, &codec, frame_samples, Application::Audio).map_err(|e| e.to_string())?;
+
+    let name = app.name.clone();
+    let stream_id = s.link.open_stream(StreamOpen {
+        media: MediaKind::Audio(format.clone()),
+        codec: codec.clone(),
+        frame_samples,
+        app,
+    });
+    log::info!(
+        "melange: tapping \"{name}\" (node {app_id}, serial {serial}) as stream {stream_id}, {} at {} Hz",
+        codec.name(),
+        TAP_RATE
+    );
+
+    let link = s.link.clone();
+    let period = Duration::from_micros(u64::from(s.config.frame_us) / 2).clamp(Duration::from_millis(1), Duration::from_millis(10));
+    let encoder_thread = std::thread::Builder::new()
+        .name(format!("melange-enc-{stream_id}"))
+        .spawn(move || run_encoder(&mut encoder, &link, stream_id, period))
+        .map_err(|e| format!("cannot start the encoder thread: {e}"))?;
+
+    let props = properties! {
+        "media.type" => "Audio",
+        "media.category" => "Capture",
+        "node.name" => format!("melange.tap.{serial}").as_str(),
+        "node.description" => format!("Melange tap: {name}").as_str(),
+        "application.name" => "Melange",
+        "target.object" => serial,
+        // Never keep the app's graph running, never move to another source.
+        "node.passive" => "true",
+        "node.dont-reconnect" => "true",
+        "stream.capture.sink" => "false",
+    };
+    let stream = pw::stream::StreamBox::new(s.core, &format!("melange-tap-{stream_id}"), props)
+        .map_err(|e| format!("cannot create the tap stream: {e}"))?;
+    // SAFETY: the stream lives in the returned Tap; the core outlives every tap.
+    let stream: pw::stream::StreamBox<'static> = unsafe { std::mem::transmute(stream) };
+    let listener = stream
+        .add_local_listener_with_user_data(writer)
+        .process(|stream, writer| {
+            // Real-time: read the graph clock, copy, nothing else.
+            let pts = stream.time().map_or(0, |t| u64::try_from(t.now()).unwrap_or(0));
+            let Some(mut buffer) = stream.dequeue_buffer() else { return };
+            let Some(data) = buffer.datas_mut().first_mut() else { return };
+            let (offset, size) = (data.chunk().offset() as usize, data.chunk().size() as usize);
+            if let Some(bytes) = data.data() {
+                let end = offset.saturating_add(size).min(bytes.len());
+                writer.push(&bytes[offset.min(end)..end], pts);
+            }
+        })
+        .register()
+        .map_err(|e| format!("cannot listen on the tap stream: {e}"))?;
+
+    let pod = format_pod(sample)?;
+    let mut params = [spa::pod::Pod::from_bytes(&pod).ok_or("bad format pod")?];
+    stream
+        .connect(
+            spa::utils::Direction::Input,
+            None,
+            pw::stream::StreamFlags::AUTOCONNECT | pw::stream::StreamFlags::MAP_BUFFERS | pw::stream::StreamFlags::RT_PROCESS,
+            &mut params,
+        )
+        .map_err(|e| format!("cannot connect the tap stream: {e}"))?;
+    Ok(Tap { stream_id, listener: Some(listener), stream, encoder: Some(encoder_thread) })
+}
+
+/// Encoder thread: wakes every half frame, encodes whole frames, hands them to the link;
+/// when the tap is gone, drains and closes the stream.
+fn run_encoder(encoder: &mut TapEncoder, link: &LinkHandle, stream_id: u32, period: Duration) {
+    let mut errors = 0u64;
+    loop {
+        while let Some(packet) = encoder.next_packet() {
+            match packet {
+                Ok(p) => {
+                    link.send_media(stream_id, p);
+                }
+                Err(e) => {
+                    errors += 1;
+                    if errors.is_power_of_two() {
+                        log::warn!("melange: stream {stream_id}: encode failed ({errors} so far): {e}");
+                    }
+                }
+            }
+        }
+        if encoder.is_finished() {
+            break;
+        }
+        std::thread::sleep(period);
+    }
+    let dropped = encoder.stats().overflow_bytes.load(Ordering::Relaxed);
+    if dropped > 0 {
+        log::warn!("melange: stream {stream_id}: the encoder fell behind, {dropped} bytes dropped");
+    }
+    link.close_stream(stream_id, "app stopped");
+    log::info!("melange: stream {stream_id} closed");
+}
+
+/// The EnumFormat a tap offers: the sink's layout at [`TAP_RATE`], in the codec's
+/// input sample format.
+fn format_pod(sample: SampleFormat) -> Result<Vec<u8>, String> {
+    let mut info = spa::param::audio::AudioInfoRaw::new();
+    info.set_format(match sample {
+        SampleFormat::F32 => spa::param::audio::AudioFormat::F32LE,
+        SampleFormat::S16Le => spa::param::audio::AudioFormat::S16LE,
+    });
+    info.set_rate(TAP_RATE);
+    info.set_channels(POSITIONS.len() as u32);
+    let mut position = [0u32; spa::sys::SPA_AUDIO_MAX_CHANNELS as usize];
+    position[..POSITIONS.len()].copy_from_slice(&POSITIONS);
+    info.set_position(position);
+    let obj = spa::pod::Object {
+        type_: spa::utils::SpaTypes::ObjectParamFormat.as_raw(),
+        id: spa::param::ParamType::EnumFormat.as_raw(),
+        properties: info.into(),
+    };
+    spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &spa::pod::Value::Object(obj))
+        .map(|(c, _)| c.into_inner())
+        .map_err(|e| format!("cannot build the format pod: {e:?}"))
+}
