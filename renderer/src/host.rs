@@ -1,0 +1,400 @@
+//! The host side of a session: streams in, decoded audio out.
+//!
+//! [`Host`] owns the protocol session for the current connection and one
+//! [`HostStream`] per guest stream. It is driven by [`Host::run`], a poll loop over the
+//! [`Link`]; everything it logs is one line per connect, disconnect, stream open and
+//! close, plus rate-limited lines for bad input.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use melange_shim::clock;
+use melange_shim::codec::{validate, StreamDecoder};
+use melange_transport::frame::HEADER_LEN;
+use melange_transport::message::{codec_bits, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamOpen, MEDIA_HEADER_LEN};
+use melange_transport::port::{Link, LinkEvent, Waker};
+use melange_transport::session::{Event, Session, SessionConfig};
+
+use crate::output::{Output, StreamDesc, StreamSink};
+
+/// Streams a guest may have open at once.
+pub const MAX_STREAMS: u16 = 64;
+/// Longest gap (in ms of audio) filled with concealment; longer gaps are skipped.
+const MAX_CONCEAL_MS: u64 = 100;
+/// Latency samples kept per stream for the percentiles (about 30 min at 10 ms).
+const MAX_LATENCY_SAMPLES: usize = 200_000;
+
+/// Settings of the host.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Jitter-buffer target.
+    pub latency: Duration,
+    /// Appends one JSON object per closed stream to this file.
+    pub report: Option<PathBuf>,
+}
+
+/// One guest stream being rendered.
+struct HostStream {
+    desc: StreamDesc,
+    decoder: StreamDecoder,
+    sink: Box<dyn StreamSink>,
+    next_seq: Option<u32>,
+    packets: u64,
+    wire_bytes: u64,
+    frames: u64,
+    lost_packets: u64,
+    decode_errors: u64,
+    opened: Instant,
+    latencies_ms: Vec<f32>,
+    scratch: Vec<f32>,
+}
+
+/// Counts bad input and logs it at most once per interval.
+#[derive(Debug)]
+struct RateLimitedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    fn warn(&mut self, text: std::fmt::Arguments<'_>) {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now - t < Duration::from_secs(5)) {
+            self.suppressed += 1;
+            return;
+        }
+        if self.suppressed > 0 {
+            log::warn!("{text} ({} similar messages suppressed)", self.suppressed);
+        } else {
+            log::warn!("{text}");
+        }
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// The host's state across connections.
+pub struct Host {
+    config: HostConfig,
+    output: Box<dyn Output>,
+    session: Option<Session>,
+    sessions: u64,
+    streams: BTreeMap<u32, HostStream>,
+    clock_id: String,
+    same_clock: bool,
+    bad_input: RateLimitedLog,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").field("sessions", &self.sessions).field("streams", &self.streams.len()).finish()
+    }
+}
+
+impl Host {
+    /// A host rendering into `output`.
+    pub fn new(config: HostConfig, output: Box<dyn Output>) -> Self {
+        Self {
+            config,
+            output,
+            session: None,
+            sessions: 0,
+            streams: BTreeMap::new(),
+            clock_id: clock::clock_id(),
+            same_clock: false,
+            bad_input: RateLimitedLog { last: None, suppressed: 0 },
+        }
+    }
+
+    /// Runs until `stop` is set (then wakes through `waker`) or the link ends for good.
+    pub fn run(&mut self, link: &mut Link, waker: &Waker, stop: &AtomicBool) -> std::io::Result<()> {
+        log::info!("melange-host: waiting for a guest on {}; sound goes to {}", link.describe(), self.output.describe());
+        let mut buf = vec![0u8; 64 * 1024];
+        while !stop.load(Ordering::Relaxed) {
+            self.flush(link);
+            let timeout = self
+                .session
+                .as_ref()
+                .and_then(Session::poll_timeout)
+                .map_or(Duration::from_secs(1), |t| t.saturating_duration_since(Instant::now()));
+            let want_write = self.session.as_ref().is_some_and(|s| !s.pending_output().is_empty());
+            match link.wait(want_write, Some(timeout), Some(waker))? {
+                LinkEvent::Connected => {
+                    log::info!("melange-host: connected on {}; waiting for the guest's hello", link.describe());
+                    self.start_session();
+                }
+                LinkEvent::Disconnected(reason) => self.end_session(&format!("guest disconnected ({reason})")),
+                LinkEvent::Readable => loop {
+                    match link.read(&mut buf)? {
+                        Some(0) => {
+                            self.end_session("guest disconnected (end of stream)");
+                            break;
+                        }
+                        Some(n) => {
+                            if let Some(s) = &mut self.session {
+                                s.handle_input(Instant::now(), &buf[..n]);
+                            }
+                            self.handle_events(link);
+                        }
+                        None => break,
+                    }
+                },
+                LinkEvent::Woken | LinkEvent::Writable | LinkEvent::Timeout => {}
+            }
+            if let Some(s) = &mut self.session {
+                if s.poll_timeout().is_some_and(|t| t <= Instant::now()) {
+                    s.handle_timeout(Instant::now());
+                }
+            }
+            self.handle_events(link);
+            if link.is_finished() {
+                log::info!("melange-host: {} ended", link.describe());
+                break;
+            }
+        }
+        self.shutdown(link);
+        Ok(())
+    }
+
+    fn start_session(&mut self) {
+        self.close_all("new connection");
+        self.sessions += 1;
+        let (now, now_ns) = clock::now_pair();
+        let mut cfg = SessionConfig::new(
+            Role::Host,
+            format!("melange-host {}", env!("CARGO_PKG_VERSION")),
+            Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: MAX_STREAMS },
+        );
+        cfg.clock_id = self.clock_id.clone();
+        cfg.origin_ns = now_ns;
+        // QEMU's socket is there long before the guest's module is: wait for its hello.
+        cfg.handshake_timeout = Duration::from_secs(24 * 3600);
+        self.session = Some(Session::new(cfg, now));
+    }
+
+    fn end_session(&mut self, why: &str) {
+        if self.session.take().is_some() {
+            log::info!("melange-host: {why}");
+        }
+        self.close_all("guest disconnected");
+    }
+
+    fn shutdown(&mut self, link: &mut Link) {
+        self.close_all("host shutting down");
+        if let Some(s) = &mut self.session {
+            s.close(melange_transport::session::CloseReason::Local("host shutting down".into()));
+        }
+        self.flush(link);
+        self.session = None;
+    }
+
+    fn flush(&mut self, link: &mut Link) {
+        let Some(s) = &mut self.session else { return };
+        while !s.pending_output().is_empty() {
+            match link.write(s.pending_output()) {
+                Ok(0) => return,
+                Ok(n) => s.consume_output(n),
+                Err(_) => return, // the read side reports the disconnect
+            }
+        }
+    }
+
+    fn handle_events(&mut self, link: &mut Link) {
+        loop {
+            let Some(event) = self.session.as_mut().and_then(Session::poll_event) else { return };
+            match event {
+                Event::Established(peer) => {
+                    self.same_clock = !peer.clock_id.is_empty() && peer.clock_id == self.clock_id;
+                    log::info!(
+                        "melange-host: guest connected: {} (protocol v{}, session {:#x}{})",
+                        peer.software,
+                        peer.version,
+                        peer.epoch,
+                        if self.same_clock { ", same clock as the host" } else { "" }
+                    );
+                }
+                Event::StreamOpened { stream, open } => self.open_stream(stream, open),
+                Event::StreamClosed { stream, reason } => self.close_stream(stream, &reason),
+                Event::Media { stream, packet } => self.on_media(stream, &packet),
+                Event::PeerRestarted => {
+                    log::info!("melange-host: the guest side restarted; starting a new session");
+                    self.close_all("guest restarted");
+                }
+                Event::StreamRejected { stream, reason } => log::warn!("melange-host: guest refused stream {stream}: {reason}"),
+                Event::Error(e) => self.bad_input.warn(format_args!("melange-host: skipped bad input from the guest: {e}")),
+                Event::Closed(reason) => {
+                    log::warn!("melange-host: session closed: {reason}");
+                    self.session = None;
+                    self.close_all("session closed");
+                    link.disconnect();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn open_stream(&mut self, stream: u32, open: StreamOpen) {
+        let MediaKind::Audio(format) = open.media.clone();
+        let result = validate(&format, &open.codec, open.frame_samples)
+            .and_then(|()| StreamDecoder::new(&format, &open.codec, open.frame_samples))
+            .map_err(|e| e.to_string())
+            .and_then(|decoder| {
+                let desc = StreamDesc {
+                    stream,
+                    session: self.sessions,
+                    from_s16: matches!(open.codec, Codec::PcmS16Le),
+                    latency_frames: (u128::from(format.rate) * self.config.latency.as_micros() / 1_000_000) as usize,
+                    format: format.clone(),
+                    open: open.clone(),
+                };
+                let sink = self.output.open(&desc).map_err(|e| e.to_string())?;
+                Ok((desc, decoder, sink))
+            });
+        match result {
+            Ok((desc, decoder, sink)) => {
+                log::info!(
+                    "melange-host: stream {stream} opened: \"{}\" (role {}, binary {}), {} {} Hz {} ch, {} ms packets -> {}",
+                    open.app.name,
+                    if open.app.role.is_empty() { "none" } else { &open.app.role },
+                    if open.app.binary.is_empty() { "unknown" } else { &open.app.binary },
+                    open.codec.name(),
+                    format.rate,
+                    format.channels,
+                    f64::from(open.frame_samples) * 1000.0 / f64::from(format.rate),
+                    sink.describe()
+                );
+                self.streams.insert(stream, HostStream {
+                    desc,
+                    decoder,
+                    sink,
+                    next_seq: None,
+                    packets: 0,
+                    wire_bytes: 0,
+                    frames: 0,
+                    lost_packets: 0,
+                    decode_errors: 0,
+                    opened: Instant::now(),
+                    latencies_ms: Vec::new(),
+                    scratch: Vec::with_capacity(open.frame_samples as usize * usize::from(format.channels)),
+                });
+            }
+            Err(e) => {
+                log::warn!("melange-host: refusing stream {stream} (\"{}\"): {e}", open.app.name);
+                if let Some(s) = &mut self.session {
+                    s.reject_stream(stream, &e);
+                }
+            }
+        }
+    }
+
+    fn on_media(&mut self, stream: u32, packet: &MediaPacket) {
+        let Some(s) = self.streams.get_mut(&stream) else { return };
+        let rate = u64::from(s.desc.format.rate);
+        s.packets += 1;
+        s.wire_bytes += (HEADER_LEN + MEDIA_HEADER_LEN + packet.data.len()) as u64;
+        // At most 120 ms per packet (Opus's longest frame); never trust the count further.
+        if packet.duration == 0 || u64::from(packet.duration) * 1000 > rate * 120 {
+            s.decode_errors += 1;
+            self.bad_input.warn(format_args!("melange-host: stream {stream}: packet with bad duration {}", packet.duration));
+            return;
+        }
+        let duration = packet.duration as usize;
+        s.scratch.clear();
+        if let Some(expected) = s.next_seq {
+            let gap = packet.seq.wrapping_sub(expected);
+            if gap >= 0x8000_0000 {
+                // Older than what we played: a duplicate or reordered packet.
+                return;
+            }
+            if gap > 0 {
+                s.lost_packets += u64::from(gap);
+                let lost_frames = u64::from(gap) * u64::from(s.desc.open.frame_samples);
+                if lost_frames * 1000 <= rate * MAX_CONCEAL_MS {
+                    s.decoder.conceal(lost_frames as usize, &mut s.scratch);
+                }
+            }
+        }
+        s.next_seq = Some(packet.seq.wrapping_add(1));
+        if let Err(e) = s.decoder.decode(&packet.data, duration, &mut s.scratch) {
+            s.decode_errors += 1;
+            self.bad_input.warn(format_args!("melange-host: stream {stream}: {e}"));
+            s.decoder.conceal(duration, &mut s.scratch);
+        }
+        s.frames += (s.scratch.len() / usize::from(s.desc.format.channels)) as u64;
+        s.sink.write(&s.scratch);
+        if self.same_clock && s.latencies_ms.len() < MAX_LATENCY_SAMPLES {
+            // pts is when the first sample would have played in the guest; a packet cut
+            // from late in a large graph cycle arrives before that, so this can be < 0.
+            let transit_ms = (i128::from(clock::monotonic_ns()) - i128::from(packet.pts_ns)) as f64 / 1e6;
+            let buffered_ms = s.sink.buffered_frames() as f64 * 1000.0 / rate as f64;
+            s.latencies_ms.push((transit_ms + buffered_ms) as f32);
+        }
+    }
+
+    fn close_stream(&mut self, stream: u32, reason: &str) {
+        let Some(mut s) = self.streams.remove(&stream) else { return };
+        if let Err(e) = s.sink.close() {
+            log::error!("melange-host: stream {stream}: {e}");
+        }
+        let seconds = s.opened.elapsed().as_secs_f64();
+        let media_seconds = s.frames as f64 / f64::from(s.desc.format.rate);
+        let mut lat = s.latencies_ms.clone();
+        lat.sort_by(f32::total_cmp);
+        let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p).round() as usize).map(|v| f64::from(*v));
+        let (p50, p99) = (pct(0.5), pct(0.99));
+        let wire_rate = if media_seconds > 0.0 { s.wire_bytes as f64 / media_seconds } else { 0.0 };
+        let fmt_ms = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1} ms"));
+        log::info!(
+            "melange-host: stream {stream} closed ({reason}): \"{}\", {media_seconds:.2} s of audio, {} packets, {:.1} kB/s on the wire, \
+             latency p50 {} p99 {}, {} lost, {} bad, {} underruns",
+            s.desc.open.app.name,
+            s.packets,
+            wire_rate / 1000.0,
+            fmt_ms(p50),
+            fmt_ms(p99),
+            s.lost_packets,
+            s.decode_errors,
+            s.sink.underruns()
+        );
+        if let Some(path) = &self.config.report {
+            let line = serde_json::json!({
+                "session": s.desc.session,
+                "stream": stream,
+                "app": s.desc.open.app.name,
+                "codec": s.desc.open.codec.name(),
+                "rate": s.desc.format.rate,
+                "channels": s.desc.format.channels,
+                "output": s.sink.describe(),
+                "seconds": seconds,
+                "media_seconds": media_seconds,
+                "packets": s.packets,
+                "wire_bytes": s.wire_bytes,
+                "wire_bytes_per_s": wire_rate,
+                "latency_ms_p50": p50,
+                "latency_ms_p99": p99,
+                "lost_packets": s.lost_packets,
+                "bad_packets": s.decode_errors,
+                "underruns": s.sink.underruns(),
+                "overflow_samples": s.sink.overflows(),
+            });
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| writeln!(f, "{line}"));
+            if let Err(e) = written {
+                log::error!("melange-host: cannot write the report {}: {e}", path.display());
+            }
+        }
+    }
+
+    fn close_all(&mut self, reason: &str) {
+        let ids: Vec<u32> = self.streams.keys().copied().collect();
+        for id in ids {
+            self.close_stream(id, reason);
+        }
+    }
+}

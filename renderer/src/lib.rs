@@ -1,0 +1,12 @@
+//! `melange-host`: renders what a Melange guest sends.
+//!
+//! - [`host`]: the session loop: handshake, one decoder and sink per guest stream,
+//!   gap concealment, per-stream statistics.
+//! - [`output`]: where audio goes: the host's PipeWire (one playback stream per guest
+//!   app, with the jitter buffer in its real-time callback), WAV files, or nowhere.
+//!
+//! Codecs and the playout decision come from `melange-shim`; the wire protocol from
+//! `melange-transport`. Nothing here depends on the guest's PipeWire code.
+
+pub mod host;
+pub mod output;

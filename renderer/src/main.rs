@@ -1,0 +1,99 @@
+//! The `melange-host` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::Duration;
+
+use clap::{ArgGroup, Parser};
+use melange_renderer::host::{Host, HostConfig};
+use melange_renderer::output::{make_output, OutputSpec};
+use melange_transport::port::{Link, PortSpec, Waker};
+
+/// Render the audio of a Melange guest VM on this machine.
+///
+/// Connects to the guest's virtio-serial port (QEMU's chardev socket), or listens for
+/// it, and plays each guest app's stream as its own PipeWire stream named after the app.
+#[derive(Debug, Parser)]
+#[command(name = "melange-host", version, group(ArgGroup::new("port").required(true).args(["connect", "listen", "stdio"])))]
+struct Cli {
+    /// Connect to the guest port, retrying: unix:PATH (QEMU's `-chardev socket,server=on`).
+    #[arg(long, value_name = "unix:PATH")]
+    connect: Option<String>,
+    /// Listen on a unix socket (QEMU's `-chardev socket,server=off,reconnect=1` connects).
+    #[arg(long, value_name = "unix:PATH")]
+    listen: Option<String>,
+    /// Talk the protocol on standard input and output.
+    #[arg(long)]
+    stdio: bool,
+    /// Where the sound goes: pipewire, wav:DIR (one file per stream) or null.
+    #[arg(long, value_name = "OUTPUT", default_value = "pipewire")]
+    output: OutputSpec,
+    /// Jitter-buffer target in milliseconds (1..=1000).
+    #[arg(long, value_name = "MS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    latency: u64,
+    /// Append one JSON object per closed stream (latency, bitrate, losses) to FILE.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+    let fd = WAKE_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a valid u64.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+fn install_signal_handlers(waker: &Waker) {
+    WAKE_FD.store(waker.as_raw_fd(), Ordering::Relaxed);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only touches atomics and calls write(2).
+        unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    }
+    // A vanished peer must be an error on write, not a killed process.
+    // SAFETY: ignoring SIGPIPE has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
+fn parse_unix(flag: &str, value: &str) -> Result<PathBuf, String> {
+    match value.parse::<PortSpec>() {
+        Ok(PortSpec::Unix(path)) => Ok(path),
+        _ => Err(format!("--{flag} takes unix:PATH, not {value:?}")),
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let mut link = if let Some(spec) = &cli.connect {
+        let path = parse_unix("connect", spec)?;
+        Link::open(&PortSpec::Unix(path)).map_err(|e| e.to_string())?
+    } else if let Some(spec) = &cli.listen {
+        let path = parse_unix("listen", spec)?;
+        Link::listen(&path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?
+    } else {
+        Link::open(&PortSpec::Stdio).map_err(|e| e.to_string())?
+    };
+    let output = make_output(&cli.output).map_err(|e| e.to_string())?;
+    let waker = Waker::new().map_err(|e| e.to_string())?;
+    install_signal_handlers(&waker);
+    let mut host = Host::new(HostConfig { latency: Duration::from_millis(cli.latency), report: cli.report }, output);
+    host.run(&mut link, &waker, &STOP).map_err(|e| format!("port error on {}: {e}", link.describe()))?;
+    log::info!("melange-host: stopped");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("melange-host: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

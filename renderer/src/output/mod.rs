@@ -1,0 +1,133 @@
+//! Where decoded streams go. One [`Output`] per process, one [`StreamSink`] per guest
+//! stream; one file per backend.
+
+mod null;
+mod pipewire;
+mod wav;
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use melange_transport::message::{AudioFormat, StreamOpen};
+use thiserror::Error;
+
+pub use self::null::NullOutput;
+pub use self::pipewire::PipeWireOutput;
+pub use self::wav::{WavOutput, WavWriter};
+
+/// `--output` as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputSpec {
+    /// One playback stream per guest stream on the host's PipeWire.
+    PipeWire,
+    /// One WAV file per guest stream in a directory.
+    Wav(PathBuf),
+    /// Decode and discard.
+    Null,
+}
+
+impl FromStr for OutputSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pipewire" => Ok(OutputSpec::PipeWire),
+            "null" => Ok(OutputSpec::Null),
+            _ => match s.strip_prefix("wav:") {
+                Some(dir) if !dir.is_empty() => Ok(OutputSpec::Wav(dir.into())),
+                _ => Err(format!("invalid output {s:?}: expected pipewire, wav:DIR or null")),
+            },
+        }
+    }
+}
+
+/// An output backend failed.
+#[derive(Debug, Error)]
+pub enum OutputError {
+    /// The host's PipeWire is not reachable.
+    #[error("cannot connect to the host's PipeWire ({0}); is it running for this user? Use --output wav:DIR or --output null without it")]
+    PipeWireUnavailable(String),
+    /// PipeWire refused a stream.
+    #[error("PipeWire stream: {0}")]
+    PipeWire(String),
+    /// A file could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// What a stream sink needs to know besides the samples.
+#[derive(Debug, Clone)]
+pub struct StreamDesc {
+    /// Guest stream id.
+    pub stream: u32,
+    /// Host session number (1, 2, ...), so file names stay unique across reconnects.
+    pub session: u64,
+    /// The guest's announcement.
+    pub open: StreamOpen,
+    /// Decoded layout.
+    pub format: AudioFormat,
+    /// Whether samples came from s16 (so a WAV can store them losslessly as s16).
+    pub from_s16: bool,
+    /// Jitter-buffer target in sample frames.
+    pub latency_frames: usize,
+}
+
+impl StreamDesc {
+    /// What the host shows for the stream, e.g. "Firefox (guest)".
+    pub fn display_name(&self) -> String {
+        let app = if self.open.app.name.is_empty() { "Guest app" } else { self.open.app.name.as_str() };
+        format!("{app} (guest)")
+    }
+}
+
+/// A backend.
+pub trait Output {
+    /// Creates the sink for a new guest stream.
+    fn open(&mut self, desc: &StreamDesc) -> Result<Box<dyn StreamSink>, OutputError>;
+    /// Where the sound goes, for the startup log.
+    fn describe(&self) -> String;
+}
+
+/// One guest stream's destination.
+pub trait StreamSink {
+    /// Takes decoded interleaved samples. Never blocks.
+    fn write(&mut self, samples: &[f32]);
+    /// Sample frames written but not yet played (jitter buffer plus output queue).
+    fn buffered_frames(&self) -> usize;
+    /// Underruns so far (output wanted samples the buffer did not have).
+    fn underruns(&self) -> u64;
+    /// Samples dropped because the buffer was full.
+    fn overflows(&self) -> u64;
+    /// Finishes the stream (drains or finalises files). Called exactly once.
+    fn close(&mut self) -> Result<(), OutputError>;
+    /// Where this stream goes, for the log.
+    fn describe(&self) -> String;
+}
+
+/// Makes the backend `spec` names.
+pub fn make_output(spec: &OutputSpec) -> Result<Box<dyn Output>, OutputError> {
+    Ok(match spec {
+        OutputSpec::PipeWire => Box::new(PipeWireOutput::connect()?),
+        OutputSpec::Wav(dir) => Box::new(WavOutput::new(dir)?),
+        OutputSpec::Null => Box::new(NullOutput),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_output_specs() {
+        assert_eq!("pipewire".parse(), Ok(OutputSpec::PipeWire));
+        assert_eq!("null".parse(), Ok(OutputSpec::Null));
+        assert_eq!("wav:/tmp/x".parse(), Ok(OutputSpec::Wav("/tmp/x".into())));
+        assert!("wav:".parse::<OutputSpec>().unwrap_err().contains("expected pipewire"));
+        assert!("alsa".parse::<OutputSpec>().is_err());
+    }
+}

@@ -1,0 +1,391 @@
+//! `--output pipewire`: one playback stream per guest stream on the host's PipeWire.
+//!
+//! A dedicated thread runs the PipeWire main loop; it creates and destroys streams on
+//! request. Samples never pass through it: the session thread writes decoded audio into
+//! a per-stream SPSC ring, and the stream's real-time callback reads it, deciding with
+//! [`Playout`] when to start (the `--latency` target) and writing silence on underrun.
+//! On close the stream plays out what is buffered before it is destroyed.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use melange_shim::playout::Playout;
+use melange_transport::message::AudioFormat;
+use pipewire as pw;
+use pw::spa;
+use rtrb::{Consumer, Producer, RingBuffer};
+
+use super::{Output, OutputError, StreamDesc, StreamSink};
+
+/// Decoded audio a stream's ring holds at most.
+const RING: Duration = Duration::from_millis(1000);
+/// How often the PipeWire thread looks for streams that finished draining.
+const REAP_INTERVAL: Duration = Duration::from_millis(50);
+/// A draining stream is destroyed after this even if its callback never ran.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Flags shared between the session thread, the PipeWire thread and the RT callback.
+#[derive(Debug, Default)]
+struct Shared {
+    underruns: AtomicU64,
+    draining: AtomicBool,
+    drained: AtomicBool,
+}
+
+struct RtData {
+    consumer: Consumer<f32>,
+    playout: Playout,
+    channels: usize,
+    shared: Arc<Shared>,
+}
+
+enum Command {
+    Open {
+        key: u64,
+        name: String,
+        props: Vec<(&'static str, String)>,
+        format: AudioFormat,
+        rt: RtData,
+        reply: crossbeam_channel::Sender<Result<(), String>>,
+    },
+    Close {
+        key: u64,
+    },
+    Quit,
+}
+
+/// Connection to the host's PipeWire.
+pub struct PipeWireOutput {
+    commands: pw::channel::Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+    next_key: u64,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Open { key, .. } => write!(f, "Open({key})"),
+            Command::Close { key } => write!(f, "Close({key})"),
+            Command::Quit => f.write_str("Quit"),
+        }
+    }
+}
+
+impl std::fmt::Debug for PipeWireOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipeWireOutput").field("next_key", &self.next_key).finish()
+    }
+}
+
+impl PipeWireOutput {
+    /// Starts the PipeWire thread and connects; fails fast if PipeWire is not running.
+    pub fn connect() -> Result<Self, OutputError> {
+        let (tx, rx) = pw::channel::channel::<Command>();
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let thread = std::thread::Builder::new()
+            .name("melange-pipewire".into())
+            .spawn(move || run(rx, ready_tx))
+            .map_err(|e| OutputError::PipeWire(e.to_string()))?;
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => Ok(Self { commands: tx, thread: Some(thread), next_key: 1 }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(OutputError::PipeWireUnavailable(e))
+            }
+            Err(_) => Err(OutputError::PipeWireUnavailable("no answer within 10 s".into())),
+        }
+    }
+}
+
+impl Drop for PipeWireOutput {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Quit);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Output for PipeWireOutput {
+    fn open(&mut self, desc: &StreamDesc) -> Result<Box<dyn StreamSink>, OutputError> {
+        let channels = usize::from(desc.format.channels);
+        let capacity = desc.format.rate as usize * channels * RING.as_millis() as usize / 1000;
+        let (producer, consumer) = RingBuffer::new(capacity);
+        let shared = Arc::new(Shared::default());
+        let key = self.next_key;
+        self.next_key += 1;
+        let name = desc.display_name();
+        let app = &desc.open.app;
+        let mut props = vec![
+            ("media.type", "Audio".to_string()),
+            ("media.category", "Playback".to_string()),
+            ("node.name", format!("melange.s{}.stream{}", desc.session, desc.stream)),
+            ("node.description", name.clone()),
+            ("media.name", if app.media_name.is_empty() { name.clone() } else { app.media_name.clone() }),
+            ("application.name", name.clone()),
+            // Small quantum hint: the jitter buffer, not the device period, sets latency.
+            ("node.latency", format!("256/{}", desc.format.rate)),
+            ("melange.guest.stream", desc.stream.to_string()),
+        ];
+        if !app.role.is_empty() {
+            props.push(("media.role", app.role.clone()));
+        }
+        if !app.icon_name.is_empty() {
+            props.push(("application.icon-name", app.icon_name.clone()));
+        }
+        if !app.binary.is_empty() {
+            props.push(("melange.guest.binary", app.binary.clone()));
+        }
+        let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+        let rt = RtData { consumer, playout: Playout::new(desc.latency_frames), channels, shared: shared.clone() };
+        self.commands
+            .send(Command::Open { key, name: name.clone(), props, format: desc.format.clone(), rt, reply: reply_tx })
+            .map_err(|_| OutputError::PipeWire("the PipeWire thread is gone".into()))?;
+        match reply_rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(OutputError::PipeWire(e)),
+            Err(_) => return Err(OutputError::PipeWire("no answer from the PipeWire thread".into())),
+        }
+        Ok(Box::new(PipeWireSink {
+            key,
+            name,
+            producer,
+            channels,
+            shared,
+            overflows: 0,
+            commands: self.commands.clone(),
+            closed: false,
+        }))
+    }
+
+    fn describe(&self) -> String {
+        "the host's PipeWire (one playback stream per guest stream)".into()
+    }
+}
+
+struct PipeWireSink {
+    key: u64,
+    name: String,
+    producer: Producer<f32>,
+    channels: usize,
+    shared: Arc<Shared>,
+    overflows: u64,
+    commands: pw::channel::Sender<Command>,
+    closed: bool,
+}
+
+impl StreamSink for PipeWireSink {
+    fn write(&mut self, samples: &[f32]) {
+        let n = samples.len().min(self.producer.slots());
+        let n = n - n % self.channels.max(1);
+        if n < samples.len() {
+            self.overflows += (samples.len() - n) as u64;
+        }
+        if let Ok(chunk) = self.producer.write_chunk_uninit(n) {
+            chunk.fill_from_iter(samples[..n].iter().copied());
+        }
+    }
+
+    fn buffered_frames(&self) -> usize {
+        (self.producer.buffer().capacity() - self.producer.slots()) / self.channels.max(1)
+    }
+
+    fn underruns(&self) -> u64 {
+        self.shared.underruns.load(Ordering::Relaxed)
+    }
+
+    fn overflows(&self) -> u64 {
+        self.overflows
+    }
+
+    fn close(&mut self) -> Result<(), OutputError> {
+        if !std::mem::replace(&mut self.closed, true) {
+            self.shared.draining.store(true, Ordering::Relaxed);
+            let _ = self.commands.send(Command::Close { key: self.key });
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("PipeWire stream \"{}\"", self.name)
+    }
+}
+
+impl Drop for PipeWireSink {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+struct Live {
+    // Declared first: the listener (and its ring end) goes before the stream.
+    _listener: pw::stream::StreamListener<RtData>,
+    stream: pw::stream::StreamRc,
+    shared: Arc<Shared>,
+    closing_since: Option<Instant>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let _ = self.stream.disconnect();
+    }
+}
+
+fn run(rx: pw::channel::Receiver<Command>, ready: crossbeam_channel::Sender<Result<(), String>>) {
+    pw::init();
+    let setup = || -> Result<_, String> {
+        let main_loop = pw::main_loop::MainLoopRc::new(None).map_err(|e| e.to_string())?;
+        let context = pw::context::ContextRc::new(&main_loop, None).map_err(|e| e.to_string())?;
+        let core = context.connect_rc(None).map_err(|e| e.to_string())?;
+        Ok((main_loop, context, core))
+    };
+    let (main_loop, _context, core) = match setup() {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _core_listener = core
+        .add_listener_local()
+        .error(|id, _seq, res, message| {
+            if res == -libc::EPIPE {
+                log::error!("lost the connection to the host's PipeWire: {message}");
+            } else {
+                log::warn!("host PipeWire error on object {id}: {message} ({res})");
+            }
+        })
+        .register();
+
+    let streams: Rc<RefCell<BTreeMap<u64, Live>>> = Rc::new(RefCell::new(BTreeMap::new()));
+    let reap = {
+        let streams = streams.clone();
+        main_loop.loop_().add_timer(move |_| {
+            streams.borrow_mut().retain(|_, live| match live.closing_since {
+                Some(since) => !live.shared.drained.load(Ordering::Relaxed) && since.elapsed() < DRAIN_TIMEOUT,
+                None => true,
+            });
+        })
+    };
+    let _ = reap.update_timer(Some(REAP_INTERVAL), Some(REAP_INTERVAL));
+
+    let weak_loop = main_loop.downgrade();
+    let _receiver = rx.attach(main_loop.loop_(), {
+        let streams = streams.clone();
+        let core = core.clone();
+        move |cmd| match cmd {
+            Command::Open { key, name, props, format, rt, reply } => {
+                let shared = rt.shared.clone();
+                let result = open_stream(&core, &name, props, &format, rt).map(|(stream, listener)| {
+                    streams.borrow_mut().insert(key, Live { _listener: listener, stream, shared, closing_since: None });
+                });
+                let _ = reply.send(result);
+            }
+            Command::Close { key } => {
+                if let Some(live) = streams.borrow_mut().get_mut(&key) {
+                    live.closing_since = Some(Instant::now());
+                }
+            }
+            Command::Quit => {
+                streams.borrow_mut().clear();
+                if let Some(l) = weak_loop.upgrade() {
+                    l.quit();
+                }
+            }
+        }
+    });
+    let _ = ready.send(Ok(()));
+    main_loop.run();
+    streams.borrow_mut().clear();
+}
+
+fn open_stream(
+    core: &pw::core::CoreRc,
+    name: &str,
+    props: Vec<(&'static str, String)>,
+    format: &AudioFormat,
+    rt: RtData,
+) -> Result<(pw::stream::StreamRc, pw::stream::StreamListener<RtData>), String> {
+    let mut properties = pw::properties::PropertiesBox::new();
+    for (k, v) in &props {
+        properties.insert(*k, v.as_str());
+    }
+    let stream = pw::stream::StreamRc::new(core.clone(), name, properties).map_err(|e| e.to_string())?;
+    let listener = stream
+        .add_local_listener_with_user_data(rt)
+        .process(|stream, d| {
+            // Real-time: ring to buffer, silence for the rest; no allocation or locks.
+            let Some(mut buffer) = stream.dequeue_buffer() else { return };
+            let requested = buffer.requested() as usize;
+            let Some(data) = buffer.datas_mut().first_mut() else { return };
+            let stride = 4 * d.channels;
+            let Some(bytes) = data.data() else { return };
+            let max_frames = bytes.len() / stride;
+            let frames = if requested > 0 { requested.min(max_frames) } else { max_frames.min(1024) };
+            let buffered = d.consumer.slots() / d.channels;
+            let take = if d.shared.draining.load(Ordering::Relaxed) {
+                if buffered == 0 {
+                    d.shared.drained.store(true, Ordering::Relaxed);
+                }
+                buffered.min(frames)
+            } else {
+                let before = d.playout.underruns();
+                let take = d.playout.plan(buffered, frames);
+                if d.playout.underruns() != before {
+                    d.shared.underruns.fetch_add(1, Ordering::Relaxed);
+                }
+                take
+            };
+            let out = &mut bytes[..frames * stride];
+            let mut written = 0;
+            if let Ok(chunk) = d.consumer.read_chunk(take * d.channels) {
+                let (a, b) = chunk.as_slices();
+                for (dst, v) in out.chunks_exact_mut(4).zip(a.iter().chain(b.iter())) {
+                    dst.copy_from_slice(&v.to_ne_bytes());
+                    written += 4;
+                }
+                chunk.commit_all();
+            }
+            out[written..].fill(0);
+            let chunk = data.chunk_mut();
+            *chunk.offset_mut() = 0;
+            *chunk.stride_mut() = stride as i32;
+            *chunk.size_mut() = (frames * stride) as u32;
+        })
+        .register()
+        .map_err(|e| e.to_string())?;
+
+    let mut info = spa::param::audio::AudioInfoRaw::new();
+    info.set_format(spa::param::audio::AudioFormat::F32LE);
+    info.set_rate(format.rate);
+    info.set_channels(u32::from(format.channels));
+    let mut position = [0u32; spa::sys::SPA_AUDIO_MAX_CHANNELS as usize];
+    for (slot, p) in position.iter_mut().zip(&format.positions) {
+        *slot = *p;
+    }
+    info.set_position(position);
+    let obj = spa::pod::Object {
+        type_: spa::utils::SpaTypes::ObjectParamFormat.as_raw(),
+        id: spa::param::ParamType::EnumFormat.as_raw(),
+        properties: info.into(),
+    };
+    let pod = spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &spa::pod::Value::Object(obj))
+        .map_err(|e| format!("{e:?}"))?
+        .0
+        .into_inner();
+    let mut params = [spa::pod::Pod::from_bytes(&pod).ok_or("bad format pod")?];
+    stream
+        .connect(
+            spa::utils::Direction::Output,
+            None,
+            pw::stream::StreamFlags::AUTOCONNECT | pw::stream::StreamFlags::MAP_BUFFERS | pw::stream::StreamFlags::RT_PROCESS,
+            &mut params,
+        )
+        .map_err(|e| e.to_string())?;
+    Ok((stream, listener))
+}
