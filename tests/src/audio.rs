@@ -1,0 +1,244 @@
+//! Test signals and the measurements tests assert on.
+
+use std::path::Path;
+
+/// Interleaved audio with its layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Audio {
+    /// Sample frames per second.
+    pub rate: u32,
+    /// Channels.
+    pub channels: usize,
+    /// Interleaved samples in [-1, 1).
+    pub samples: Vec<f32>,
+    /// The raw s16 samples, if the file was s16 (for bit-exact checks).
+    pub s16: Option<Vec<i16>>,
+}
+
+impl Audio {
+    /// One channel.
+    pub fn channel(&self, c: usize) -> Vec<f32> {
+        self.samples.iter().skip(c).step_by(self.channels.max(1)).copied().collect()
+    }
+
+    /// Duration in seconds.
+    pub fn seconds(&self) -> f64 {
+        self.samples.len() as f64 / self.channels.max(1) as f64 / f64::from(self.rate)
+    }
+}
+
+/// Reads a PCM s16 or IEEE-float WAV (plain or WAVE_FORMAT_EXTENSIBLE).
+pub fn read_wav(path: &Path) -> Result<Audio, String> {
+    let b = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if b.len() < 12 || &b[0..4] != b"RIFF" || &b[8..12] != b"WAVE" {
+        return Err(format!("{}: not a WAV file", path.display()));
+    }
+    let mut pos = 12;
+    let (mut format, mut channels, mut rate, mut bits) = (0u16, 0usize, 0u32, 0u16);
+    while pos + 8 <= b.len() {
+        let id = &b[pos..pos + 4];
+        let len = u32::from_le_bytes([b[pos + 4], b[pos + 5], b[pos + 6], b[pos + 7]]) as usize;
+        let body = &b[pos + 8..(pos + 8 + len).min(b.len())];
+        if id == b"fmt " && body.len() >= 16 {
+            format = u16::from_le_bytes([body[0], body[1]]);
+            channels = usize::from(u16::from_le_bytes([body[2], body[3]]));
+            rate = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
+            bits = u16::from_le_bytes([body[14], body[15]]);
+            if format == 0xFFFE && body.len() >= 26 {
+                format = u16::from_le_bytes([body[24], body[25]]);
+            }
+        } else if id == b"data" {
+            return match (format, bits) {
+                (1, 16) => {
+                    let s16: Vec<i16> = body.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect();
+                    let samples = s16.iter().map(|v| f32::from(*v) / 32768.0).collect();
+                    Ok(Audio { rate, channels, samples, s16: Some(s16) })
+                }
+                (3, 32) => {
+                    let samples = body.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                    Ok(Audio { rate, channels, samples, s16: None })
+                }
+                _ => Err(format!("{}: unsupported WAV format {format}/{bits} bits", path.display())),
+            };
+        }
+        pos += 8 + len + (len & 1);
+    }
+    Err(format!("{}: no data chunk", path.display()))
+}
+
+/// Writes an s16 WAV.
+pub fn write_wav_s16(path: &Path, rate: u32, channels: u16, samples: &[i16]) {
+    let data: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+    write_wav(path, 1, rate, channels, 16, &data);
+}
+
+/// Writes a 32-bit float WAV.
+pub fn write_wav_f32(path: &Path, rate: u32, channels: u16, samples: &[f32]) {
+    let data: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+    write_wav(path, 3, rate, channels, 32, &data);
+}
+
+fn write_wav(path: &Path, format: u16, rate: u32, channels: u16, bits: u16, data: &[u8]) {
+    let block = channels * bits / 8;
+    let mut h = Vec::with_capacity(44 + data.len());
+    h.extend_from_slice(b"RIFF");
+    h.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+    h.extend_from_slice(b"WAVEfmt ");
+    h.extend_from_slice(&16u32.to_le_bytes());
+    h.extend_from_slice(&format.to_le_bytes());
+    h.extend_from_slice(&channels.to_le_bytes());
+    h.extend_from_slice(&rate.to_le_bytes());
+    h.extend_from_slice(&(rate * u32::from(block)).to_le_bytes());
+    h.extend_from_slice(&block.to_le_bytes());
+    h.extend_from_slice(&bits.to_le_bytes());
+    h.extend_from_slice(b"data");
+    h.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    h.extend_from_slice(data);
+    std::fs::write(path, h).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// A sine tone, `seconds` long, amplitude `amp`.
+pub fn tone(freq: f64, rate: u32, seconds: f64, amp: f64) -> Vec<f64> {
+    let n = (f64::from(rate) * seconds) as usize;
+    (0..n).map(|i| amp * (2.0 * std::f64::consts::PI * freq * i as f64 / f64::from(rate)).sin()).collect()
+}
+
+/// A linear chirp from `f0` to `f1` Hz.
+pub fn chirp(f0: f64, f1: f64, rate: u32, seconds: f64, amp: f64) -> Vec<f64> {
+    let n = (f64::from(rate) * seconds) as usize;
+    let k = (f1 - f0) / seconds;
+    (0..n)
+        .map(|i| {
+            let t = i as f64 / f64::from(rate);
+            amp * (2.0 * std::f64::consts::PI * (f0 * t + 0.5 * k * t * t)).sin()
+        })
+        .collect()
+}
+
+/// Deterministic white noise (xorshift), for signals that align in exactly one place.
+pub fn noise(n: usize, amp: f64, seed: u64) -> Vec<f64> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            amp * ((x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
+        })
+        .collect()
+}
+
+/// Quantises to s16 and duplicates into `channels` channels.
+pub fn to_s16(signal: &[f64], channels: usize) -> Vec<i16> {
+    signal
+        .iter()
+        .flat_map(|v| std::iter::repeat((v * 32767.0).round() as i16).take(channels))
+        .collect()
+}
+
+/// RMS level in dBFS.
+pub fn rms_db(x: &[f32]) -> f64 {
+    let p = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / x.len().max(1) as f64;
+    10.0 * p.max(1e-20).log10()
+}
+
+/// The part of a signal between the first and last sample above `threshold`.
+pub fn active(x: &[f32], threshold: f32) -> &[f32] {
+    let first = x.iter().position(|v| v.abs() > threshold).unwrap_or(0);
+    let last = x.iter().rposition(|v| v.abs() > threshold).map_or(first, |l| l + 1);
+    &x[first..last]
+}
+
+/// The middle `fraction` of a slice (to skip start and end transients).
+pub fn middle(x: &[f32], fraction: f64) -> &[f32] {
+    let skip = ((1.0 - fraction) / 2.0 * x.len() as f64) as usize;
+    &x[skip..x.len() - skip]
+}
+
+/// Frequency of a clean tone from interpolated zero crossings.
+pub fn frequency(x: &[f32], rate: u32) -> f64 {
+    let mut crossings = Vec::new();
+    for i in 1..x.len() {
+        let (a, b) = (f64::from(x[i - 1]), f64::from(x[i]));
+        if a < 0.0 && b >= 0.0 {
+            crossings.push((i - 1) as f64 + a / (a - b));
+        }
+    }
+    match (crossings.first(), crossings.last()) {
+        (Some(f), Some(l)) if crossings.len() > 2 => (crossings.len() - 1) as f64 * f64::from(rate) / (l - f),
+        _ => 0.0,
+    }
+}
+
+/// Amplitude of the `freq` component (Goertzel), relative to full scale.
+pub fn tone_amplitude(x: &[f32], rate: u32, freq: f64) -> f64 {
+    let w = 2.0 * std::f64::consts::PI * freq / f64::from(rate);
+    let coeff = 2.0 * w.cos();
+    let (mut s1, mut s2) = (0.0f64, 0.0f64);
+    for v in x {
+        let s = f64::from(*v) + coeff * s1 - s2;
+        s2 = s1;
+        s1 = s;
+    }
+    let power = s1 * s1 + s2 * s2 - coeff * s1 * s2;
+    2.0 * power.max(0.0).sqrt() / x.len().max(1) as f64
+}
+
+/// The lag (in samples, `signal` later than `reference` is positive) that best aligns
+/// `signal` to `reference`, searched in `0..max_lag`, over a window of `window` samples.
+pub fn best_lag(reference: &[f32], signal: &[f32], max_lag: usize, window: usize) -> usize {
+    let start = reference.iter().position(|v| v.abs() > 0.01).unwrap_or(0);
+    let r = &reference[start..(start + window).min(reference.len())];
+    (0..max_lag)
+        .filter(|lag| start + lag + r.len() <= signal.len())
+        .map(|lag| {
+            let s = &signal[start + lag..start + lag + r.len()];
+            let c: f64 = r.iter().zip(s).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+            (lag, c)
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(0, |(lag, _)| lag)
+}
+
+/// Pearson correlation of two equally long signals.
+pub fn correlation(a: &[f32], b: &[f32]) -> f64 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let ma = a.iter().map(|v| f64::from(*v)).sum::<f64>() / n as f64;
+    let mb = b.iter().map(|v| f64::from(*v)).sum::<f64>() / n as f64;
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(*x) - ma, f64::from(*y) - mb);
+        sab += x * y;
+        saa += x * x;
+        sbb += y * y;
+    }
+    sab / (saa * sbb).sqrt().max(1e-20)
+}
+
+/// Where `needle` first occurs in `haystack`, for bit-exact alignment.
+pub fn find(haystack: &[i16], needle: &[i16]) -> Option<usize> {
+    if needle.is_empty() || needle.len() > haystack.len() {
+        return None;
+    }
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measurements_measure() {
+        let x: Vec<f32> = tone(1000.0, 48000, 1.0, 0.5).iter().map(|v| *v as f32).collect();
+        assert!((frequency(&x, 48000) - 1000.0).abs() < 0.1);
+        assert!((rms_db(&x) - (20.0 * (0.5f64 / 2f64.sqrt()).log10())).abs() < 0.01);
+        assert!((tone_amplitude(&x, 48000, 1000.0) - 0.5).abs() < 0.01);
+        assert!(tone_amplitude(&x, 48000, 440.0) < 0.01);
+        let n: Vec<f32> = noise(48000, 0.5, 7).iter().map(|v| *v as f32).collect();
+        let mut late = vec![0.0f32; 123];
+        late.extend_from_slice(&n);
+        assert_eq!(best_lag(&n, &late, 1000, 4800), 123);
+        assert!((correlation(&n, &late[123..]) - 1.0).abs() < 1e-9);
+    }
+}

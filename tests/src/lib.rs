@@ -1,0 +1,302 @@
+//! Test harness on real parts: headless PipeWire sessions (pipewire, WirePlumber,
+//! pipewire-pulse), the guest module in its own `pipewire` process, `melange-host`,
+//! and the stock PipeWire/PulseAudio/ALSA clients. Plus the signal analysis the tests
+//! assert with: WAV I/O, level, frequency, alignment, correlation.
+//!
+//! Binaries come from the cargo target directory the tests run from (build with
+//! `cargo build --release --workspace` first; `scripts/test` does).
+
+pub mod audio;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// `target/<profile>` of the running binary (tests live in `target/<profile>/deps`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+    } else {
+        dir
+    }
+}
+
+/// Path of a binary built by this workspace.
+pub fn bin(name: &str) -> PathBuf {
+    profile_dir().join(name)
+}
+
+/// A fresh scratch directory for one test or demo run.
+pub fn scratch(name: &str) -> PathBuf {
+    let base = std::env::var_os("MELANGE_TEST_DIR").map_or_else(|| std::env::temp_dir().join("melange-tests"), PathBuf::from);
+    let dir = base.join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
+/// Polls `f` every 20 ms until it returns `Some` or `timeout` passes.
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process that is stopped with a signal (default SIGTERM) and reaped on drop.
+#[derive(Debug)]
+pub struct Proc {
+    child: Option<Child>,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
+    stop_signal: i32,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr into `log`.
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+        let out = File::create(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+        let err = out.try_clone().unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Proc { child: Some(child), log, stop_signal: libc::SIGTERM }
+    }
+
+    /// Uses SIGINT instead of SIGTERM to stop it.
+    pub fn stop_with_sigint(mut self) -> Self {
+        self.stop_signal = libc::SIGINT;
+        self
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until its log contains `needle`; panics with the log if it does not.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
+        let found = wait_until(timeout, || {
+            if self.log_text().contains(needle) {
+                return Some(());
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("process exited ({status}) before logging {needle:?}:\n{}", self.log_text());
+            }
+            None
+        });
+        if found.is_none() {
+            panic!("no {needle:?} within {timeout:?} in {}:\n{}", self.log.display(), self.log_text());
+        }
+    }
+
+    /// Sends its stop signal and waits for it (kills it after 10 s).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, self.stop_signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Which daemons a headless session runs.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionKind {
+    /// Run WirePlumber.
+    pub wireplumber: bool,
+    /// Run pipewire-pulse.
+    pub pulse: bool,
+}
+
+/// A running headless PipeWire session (see `scripts/headless-pipewire`).
+#[derive(Debug)]
+pub struct PipeWire {
+    /// Its directory; clients use `run/` as XDG_RUNTIME_DIR.
+    pub dir: PathBuf,
+    proc: Proc,
+}
+
+impl PipeWire {
+    /// Starts pipewire, WirePlumber and pipewire-pulse in `dir` and waits until ready.
+    pub fn start(dir: &Path) -> PipeWire {
+        Self::start_with(dir, SessionKind { wireplumber: true, pulse: true })
+    }
+
+    /// Starts the daemons `kind` asks for.
+    pub fn start_with(dir: &Path, kind: SessionKind) -> PipeWire {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let mut cmd = Command::new(root().join("scripts/headless-pipewire"));
+        cmd.arg(dir);
+        if !kind.wireplumber {
+            cmd.arg("--no-wireplumber");
+        }
+        if !kind.pulse {
+            cmd.arg("--no-pulse");
+        }
+        let mut proc = Proc::spawn(cmd, dir.with_extension("log"));
+        proc.wait_for_log("ready", Duration::from_secs(30));
+        PipeWire { dir: dir.to_path_buf(), proc }
+    }
+
+    /// A command that runs as a client of this session.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("XDG_RUNTIME_DIR", self.dir.join("run"))
+            .env("XDG_CONFIG_HOME", self.dir.join("config"))
+            .env("XDG_STATE_HOME", self.dir.join("state"))
+            .env("HOME", self.dir.join("home"))
+            .env_remove("PIPEWIRE_REMOTE")
+            .env_remove("PULSE_SERVER")
+            .env_remove("DBUS_SESSION_BUS_ADDRESS");
+        cmd
+    }
+
+    /// Runs a client to completion and returns its stdout; panics on failure.
+    pub fn run(&self, program: &str, args: &[&str]) -> String {
+        let out = self.command(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(out.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// All objects, as `pw-dump` prints them.
+    pub fn dump(&self) -> Vec<serde_json::Value> {
+        let out = self.command("pw-dump").output().map(|o| o.stdout).unwrap_or_default();
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out).unwrap_or_default()
+    }
+
+    /// Props of the first node whose `node.name` is `name`.
+    pub fn node_props(&self, name: &str) -> Option<serde_json::Value> {
+        self.dump().into_iter().find_map(|o| {
+            let props = o.pointer("/info/props")?;
+            (o["type"] == "PipeWire:Interface:Node" && props["node.name"] == name).then(|| props.clone())
+        })
+    }
+
+    /// Nodes whose props satisfy `pred`.
+    pub fn nodes_where(&self, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+        self.dump()
+            .into_iter()
+            .filter_map(|o| {
+                let props = o.pointer("/info/props")?.clone();
+                (o["type"] == "PipeWire:Interface:Node" && pred(&props)).then_some(props)
+            })
+            .collect()
+    }
+
+    /// Creates a lingering null sink, the stand-in for the host's speakers.
+    pub fn add_null_sink(&self, name: &str) {
+        let props = format!(
+            "{{ factory.name=support.null-audio-sink node.name={name} node.description={name} media.class=Audio/Sink \
+             object.linger=true audio.position=[FL FR] priority.session=1000 }}"
+        );
+        self.run("pw-cli", &["create-node", "adapter", &props]);
+        wait_until(Duration::from_secs(10), || self.node_props(name)).unwrap_or_else(|| panic!("sink {name} did not appear"));
+    }
+
+    /// Stops the daemons.
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+}
+
+/// Codec for the guest module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestCodec {
+    /// s16le PCM.
+    Pcm,
+    /// Opus at the given bitrate.
+    Opus(u32),
+}
+
+/// The guest module, run by `scripts/melange-guest` against `pw`.
+pub fn start_guest(pw: &PipeWire, port: &str, codec: GuestCodec, log: PathBuf) -> Proc {
+    let profile = profile_dir();
+    let mut cmd = pw.command(root().join("scripts/melange-guest"));
+    cmd.arg("--port").arg(port);
+    match codec {
+        GuestCodec::Pcm => cmd.args(["--codec", "pcm"]),
+        GuestCodec::Opus(bitrate) => cmd.args(["--codec", "opus", "--bitrate", &bitrate.to_string()]),
+    };
+    cmd.env("MELANGE_PROFILE", profile.file_name().unwrap_or_default());
+    if let Some(target) = profile.parent() {
+        cmd.env("CARGO_TARGET_DIR", target);
+    }
+    cmd.env("RUST_LOG", "info");
+    let mut proc = Proc::spawn(cmd, log);
+    proc.wait_for_log("redirect sink", Duration::from_secs(20));
+    // The sink must be the default before apps start, or they play elsewhere.
+    let ok = wait_until(Duration::from_secs(10), || {
+        let out = pw.command("pw-metadata").args(["-n", "default", "0", "default.audio.sink"]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).contains("\"melange\"").then_some(())
+    });
+    assert!(ok.is_some(), "the Melange sink did not become the default sink");
+    proc
+}
+
+/// `melange-host` with the given arguments (plus `--report report.jsonl` in `dir`).
+pub fn start_host(args: &[&str], env_from: Option<&PipeWire>, dir: &Path) -> Proc {
+    let mut cmd = match env_from {
+        Some(pw) => pw.command(bin("melange-host")),
+        None => Command::new(bin("melange-host")),
+    };
+    cmd.args(args).arg("--report").arg(dir.join("report.jsonl")).env("RUST_LOG", "info");
+    Proc::spawn(cmd, dir.join("host.log")).stop_with_sigint()
+}
+
+/// The per-stream reports `melange-host --report` wrote.
+pub fn reports(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("report.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Lines of a file, for waiting on logs written by others.
+pub fn lines(path: &Path) -> Vec<String> {
+    File::open(path).map(|f| BufReader::new(f).lines().map_while(Result::ok).collect()).unwrap_or_default()
+}
+
+/// WAV files in a directory, sorted by name.
+pub fn wav_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "wav")).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}

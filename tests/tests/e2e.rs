@@ -1,0 +1,348 @@
+//! End to end on real daemons: a headless guest PipeWire (with WirePlumber and
+//! pipewire-pulse), the guest module in its own process, a unix socket standing in for
+//! the virtio port, and `melange-host`. Every test asserts on the audio that came out.
+//!
+//! The tests share the machine's two cores, so they run one at a time.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use melange_tests::audio::{self, Audio};
+use melange_tests::{reports, scratch, start_guest, start_host, wait_until, wav_files, GuestCodec, PipeWire, Proc};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A guest session redirected to a `melange-host` that writes WAV files.
+struct Rig {
+    dir: PathBuf,
+    pw: PipeWire,
+    guest: Proc,
+    host: Proc,
+}
+
+impl Rig {
+    fn new(name: &str, codec: GuestCodec) -> Rig {
+        let dir = scratch(name);
+        let sock = dir.join("port.sock");
+        let wav = dir.join("wav");
+        let host = start_host(
+            &["--listen", &format!("unix:{}", sock.display()), "--output", &format!("wav:{}", wav.display())],
+            None,
+            &dir,
+        );
+        wait_until(Duration::from_secs(10), || sock.exists().then_some(())).expect("melange-host did not listen");
+        let pw = PipeWire::start(&dir.join("guest"));
+        let mut guest = start_guest(&pw, &format!("unix:{}", sock.display()), codec, dir.join("guest.log"));
+        guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+        Rig { dir, pw, guest, host }
+    }
+
+    /// Writes a test file into the rig's directory.
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Runs a client app to completion in the guest.
+    fn play(&self, program: &str, args: &[&str]) -> Duration {
+        let start = Instant::now();
+        self.pw.run(program, args);
+        start.elapsed()
+    }
+
+    /// Waits until the host has closed `n` streams, then returns their WAV files.
+    fn outputs(&mut self, n: usize) -> Vec<Audio> {
+        let closed = wait_until(Duration::from_secs(10), || (reports(&self.dir).len() >= n).then_some(()));
+        assert!(closed.is_some(), "host closed fewer than {n} streams:\n{}", self.host.log_text());
+        wav_files(&self.dir.join("wav")).iter().map(|p| audio::read_wav(p).expect("host wrote a valid WAV")).collect()
+    }
+
+    fn stop(&mut self) {
+        self.guest.stop();
+        self.host.stop();
+    }
+}
+
+fn as_f32(x: &[f64]) -> Vec<f32> {
+    x.iter().map(|v| *v as f32).collect()
+}
+
+/// Finds where the middle of `reference` sits in `signal` (signal index - reference index).
+fn align(reference: &[f32], signal: &[f32]) -> isize {
+    let mid = reference.len() / 2;
+    let window = &reference[mid..(mid + 2400).min(reference.len())];
+    let best = (0..signal.len().saturating_sub(window.len()))
+        .map(|i| {
+            let c: f64 = window.iter().zip(&signal[i..]).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+            (i, c)
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(0, |(i, _)| i);
+    best as isize - mid as isize
+}
+
+/// The overlapping parts of `reference` and `signal` at `offset`, minus `trim` at each end.
+fn overlap<'a>(reference: &'a [f32], signal: &'a [f32], offset: isize, trim: usize) -> (&'a [f32], &'a [f32]) {
+    let (r0, s0) = if offset >= 0 { (0, offset as usize) } else { ((-offset) as usize, 0) };
+    let n = (reference.len() - r0.min(reference.len())).min(signal.len() - s0.min(signal.len()));
+    let n = n.saturating_sub(2 * trim);
+    (&reference[r0 + trim..r0 + trim + n], &signal[s0 + trim..s0 + trim + n])
+}
+
+#[test]
+fn pcm_is_bit_exact_from_pipewire_pulse_and_alsa_apps() {
+    let _serial = serial();
+    let mut rig = Rig::new("pcm-bit-exact", GuestCodec::Pcm);
+    // Different noise left and right: a swapped or shifted channel cannot match.
+    let (l, r) = (audio::noise(72000, 0.3, 1), audio::noise(72000, 0.3, 2));
+    let mut original: Vec<i16> = l.iter().zip(&r).flat_map(|(a, b)| [(a * 32767.0) as i16, (b * 32767.0) as i16]).collect();
+    // pw-play never delivers its last partial graph cycle (the guest sink's monitor
+    // misses it too), so end with silence longer than a quantum: every sample of
+    // content is then checked.
+    original.extend(std::iter::repeat(0).take(2 * 12000));
+    let file = rig.file("noise.wav");
+    audio::write_wav_s16(&file, 48000, 2, &original);
+    let file = file.to_string_lossy().into_owned();
+    rig.play("pw-play", &[&file]);
+    rig.play("paplay", &[&file]);
+    rig.play("aplay", &["-q", "-D", "pipewire", &file]);
+    let outputs = rig.outputs(3);
+    rig.stop();
+
+    let apps: Vec<String> = reports(&rig.dir).iter().map(|r| r["app"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(apps.len(), 3);
+    assert_eq!(apps[0], "pw-play");
+    assert_eq!(apps[1], "paplay");
+    assert!(apps[2].contains("aplay") || apps[2].contains("ALSA"), "aplay's stream is named {:?}", apps[2]);
+    for (out, app) in outputs.iter().zip(&apps) {
+        assert_eq!((out.rate, out.channels), (48000, 2), "{app}");
+        let got = out.s16.as_ref().expect("PCM streams are stored as s16");
+        let first = got.iter().position(|v| *v != 0).expect("output is silent") & !1;
+        let probe = &got[first..first + 960];
+        let at = audio::find(&original, probe).unwrap_or_else(|| panic!("{app}: output does not occur in the input"));
+        assert_eq!(at % 2, 0, "{app}: channels are shifted");
+        let content = original.len() - 2 * 12000;
+        let n = (original.len() - at).min(got.len() - first);
+        assert!(at + n >= content, "{app}: output ends {} samples before the content does", content - at - n);
+        assert!(n >= content * 9 / 10, "{app}: only {n} of {content} samples arrived");
+        assert!(got[first..first + n] == original[at..at + n], "{app}: output differs from the input");
+    }
+}
+
+#[test]
+fn opus_keeps_tone_frequency_level_and_chirp_shape() {
+    let _serial = serial();
+    let mut rig = Rig::new("opus-quality", GuestCodec::Opus(128_000));
+    let tone = audio::tone(1000.0, 48000, 2.0, 0.25);
+    let chirp = audio::chirp(100.0, 8000.0, 48000, 2.0, 0.3);
+    let tone_file = rig.file("tone.wav");
+    let chirp_file = rig.file("chirp.wav");
+    audio::write_wav_s16(&tone_file, 48000, 2, &audio::to_s16(&tone, 2));
+    audio::write_wav_s16(&chirp_file, 48000, 2, &audio::to_s16(&chirp, 2));
+    rig.play("pw-play", &[&tone_file.to_string_lossy()]);
+    rig.play("pw-play", &[&chirp_file.to_string_lossy()]);
+    let outputs = rig.outputs(2);
+    rig.stop();
+
+    let out = outputs[0].channel(0);
+    let body = audio::middle(audio::active(&out, 0.01), 0.8);
+    let freq = audio::frequency(body, 48000);
+    assert!((freq - 1000.0).abs() < 1.0, "tone came out at {freq} Hz");
+    let want = audio::rms_db(&as_f32(&tone));
+    let got = audio::rms_db(body);
+    assert!((got - want).abs() < 0.5, "tone level {got:.2} dBFS, sent {want:.2} dBFS");
+
+    let reference = as_f32(&chirp);
+    let out = outputs[1].channel(0);
+    let offset = align(&reference, &out);
+    let (a, b) = overlap(&reference, &out, offset, 480);
+    assert!(a.len() > 48000, "only {} aligned samples", a.len());
+    let corr = audio::correlation(a, b);
+    assert!(corr >= 0.95, "chirp correlation {corr:.4} at offset {offset}");
+}
+
+#[test]
+fn two_apps_at_once_arrive_as_two_streams_each_with_its_own_tone() {
+    let _serial = serial();
+    let mut rig = Rig::new("two-apps", GuestCodec::Opus(128_000));
+    let a = rig.file("a1000.wav");
+    let b = rig.file("b440.wav");
+    audio::write_wav_s16(&a, 48000, 2, &audio::to_s16(&audio::tone(1000.0, 48000, 2.0, 0.3), 2));
+    audio::write_wav_s16(&b, 48000, 2, &audio::to_s16(&audio::tone(440.0, 48000, 2.0, 0.3), 2));
+    let mut p1 = rig.pw.command("pw-play");
+    p1.arg(&a);
+    let mut p2 = rig.pw.command("pw-play");
+    p2.arg(&b);
+    let (mut c1, mut c2) = (p1.spawn().expect("pw-play"), p2.spawn().expect("pw-play"));
+    assert!(c1.wait().expect("pw-play").success() && c2.wait().expect("pw-play").success());
+    let outputs = rig.outputs(2);
+    rig.stop();
+
+    assert_eq!(outputs.len(), 2, "expected one host stream per app");
+    let mut seen = Vec::new();
+    for out in &outputs {
+        let x = out.channel(0);
+        let body = audio::middle(audio::active(&x, 0.01), 0.8);
+        let (a1000, a440) = (audio::tone_amplitude(body, 48000, 1000.0), audio::tone_amplitude(body, 48000, 440.0));
+        let (own, other, f) = if a1000 > a440 { (a1000, a440, 1000) } else { (a440, a1000, 440) };
+        assert!(own > 0.25, "{f} Hz stream has amplitude {own}");
+        assert!(other < own / 300.0, "{f} Hz stream leaks the other tone: {other} vs {own}");
+        seen.push(f);
+    }
+    seen.sort();
+    assert_eq!(seen, [440, 1000]);
+}
+
+#[test]
+fn apps_with_different_formats_at_once_are_both_redirected() {
+    let _serial = serial();
+    let mut rig = Rig::new("formats", GuestCodec::Pcm);
+    let mono = rig.file("mono-44k1-s16.wav");
+    let stereo = rig.file("stereo-48k-f32.wav");
+    audio::write_wav_s16(&mono, 44100, 1, &audio::to_s16(&audio::tone(440.0, 44100, 2.0, 0.3), 1));
+    let (l, r) = (audio::tone(1000.0, 48000, 2.0, 0.4), audio::tone(1000.0, 48000, 2.0, 0.1));
+    let interleaved: Vec<f32> = l.iter().zip(&r).flat_map(|(a, b)| [*a as f32, *b as f32]).collect();
+    audio::write_wav_f32(&stereo, 48000, 2, &interleaved);
+    let mut p1 = rig.pw.command("paplay");
+    p1.arg(&mono);
+    let mut p2 = rig.pw.command("pw-play");
+    p2.arg(&stereo);
+    let (mut c1, mut c2) = (p1.spawn().expect("paplay"), p2.spawn().expect("pw-play"));
+    assert!(c1.wait().expect("paplay").success() && c2.wait().expect("pw-play").success());
+    let outputs = rig.outputs(2);
+    rig.stop();
+
+    let apps: Vec<String> = reports(&rig.dir).iter().map(|r| r["app"].as_str().unwrap_or("").to_string()).collect();
+    for (out, app) in outputs.iter().zip(&apps) {
+        let (left, right) = (out.channel(0), out.channel(1));
+        let (lb, rb) = (audio::middle(audio::active(&left, 0.01), 0.8), audio::middle(audio::active(&right, 0.01), 0.8));
+        if app == "paplay" {
+            // A mono 44.1 kHz app: resampled to the graph's 48 kHz, the same on both sides.
+            for body in [lb, rb] {
+                let f = audio::frequency(body, out.rate);
+                assert!((f - 440.0).abs() < 1.0, "mono app came out at {f} Hz");
+                assert!(audio::tone_amplitude(body, out.rate, 440.0) > 0.2);
+            }
+            let diff = (audio::rms_db(lb) - audio::rms_db(rb)).abs();
+            assert!(diff < 0.1, "mono app is unbalanced by {diff} dB");
+        } else {
+            assert_eq!(app, "pw-play");
+            let (fl, fr) = (audio::frequency(lb, out.rate), audio::frequency(rb, out.rate));
+            assert!((fl - 1000.0).abs() < 1.0 && (fr - 1000.0).abs() < 1.0, "{fl} / {fr} Hz");
+            // Left at 0.4, right at 0.1: the channel levels survive, in order.
+            let (al, ar) = (audio::tone_amplitude(lb, out.rate, 1000.0), audio::tone_amplitude(rb, out.rate, 1000.0));
+            assert!((al - 0.4).abs() < 0.01 && (ar - 0.1).abs() < 0.01, "levels {al} / {ar}");
+        }
+    }
+    assert!(apps.contains(&"paplay".to_string()) && apps.contains(&"pw-play".to_string()), "{apps:?}");
+}
+
+#[test]
+fn pipewire_output_is_captured_by_a_recorder_in_the_host_session() {
+    let _serial = serial();
+    let dir = scratch("pipewire-output");
+    let host_pw = PipeWire::start(&dir.join("host"));
+    host_pw.add_null_sink("speakers");
+    let sock = dir.join("port.sock");
+    let mut host = start_host(&["--listen", &format!("unix:{}", sock.display()), "--output", "pipewire"], Some(&host_pw), &dir);
+    host.wait_for_log("waiting for a guest", Duration::from_secs(10));
+    let guest_pw = PipeWire::start(&dir.join("guest"));
+    let mut guest = start_guest(&guest_pw, &format!("unix:{}", sock.display()), GuestCodec::Opus(128_000), dir.join("guest.log"));
+    guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+
+    let tone = dir.join("tone.wav");
+    audio::write_wav_s16(&tone, 48000, 2, &audio::to_s16(&audio::tone(1000.0, 48000, 4.0, 0.25), 2));
+    let mut app = guest_pw.command("pw-play");
+    app.arg(&tone);
+    let mut app = app.spawn().expect("pw-play");
+    let node = wait_until(Duration::from_secs(10), || host_pw.node_props("melange.s1.stream1"))
+        .unwrap_or_else(|| panic!("no host playback stream:\n{}", host.log_text()));
+    assert_eq!(node["node.description"], "pw-play (guest)");
+    assert_eq!(node["media.role"], "Music");
+    assert_eq!(node["media.class"], "Stream/Output/Audio");
+
+    let recording = dir.join("recorded.wav");
+    let mut rec = host_pw.command("pw-record");
+    rec.args(["--target", "melange.s1.stream1"]).arg(&recording);
+    let mut rec = Proc::spawn(rec, dir.join("pw-record.log")).stop_with_sigint();
+    std::thread::sleep(Duration::from_millis(2000));
+    rec.stop();
+    assert!(app.wait().expect("pw-play").success());
+    guest.stop();
+    host.stop();
+
+    let out = audio::read_wav(&recording).expect("pw-record wrote a WAV");
+    let x = out.channel(0);
+    let body = audio::middle(audio::active(&x, 0.01), 0.8);
+    assert!(body.len() as f64 > 0.5 * f64::from(out.rate), "recorded only {} samples of tone", body.len());
+    let f = audio::frequency(body, out.rate);
+    assert!((f - 1000.0).abs() < 1.0, "recorded {f} Hz");
+    let level = audio::rms_db(body);
+    let want = audio::rms_db(&as_f32(&audio::tone(1000.0, 48000, 1.0, 0.25)));
+    assert!((level - want).abs() < 1.0, "recorded {level:.2} dBFS, sent {want:.2} dBFS");
+}
+
+#[test]
+fn apps_never_wait_for_a_missing_host_and_are_redirected_once_it_appears() {
+    let _serial = serial();
+    let dir = scratch("no-host");
+    let sock = dir.join("late.sock");
+    let pw = PipeWire::start(&dir.join("guest"));
+    let mut guest = start_guest(&pw, &format!("unix:{}", sock.display()), GuestCodec::Opus(128_000), dir.join("guest.log"));
+    let five = dir.join("five.wav");
+    audio::write_wav_s16(&five, 48000, 2, &audio::to_s16(&audio::tone(440.0, 48000, 5.0, 0.2), 2));
+    let start = Instant::now();
+    pw.run("pw-play", &[&five.to_string_lossy()]);
+    let took = start.elapsed().as_secs_f64();
+    assert!((took - 5.0).abs() <= 0.5, "a 5 s file took {took:.2} s to play with no host");
+
+    let wav = dir.join("wav");
+    let mut host = start_host(&["--listen", &format!("unix:{}", sock.display()), "--output", &format!("wav:{}", wav.display())], None, &dir);
+    guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+    let tone = dir.join("tone.wav");
+    audio::write_wav_s16(&tone, 48000, 2, &audio::to_s16(&audio::tone(1000.0, 48000, 1.5, 0.25), 2));
+    pw.run("pw-play", &[&tone.to_string_lossy()]);
+    let closed = wait_until(Duration::from_secs(10), || (!reports(&dir).is_empty()).then_some(()));
+    assert!(closed.is_some(), "no stream reached the late host:\n{}", host.log_text());
+    guest.stop();
+    host.stop();
+    let files = wav_files(&wav);
+    assert_eq!(files.len(), 1, "only what played after the host appeared is redirected");
+    let out = audio::read_wav(&files[0]).expect("valid WAV");
+    let x = out.channel(0);
+    let f = audio::frequency(audio::middle(audio::active(&x, 0.01), 0.8), out.rate);
+    assert!((f - 1000.0).abs() < 1.0, "got {f} Hz");
+}
+
+#[test]
+fn host_wav_files_are_valid_after_sigterm_mid_stream() {
+    let _serial = serial();
+    let mut rig = Rig::new("sigterm", GuestCodec::Pcm);
+    let long = rig.file("long.wav");
+    audio::write_wav_s16(&long, 48000, 2, &audio::to_s16(&audio::tone(1000.0, 48000, 10.0, 0.25), 2));
+    let mut app = rig.pw.command("pw-play");
+    app.arg(&long);
+    let mut app = app.spawn().expect("pw-play");
+    rig.host.wait_for_log("stream 1 opened", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(1500));
+    // SIGTERM, not the SIGINT the rig uses by default.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(rig.host.pid() as i32, libc::SIGTERM) };
+    let stopped = wait_until(Duration::from_secs(5), || rig.host.log_text().contains("melange-host: stopped").then_some(()));
+    assert!(stopped.is_some(), "melange-host did not stop on SIGTERM:\n{}", rig.host.log_text());
+    let _ = app.kill();
+    let _ = app.wait();
+    rig.stop();
+    let files = wav_files(&rig.dir.join("wav"));
+    assert_eq!(files.len(), 1);
+    let out = audio::read_wav(&files[0]).expect("the WAV is valid after SIGTERM");
+    let seconds = out.seconds();
+    let size = std::fs::metadata(&files[0]).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(size, 44 + (seconds * 48000.0 * 4.0).round() as u64, "header sizes match the file");
+    assert!(seconds > 1.0 && seconds < 5.0, "{seconds} s recorded");
+    assert!(Path::new(&files[0]).exists());
+}
