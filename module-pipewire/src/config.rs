@@ -58,7 +58,9 @@ impl Default for Config {
 
 impl Config {
     /// Builds a config from key/value pairs; unknown keys are returned for a warning.
-    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<(Config, Vec<String>), ConfigError> {
+    pub fn from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
         let mut c = Config::default();
         let mut codec_name = "opus".to_string();
         let mut bitrate = 128_000u32;
@@ -130,7 +132,9 @@ mod tests {
 
     #[test]
     fn bad_values_say_what_is_expected() {
-        for (k, v) in [("codec", "mp3"), ("bitrate", "12"), ("frame.duration", "7"), ("port", "tcp:x"), ("sink.name", "")] {
+        for (k, v) in
+            [("codec", "mp3"), ("bitrate", "12"), ("frame.duration", "7"), ("port", "tcp:x"), ("sink.name", "")]
+        {
             let e = Config::from_pairs([(k, v)]).unwrap_err().to_string();
             assert!(e.starts_with(&format!("invalid module argument {k} = ")), "{e}");
         }

@@ -239,7 +239,11 @@ fn dict_get<'a>(props: Option<&'a DictRef>, key: &str) -> Option<&'a str> {
     props.and_then(|p| p.get(key)).filter(|v| !v.is_empty())
 }
 
-fn on_global(state: &Rc<RefCell<State>>, registry: &'static RegistryBox<'static>, global: &pw::registry::GlobalObject<&DictRef>) {
+fn on_global(
+    state: &Rc<RefCell<State>>,
+    registry: &'static RegistryBox<'static>,
+    global: &pw::registry::GlobalObject<&DictRef>,
+) {
     let props = global.props;
     match global.type_ {
         ObjectType::Node => {
@@ -390,7 +394,8 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
     let frame_bytes = usize::from(format.channels) * sample.bytes();
     let ring_bytes = (TAP_RATE as usize * frame_bytes) * TAP_RING.as_millis() as usize / 1000;
     let (writer, reader) = tap_ring(ring_bytes, frame_bytes);
-    let mut encoder = TapEncoder::new(reader, &format, &codec, frame_samples, Application::Audio).map_err(|e| e.to_string())?;
+    let mut encoder =
+        TapEncoder::new(reader, &format, &codec, frame_samples, Application::Audio).map_err(|e| e.to_string())?;
 
     let name = app.name.clone();
     let stream_id = s.link.open_stream(StreamOpen {
@@ -406,7 +411,8 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
     );
 
     let link = s.link.clone();
-    let period = Duration::from_micros(u64::from(s.config.frame_us) / 2).clamp(Duration::from_millis(1), Duration::from_millis(10));
+    let period = Duration::from_micros(u64::from(s.config.frame_us) / 2)
+        .clamp(Duration::from_millis(1), Duration::from_millis(10));
     let encoder_thread = std::thread::Builder::new()
         .name(format!("melange-enc-{stream_id}"))
         .spawn(move || run_encoder(&mut encoder, &link, stream_id, period))
@@ -450,7 +456,9 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
         .connect(
             spa::utils::Direction::Input,
             None,
-            pw::stream::StreamFlags::AUTOCONNECT | pw::stream::StreamFlags::MAP_BUFFERS | pw::stream::StreamFlags::RT_PROCESS,
+            pw::stream::StreamFlags::AUTOCONNECT
+                | pw::stream::StreamFlags::MAP_BUFFERS
+                | pw::stream::StreamFlags::RT_PROCESS,
             &mut params,
         )
         .map_err(|e| format!("cannot connect the tap stream: {e}"))?;

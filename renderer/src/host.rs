@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use melange_shim::clock;
 use melange_shim::codec::{validate, StreamDecoder};
 use melange_transport::frame::HEADER_LEN;
-use melange_transport::message::{codec_bits, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamOpen, MEDIA_HEADER_LEN};
+use melange_transport::message::{
+    codec_bits, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamOpen, MEDIA_HEADER_LEN,
+};
 use melange_transport::port::{Link, LinkEvent, Waker};
 use melange_transport::session::{Event, Session, SessionConfig};
 
@@ -111,7 +113,11 @@ impl Host {
 
     /// Runs until `stop` is set (then wakes through `waker`) or the link ends for good.
     pub fn run(&mut self, link: &mut Link, waker: &Waker, stop: &AtomicBool) -> std::io::Result<()> {
-        log::info!("melange-host: waiting for a guest on {}; sound goes to {}", link.describe(), self.output.describe());
+        log::info!(
+            "melange-host: waiting for a guest on {}; sound goes to {}",
+            link.describe(),
+            self.output.describe()
+        );
         let mut buf = vec![0u8; 64 * 1024];
         while !stop.load(Ordering::Relaxed) {
             self.flush(link);
@@ -223,8 +229,12 @@ impl Host {
                     log::info!("melange-host: the guest side restarted; starting a new session");
                     self.close_all("guest restarted");
                 }
-                Event::StreamRejected { stream, reason } => log::warn!("melange-host: guest refused stream {stream}: {reason}"),
-                Event::Error(e) => self.bad_input.warn(format_args!("melange-host: skipped bad input from the guest: {e}")),
+                Event::StreamRejected { stream, reason } => {
+                    log::warn!("melange-host: guest refused stream {stream}: {reason}")
+                }
+                Event::Error(e) => {
+                    self.bad_input.warn(format_args!("melange-host: skipped bad input from the guest: {e}"))
+                }
                 Event::Closed(reason) => {
                     log::warn!("melange-host: session closed: {reason}");
                     self.session = None;
@@ -266,20 +276,23 @@ impl Host {
                     f64::from(open.frame_samples) * 1000.0 / f64::from(format.rate),
                     sink.describe()
                 );
-                self.streams.insert(stream, HostStream {
-                    desc,
-                    decoder,
-                    sink,
-                    next_seq: None,
-                    packets: 0,
-                    wire_bytes: 0,
-                    frames: 0,
-                    lost_packets: 0,
-                    decode_errors: 0,
-                    opened: Instant::now(),
-                    latencies_ms: Vec::new(),
-                    scratch: Vec::with_capacity(open.frame_samples as usize * usize::from(format.channels)),
-                });
+                self.streams.insert(
+                    stream,
+                    HostStream {
+                        desc,
+                        decoder,
+                        sink,
+                        next_seq: None,
+                        packets: 0,
+                        wire_bytes: 0,
+                        frames: 0,
+                        lost_packets: 0,
+                        decode_errors: 0,
+                        opened: Instant::now(),
+                        latencies_ms: Vec::new(),
+                        scratch: Vec::with_capacity(open.frame_samples as usize * usize::from(format.channels)),
+                    },
+                );
             }
             Err(e) => {
                 log::warn!("melange-host: refusing stream {stream} (\"{}\"): {e}", open.app.name);
@@ -298,7 +311,8 @@ impl Host {
         // At most 120 ms per packet (Opus's longest frame); never trust the count further.
         if packet.duration == 0 || u64::from(packet.duration) * 1000 > rate * 120 {
             s.decode_errors += 1;
-            self.bad_input.warn(format_args!("melange-host: stream {stream}: packet with bad duration {}", packet.duration));
+            self.bad_input
+                .warn(format_args!("melange-host: stream {stream}: packet with bad duration {}", packet.duration));
             return;
         }
         let duration = packet.duration as usize;

@@ -117,7 +117,12 @@ pub enum FrameEncoder {
 
 impl FrameEncoder {
     /// An encoder for a validated stream.
-    pub fn new(format: &AudioFormat, codec: &Codec, frame_samples: u32, application: Application) -> Result<Self, CodecError> {
+    pub fn new(
+        format: &AudioFormat,
+        codec: &Codec,
+        frame_samples: u32,
+        application: Application,
+    ) -> Result<Self, CodecError> {
         validate(format, codec, frame_samples)?;
         Ok(match codec {
             Codec::PcmS16Le => FrameEncoder::Pcm,
@@ -178,7 +183,9 @@ impl StreamDecoder {
         let channels = usize::from(format.channels);
         Ok(match codec {
             Codec::PcmS16Le => StreamDecoder::Pcm { channels },
-            Codec::Opus { .. } => StreamDecoder::Opus { decoder: opus::Decoder::new(format.rate, format.channels)?, channels },
+            Codec::Opus { .. } => {
+                StreamDecoder::Opus { decoder: opus::Decoder::new(format.rate, format.channels)?, channels }
+            }
         })
     }
 

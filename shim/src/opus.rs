@@ -22,7 +22,14 @@ extern "C" {
     fn opus_encoder_ctl(st: *mut OpusEncoderRaw, request: c_int, ...) -> c_int;
     fn opus_decoder_create(fs: i32, channels: c_int, error: *mut c_int) -> *mut OpusDecoderRaw;
     fn opus_decoder_destroy(st: *mut OpusDecoderRaw);
-    fn opus_decode_float(st: *mut OpusDecoderRaw, data: *const u8, len: i32, pcm: *mut f32, frame_size: c_int, fec: c_int) -> c_int;
+    fn opus_decode_float(
+        st: *mut OpusDecoderRaw,
+        data: *const u8,
+        len: i32,
+        pcm: *mut f32,
+        frame_size: c_int,
+        fec: c_int,
+    ) -> c_int;
     fn opus_decoder_get_nb_samples(st: *const OpusDecoderRaw, packet: *const u8, len: i32) -> c_int;
     fn opus_strerror(error: c_int) -> *const c_char;
     fn opus_get_version_string() -> *const c_char;
@@ -116,7 +123,7 @@ impl Encoder {
         let frames = pcm.len() / self.channels.max(1);
         out.clear();
         out.resize(4000, 0); // libopus's recommended maximum packet size
-        // SAFETY: pcm holds frames*channels samples; out has out.len() writable bytes.
+                             // SAFETY: pcm holds frames*channels samples; out has out.len() writable bytes.
         let n = unsafe {
             opus_encode_float(self.st.as_ptr(), pcm.as_ptr(), frames as c_int, out.as_mut_ptr(), out.len() as i32)
         };

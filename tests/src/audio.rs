@@ -130,10 +130,7 @@ pub fn noise(n: usize, amp: f64, seed: u64) -> Vec<f64> {
 
 /// Quantises to s16 and duplicates into `channels` channels.
 pub fn to_s16(signal: &[f64], channels: usize) -> Vec<i16> {
-    signal
-        .iter()
-        .flat_map(|v| std::iter::repeat((v * 32767.0).round() as i16).take(channels))
-        .collect()
+    signal.iter().flat_map(|v| std::iter::repeat((v * 32767.0).round() as i16).take(channels)).collect()
 }
 
 /// RMS level in dBFS.

@@ -37,7 +37,8 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A fresh scratch directory for one test or demo run.
 pub fn scratch(name: &str) -> PathBuf {
-    let base = std::env::var_os("MELANGE_TEST_DIR").map_or_else(|| std::env::temp_dir().join("melange-tests"), PathBuf::from);
+    let base =
+        std::env::var_os("MELANGE_TEST_DIR").map_or_else(|| std::env::temp_dir().join("melange-tests"), PathBuf::from);
     let dir = base.join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
@@ -225,7 +226,8 @@ impl PipeWire {
              object.linger=true audio.position=[FL FR] priority.session=1000 }}"
         );
         self.run("pw-cli", &["create-node", "adapter", &props]);
-        wait_until(Duration::from_secs(10), || self.node_props(name)).unwrap_or_else(|| panic!("sink {name} did not appear"));
+        wait_until(Duration::from_secs(10), || self.node_props(name))
+            .unwrap_or_else(|| panic!("sink {name} did not appear"));
     }
 
     /// Stops the daemons.
@@ -295,7 +297,9 @@ pub fn lines(path: &Path) -> Vec<String> {
 /// WAV files in a directory, sorted by name.
 pub fn wav_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "wav")).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "wav")).collect()
+        })
         .unwrap_or_default();
     v.sort();
     v

@@ -99,7 +99,8 @@ fn pcm_is_bit_exact_from_pipewire_pulse_and_alsa_apps() {
     let mut rig = Rig::new("pcm-bit-exact", GuestCodec::Pcm);
     // Different noise left and right: a swapped or shifted channel cannot match.
     let (l, r) = (audio::noise(72000, 0.3, 1), audio::noise(72000, 0.3, 2));
-    let mut original: Vec<i16> = l.iter().zip(&r).flat_map(|(a, b)| [(a * 32767.0) as i16, (b * 32767.0) as i16]).collect();
+    let mut original: Vec<i16> =
+        l.iter().zip(&r).flat_map(|(a, b)| [(a * 32767.0) as i16, (b * 32767.0) as i16]).collect();
     // pw-play never delivers its last partial graph cycle (the guest sink's monitor
     // misses it too), so end with silence longer than a quantum: every sample of
     // content is then checked.
@@ -219,7 +220,8 @@ fn apps_with_different_formats_at_once_are_both_redirected() {
     let apps: Vec<String> = reports(&rig.dir).iter().map(|r| r["app"].as_str().unwrap_or("").to_string()).collect();
     for (out, app) in outputs.iter().zip(&apps) {
         let (left, right) = (out.channel(0), out.channel(1));
-        let (lb, rb) = (audio::middle(audio::active(&left, 0.01), 0.8), audio::middle(audio::active(&right, 0.01), 0.8));
+        let (lb, rb) =
+            (audio::middle(audio::active(&left, 0.01), 0.8), audio::middle(audio::active(&right, 0.01), 0.8));
         if app == "paplay" {
             // A mono 44.1 kHz app: resampled to the graph's 48 kHz, the same on both sides.
             for body in [lb, rb] {
@@ -248,10 +250,12 @@ fn pipewire_output_is_captured_by_a_recorder_in_the_host_session() {
     let host_pw = PipeWire::start(&dir.join("host"));
     host_pw.add_null_sink("speakers");
     let sock = dir.join("port.sock");
-    let mut host = start_host(&["--listen", &format!("unix:{}", sock.display()), "--output", "pipewire"], Some(&host_pw), &dir);
+    let mut host =
+        start_host(&["--listen", &format!("unix:{}", sock.display()), "--output", "pipewire"], Some(&host_pw), &dir);
     host.wait_for_log("waiting for a guest", Duration::from_secs(10));
     let guest_pw = PipeWire::start(&dir.join("guest"));
-    let mut guest = start_guest(&guest_pw, &format!("unix:{}", sock.display()), GuestCodec::Opus(128_000), dir.join("guest.log"));
+    let mut guest =
+        start_guest(&guest_pw, &format!("unix:{}", sock.display()), GuestCodec::Opus(128_000), dir.join("guest.log"));
     guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
 
     let tone = dir.join("tone.wav");
@@ -292,7 +296,8 @@ fn apps_never_wait_for_a_missing_host_and_are_redirected_once_it_appears() {
     let dir = scratch("no-host");
     let sock = dir.join("late.sock");
     let pw = PipeWire::start(&dir.join("guest"));
-    let mut guest = start_guest(&pw, &format!("unix:{}", sock.display()), GuestCodec::Opus(128_000), dir.join("guest.log"));
+    let mut guest =
+        start_guest(&pw, &format!("unix:{}", sock.display()), GuestCodec::Opus(128_000), dir.join("guest.log"));
     let five = dir.join("five.wav");
     audio::write_wav_s16(&five, 48000, 2, &audio::to_s16(&audio::tone(440.0, 48000, 5.0, 0.2), 2));
     let start = Instant::now();
@@ -301,7 +306,11 @@ fn apps_never_wait_for_a_missing_host_and_are_redirected_once_it_appears() {
     assert!((took - 5.0).abs() <= 0.5, "a 5 s file took {took:.2} s to play with no host");
 
     let wav = dir.join("wav");
-    let mut host = start_host(&["--listen", &format!("unix:{}", sock.display()), "--output", &format!("wav:{}", wav.display())], None, &dir);
+    let mut host = start_host(
+        &["--listen", &format!("unix:{}", sock.display()), "--output", &format!("wav:{}", wav.display())],
+        None,
+        &dir,
+    );
     guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
     let tone = dir.join("tone.wav");
     audio::write_wav_s16(&tone, 48000, 2, &audio::to_s16(&audio::tone(1000.0, 48000, 1.5, 0.25), 2));
@@ -332,7 +341,8 @@ fn host_wav_files_are_valid_after_sigterm_mid_stream() {
     // SIGTERM, not the SIGINT the rig uses by default.
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(rig.host.pid() as i32, libc::SIGTERM) };
-    let stopped = wait_until(Duration::from_secs(5), || rig.host.log_text().contains("melange-host: stopped").then_some(()));
+    let stopped =
+        wait_until(Duration::from_secs(5), || rig.host.log_text().contains("melange-host: stopped").then_some(()));
     assert!(stopped.is_some(), "melange-host did not stop on SIGTERM:\n{}", rig.host.log_text());
     let _ = app.kill();
     let _ = app.wait();

@@ -300,13 +300,7 @@ mod tests {
     #[test]
     fn golden_header_bytes() {
         let bytes = frame(FrameKind::Media, 7, &[0xAA, 0xBB]);
-        assert_eq!(
-            bytes,
-            [
-                b'M', b'L', b'N', b'G', 1, 0x20, 0, 0, 7, 0, 0, 0, 2, 0, 0x79, 0x7D, 0xAA,
-                0xBB
-            ]
-        );
+        assert_eq!(bytes, [b'M', b'L', b'N', b'G', 1, 0x20, 0, 0, 7, 0, 0, 0, 2, 0, 0x79, 0x7D, 0xAA, 0xBB]);
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //!
 //! The spec is `docs/protocol.md`. This crate knows nothing about codecs or PipeWire.
 
+// Tests fail by panicking; production code may not.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 pub mod frame;
 pub mod message;
 pub mod port;

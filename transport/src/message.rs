@@ -254,8 +254,7 @@ pub enum MessageError {
 
 /// Serializes a control message.
 pub fn encode_control<T: Serialize>(kind: &'static str, msg: &T) -> Result<Vec<u8>, MessageError> {
-    let bytes = postcard::to_stdvec(msg)
-        .map_err(|e| MessageError::Malformed { kind, error: e.to_string() })?;
+    let bytes = postcard::to_stdvec(msg).map_err(|e| MessageError::Malformed { kind, error: e.to_string() })?;
     if bytes.len() > MAX_PAYLOAD {
         return Err(MessageError::TooLarge { kind, len: bytes.len() });
     }
@@ -295,12 +294,12 @@ mod tests {
         let expected: &[u8] = &[
             0, // MediaKind::Audio
             0x80, 0xF7, 0x02, // rate 48000 (varint)
-            2, // channels
+            2,    // channels
             2, 3, 4, // positions
             1, 0x80, 0xE8, 0x07, // Codec::Opus, bitrate 128000
             0xE0, 0x03, // frame_samples 480
-            7, b'F', b'i', b'r', b'e', b'f', b'o', b'x', 5, b'M', b'o', b'v', b'i', b'e', 7, b'f',
-            b'i', b'r', b'e', b'f', b'o', b'x', 7, b'f', b'i', b'r', b'e', b'f', b'o', b'x', 0,
+            7, b'F', b'i', b'r', b'e', b'f', b'o', b'x', 5, b'M', b'o', b'v', b'i', b'e', 7, b'f', b'i', b'r', b'e',
+            b'f', b'o', b'x', 7, b'f', b'i', b'r', b'e', b'f', b'o', b'x', 0,
         ];
         assert_eq!(bytes, expected);
         assert_eq!(decode_control::<StreamOpen>("stream-open", &bytes).unwrap(), sample_open());
@@ -333,10 +332,7 @@ mod tests {
     fn unknown_codec_is_a_clean_error() {
         let mut bytes = encode_control("stream-open", &sample_open()).unwrap();
         bytes[8] = 0x7F; // codec discriminant no build knows
-        assert!(matches!(
-            decode_control::<StreamOpen>("stream-open", &bytes),
-            Err(MessageError::Malformed { .. })
-        ));
+        assert!(matches!(decode_control::<StreamOpen>("stream-open", &bytes), Err(MessageError::Malformed { .. })));
     }
 
     #[test]

@@ -210,7 +210,12 @@ impl Link {
         let (a, b) = UnixStream::pair()?;
         a.set_nonblocking(true)?;
         b.set_nonblocking(true)?;
-        let end = |s| Link { kind: Kind::Pair, stream: Some(Conn::Unix(s)), present: true, pending: Some(LinkEvent::Connected) };
+        let end = |s| Link {
+            kind: Kind::Pair,
+            stream: Some(Conn::Unix(s)),
+            present: true,
+            pending: Some(LinkEvent::Connected),
+        };
         Ok((end(a), end(b)))
     }
 
@@ -252,7 +257,12 @@ impl Link {
 
     /// Blocks until something happens or `timeout` passes. `want_write` asks to be told
     /// when bytes can be written. Connection changes come first and are reported once.
-    pub fn wait(&mut self, want_write: bool, timeout: Option<Duration>, waker: Option<&Waker>) -> io::Result<LinkEvent> {
+    pub fn wait(
+        &mut self,
+        want_write: bool,
+        timeout: Option<Duration>,
+        waker: Option<&Waker>,
+    ) -> io::Result<LinkEvent> {
         if let Some(ev) = self.pending.take() {
             return Ok(ev);
         }
@@ -363,7 +373,9 @@ impl Link {
         let mut writable = false;
         let mut hangup = false;
         for (i, (fd, _)) in fds.iter().enumerate() {
-            if Some(i) == waker_index || matches!(&self.kind, Kind::Listen { listener, .. } if listener.as_raw_fd() == *fd) {
+            if Some(i) == waker_index
+                || matches!(&self.kind, Kind::Listen { listener, .. } if listener.as_raw_fd() == *fd)
+            {
                 continue;
             }
             let r = revents[i];
@@ -467,7 +479,9 @@ impl Drop for Link {
 
 fn describe_connect_error(path: &Path, e: &io::Error) -> String {
     match e.kind() {
-        io::ErrorKind::NotFound => format!("{} does not exist yet (is the VM or melange-host running?)", path.display()),
+        io::ErrorKind::NotFound => {
+            format!("{} does not exist yet (is the VM or melange-host running?)", path.display())
+        }
         io::ErrorKind::ConnectionRefused => format!("nobody listens on {}", path.display()),
         io::ErrorKind::PermissionDenied => format!("no permission to connect to {}", path.display()),
         _ => format!("cannot connect to {}: {e}", path.display()),
@@ -591,6 +605,9 @@ mod tests {
     fn missing_virtio_port_names_the_fix() {
         let mut l = Link::open(&PortSpec::Virtio("org.melange.test.missing".into())).unwrap();
         let LinkEvent::Disconnected(text) = l.wait(false, Some(Duration::ZERO), None).unwrap() else { panic!() };
-        assert!(text.contains("/dev/virtio-ports/org.melange.test.missing") && text.contains("virtserialport"), "{text}");
+        assert!(
+            text.contains("/dev/virtio-ports/org.melange.test.missing") && text.contains("virtserialport"),
+            "{text}"
+        );
     }
 }

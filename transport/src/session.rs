@@ -19,8 +19,8 @@ use crate::frame::{
     encode_frame, Frame, FrameDecoder, FrameError, FrameKind, Header, FLAG_CRITICAL, FRAME_VERSION, MAX_PAYLOAD,
 };
 use crate::message::{
-    decode_control, encode_control, Capabilities, Heartbeat, Hello, MediaPacket, MessageError, Reason, Role,
-    StreamEnd, StreamOpen, Welcome, MEDIA_HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
+    decode_control, encode_control, Capabilities, Heartbeat, Hello, MediaPacket, MessageError, Reason, Role, StreamEnd,
+    StreamOpen, Welcome, MEDIA_HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
 };
 
 /// Settings of one session. Every default is documented on [`SessionConfig::new`].
@@ -455,7 +455,8 @@ impl Session {
 
     fn handle_frame(&mut self, now: Instant, frame: Frame) {
         let Frame { header, payload } = frame;
-        let unexpected = |state: State| Event::Error(SessionError::Unexpected { kind: header.kind, state: state.name() });
+        let unexpected =
+            |state: State| Event::Error(SessionError::Unexpected { kind: header.kind, state: state.name() });
         match (header.kind, self.state) {
             (FrameKind::Hello, _) if self.config.role == Role::Host => self.on_hello(now, &payload),
             (FrameKind::Welcome, State::Handshake) if self.config.role == Role::Guest => self.on_welcome(&payload),
@@ -480,7 +481,8 @@ impl Session {
                     self.events.push_back(Event::Error(SessionError::UnknownStream(header.stream)));
                     return;
                 }
-                let reason = decode_control::<StreamEnd>("stream-close", &payload).map_or_else(|e| e.to_string(), |r| r.reason);
+                let reason =
+                    decode_control::<StreamEnd>("stream-close", &payload).map_or_else(|e| e.to_string(), |r| r.reason);
                 self.events.push_back(Event::StreamClosed { stream: header.stream, reason });
             }
             (FrameKind::StreamReject, State::Established) => {
@@ -488,7 +490,8 @@ impl Session {
                     self.events.push_back(Event::Error(SessionError::UnknownStream(header.stream)));
                     return;
                 }
-                let reason = decode_control::<StreamEnd>("stream-reject", &payload).map_or_else(|e| e.to_string(), |r| r.reason);
+                let reason =
+                    decode_control::<StreamEnd>("stream-reject", &payload).map_or_else(|e| e.to_string(), |r| r.reason);
                 self.events.push_back(Event::StreamRejected { stream: header.stream, reason });
             }
             (FrameKind::Media, State::Established) => {
@@ -594,9 +597,12 @@ impl Session {
         let limit = self.config.capabilities.max_streams;
         if self.incoming.len() >= usize::from(limit) {
             self.events.push_back(Event::Error(SessionError::TooManyStreams { stream, limit }));
-            self.send_control(FrameKind::StreamReject, stream, "stream-reject", &StreamEnd {
-                reason: format!("stream limit of {limit} reached"),
-            });
+            self.send_control(
+                FrameKind::StreamReject,
+                stream,
+                "stream-reject",
+                &StreamEnd { reason: format!("stream limit of {limit} reached") },
+            );
             return;
         }
         match decode_control::<StreamOpen>("stream-open", payload) {
@@ -606,7 +612,12 @@ impl Session {
             }
             Err(e) => {
                 // An unknown codec or media kind from a newer peer: refuse this stream only.
-                self.send_control(FrameKind::StreamReject, stream, "stream-reject", &StreamEnd { reason: e.to_string() });
+                self.send_control(
+                    FrameKind::StreamReject,
+                    stream,
+                    "stream-reject",
+                    &StreamEnd { reason: e.to_string() },
+                );
                 self.events.push_back(Event::Error(e.into()));
             }
         }
@@ -664,14 +675,17 @@ mod tests {
     #[test]
     fn handshake_with_input_split_at_every_byte() {
         let now = Instant::now();
-        let (mut g0, _) = pair(now);
+        let (g0, _) = pair(now);
         let hello = g0.pending_output().to_vec();
         for cut in 0..=hello.len() {
             let (_, mut h) = pair(now);
             h.handle_input(now, &hello[..cut]);
             h.handle_input(now, &hello[cut..]);
             let ev = events(&mut h);
-            assert!(matches!(&ev[..], [Event::Established(p)] if p.epoch == 7 && p.software == "guest-test"), "cut {cut}: {ev:?}");
+            assert!(
+                matches!(&ev[..], [Event::Established(p)] if p.epoch == 7 && p.software == "guest-test"),
+                "cut {cut}: {ev:?}"
+            );
         }
     }
 
@@ -681,7 +695,8 @@ mod tests {
         let (mut g, mut h) = established(now);
         g.open_stream(5, &open()).unwrap();
         for seq in 0..3 {
-            let p = MediaPacket { seq, pts_ns: u64::from(seq) * 10_000_000, duration: 480, data: vec![seq as u8; 1920] };
+            let p =
+                MediaPacket { seq, pts_ns: u64::from(seq) * 10_000_000, duration: 480, data: vec![seq as u8; 1920] };
             g.send_media(5, &p).unwrap();
         }
         g.close_stream(5, "app stopped");
@@ -689,7 +704,9 @@ mod tests {
         let ev = events(&mut h);
         assert_eq!(ev.len(), 5, "{ev:?}");
         assert!(matches!(&ev[0], Event::StreamOpened { stream: 5, open: o } if *o == open()));
-        assert!(matches!(&ev[3], Event::Media { stream: 5, packet } if packet.seq == 2 && packet.data == vec![2u8; 1920]));
+        assert!(
+            matches!(&ev[3], Event::Media { stream: 5, packet } if packet.seq == 2 && packet.data == vec![2u8; 1920])
+        );
         assert!(matches!(&ev[4], Event::StreamClosed { stream: 5, reason } if reason == "app stopped"));
     }
 
@@ -720,7 +737,10 @@ mod tests {
         let refuse = h.pending_output().to_vec();
         g.handle_input(now, &refuse);
         let ev = events(&mut g);
-        assert!(matches!(&ev[..], [Event::Closed(CloseReason::Refused(t))] if t.contains("version mismatch")), "{ev:?}");
+        assert!(
+            matches!(&ev[..], [Event::Closed(CloseReason::Refused(t))] if t.contains("version mismatch")),
+            "{ev:?}"
+        );
     }
 
     #[test]
@@ -791,7 +811,10 @@ mod tests {
         assert!(matches!(ev.last(), Some(Event::Error(SessionError::TooManyStreams { stream: 5, limit: 4 }))));
         shuttle(now, &mut h, &mut g, usize::MAX);
         assert!(matches!(events(&mut g)[..], [Event::StreamRejected { stream: 5, .. }]));
-        assert_eq!(g.send_media(5, &MediaPacket { seq: 0, pts_ns: 0, duration: 1, data: vec![] }), Err(SessionError::UnknownStream(5)));
+        assert_eq!(
+            g.send_media(5, &MediaPacket { seq: 0, pts_ns: 0, duration: 1, data: vec![] }),
+            Err(SessionError::UnknownStream(5))
+        );
     }
 
     #[test]

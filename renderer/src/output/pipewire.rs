@@ -374,16 +374,19 @@ fn open_stream(
         id: spa::param::ParamType::EnumFormat.as_raw(),
         properties: info.into(),
     };
-    let pod = spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &spa::pod::Value::Object(obj))
-        .map_err(|e| format!("{e:?}"))?
-        .0
-        .into_inner();
+    let pod =
+        spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &spa::pod::Value::Object(obj))
+            .map_err(|e| format!("{e:?}"))?
+            .0
+            .into_inner();
     let mut params = [spa::pod::Pod::from_bytes(&pod).ok_or("bad format pod")?];
     stream
         .connect(
             spa::utils::Direction::Output,
             None,
-            pw::stream::StreamFlags::AUTOCONNECT | pw::stream::StreamFlags::MAP_BUFFERS | pw::stream::StreamFlags::RT_PROCESS,
+            pw::stream::StreamFlags::AUTOCONNECT
+                | pw::stream::StreamFlags::MAP_BUFFERS
+                | pw::stream::StreamFlags::RT_PROCESS,
             &mut params,
         )
         .map_err(|e| e.to_string())?;

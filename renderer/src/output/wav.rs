@@ -117,7 +117,9 @@ impl WavWriter {
         self.scratch.clear();
         if self.s16 {
             // Exact inverse of the decoder's s16 / 32768.
-            self.scratch.extend(samples.iter().flat_map(|v| ((v * 32768.0).round().clamp(-32768.0, 32767.0) as i16).to_le_bytes()));
+            self.scratch.extend(
+                samples.iter().flat_map(|v| ((v * 32768.0).round().clamp(-32768.0, 32767.0) as i16).to_le_bytes()),
+            );
         } else {
             self.scratch.extend(samples.iter().flat_map(|v| v.to_le_bytes()));
         }
