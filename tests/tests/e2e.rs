@@ -54,11 +54,30 @@ impl Rig {
         start.elapsed()
     }
 
-    /// Waits until the host has closed `n` streams, then returns their WAV files.
-    fn outputs(&mut self, n: usize) -> Vec<Audio> {
+    /// Starts several apps at once, each playing a file, and waits for all of them.
+    fn play_together(&self, apps: &[(&str, &Path)]) {
+        let children: Vec<_> = apps
+            .iter()
+            .map(|(program, file)| (program, self.pw.command(program).arg(file).spawn().expect("app starts")))
+            .collect();
+        for (program, mut child) in children {
+            assert!(child.wait().expect("app runs").success(), "{program} failed");
+        }
+    }
+
+    /// Waits until the host has closed `n` streams, then returns each one's app name and
+    /// WAV file, in the order they closed.
+    fn outputs(&mut self, n: usize) -> Vec<(String, Audio)> {
         let closed = wait_until(Duration::from_secs(10), || (reports(&self.dir).len() >= n).then_some(()));
         assert!(closed.is_some(), "host closed fewer than {n} streams:\n{}", self.host.log_text());
-        wav_files(&self.dir.join("wav")).iter().map(|p| audio::read_wav(p).expect("host wrote a valid WAV")).collect()
+        assert_eq!(wav_files(&self.dir.join("wav")).len(), n, "one WAV per stream");
+        reports(&self.dir)
+            .iter()
+            .map(|r| {
+                let path = Path::new(r["output"].as_str().expect("report names its output"));
+                (r["app"].as_str().unwrap_or("").to_string(), audio::read_wav(path).expect("host wrote a valid WAV"))
+            })
+            .collect()
     }
 
     fn stop(&mut self) {
@@ -114,12 +133,10 @@ fn pcm_is_bit_exact_from_pipewire_pulse_and_alsa_apps() {
     let outputs = rig.outputs(3);
     rig.stop();
 
-    let apps: Vec<String> = reports(&rig.dir).iter().map(|r| r["app"].as_str().unwrap_or("").to_string()).collect();
-    assert_eq!(apps.len(), 3);
-    assert_eq!(apps[0], "pw-play");
-    assert_eq!(apps[1], "paplay");
-    assert!(apps[2].contains("aplay") || apps[2].contains("ALSA"), "aplay's stream is named {:?}", apps[2]);
-    for (out, app) in outputs.iter().zip(&apps) {
+    let apps: Vec<&str> = outputs.iter().map(|(app, _)| app.as_str()).collect();
+    assert_eq!(apps[..2], ["pw-play", "paplay"]);
+    assert!(apps[2].contains("aplay"), "aplay's stream is named {:?}", apps[2]);
+    for (app, out) in &outputs {
         assert_eq!((out.rate, out.channels), (48000, 2), "{app}");
         let got = out.s16.as_ref().expect("PCM streams are stored as s16");
         let first = got.iter().position(|v| *v != 0).expect("output is silent") & !1;
@@ -149,7 +166,7 @@ fn opus_keeps_tone_frequency_level_and_chirp_shape() {
     let outputs = rig.outputs(2);
     rig.stop();
 
-    let out = outputs[0].channel(0);
+    let out = outputs[0].1.channel(0);
     let body = audio::middle(audio::active(&out, 0.01), 0.8);
     let freq = audio::frequency(body, 48000);
     assert!((freq - 1000.0).abs() < 1.0, "tone came out at {freq} Hz");
@@ -158,7 +175,7 @@ fn opus_keeps_tone_frequency_level_and_chirp_shape() {
     assert!((got - want).abs() < 0.5, "tone level {got:.2} dBFS, sent {want:.2} dBFS");
 
     let reference = as_f32(&chirp);
-    let out = outputs[1].channel(0);
+    let out = outputs[1].1.channel(0);
     let offset = align(&reference, &out);
     let (a, b) = overlap(&reference, &out, offset, 480);
     assert!(a.len() > 48000, "only {} aligned samples", a.len());
@@ -174,18 +191,13 @@ fn two_apps_at_once_arrive_as_two_streams_each_with_its_own_tone() {
     let b = rig.file("b440.wav");
     audio::write_wav_s16(&a, 48000, 2, &audio::to_s16(&audio::tone(1000.0, 48000, 2.0, 0.3), 2));
     audio::write_wav_s16(&b, 48000, 2, &audio::to_s16(&audio::tone(440.0, 48000, 2.0, 0.3), 2));
-    let mut p1 = rig.pw.command("pw-play");
-    p1.arg(&a);
-    let mut p2 = rig.pw.command("pw-play");
-    p2.arg(&b);
-    let (mut c1, mut c2) = (p1.spawn().expect("pw-play"), p2.spawn().expect("pw-play"));
-    assert!(c1.wait().expect("pw-play").success() && c2.wait().expect("pw-play").success());
+    rig.play_together(&[("pw-play", &a), ("pw-play", &b)]);
     let outputs = rig.outputs(2);
     rig.stop();
 
     assert_eq!(outputs.len(), 2, "expected one host stream per app");
     let mut seen = Vec::new();
-    for out in &outputs {
+    for (_, out) in &outputs {
         let x = out.channel(0);
         let body = audio::middle(audio::active(&x, 0.01), 0.8);
         let (a1000, a440) = (audio::tone_amplitude(body, 48000, 1000.0), audio::tone_amplitude(body, 48000, 440.0));
@@ -208,17 +220,12 @@ fn apps_with_different_formats_at_once_are_both_redirected() {
     let (l, r) = (audio::tone(1000.0, 48000, 2.0, 0.4), audio::tone(1000.0, 48000, 2.0, 0.1));
     let interleaved: Vec<f32> = l.iter().zip(&r).flat_map(|(a, b)| [*a as f32, *b as f32]).collect();
     audio::write_wav_f32(&stereo, 48000, 2, &interleaved);
-    let mut p1 = rig.pw.command("paplay");
-    p1.arg(&mono);
-    let mut p2 = rig.pw.command("pw-play");
-    p2.arg(&stereo);
-    let (mut c1, mut c2) = (p1.spawn().expect("paplay"), p2.spawn().expect("pw-play"));
-    assert!(c1.wait().expect("paplay").success() && c2.wait().expect("pw-play").success());
+    rig.play_together(&[("paplay", &mono), ("pw-play", &stereo)]);
     let outputs = rig.outputs(2);
     rig.stop();
 
-    let apps: Vec<String> = reports(&rig.dir).iter().map(|r| r["app"].as_str().unwrap_or("").to_string()).collect();
-    for (out, app) in outputs.iter().zip(&apps) {
+    let apps: Vec<&str> = outputs.iter().map(|(app, _)| app.as_str()).collect();
+    for (app, out) in &outputs {
         let (left, right) = (out.channel(0), out.channel(1));
         let (lb, rb) =
             (audio::middle(audio::active(&left, 0.01), 0.8), audio::middle(audio::active(&right, 0.01), 0.8));
@@ -240,7 +247,7 @@ fn apps_with_different_formats_at_once_are_both_redirected() {
             assert!((al - 0.4).abs() < 0.01 && (ar - 0.1).abs() < 0.01, "levels {al} / {ar}");
         }
     }
-    assert!(apps.contains(&"paplay".to_string()) && apps.contains(&"pw-play".to_string()), "{apps:?}");
+    assert!(apps.contains(&"paplay") && apps.contains(&"pw-play"), "{apps:?}");
 }
 
 #[test]

@@ -33,6 +33,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Default)]
 struct Shared {
     underruns: AtomicU64,
+    /// Frames the callback filled from the ring, and with silence (priming, underruns).
+    played_frames: AtomicU64,
+    silence_frames: AtomicU64,
+    cycles: AtomicU64,
     draining: AtomicBool,
     drained: AtomicBool,
 }
@@ -205,6 +209,14 @@ impl StreamSink for PipeWireSink {
 
     fn close(&mut self) -> Result<(), OutputError> {
         if !std::mem::replace(&mut self.closed, true) {
+            log::debug!(
+                "{}: played {} frames, {} silent, {} cycles, {} underruns",
+                self.name,
+                self.shared.played_frames.load(Ordering::Relaxed),
+                self.shared.silence_frames.load(Ordering::Relaxed),
+                self.shared.cycles.load(Ordering::Relaxed),
+                self.shared.underruns.load(Ordering::Relaxed)
+            );
             self.shared.draining.store(true, Ordering::Relaxed);
             let _ = self.commands.send(Command::Close { key: self.key });
         }
@@ -352,6 +364,9 @@ fn open_stream(
                 chunk.commit_all();
             }
             out[written..].fill(0);
+            d.shared.cycles.fetch_add(1, Ordering::Relaxed);
+            d.shared.played_frames.fetch_add(take as u64, Ordering::Relaxed);
+            d.shared.silence_frames.fetch_add((frames - take) as u64, Ordering::Relaxed);
             let chunk = data.chunk_mut();
             *chunk.offset_mut() = 0;
             *chunk.stride_mut() = stride as i32;
