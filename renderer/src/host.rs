@@ -54,6 +54,15 @@ struct HostStream {
     scratch: Vec<f32>,
 }
 
+/// Longest guest-supplied string kept (app name, role, ...), in characters.
+const MAX_GUEST_STRING: usize = 128;
+
+/// A guest-supplied string without control characters (NUL among them), cut to
+/// [`MAX_GUEST_STRING`] characters.
+fn sanitize(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(MAX_GUEST_STRING).collect()
+}
+
 /// Counts bad input and logs it at most once per interval.
 #[derive(Debug)]
 struct RateLimitedLog {
@@ -88,6 +97,8 @@ pub struct Host {
     clock_id: String,
     same_clock: bool,
     bad_input: RateLimitedLog,
+    /// The connect error last logged, so a retrying connect logs each problem once.
+    last_connect_error: Option<String>,
 }
 
 impl std::fmt::Debug for Host {
@@ -108,6 +119,7 @@ impl Host {
             clock_id: clock::clock_id(),
             same_clock: false,
             bad_input: RateLimitedLog { last: None, suppressed: 0 },
+            last_connect_error: None,
         }
     }
 
@@ -156,6 +168,11 @@ impl Host {
                 }
             }
             self.handle_events(link);
+            let connect_error = link.last_error().map(str::to_owned);
+            if connect_error.is_some() && connect_error != self.last_connect_error {
+                log::warn!("melange-host: still trying: {}", connect_error.as_deref().unwrap_or_default());
+            }
+            self.last_connect_error = connect_error;
             if link.is_finished() {
                 log::info!("melange-host: {} ended", link.describe());
                 break;
@@ -246,7 +263,17 @@ impl Host {
         }
     }
 
-    fn open_stream(&mut self, stream: u32, open: StreamOpen) {
+    fn open_stream(&mut self, stream: u32, mut open: StreamOpen) {
+        // Guest strings end up in PipeWire properties, logs and file names.
+        for field in [
+            &mut open.app.name,
+            &mut open.app.role,
+            &mut open.app.binary,
+            &mut open.app.icon_name,
+            &mut open.app.media_name,
+        ] {
+            *field = sanitize(field);
+        }
         let MediaKind::Audio(format) = open.media.clone();
         let result = validate(&format, &open.codec, open.frame_samples)
             .and_then(|()| StreamDecoder::new(&format, &open.codec, open.frame_samples))
@@ -410,5 +437,17 @@ impl Host {
         for id in ids {
             self.close_stream(id, reason);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sanitize;
+
+    #[test]
+    fn guest_strings_lose_control_characters_and_length() {
+        assert_eq!(sanitize("Fire\0fox\n"), "Firefox");
+        assert_eq!(sanitize(&"x".repeat(1000)).len(), 128);
+        assert_eq!(sanitize("Équipe (guest)"), "Équipe (guest)");
     }
 }
