@@ -432,8 +432,6 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
     };
     let stream = pw::stream::StreamBox::new(s.core, &format!("melange-tap-{stream_id}"), props)
         .map_err(|e| format!("cannot create the tap stream: {e}"))?;
-    // SAFETY: the stream lives in the returned Tap; the core outlives every tap.
-    let stream: pw::stream::StreamBox<'static> = unsafe { std::mem::transmute(stream) };
     let listener = stream
         .add_local_listener_with_user_data(writer)
         .process(|stream, writer| {

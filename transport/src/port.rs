@@ -295,10 +295,8 @@ impl Link {
                         Ok(f) => *file = Some(f),
                         Err(e) => {
                             *next_open = now + BACKOFF_MAX;
-                            let text = describe_virtio_error(name, path, &e);
-                            if !matches!(&self.pending, Some(LinkEvent::Disconnected(t)) if *t == text) {
-                                return Ok(LinkEvent::Disconnected(text));
-                            }
+                            // Reported on every failed attempt; callers log each text once.
+                            return Ok(LinkEvent::Disconnected(describe_virtio_error(name, path, &e)));
                         }
                     }
                 }
