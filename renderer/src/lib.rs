@@ -10,6 +10,7 @@
 
 // Tests fail by panicking; production code may not.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![forbid(unsafe_code)]
 
 pub mod host;
 pub mod output;

@@ -35,6 +35,10 @@ struct Cli {
     /// Append one JSON object per closed stream (latency, bitrate, losses) to FILE.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
+    /// Run even as root. melange-host needs no privileges: run it as the user whose
+    /// PipeWire plays the sound.
+    #[arg(long)]
+    allow_root: bool,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -69,6 +73,12 @@ fn parse_unix(flag: &str, value: &str) -> Result<PathBuf, String> {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 && !cli.allow_root {
+        return Err("refusing to run as root: melange-host parses bytes from a VM and needs no privileges; \
+                    run it as the desktop user (or pass --allow-root)"
+            .into());
+    }
     let mut link = if let Some(spec) = &cli.connect {
         let path = parse_unix("connect", spec)?;
         Link::open(&PortSpec::Unix(path)).map_err(|e| e.to_string())?

@@ -17,7 +17,7 @@ fn stdio_session_renders_pcm_bit_exact_and_ends_at_end_of_input() {
     let dir = std::env::temp_dir().join(format!("melange-stdio-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut host = Command::new(env!("CARGO_BIN_EXE_melange-host"))
-        .args(["--stdio", "--output"])
+        .args(["--stdio", "--allow-root", "--output"])
         .arg(format!("wav:{}", dir.display()))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

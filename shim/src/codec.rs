@@ -5,6 +5,8 @@
 //! bit-exact. The host side always decodes to interleaved f32; s16 samples convert to
 //! f32 and back exactly (division by 32768 is exact in binary floating point).
 
+#![forbid(unsafe_code)]
+
 use melange_transport::message::{AudioFormat, Codec};
 use thiserror::Error;
 

@@ -11,10 +11,14 @@
 
 // Tests fail by panicking; production code may not.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+// Unsafe code only at the libopus FFI and clock_gettime; the rest forbids it.
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
 pub mod clock;
 pub mod codec;
 pub mod link;
+#[allow(unsafe_code)]
 pub mod opus;
 pub mod playout;
 pub mod tap;

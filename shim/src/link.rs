@@ -6,6 +6,8 @@
 //! counted, while no host is there or the port cannot keep up; stream control is never
 //! dropped: the current set of streams is re-announced after every reconnect.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -11,6 +11,8 @@
 //! below burst size plus scheduling jitter would underrun again after every re-prime.
 //! Drift control, which holds the fill at the target, is a later layer.
 
+#![forbid(unsafe_code)]
+
 /// Most the target grows to, as a multiple of the configured target.
 const MAX_GROWTH: usize = 4;
 

@@ -6,6 +6,8 @@
 //! [`TapEncoder`] on the encoder thread cuts the bytes into codec frames, stamps each with
 //! its presentation time and encodes it into a [`MediaPacket`].
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 

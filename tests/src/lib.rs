@@ -277,7 +277,16 @@ pub fn start_host(args: &[&str], env_from: Option<&PipeWire>, dir: &Path) -> Pro
         None => Command::new(bin("melange-host")),
     };
     cmd.args(args).arg("--report").arg(dir.join("report.jsonl")).env("RUST_LOG", "info");
+    if running_as_root() {
+        cmd.arg("--allow-root");
+    }
     Proc::spawn(cmd, dir.join("host.log")).stop_with_sigint()
+}
+
+/// True when this process runs as root (CI does); melange-host then needs `--allow-root`.
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// The per-stream reports `melange-host --report` wrote.

@@ -6,6 +6,8 @@
 //! may keep calling [`FrameDecoder::next_frame`]: a frame cut in the middle (a reconnect
 //! can do that) costs one error, never the session.
 
+#![forbid(unsafe_code)]
+
 use thiserror::Error;
 
 /// `"MLNG"`: the first four bytes of every frame.

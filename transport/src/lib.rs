@@ -11,9 +11,13 @@
 
 // Tests fail by panicking; production code may not.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+// The parsers (frame, message, session) forbid unsafe code; only the port edge, which
+// calls poll(2) and eventfd(2), may use it.
+#![deny(unsafe_code)]
 
 pub mod frame;
 pub mod message;
+#[allow(unsafe_code)]
 pub mod port;
 pub mod session;
 

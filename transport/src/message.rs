@@ -3,6 +3,8 @@
 //! Compatibility rule within protocol v1: a message may only grow by appending fields,
 //! and readers ignore trailing bytes they do not know. Anything else is a new version.
 
+#![forbid(unsafe_code)]
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 

@@ -9,6 +9,8 @@
 //! One `Session` lives exactly as long as one connection. After a disconnect the edge
 //! makes a new one (a new epoch); nothing from the old one is replayed.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
