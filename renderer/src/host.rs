@@ -193,8 +193,6 @@ impl Host {
         );
         cfg.clock_id = self.clock_id.clone();
         cfg.origin_ns = now_ns;
-        // QEMU's socket is there long before the guest's module is: wait for its hello.
-        cfg.handshake_timeout = Duration::from_secs(24 * 3600);
         self.session = Some(Session::new(cfg, now));
     }
 

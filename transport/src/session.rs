@@ -44,8 +44,19 @@ pub struct SessionConfig {
     pub heartbeat_interval: Duration,
     /// Silence from the peer after which the session is dead. Default 5 s.
     pub peer_timeout: Duration,
-    /// Time allowed from start to an established session. Default 5 s.
+    /// Time allowed for the handshake. Default 5 s. A guest counts from the start; a
+    /// host from the first byte it receives (QEMU's socket is there long before the
+    /// guest's module is, and an idle connection costs nothing).
     pub handshake_timeout: Duration,
+    /// Most handshakes a peer may start in one minute on this connection; beyond it the
+    /// session closes. Default 20.
+    pub max_handshakes_per_minute: usize,
+    /// Most control frames (anything but media) accepted per second; the rest are
+    /// dropped and reported. Default 200.
+    pub max_control_per_second: u32,
+    /// Most bytes waiting for a peer that does not read; beyond it the session closes.
+    /// Default 1 MiB.
+    pub max_pending_output: usize,
 }
 
 impl SessionConfig {
@@ -61,6 +72,9 @@ impl SessionConfig {
             heartbeat_interval: Duration::from_secs(1),
             peer_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
+            max_handshakes_per_minute: 20,
+            max_control_per_second: 200,
+            max_pending_output: 1 << 20,
         }
     }
 }
@@ -159,6 +173,14 @@ pub enum SessionError {
     /// A frame kind this build does not know, skipped.
     #[error("skipped unknown frame kind 0x{0:02x}")]
     UnknownKind(u8),
+    /// Control frames beyond the per-second limit were dropped.
+    #[error("control flood: {dropped} control frames over the limit of {limit}/s dropped")]
+    ControlFlood {
+        /// Frames dropped in the last second.
+        dropped: u32,
+        /// The limit.
+        limit: u32,
+    },
     /// A call by the edge that is not allowed now (not a peer problem).
     #[error("session is not established")]
     NotEstablished,
@@ -193,6 +215,12 @@ pub enum CloseReason {
     /// The peer sent a critical frame kind this build does not know.
     #[error("peer sent critical frame kind 0x{0:02x} this build does not know")]
     UnknownCritical(u8),
+    /// The peer started more handshakes than allowed in a minute.
+    #[error("handshake storm: more than {0} handshakes in a minute")]
+    HandshakeStorm(usize),
+    /// The peer stopped reading: our queued output passed the limit.
+    #[error("peer stopped reading: {0} bytes queued for it")]
+    PeerNotReading(usize),
     /// We closed it.
     #[error("closed locally: {0}")]
     Local(String),
@@ -233,6 +261,12 @@ pub struct Session {
     outgoing: BTreeMap<u32, ()>,
     last_rx: Instant,
     next_heartbeat: Instant,
+    /// When the handshake must be done: set at start (guest) or first byte (host).
+    handshake_deadline: Option<Instant>,
+    /// Times of recent handshakes from the peer (at most the limit + 1 kept).
+    handshakes: VecDeque<Instant>,
+    /// Control frames in the current one-second window, and the window's start.
+    control_window: (Instant, u32),
 }
 
 impl fmt::Debug for Session {
@@ -262,6 +296,9 @@ impl Session {
             outgoing: BTreeMap::new(),
             last_rx: now,
             next_heartbeat: now + config.heartbeat_interval,
+            handshake_deadline: (config.role == Role::Guest).then(|| now + config.handshake_timeout),
+            handshakes: VecDeque::new(),
+            control_window: (now, 0),
             config,
         };
         if s.config.role == Role::Guest {
@@ -291,6 +328,9 @@ impl Session {
             return;
         }
         self.last_rx = now;
+        if self.handshake_deadline.is_none() && self.state == State::Handshake {
+            self.handshake_deadline = Some(now + self.config.handshake_timeout);
+        }
         self.decoder.push(bytes);
         loop {
             if self.state == State::Closed {
@@ -309,7 +349,7 @@ impl Session {
         match self.state {
             State::Closed => {}
             State::Handshake => {
-                if now >= self.origin + self.config.handshake_timeout {
+                if self.handshake_deadline.is_some_and(|d| now >= d) {
                     self.close(CloseReason::HandshakeTimeout(self.config.handshake_timeout));
                 }
             }
@@ -329,7 +369,7 @@ impl Session {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::Closed => None,
-            State::Handshake => Some(self.origin + self.config.handshake_timeout),
+            State::Handshake => self.handshake_deadline,
             State::Established => Some(self.next_heartbeat.min(self.last_rx + self.config.peer_timeout)),
         }
     }
@@ -398,6 +438,7 @@ impl Session {
         let header = Header { version: FRAME_VERSION, kind: FrameKind::Media, flags: 0, stream, len: len16 };
         self.out.extend_from_slice(&header.encode());
         packet.encode_into(&mut self.out);
+        self.check_pending();
         Ok(())
     }
 
@@ -453,10 +494,41 @@ impl Session {
         if let Err(e) = encode_frame(&mut self.out, kind, 0, stream, payload) {
             self.events.push_back(Event::Error(e.into()));
         }
+        self.check_pending();
+    }
+
+    /// Closes the session when the peer has stopped reading. Nothing more is queued
+    /// after that (the goodbye is dropped with the rest).
+    fn check_pending(&mut self) {
+        let pending = self.out.len() - self.out_pos;
+        if pending > self.config.max_pending_output && self.state != State::Closed {
+            self.out.clear();
+            self.out_pos = 0;
+            self.state = State::Closed;
+            self.events.push_back(Event::Closed(CloseReason::PeerNotReading(pending)));
+        }
+    }
+
+    /// Counts a control frame; false if it is over this second's limit.
+    fn admit_control(&mut self, now: Instant) -> bool {
+        let (start, count) = &mut self.control_window;
+        if now.saturating_duration_since(*start) >= Duration::from_secs(1) {
+            let dropped = count.saturating_sub(self.config.max_control_per_second);
+            if dropped > 0 {
+                let limit = self.config.max_control_per_second;
+                self.events.push_back(Event::Error(SessionError::ControlFlood { dropped, limit }));
+            }
+            self.control_window = (now, 0);
+        }
+        self.control_window.1 = self.control_window.1.saturating_add(1);
+        self.control_window.1 <= self.config.max_control_per_second
     }
 
     fn handle_frame(&mut self, now: Instant, frame: Frame) {
         let Frame { header, payload } = frame;
+        if header.kind != FrameKind::Media && !self.admit_control(now) {
+            return;
+        }
         let unexpected =
             |state: State| Event::Error(SessionError::Unexpected { kind: header.kind, state: state.name() });
         match (header.kind, self.state) {
@@ -525,6 +597,14 @@ impl Session {
                 return;
             }
         };
+        self.handshakes.push_back(now);
+        while self.handshakes.front().is_some_and(|t| now.saturating_duration_since(*t) >= Duration::from_secs(60)) {
+            self.handshakes.pop_front();
+        }
+        if self.handshakes.len() > self.config.max_handshakes_per_minute {
+            self.close(CloseReason::HandshakeStorm(self.config.max_handshakes_per_minute));
+            return;
+        }
         if self.state == State::Established {
             // The guest side restarted without us seeing a disconnect (a virtio port
             // stays connected on the host across a guest module restart).
@@ -772,11 +852,94 @@ mod tests {
     #[test]
     fn handshake_times_out() {
         let t0 = Instant::now();
-        let (_, mut h) = pair(t0);
-        let deadline = h.poll_timeout().unwrap();
-        assert_eq!(deadline, t0 + Duration::from_secs(5));
-        h.handle_timeout(deadline);
+        let (mut g, mut h) = pair(t0);
+        assert_eq!(g.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+        // A host waits without limit for the first byte (QEMU's socket exists long
+        // before the guest's module), then allows 5 s for the rest of the handshake.
+        assert_eq!(h.poll_timeout(), None);
+        let t1 = t0 + Duration::from_secs(3600);
+        h.handle_input(t1, &g.pending_output()[..3]);
+        assert_eq!(h.poll_timeout(), Some(t1 + Duration::from_secs(5)));
+        h.handle_timeout(t1 + Duration::from_secs(5));
         assert!(matches!(events(&mut h)[..], [Event::Closed(CloseReason::HandshakeTimeout(_))]));
+        g.handle_timeout(t0 + Duration::from_secs(5));
+        assert!(matches!(events(&mut g)[..], [Event::Closed(CloseReason::HandshakeTimeout(_))]));
+    }
+
+    fn hello_frame(epoch: u64) -> Vec<u8> {
+        let hello = Hello {
+            min_version: 1,
+            max_version: 1,
+            role: Role::Guest,
+            software: "storm".into(),
+            epoch,
+            clock_id: String::new(),
+            capabilities: caps(),
+        };
+        let mut wire = Vec::new();
+        encode_frame(&mut wire, FrameKind::Hello, 0, 0, &encode_control("hello", &hello).unwrap()).unwrap();
+        wire
+    }
+
+    #[test]
+    fn a_handshake_storm_closes_the_session() {
+        let t0 = Instant::now();
+        let (_, mut h) = pair(t0);
+        for i in 0..20u64 {
+            h.handle_input(t0 + Duration::from_millis(i * 100), &hello_frame(i));
+        }
+        assert!(h.is_established(), "20 handshakes a minute are allowed");
+        h.handle_input(t0 + Duration::from_secs(3), &hello_frame(99));
+        assert!(matches!(events(&mut h).last(), Some(Event::Closed(CloseReason::HandshakeStorm(20)))));
+        // Spread over more than a minute, the same number is fine.
+        let (_, mut h) = pair(t0);
+        for i in 0..40u64 {
+            h.handle_input(t0 + Duration::from_secs(i * 4), &hello_frame(i));
+        }
+        assert!(h.is_established());
+    }
+
+    #[test]
+    fn control_frames_over_the_rate_limit_are_dropped_and_reported() {
+        let t0 = Instant::now();
+        let (mut g, mut h) = established(t0);
+        let mut wire = Vec::new();
+        for _ in 0..250 {
+            encode_frame(
+                &mut wire,
+                FrameKind::Heartbeat,
+                0,
+                0,
+                &encode_control("heartbeat", &Heartbeat { sent_ns: 1 }).unwrap(),
+            )
+            .unwrap();
+        }
+        h.handle_input(t0, &wire);
+        g.open_stream(1, &open()).unwrap();
+        shuttle(t0, &mut g, &mut h, usize::MAX);
+        // The hello, 250 heartbeats, then the stream-open: over 200 this second, dropped.
+        assert!(!events(&mut h).iter().any(|e| matches!(e, Event::StreamOpened { .. })));
+        let t1 = t0 + Duration::from_secs(1);
+        h.handle_input(t1, &wire[..wire.len() / 250]);
+        let ev = events(&mut h);
+        assert!(matches!(ev[..], [Event::Error(SessionError::ControlFlood { dropped: 52, limit: 200 })]), "{ev:?}");
+        assert!(h.is_established());
+    }
+
+    #[test]
+    fn a_peer_that_stops_reading_is_dropped_at_the_output_limit() {
+        let t0 = Instant::now();
+        let (mut g, _h) = established(t0);
+        g.open_stream(1, &open()).unwrap();
+        let packet = MediaPacket { seq: 0, pts_ns: 0, duration: 480, data: vec![0; 1920] };
+        let mut sent = 0;
+        while !g.is_closed() {
+            let _ = g.send_media(1, &packet);
+            sent += 1;
+            assert!(sent < 10_000, "output grew without limit");
+        }
+        assert!(matches!(events(&mut g).last(), Some(Event::Closed(CloseReason::PeerNotReading(n))) if *n > 1 << 20));
+        assert!(g.pending_output().is_empty(), "nothing is kept for a peer that does not read");
     }
 
     #[test]
