@@ -347,3 +347,76 @@ mod tests {
         assert!(matches!(MediaPacket::decode(&out[..15]), Err(MessageError::Truncated { .. })));
     }
 }
+
+#[cfg(test)]
+mod round_trips {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        "\\PC{0,40}"
+    }
+
+    fn caps() -> impl Strategy<Value = Capabilities> {
+        (any::<u64>(), any::<u16>()).prop_map(|(codecs, max_streams)| Capabilities { codecs, max_streams })
+    }
+
+    fn codec() -> impl Strategy<Value = Codec> {
+        prop_oneof![Just(Codec::PcmS16Le), any::<u32>().prop_map(|bitrate| Codec::Opus { bitrate })]
+    }
+
+    proptest! {
+        #[test]
+        fn hello(min in any::<u8>(), max in any::<u8>(), guest in any::<bool>(), software in text(), epoch in any::<u64>(),
+                 clock_id in text(), capabilities in caps()) {
+            let role = if guest { Role::Guest } else { Role::Host };
+            let m = Hello { min_version: min, max_version: max, role, software, epoch, clock_id, capabilities };
+            prop_assert_eq!(decode_control::<Hello>("hello", &encode_control("hello", &m).unwrap()).unwrap(), m);
+        }
+
+        #[test]
+        fn welcome(version in any::<u8>(), software in text(), epoch in any::<u64>(), clock_id in text(), capabilities in caps()) {
+            let m = Welcome { version, software, epoch, clock_id, capabilities };
+            prop_assert_eq!(decode_control::<Welcome>("welcome", &encode_control("welcome", &m).unwrap()).unwrap(), m);
+        }
+
+        #[test]
+        fn stream_open(rate in any::<u32>(), positions in proptest::collection::vec(any::<u32>(), 0..8), codec in codec(),
+                       frame_samples in any::<u32>(), name in text(), role in text(), binary in text()) {
+            let m = StreamOpen {
+                media: MediaKind::Audio(AudioFormat { rate, channels: positions.len() as u8, positions }),
+                codec,
+                frame_samples,
+                app: AppInfo { name, role, binary, icon_name: String::new(), media_name: String::new() },
+            };
+            prop_assert_eq!(decode_control::<StreamOpen>("stream-open", &encode_control("stream-open", &m).unwrap()).unwrap(), m);
+        }
+
+        #[test]
+        fn small_messages(text in text(), sent_ns in any::<u64>()) {
+            let r = Reason { text: text.clone() };
+            prop_assert_eq!(decode_control::<Reason>("reason", &encode_control("reason", &r).unwrap()).unwrap(), r);
+            let e = StreamEnd { reason: text };
+            prop_assert_eq!(decode_control::<StreamEnd>("end", &encode_control("end", &e).unwrap()).unwrap(), e);
+            let h = Heartbeat { sent_ns };
+            prop_assert_eq!(decode_control::<Heartbeat>("hb", &encode_control("hb", &h).unwrap()).unwrap(), h);
+        }
+
+        #[test]
+        fn media(seq in any::<u32>(), pts_ns in any::<u64>(), duration in any::<u32>(),
+                 data in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let p = MediaPacket { seq, pts_ns, duration, data };
+            let mut out = Vec::new();
+            p.encode_into(&mut out);
+            prop_assert_eq!(MediaPacket::decode(&out).unwrap(), p);
+        }
+
+        #[test]
+        fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_control::<Hello>("hello", &bytes);
+            let _ = decode_control::<StreamOpen>("stream-open", &bytes);
+            let _ = decode_control::<Welcome>("welcome", &bytes);
+            let _ = MediaPacket::decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Golden bytes: one whole frame of every kind, pinned. A reordered serde field, a
+//! changed enum index or a changed header fails here; such a change is a new protocol
+//! version (docs/protocol.md), never a silent edit.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use melange_transport::frame::{encode_frame, FrameDecoder, FrameKind};
+use melange_transport::message::{
+    encode_control, AppInfo, AudioFormat, Capabilities, Codec, Heartbeat, Hello, MediaKind, MediaPacket, Reason, Role,
+    StreamEnd, StreamOpen, Welcome,
+};
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn frame(kind: FrameKind, stream: u32, payload: &[u8]) -> String {
+    let mut out = Vec::new();
+    encode_frame(&mut out, kind, 0, stream, payload).unwrap();
+    // Every golden frame must also decode back to itself.
+    let mut dec = FrameDecoder::new();
+    dec.push(&out);
+    let f = dec.next_frame().unwrap().unwrap();
+    assert_eq!((f.header.kind, f.header.stream, &f.payload[..]), (kind, stream, payload));
+    hex(&out)
+}
+
+fn caps() -> Capabilities {
+    Capabilities { codecs: 3, max_streams: 64 }
+}
+
+#[test]
+fn every_frame_kind_is_pinned() {
+    let hello = Hello {
+        min_version: 1,
+        max_version: 1,
+        role: Role::Guest,
+        software: "g".into(),
+        epoch: 0x1234,
+        clock_id: "c".into(),
+        capabilities: caps(),
+    };
+    let welcome =
+        Welcome { version: 1, software: "h".into(), epoch: 0x1234, clock_id: "c".into(), capabilities: caps() };
+    let open = StreamOpen {
+        media: MediaKind::Audio(AudioFormat { rate: 44100, channels: 1, positions: vec![2] }),
+        codec: Codec::PcmS16Le,
+        frame_samples: 441,
+        app: AppInfo {
+            name: "a".into(),
+            role: "r".into(),
+            binary: "b".into(),
+            icon_name: "i".into(),
+            media_name: "m".into(),
+        },
+    };
+    let media = {
+        let mut p = Vec::new();
+        MediaPacket { seq: 0x0102_0304, pts_ns: 0x1122_3344_5566_7788, duration: 480, data: vec![0xAA, 0xBB] }
+            .encode_into(&mut p);
+        p
+    };
+    let cases: [(&str, FrameKind, u32, Vec<u8>, &str); 9] = [
+        (
+            "hello",
+            FrameKind::Hello,
+            0,
+            encode_control("hello", &hello).unwrap(),
+            "4d4c4e4701010000000000000b007f430101000167b42401630340",
+        ),
+        (
+            "welcome",
+            FrameKind::Welcome,
+            0,
+            encode_control("welcome", &welcome).unwrap(),
+            "4d4c4e47010200000000000009005908010168b42401630340",
+        ),
+        (
+            "refuse",
+            FrameKind::Refuse,
+            0,
+            encode_control("refuse", &Reason { text: "no".into() }).unwrap(),
+            "4d4c4e4701030000000000000300b10c026e6f",
+        ),
+        (
+            "heartbeat",
+            FrameKind::Heartbeat,
+            0,
+            encode_control("heartbeat", &Heartbeat { sent_ns: 1_000_000_000 }).unwrap(),
+            "4d4c4e4701040000000000000500bc178094ebdc03",
+        ),
+        (
+            "goodbye",
+            FrameKind::Goodbye,
+            0,
+            encode_control("goodbye", &Reason { text: "bye".into() }).unwrap(),
+            "4d4c4e4701050000000000000400aecf03627965",
+        ),
+        (
+            "stream-open",
+            FrameKind::StreamOpen,
+            7,
+            encode_control("stream-open", &open).unwrap(),
+            "4d4c4e4701100000070000001400ae2000c4d80201010200b9030161017201620169016d",
+        ),
+        (
+            "stream-close",
+            FrameKind::StreamClose,
+            7,
+            encode_control("stream-close", &StreamEnd { reason: "s".into() }).unwrap(),
+            "4d4c4e470111000007000000020058620173",
+        ),
+        (
+            "stream-reject",
+            FrameKind::StreamReject,
+            7,
+            encode_control("stream-reject", &StreamEnd { reason: "r".into() }).unwrap(),
+            "4d4c4e47011200000700000002001c4f0172",
+        ),
+        ("media", FrameKind::Media, 7, media, "4d4c4e47012000000700000012000a7e040302018877665544332211e0010000aabb"),
+    ];
+    let mut wrong = Vec::new();
+    for (name, kind, stream, payload, want) in cases {
+        let got = frame(kind, stream, &payload);
+        if got != want {
+            wrong.push(format!("{name}: got {got}\n{:>width$}want {want}", "", width = name.len() + 2));
+        }
+    }
+    assert!(wrong.is_empty(), "wire encoding changed:\n{}", wrong.join("\n"));
+}
