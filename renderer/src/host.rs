@@ -49,6 +49,10 @@ struct HostStream {
     frames: u64,
     lost_packets: u64,
     decode_errors: u64,
+    /// Frames decoded from real packets, and frames made up by concealment: the
+    /// second may never exceed the first, so sequence gaps cannot amplify a flood.
+    decoded_frames: u64,
+    concealed_frames: u64,
     opened: Instant,
     latencies_ms: Vec<f32>,
     scratch: Vec<f32>,
@@ -63,27 +67,34 @@ fn sanitize(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).take(MAX_GUEST_STRING).collect()
 }
 
-/// Counts bad input and logs it at most once per interval.
-#[derive(Debug)]
+/// Logs bad input at most once per [`BAD_INPUT_LOG_INTERVAL`] per kind of problem,
+/// counting what it suppressed, so a hostile guest cannot flood the log.
+#[derive(Debug, Default)]
 struct RateLimitedLog {
-    last: Option<Instant>,
-    suppressed: u64,
+    /// Kind -> (last logged, suppressed since).
+    kinds: BTreeMap<&'static str, (Instant, u64)>,
 }
 
+/// How often each kind of bad-input message may be logged.
+const BAD_INPUT_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
 impl RateLimitedLog {
-    fn warn(&mut self, text: std::fmt::Arguments<'_>) {
+    fn warn(&mut self, kind: &'static str, text: std::fmt::Arguments<'_>) {
         let now = Instant::now();
-        if self.last.is_some_and(|t| now - t < Duration::from_secs(5)) {
-            self.suppressed += 1;
-            return;
+        match self.kinds.get_mut(kind) {
+            Some((last, suppressed)) if now.saturating_duration_since(*last) < BAD_INPUT_LOG_INTERVAL => {
+                *suppressed += 1;
+            }
+            Some((last, suppressed)) => {
+                log::warn!("melange-host: {kind}: {text} ({suppressed} more since the last report)");
+                *last = now;
+                *suppressed = 0;
+            }
+            None => {
+                log::warn!("melange-host: {kind}: {text}");
+                self.kinds.insert(kind, (now, 0));
+            }
         }
-        if self.suppressed > 0 {
-            log::warn!("{text} ({} similar messages suppressed)", self.suppressed);
-        } else {
-            log::warn!("{text}");
-        }
-        self.last = Some(now);
-        self.suppressed = 0;
     }
 }
 
@@ -118,7 +129,7 @@ impl Host {
             streams: BTreeMap::new(),
             clock_id: clock::clock_id(),
             same_clock: false,
-            bad_input: RateLimitedLog { last: None, suppressed: 0 },
+            bad_input: RateLimitedLog::default(),
             last_connect_error: None,
         }
     }
@@ -247,9 +258,7 @@ impl Host {
                 Event::StreamRejected { stream, reason } => {
                     log::warn!("melange-host: guest refused stream {stream}: {reason}")
                 }
-                Event::Error(e) => {
-                    self.bad_input.warn(format_args!("melange-host: skipped bad input from the guest: {e}"))
-                }
+                Event::Error(e) => self.bad_input.warn(e.kind(), format_args!("skipped bad input from the guest: {e}")),
                 Event::Closed(reason) => {
                     log::warn!("melange-host: session closed: {reason}");
                     self.session = None;
@@ -313,6 +322,8 @@ impl Host {
                         frames: 0,
                         lost_packets: 0,
                         decode_errors: 0,
+                        decoded_frames: 0,
+                        concealed_frames: 0,
                         opened: Instant::now(),
                         latencies_ms: Vec::new(),
                         scratch: Vec::with_capacity(open.frame_samples as usize * usize::from(format.channels)),
@@ -337,7 +348,7 @@ impl Host {
         if packet.duration == 0 || u64::from(packet.duration) * 1000 > rate * 120 {
             s.decode_errors += 1;
             self.bad_input
-                .warn(format_args!("melange-host: stream {stream}: packet with bad duration {}", packet.duration));
+                .warn("bad packet", format_args!("stream {stream}: packet with bad duration {}", packet.duration));
             return;
         }
         let duration = packet.duration as usize;
@@ -351,16 +362,23 @@ impl Host {
             if gap > 0 {
                 s.lost_packets += u64::from(gap);
                 let lost_frames = u64::from(gap) * u64::from(s.desc.open.frame_samples);
-                if lost_frames * 1000 <= rate * MAX_CONCEAL_MS {
+                if lost_frames * 1000 <= rate * MAX_CONCEAL_MS && s.concealed_frames + lost_frames <= s.decoded_frames {
                     s.decoder.conceal(lost_frames as usize, &mut s.scratch);
+                    s.concealed_frames += lost_frames;
                 }
             }
         }
         s.next_seq = Some(packet.seq.wrapping_add(1));
+        let before = s.scratch.len();
         if let Err(e) = s.decoder.decode(&packet.data, duration, &mut s.scratch) {
             s.decode_errors += 1;
-            self.bad_input.warn(format_args!("melange-host: stream {stream}: {e}"));
-            s.decoder.conceal(duration, &mut s.scratch);
+            self.bad_input.warn("bad packet", format_args!("stream {stream}: {e}"));
+            if s.concealed_frames + duration as u64 <= s.decoded_frames {
+                s.decoder.conceal(duration, &mut s.scratch);
+                s.concealed_frames += duration as u64;
+            }
+        } else {
+            s.decoded_frames += ((s.scratch.len() - before) / usize::from(s.desc.format.channels)) as u64;
         }
         s.frames += (s.scratch.len() / usize::from(s.desc.format.channels)) as u64;
         s.sink.write(&s.scratch);

@@ -186,6 +186,24 @@ pub enum SessionError {
     NotEstablished,
 }
 
+impl SessionError {
+    /// A short stable name for the kind of error, for per-kind log rate limits.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SessionError::Frame(_) => "bad frame",
+            SessionError::Message(_) => "malformed message",
+            SessionError::Unexpected { .. } => "unexpected frame",
+            SessionError::UnknownStream(_) => "unknown stream",
+            SessionError::DuplicateStream(_) => "duplicate stream",
+            SessionError::TooManyStreams { .. } => "stream limit",
+            SessionError::ReservedStream => "reserved stream id",
+            SessionError::UnknownKind(_) => "unknown frame kind",
+            SessionError::ControlFlood { .. } => "control flood",
+            SessionError::NotEstablished => "not established",
+        }
+    }
+}
+
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum CloseReason {

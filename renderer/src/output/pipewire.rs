@@ -22,8 +22,9 @@ use rtrb::{Consumer, Producer, RingBuffer};
 
 use super::{Output, OutputError, StreamDesc, StreamSink};
 
-/// Decoded audio a stream's ring holds at most.
-const RING: Duration = Duration::from_millis(1000);
+/// Decoded audio a stream's ring holds at most: room for the largest jitter target
+/// (4 x --latency) and bursts, while 64 streams of 8 channels stay within memory limits.
+const RING: Duration = Duration::from_millis(500);
 /// How often the PipeWire thread looks for streams that finished draining.
 const REAP_INTERVAL: Duration = Duration::from_millis(50);
 /// A draining stream is destroyed after this even if its callback never ran.

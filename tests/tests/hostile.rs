@@ -1,0 +1,278 @@
+//! A hostile guest. On the same connection as a genuine stream, a test client speaks
+//! the protocol badly on purpose: maximum-size frame floods, one stream over the limit,
+//! huge declared lengths, zero-length payloads, sequence jumps and wraps, time going
+//! backwards, hostile Opus packets, unknown frame kinds, garbage, and a client that
+//! never reads; then a handshake storm. melange-host must stay up within its memory and
+//! CPU bounds, play the genuine stream bit-exact, rate-limit its log per kind of error,
+//! and serve the next guest.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use melange_tests::audio;
+use melange_tests::{reports, scratch, start_host, wait_until};
+use melange_transport::frame::{crc16, encode_frame, FrameKind, MAX_PAYLOAD};
+use melange_transport::message::{
+    codec_bits, encode_control, AppInfo, AudioFormat, Capabilities, Codec, Heartbeat, Hello, MediaKind, MediaPacket,
+    Role, StreamEnd, StreamOpen,
+};
+use melange_transport::session::{Session, SessionConfig};
+
+/// A guest connection that can send both well-formed and malformed bytes.
+struct Guest {
+    sock: UnixStream,
+    session: Session,
+}
+
+impl Guest {
+    fn connect(path: &Path) -> Guest {
+        let sock = UnixStream::connect(path).expect("connect to melange-host");
+        sock.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let caps = Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: 64 };
+        let mut g =
+            Guest { sock, session: Session::new(SessionConfig::new(Role::Guest, "hostile", caps), Instant::now()) };
+        g.flush();
+        let mut buf = [0u8; 4096];
+        while !g.session.is_established() {
+            let n = g.sock.read(&mut buf).expect("welcome");
+            assert!(n > 0, "host hung up during the handshake");
+            g.session.handle_input(Instant::now(), &buf[..n]);
+        }
+        g
+    }
+
+    fn flush(&mut self) {
+        let out = self.session.pending_output().to_vec();
+        self.sock.write_all(&out).expect("host keeps reading");
+        self.session.consume_output(out.len());
+    }
+
+    fn raw(&mut self, bytes: &[u8]) {
+        self.sock.write_all(bytes).expect("host keeps reading");
+    }
+
+    fn frame(&mut self, kind: FrameKind, flags: u8, stream: u32, payload: &[u8]) {
+        let mut out = Vec::new();
+        encode_frame(&mut out, kind, flags, stream, payload).expect("frame fits");
+        self.raw(&out);
+    }
+
+    fn open(&mut self, stream: u32, rate: u32, channels: u8, codec: Codec, frame_samples: u32, name: &str) {
+        let positions = if channels == 2 { vec![3, 4] } else { vec![2] };
+        let open = StreamOpen {
+            media: MediaKind::Audio(AudioFormat { rate, channels, positions }),
+            codec,
+            frame_samples,
+            app: AppInfo { name: name.into(), ..Default::default() },
+        };
+        self.frame(FrameKind::StreamOpen, 0, stream, &encode_control("stream-open", &open).expect("encodes"));
+    }
+
+    fn close(&mut self, stream: u32, reason: &str) {
+        let end = StreamEnd { reason: reason.into() };
+        self.frame(FrameKind::StreamClose, 0, stream, &encode_control("stream-close", &end).expect("encodes"));
+    }
+
+    fn media(&mut self, stream: u32, seq: u32, pts_ns: u64, duration: u32, data: Vec<u8>) {
+        let mut payload = Vec::new();
+        MediaPacket { seq, pts_ns, duration, data }.encode_into(&mut payload);
+        self.frame(FrameKind::Media, 0, stream, &payload);
+    }
+}
+
+fn proc_status(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (tick(11) + tick(12)) / hz
+}
+
+#[test]
+fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() {
+    let dir = scratch("hostile");
+    let sock = dir.join("port.sock");
+    let wav = dir.join("wav");
+    let mut host = start_host(
+        &["--listen", &format!("unix:{}", sock.display()), "--output", &format!("wav:{}", wav.display())],
+        None,
+        &dir,
+    );
+    wait_until(Duration::from_secs(10), || sock.exists().then_some(())).expect("melange-host listens");
+    let pid = host.pid();
+    let started = Instant::now();
+    let cpu0 = cpu_seconds(pid);
+
+    let mut g = Guest::connect(&sock);
+    // Stream 1 is genuine PCM; 2 (Opus) and 3 (PCM) are hostile; 4..=64 fill the limit.
+    g.open(1, 48000, 2, Codec::PcmS16Le, 480, "genuine");
+    g.open(2, 48000, 2, Codec::Opus { bitrate: 64_000 }, 480, "hostile opus");
+    g.open(3, 48000, 2, Codec::PcmS16Le, 480, "hostile pcm");
+    for id in 4..=64 {
+        g.open(id, 8000, 1, Codec::PcmS16Le, 480, "filler");
+    }
+    g.open(65, 48000, 2, Codec::PcmS16Le, 480, "one too many");
+
+    let signal = audio::noise(300 * 960, 0.4, 7);
+    let sent: Vec<i16> = signal.iter().map(|v| (v * 32767.0) as i16).collect();
+    let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let big = vec![0x5Au8; MAX_PAYLOAD - 16];
+    for (seq, chunk) in sent.chunks(960).enumerate() {
+        let seq = seq as u32;
+        let data: Vec<u8> = chunk.iter().flat_map(|s| s.to_le_bytes()).collect();
+        g.media(1, seq, 1_000_000_000 + u64::from(seq) * 10_000_000, 480, data);
+        match seq % 8 {
+            // Maximum-size frames, in a flood, for a stream that does not exist.
+            0 => {
+                for _ in 0..8 {
+                    g.media(999, seq, 0, 480, big.clone());
+                }
+            }
+            // Maximum-size PCM that does not match its claimed duration; hostile Opus.
+            1 => {
+                g.media(3, seq, 0, 480, big.clone());
+                let junk: Vec<u8> = (0..(next() % 1200) as usize).map(|_| next() as u8).collect();
+                g.media(2, seq, 0, 480, junk);
+                g.media(2, seq, 0, 0, vec![0xFC, 0xFF, 0xFE]);
+            }
+            // A header that declares more than the limit (checked before buffering),
+            // then garbage.
+            2 => {
+                let mut h = [0u8; 16];
+                h[..4].copy_from_slice(b"MLNG");
+                h[4] = 1;
+                h[5] = 0x20;
+                h[8] = 1;
+                h[12..14].copy_from_slice(&u16::MAX.to_le_bytes());
+                let c = crc16(&h[..14]);
+                h[14..16].copy_from_slice(&c.to_le_bytes());
+                g.raw(&h);
+                let garbage: Vec<u8> = (0..(next() % 3000) as usize).map(|_| next() as u8).collect();
+                g.raw(&garbage);
+            }
+            // Zero-length payloads of every kind that has one.
+            3 => {
+                g.frame(FrameKind::StreamOpen, 0, 66, &[]);
+                g.frame(FrameKind::Media, 0, 3, &[]);
+                g.frame(FrameKind::Heartbeat, 0, 0, &[]);
+                g.frame(FrameKind::StreamClose, 0, 77, &[]);
+                g.frame(FrameKind::Welcome, 0, 0, &[]);
+            }
+            // Sequence jumps and wraps, time going backwards, absurd durations.
+            4 => {
+                let pcm = vec![0u8; 1920];
+                for s in [u32::MAX - 1, u32::MAX, 0, 1, 1_000_000, 3, u32::MAX / 2 + 7] {
+                    g.media(3, s, u64::MAX - u64::from(seq), 480, pcm.clone());
+                }
+                g.media(3, 9, 5, u32::MAX, pcm);
+            }
+            // Frame kinds from a "newer" peer: skipped; and stream ids 0 and reserved.
+            5 => {
+                g.frame(FrameKind::Unknown(0x7E), 0, 0, b"from the future");
+                g.media(0, 0, 0, 480, vec![0; 1920]);
+                g.frame(FrameKind::StreamOpen, 0, 1, &[0xFF; 40]);
+            }
+            _ => {}
+        }
+    }
+    // A quiet second, so the close is not counted against the control-rate limit.
+    std::thread::sleep(Duration::from_millis(1100));
+    g.close(1, "genuine stream ends");
+    let closed = wait_until(Duration::from_secs(10), || {
+        reports(&dir).iter().any(|r| r["stream"] == 1 && r["app"] == "genuine").then_some(())
+    });
+    assert!(closed.is_some(), "the genuine stream never closed:\n{}", host.log_text());
+
+    // The genuine stream came out whole and bit-exact.
+    let genuine = audio::read_wav(&wav.join("s1-stream1-genuine.wav")).expect("genuine WAV");
+    assert_eq!(genuine.s16.as_deref(), Some(&sent[..]), "the genuine stream was damaged");
+    let reps = reports(&dir);
+    let r1 = reps.iter().find(|r| r["stream"] == 1).expect("report");
+    assert_eq!(r1["lost_packets"], 0);
+    assert_eq!(r1["bad_packets"], 0);
+    // The stream over the limit was refused, and no hostile stream got more than it
+    // sent in concealment.
+    assert!(!wav.join("s1-stream65-one_too_many.wav").exists(), "stream 65 was over the limit");
+    assert!(host.log_text().contains("stream limit"), "{}", host.log_text());
+
+    // Handshake storm: the session is closed and the connection dropped.
+    for i in 0..25u64 {
+        let hello = Hello {
+            min_version: 1,
+            max_version: 1,
+            role: Role::Guest,
+            software: "storm".into(),
+            epoch: i,
+            clock_id: String::new(),
+            capabilities: Capabilities { codecs: 3, max_streams: 64 },
+        };
+        let mut frame = Vec::new();
+        encode_frame(&mut frame, FrameKind::Hello, 0, 0, &encode_control("hello", &hello).expect("encodes"))
+            .expect("fits");
+        // The host hangs up part way through the storm; later writes fail, as they should.
+        let _ = g.sock.write_all(&frame);
+    }
+    let hung_up = wait_until(Duration::from_secs(5), || {
+        let mut buf = [0u8; 65536];
+        match g.sock.read(&mut buf) {
+            Ok(0) | Err(_) => Some(()),
+            Ok(_) => None,
+        }
+    });
+    assert!(hung_up.is_some(), "the host kept a storming guest");
+    assert!(host.log_text().contains("handshake storm"), "{}", host.log_text());
+
+    // The host is still there, idle, and serves the next guest.
+    let cpu1 = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_cpu = cpu_seconds(pid) - cpu1;
+    let mut next_guest = Guest::connect(&sock);
+    next_guest.open(1, 48000, 2, Codec::PcmS16Le, 480, "next guest");
+    for seq in 0..20u32 {
+        next_guest.media(1, seq, 0, 480, vec![1; 1920]);
+    }
+    next_guest.close(1, "done");
+    let served =
+        wait_until(Duration::from_secs(10), || reports(&dir).iter().any(|r| r["app"] == "next guest").then_some(()));
+    assert!(served.is_some(), "the host did not serve the next guest:\n{}", host.log_text());
+
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu0;
+    let peak_kib = proc_status(pid, "VmHWM:");
+    host.stop();
+    let log = std::fs::read_to_string(dir.join("host.log")).unwrap_or_default();
+    eprintln!("hostile: {wall:.1} s, host cpu {cpu:.2} s, idle cpu {idle_cpu:.3} s/s, peak RSS {} KiB", peak_kib);
+    assert!(!log.contains("panicked"), "melange-host panicked:\n{log}");
+    assert!(peak_kib > 0 && peak_kib < 64 * 1024, "peak RSS {peak_kib} KiB");
+    assert!(cpu < wall, "host used {cpu:.2} s of CPU in {wall:.2} s");
+    assert!(idle_cpu < 0.05, "host spins when idle: {idle_cpu} s of CPU in 1 s");
+    // Each kind of bad input is logged once, then at most every 5 s.
+    let kinds =
+        ["bad frame", "malformed message", "unknown stream", "bad packet", "unknown frame kind", "stream limit"];
+    let allowed = 2 + (wall / 5.0).ceil() as usize;
+    for kind in kinds {
+        let n = log.matches(&format!("melange-host: {kind}:")).count();
+        assert!(n >= 1, "no {kind:?} logged:\n{log}");
+        assert!(n <= allowed, "{kind:?} logged {n} times in {wall:.1} s");
+    }
+    let warnings = log.lines().filter(|l| l.contains("WARN")).count();
+    assert!(warnings < 60, "{warnings} warnings: the log is flooded:\n{log}");
+}
