@@ -15,8 +15,8 @@ use melange_tests::audio;
 use melange_tests::{reports, scratch, start_host, wait_until};
 use melange_transport::frame::{crc16, encode_frame, FrameKind, MAX_PAYLOAD};
 use melange_transport::message::{
-    codec_bits, encode_control, AppInfo, AudioFormat, Capabilities, Codec, Heartbeat, Hello, MediaKind, MediaPacket,
-    Role, StreamEnd, StreamOpen,
+    codec_bits, encode_control, AppInfo, AudioFormat, Capabilities, Codec, Hello, MediaKind, MediaPacket, Role,
+    StreamEnd, StreamOpen,
 };
 use melange_transport::session::{Session, SessionConfig};
 
