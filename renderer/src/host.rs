@@ -163,10 +163,9 @@ impl Host {
                             break;
                         }
                         Some(n) => {
-                            if let Some(s) = &mut self.session {
-                                s.handle_input(Instant::now(), &buf[..n]);
+                            if !self.receive(Instant::now(), &buf[..n]) {
+                                link.disconnect();
                             }
-                            self.handle_events(link);
                         }
                         None => break,
                     }
@@ -178,7 +177,9 @@ impl Host {
                     s.handle_timeout(Instant::now());
                 }
             }
-            self.handle_events(link);
+            if !self.handle_events() {
+                link.disconnect();
+            }
             let connect_error = link.last_error().map(str::to_owned);
             if connect_error.is_some() && connect_error != self.last_connect_error {
                 log::warn!("melange-host: still trying: {}", connect_error.as_deref().unwrap_or_default());
@@ -234,9 +235,31 @@ impl Host {
         }
     }
 
-    fn handle_events(&mut self, link: &mut Link) {
+    /// Handles bytes from the guest on the current connection (starting a session if
+    /// there is none). Returns false when the session has closed and the connection
+    /// should be dropped. The sans-IO entry point: [`Host::run`] and the fuzzers use it.
+    pub fn receive(&mut self, now: Instant, bytes: &[u8]) -> bool {
+        if self.session.is_none() {
+            self.start_session();
+        }
+        if let Some(s) = &mut self.session {
+            s.handle_input(now, bytes);
+        }
+        self.handle_events()
+    }
+
+    /// Bytes the host wants to send to the guest (for callers of [`Host::receive`]).
+    pub fn take_output(&mut self) -> Vec<u8> {
+        let Some(s) = &mut self.session else { return Vec::new() };
+        let out = s.pending_output().to_vec();
+        s.consume_output(out.len());
+        out
+    }
+
+    /// Processes session events; false once the session has closed.
+    fn handle_events(&mut self) -> bool {
         loop {
-            let Some(event) = self.session.as_mut().and_then(Session::poll_event) else { return };
+            let Some(event) = self.session.as_mut().and_then(Session::poll_event) else { return true };
             match event {
                 Event::Established(peer) => {
                     self.same_clock = !peer.clock_id.is_empty() && peer.clock_id == self.clock_id;
@@ -263,8 +286,7 @@ impl Host {
                     log::warn!("melange-host: session closed: {reason}");
                     self.session = None;
                     self.close_all("session closed");
-                    link.disconnect();
-                    return;
+                    return false;
                 }
             }
         }
