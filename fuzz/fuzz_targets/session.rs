@@ -23,7 +23,10 @@ fn frame(out: &mut Vec<u8>, kind: FrameKind, stream: u32, payload: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut host = Host::new(HostConfig { latency: Duration::from_millis(30), report: None }, Box::new(NullOutput));
+    let mut host = Host::new(
+        HostConfig { latency: Duration::from_millis(30), report: None, idle_timeout: Duration::from_secs(30) },
+        Box::new(NullOutput),
+    );
     let t0 = Instant::now();
     let mut now = t0 + Duration::from_secs(1000);
     let mut ops = data;
@@ -101,7 +104,14 @@ fuzz_target!(|data: &[u8]| {
         for part in [&wire[..split], &wire[split..]] {
             if !host.receive(now, part) {
                 // Session closed: a new connection starts the next one.
-                host = Host::new(HostConfig { latency: Duration::from_millis(30), report: None }, Box::new(NullOutput));
+                host = Host::new(
+                    HostConfig {
+                        latency: Duration::from_millis(30),
+                        report: None,
+                        idle_timeout: Duration::from_secs(30),
+                    },
+                    Box::new(NullOutput),
+                );
             }
         }
         let _ = host.take_output();

@@ -36,13 +36,23 @@ pub struct HostConfig {
     pub latency: Duration,
     /// Appends one JSON object per closed stream to this file.
     pub report: Option<PathBuf>,
+    /// A stream without media for this long releases its output (the PipeWire stream
+    /// or WAV file) until it plays again. The protocol stream stays open.
+    pub idle_timeout: Duration,
 }
 
 /// One guest stream being rendered.
 struct HostStream {
     desc: StreamDesc,
     decoder: StreamDecoder,
-    sink: Box<dyn StreamSink>,
+    /// The output; `None` while the stream is idle (see [`HostConfig::idle_timeout`]).
+    sink: Option<Box<dyn StreamSink>>,
+    /// Where the output went (the last part), for the report.
+    output: String,
+    last_media: Instant,
+    /// Underruns and overflows of output parts already closed.
+    closed_underruns: u64,
+    closed_overflows: u64,
     next_seq: Option<u32>,
     packets: u64,
     wire_bytes: u64,
@@ -172,12 +182,7 @@ impl Host {
                 },
                 LinkEvent::Woken | LinkEvent::Writable | LinkEvent::Timeout => {}
             }
-            if let Some(s) = &mut self.session {
-                if s.poll_timeout().is_some_and(|t| t <= Instant::now()) {
-                    s.handle_timeout(Instant::now());
-                }
-            }
-            if !self.handle_events() {
+            if !self.tick(Instant::now()) {
                 link.disconnect();
             }
             let connect_error = link.last_error().map(str::to_owned);
@@ -245,7 +250,29 @@ impl Host {
         if let Some(s) = &mut self.session {
             s.handle_input(now, bytes);
         }
-        self.handle_events()
+        self.handle_events(now)
+    }
+
+    /// Runs timers: session heartbeats and timeouts, and idle streams releasing their
+    /// outputs. Returns false when the session has closed. Sans-IO, like [`Host::receive`].
+    pub fn tick(&mut self, now: Instant) -> bool {
+        if let Some(s) = &mut self.session {
+            if s.poll_timeout().is_some_and(|t| t <= now) {
+                s.handle_timeout(now);
+            }
+        }
+        let idle = self.config.idle_timeout;
+        for (id, s) in &mut self.streams {
+            if s.sink.is_some() && now.saturating_duration_since(s.last_media) >= idle {
+                if let Some(mut sink) = s.sink.take() {
+                    let _ = sink.close();
+                    s.closed_underruns += sink.underruns();
+                    s.closed_overflows += sink.overflows();
+                }
+                log::info!("melange-host: stream {id} idle for {idle:?}: output released until it plays again");
+            }
+        }
+        self.handle_events(now)
     }
 
     /// Bytes the host wants to send to the guest (for callers of [`Host::receive`]).
@@ -257,7 +284,7 @@ impl Host {
     }
 
     /// Processes session events; false once the session has closed.
-    fn handle_events(&mut self) -> bool {
+    fn handle_events(&mut self, now: Instant) -> bool {
         loop {
             let Some(event) = self.session.as_mut().and_then(Session::poll_event) else { return true };
             match event {
@@ -271,9 +298,9 @@ impl Host {
                         if self.same_clock { ", same clock as the host" } else { "" }
                     );
                 }
-                Event::StreamOpened { stream, open } => self.open_stream(stream, open),
+                Event::StreamOpened { stream, open } => self.open_stream(now, stream, open),
                 Event::StreamClosed { stream, reason } => self.close_stream(stream, &reason),
-                Event::Media { stream, packet } => self.on_media(stream, &packet),
+                Event::Media { stream, packet } => self.on_media(now, stream, &packet),
                 Event::PeerRestarted => {
                     log::info!("melange-host: the guest side restarted; starting a new session");
                     self.close_all("guest restarted");
@@ -292,7 +319,7 @@ impl Host {
         }
     }
 
-    fn open_stream(&mut self, stream: u32, mut open: StreamOpen) {
+    fn open_stream(&mut self, now: Instant, stream: u32, mut open: StreamOpen) {
         // Guest strings end up in PipeWire properties, logs and file names.
         for field in [
             &mut open.app.name,
@@ -313,6 +340,7 @@ impl Host {
                     session: self.sessions,
                     from_s16: matches!(open.codec, Codec::PcmS16Le),
                     latency_frames: (u128::from(format.rate) * self.config.latency.as_micros() / 1_000_000) as usize,
+                    part: 1,
                     format: format.clone(),
                     open: open.clone(),
                 };
@@ -321,6 +349,7 @@ impl Host {
             });
         match result {
             Ok((desc, decoder, sink)) => {
+                let output = sink.describe();
                 log::info!(
                     "melange-host: stream {stream} opened: \"{}\" (role {}, binary {}), {} {} Hz {} ch, {} ms packets -> {}",
                     open.app.name,
@@ -337,7 +366,11 @@ impl Host {
                     HostStream {
                         desc,
                         decoder,
-                        sink,
+                        sink: Some(sink),
+                        output,
+                        last_media: now,
+                        closed_underruns: 0,
+                        closed_overflows: 0,
                         next_seq: None,
                         packets: 0,
                         wire_bytes: 0,
@@ -361,8 +394,23 @@ impl Host {
         }
     }
 
-    fn on_media(&mut self, stream: u32, packet: &MediaPacket) {
+    fn on_media(&mut self, now: Instant, stream: u32, packet: &MediaPacket) {
         let Some(s) = self.streams.get_mut(&stream) else { return };
+        s.last_media = now;
+        if s.sink.is_none() {
+            s.desc.part += 1;
+            match self.output.open(&s.desc) {
+                Ok(sink) => {
+                    log::info!("melange-host: stream {stream} plays again -> {}", sink.describe());
+                    s.output = sink.describe();
+                    s.sink = Some(sink);
+                }
+                Err(e) => {
+                    self.bad_input.warn("output", format_args!("stream {stream}: cannot reopen the output: {e}"));
+                    return;
+                }
+            }
+        }
         let rate = u64::from(s.desc.format.rate);
         s.packets += 1;
         s.wire_bytes += (HEADER_LEN + MEDIA_HEADER_LEN + packet.data.len()) as u64;
@@ -403,21 +451,30 @@ impl Host {
             s.decoded_frames += ((s.scratch.len() - before) / usize::from(s.desc.format.channels)) as u64;
         }
         s.frames += (s.scratch.len() / usize::from(s.desc.format.channels)) as u64;
-        s.sink.write(&s.scratch);
+        if let Some(sink) = &mut s.sink {
+            sink.write(&s.scratch);
+        }
         if self.same_clock && s.latencies_ms.len() < MAX_LATENCY_SAMPLES {
             // pts is when the first sample would have played in the guest; a packet cut
             // from late in a large graph cycle arrives before that, so this can be < 0.
             let transit_ms = (i128::from(clock::monotonic_ns()) - i128::from(packet.pts_ns)) as f64 / 1e6;
-            let buffered_ms = s.sink.buffered_frames() as f64 * 1000.0 / rate as f64;
+            let buffered = s.sink.as_ref().map_or(0, |k| k.buffered_frames());
+            let buffered_ms = buffered as f64 * 1000.0 / rate as f64;
             s.latencies_ms.push((transit_ms + buffered_ms) as f32);
         }
     }
 
     fn close_stream(&mut self, stream: u32, reason: &str) {
         let Some(mut s) = self.streams.remove(&stream) else { return };
-        if let Err(e) = s.sink.close() {
-            log::error!("melange-host: stream {stream}: {e}");
-        }
+        let (underruns, overflows) = match s.sink.take() {
+            Some(mut sink) => {
+                if let Err(e) = sink.close() {
+                    log::error!("melange-host: stream {stream}: {e}");
+                }
+                (s.closed_underruns + sink.underruns(), s.closed_overflows + sink.overflows())
+            }
+            None => (s.closed_underruns, s.closed_overflows),
+        };
         let seconds = s.opened.elapsed().as_secs_f64();
         let media_seconds = s.frames as f64 / f64::from(s.desc.format.rate);
         let mut lat = s.latencies_ms.clone();
@@ -436,7 +493,7 @@ impl Host {
             fmt_ms(p99),
             s.lost_packets,
             s.decode_errors,
-            s.sink.underruns()
+            underruns
         );
         if let Some(path) = &self.config.report {
             let line = serde_json::json!({
@@ -446,7 +503,7 @@ impl Host {
                 "codec": s.desc.open.codec.name(),
                 "rate": s.desc.format.rate,
                 "channels": s.desc.format.channels,
-                "output": s.sink.describe(),
+                "output": s.output,
                 "seconds": seconds,
                 "media_seconds": media_seconds,
                 "packets": s.packets,
@@ -456,8 +513,8 @@ impl Host {
                 "latency_ms_p99": p99,
                 "lost_packets": s.lost_packets,
                 "bad_packets": s.decode_errors,
-                "underruns": s.sink.underruns(),
-                "overflow_samples": s.sink.overflows(),
+                "underruns": underruns,
+                "overflow_samples": overflows,
             });
             let written = std::fs::OpenOptions::new()
                 .create(true)
@@ -480,7 +537,78 @@ impl Host {
 
 #[cfg(test)]
 mod tests {
-    use super::sanitize;
+    use super::*;
+    use crate::output::WavOutput;
+    use melange_transport::message::{AppInfo, AudioFormat};
+
+    /// A guest session talking to `host` through `receive`, with virtual time.
+    fn connect(host: &mut Host, now: Instant) -> Session {
+        let caps = Capabilities { codecs: codec_bits::PCM_S16LE, max_streams: 8 };
+        let mut guest = Session::new(SessionConfig::new(Role::Guest, "test guest", caps), now);
+        pump(host, &mut guest, now);
+        assert!(guest.is_established());
+        guest
+    }
+
+    fn pump(host: &mut Host, guest: &mut Session, now: Instant) {
+        let out = guest.pending_output().to_vec();
+        guest.consume_output(out.len());
+        assert!(host.receive(now, &out));
+        guest.handle_input(now, &host.take_output());
+    }
+
+    /// Lets virtual time pass second by second, heartbeats flowing both ways.
+    fn idle(host: &mut Host, guest: &mut Session, from: Instant, seconds: u64) -> Instant {
+        let mut now = from;
+        for _ in 0..seconds {
+            now += Duration::from_secs(1);
+            guest.handle_timeout(now);
+            pump(host, guest, now);
+            assert!(host.tick(now), "the session must survive idling");
+        }
+        now
+    }
+
+    #[test]
+    fn an_idle_stream_releases_its_output_and_reopens_when_it_plays_again() {
+        let dir = std::env::temp_dir().join(format!("melange-idle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config =
+            HostConfig { latency: Duration::from_millis(30), report: None, idle_timeout: Duration::from_secs(30) };
+        let mut host = Host::new(config, Box::new(WavOutput::new(&dir).unwrap()));
+        let t0 = Instant::now();
+        let mut guest = connect(&mut host, t0);
+        let open = StreamOpen {
+            media: MediaKind::Audio(AudioFormat { rate: 48000, channels: 1, positions: vec![2] }),
+            codec: Codec::PcmS16Le,
+            frame_samples: 480,
+            app: AppInfo { name: "app".into(), ..Default::default() },
+        };
+        guest.open_stream(1, &open).unwrap();
+        let packet = |seq| MediaPacket { seq, pts_ns: 0, duration: 480, data: vec![7; 960] };
+        for seq in 0..10 {
+            guest.send_media(1, &packet(seq)).unwrap();
+        }
+        pump(&mut host, &mut guest, t0);
+        let first = dir.join("s1-stream1-app.wav");
+        let t = idle(&mut host, &mut guest, t0, 29);
+        assert!(host.streams[&1].sink.is_some(), "released before the timeout");
+        let t = idle(&mut host, &mut guest, t, 1);
+        assert!(host.streams[&1].sink.is_none(), "an idle stream keeps its output");
+        assert_eq!(std::fs::metadata(&first).unwrap().len(), 44 + 10 * 960, "the first part is finished");
+
+        let t1 = t + Duration::from_millis(500);
+        for seq in 10..15 {
+            guest.send_media(1, &packet(seq)).unwrap();
+        }
+        pump(&mut host, &mut guest, t1);
+        assert!(host.streams[&1].sink.is_some());
+        guest.close_stream(1, "done");
+        pump(&mut host, &mut guest, t1);
+        assert!(host.streams.is_empty());
+        assert_eq!(std::fs::metadata(dir.join("s1-stream1.2-app.wav")).unwrap().len(), 44 + 5 * 960);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn guest_strings_lose_control_characters_and_length() {

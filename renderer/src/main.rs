@@ -32,6 +32,10 @@ struct Cli {
     /// Jitter-buffer target in milliseconds (1..=1000).
     #[arg(long, value_name = "MS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=1000))]
     latency: u64,
+    /// Seconds without media after which a stream releases its output (PipeWire stream
+    /// or WAV file) until it plays again.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    idle_timeout: u64,
     /// Append one JSON object per closed stream (latency, bitrate, losses) to FILE.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -91,7 +95,12 @@ fn run(cli: Cli) -> Result<(), String> {
     let output = make_output(&cli.output).map_err(|e| e.to_string())?;
     let waker = Waker::new().map_err(|e| e.to_string())?;
     install_signal_handlers(&waker);
-    let mut host = Host::new(HostConfig { latency: Duration::from_millis(cli.latency), report: cli.report }, output);
+    let config = HostConfig {
+        latency: Duration::from_millis(cli.latency),
+        report: cli.report,
+        idle_timeout: Duration::from_secs(cli.idle_timeout),
+    };
+    let mut host = Host::new(config, output);
     host.run(&mut link, &waker, &STOP).map_err(|e| format!("port error on {}: {e}", link.describe()))?;
     log::info!("melange-host: stopped");
     Ok(())

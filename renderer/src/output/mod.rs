@@ -75,6 +75,9 @@ pub struct StreamDesc {
     pub from_s16: bool,
     /// Jitter-buffer target in sample frames.
     pub latency_frames: usize,
+    /// Which output of this stream this is: 1, then 2, 3, ... each time an idle stream
+    /// plays again.
+    pub part: u32,
 }
 
 impl StreamDesc {

@@ -130,6 +130,7 @@ impl Output for PipeWireOutput {
             ("media.type", "Audio".to_string()),
             ("media.category", "Playback".to_string()),
             ("node.name", format!("melange.s{}.stream{}", desc.session, desc.stream)),
+            ("melange.guest.part", desc.part.to_string()),
             ("node.description", name.clone()),
             ("media.name", if app.media_name.is_empty() { name.clone() } else { app.media_name.clone() }),
             ("application.name", name.clone()),

@@ -38,7 +38,8 @@ impl Output for WavOutput {
             .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
             .take(40)
             .collect();
-        let path = self.dir.join(format!("s{}-stream{}-{app}.wav", desc.session, desc.stream));
+        let part = if desc.part > 1 { format!(".{}", desc.part) } else { String::new() };
+        let path = self.dir.join(format!("s{}-stream{}{part}-{app}.wav", desc.session, desc.stream));
         let writer = WavWriter::create(&path, desc.format.rate, desc.format.channels, desc.from_s16)?;
         Ok(Box::new(writer))
     }
