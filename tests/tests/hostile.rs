@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use melange_tests::audio;
-use melange_tests::{reports, scratch, start_host, wait_until};
+use melange_tests::{cpu_seconds, proc_status_kib, reports, scratch, start_host, wait_until};
 use melange_transport::frame::{crc16, encode_frame, FrameKind, MAX_PAYLOAD};
 use melange_transport::message::{
     codec_bits, encode_control, AppInfo, AudioFormat, Capabilities, Codec, Hello, MediaKind, MediaPacket, Role,
@@ -81,23 +81,6 @@ impl Guest {
         MediaPacket { seq, pts_ns, duration, data }.encode_into(&mut payload);
         self.frame(FrameKind::Media, 0, stream, &payload);
     }
-}
-
-fn proc_status(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (tick(11) + tick(12)) / hz
 }
 
 #[test]
@@ -256,7 +239,7 @@ fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() 
 
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu0;
-    let peak_kib = proc_status(pid, "VmHWM:");
+    let peak_kib = proc_status_kib(pid, "VmHWM:");
     host.stop();
     let log = std::fs::read_to_string(dir.join("host.log")).unwrap_or_default();
     eprintln!("hostile: {wall:.1} s, host cpu {cpu:.2} s, idle cpu {idle_cpu:.3} s/s, peak RSS {} KiB", peak_kib);

@@ -15,18 +15,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use melange_tests::audio;
-use melange_tests::{reports, scratch, start_guest, start_host, wait_until, GuestCodec, PipeWire};
-
-/// CPU seconds (user + system) of a process and all its threads.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    // After the command name: state is field 3, utime 14, stime 15 (1-based overall).
-    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (tick(11) + tick(12)) / hz
-}
+use melange_tests::{cpu_seconds, reports, scratch, start_guest, start_host, wait_until, GuestCodec, PipeWire};
 
 /// The `pipewire -c melange-guest.conf` process under the launcher script.
 fn module_pid(launcher: u32) -> Option<u32> {
