@@ -17,6 +17,7 @@
 #[allow(unsafe_code)]
 pub mod clock;
 pub mod codec;
+pub mod drift;
 pub mod link;
 #[allow(unsafe_code)]
 pub mod opus;
