@@ -19,8 +19,11 @@ const BANDWIDTH_HZ: f64 = 0.064;
 /// The error fed to the loop is clamped to this many milliseconds, so a burst or an
 /// underrun cannot swing the rate.
 const MAX_ERROR_MS: f64 = 5.0;
-/// The rate never leaves 1 ± this (0.5 %: ten times the largest drift we expect).
-const MAX_CORRECTION: f64 = 0.005;
+/// The rate never leaves 1 ± this: twice the largest drift we expect (500 ppm), and
+/// under two cents of pitch even when it is all used.
+const MAX_CORRECTION: f64 = 0.001;
+/// Seconds of fill averaged to learn the set point before correcting anything.
+const LEARN_SECONDS: f64 = 0.5;
 
 /// PipeWire's delay-locked loop (`struct spa_dll`).
 #[derive(Debug, Clone)]
@@ -49,35 +52,60 @@ impl Dll {
 }
 
 /// Per-stream drift control. See the module docs.
+///
+/// The set point is learned, not given: packets arrive in bursts, so the mean fill of a
+/// buffer primed to its jitter target sits above that target by about half a burst.
+/// Correcting that offset would drain it at a pitch-changing rate; the controller
+/// instead averages the fill for its first half second and holds that level, so it
+/// only ever corrects drift.
 #[derive(Debug, Clone)]
 pub struct DriftController {
     dll: Dll,
     target: f64,
     max_error: f64,
     ratio: f64,
+    learn_cycles: u32,
+    learned: (f64, u32),
 }
 
 impl DriftController {
     /// A controller holding `target_frames` buffered, updated every `period_frames`
     /// output frames at `rate` Hz.
     pub fn new(target_frames: usize, period_frames: u32, rate: u32) -> Self {
+        let learn_cycles = (LEARN_SECONDS * f64::from(rate.max(1)) / f64::from(period_frames.max(1))).ceil() as u32;
         Self {
             dll: Dll::new(BANDWIDTH_HZ, period_frames.max(1), rate.max(1)),
             target: target_frames as f64,
             max_error: MAX_ERROR_MS * f64::from(rate) / 1000.0,
             ratio: 1.0,
+            learn_cycles,
+            learned: (0.0, 0),
         }
     }
 
-    /// Moves the target (when the jitter buffer grows it).
-    pub fn set_target(&mut self, target_frames: usize) {
-        self.target = target_frames as f64;
+    /// Learns the set point again (after the jitter buffer raised its target and
+    /// re-primed), keeping what the loop knows about the drift.
+    pub fn relearn(&mut self) {
+        self.learned = (0.0, 0);
+    }
+
+    /// The fill being held, in frames (the learned set point once learned).
+    pub fn target(&self) -> f64 {
+        self.target
     }
 
     /// Feeds the frames buffered at the start of an output cycle; returns the input
     /// frames to consume per output frame (above 1 drains a buffer that is too full).
     pub fn update(&mut self, buffered_frames: f64) -> f64 {
         if !buffered_frames.is_finite() {
+            return self.ratio;
+        }
+        if self.learned.1 < self.learn_cycles {
+            self.learned.0 += buffered_frames;
+            self.learned.1 += 1;
+            if self.learned.1 == self.learn_cycles {
+                self.target = self.learned.0 / f64::from(self.learn_cycles);
+            }
             return self.ratio;
         }
         let err = (buffered_frames - self.target).clamp(-self.max_error, self.max_error);
@@ -108,7 +136,7 @@ mod tests {
     /// fill seen (frames), and the mean ratio over the last 10 s.
     fn simulate(ppm: f64, seconds: f64, warmup: f64, jitter_ms: f64) -> (f64, f64, f64) {
         let rate = 48_000.0;
-        let target = 1440.0; // 30 ms
+        let target = 1440.0; // 30 ms: where the buffer is primed
         let mut ctl = DriftController::new(1440, 256, 48_000);
         let packet_period = 0.010 / (1.0 + ppm * 1e-6); // host seconds per guest packet
         let cycle = 256.0 / rate;
@@ -147,7 +175,9 @@ mod tests {
             t += cycle;
             if t >= window_end {
                 if t > warmup {
-                    worst = worst.max(((sum / f64::from(n) - target) / rate * 1000.0).abs());
+                    worst = worst.max(((sum / f64::from(n) - ctl.target()) / rate * 1000.0).abs());
+                    // The learned set point is the primed fill plus about half a packet.
+                    assert!((ctl.target() - target).abs() < 480.0, "learned set point {}", ctl.target());
                 }
                 sum = 0.0;
                 n = 0;

@@ -2,6 +2,7 @@
 //! stream; one file per backend.
 
 mod null;
+#[allow(unsafe_code)]
 mod pipewire;
 mod wav;
 

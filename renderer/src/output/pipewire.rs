@@ -5,15 +5,21 @@
 //! a per-stream SPSC ring, and the stream's real-time callback reads it, deciding with
 //! [`Playout`] when to start (the `--latency` target) and writing silence on underrun.
 //! On close the stream plays out what is buffered before it is destroyed.
+//!
+//! Drift control: while playing, the callback feeds the ring's fill to a
+//! [`DriftController`] and writes its rate into the stream's `SPA_IO_RateMatch` area, so
+//! the stream's resampler consumes guest audio exactly as fast as the guest's clock
+//! makes it and the fill stays at the target instead of creeping.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use melange_shim::drift::DriftController;
 use melange_shim::playout::Playout;
 use melange_transport::message::AudioFormat;
 use pipewire as pw;
@@ -25,6 +31,9 @@ use super::{Output, OutputError, StreamDesc, StreamSink};
 /// Decoded audio a stream's ring holds at most: room for the largest jitter target
 /// (4 x --latency) and bursts, while 64 streams of 8 channels stay within memory limits.
 const RING: Duration = Duration::from_millis(500);
+/// The quantum each stream asks for: the jitter buffer, not the device period, sets
+/// latency, and the drift controller updates once per cycle.
+const QUANTUM: u32 = 256;
 /// How often the PipeWire thread looks for streams that finished draining.
 const REAP_INTERVAL: Duration = Duration::from_millis(50);
 /// A draining stream is destroyed after this even if its callback never ran.
@@ -38,6 +47,10 @@ struct Shared {
     played_frames: AtomicU64,
     silence_frames: AtomicU64,
     cycles: AtomicU64,
+    /// The stream's rate-match area, set by `io_changed` (null when unset).
+    rate_match: AtomicPtr<spa::sys::spa_io_rate_match>,
+    /// The drift controller's last estimate, in ppm x 1000, for the close log.
+    drift_ppb: AtomicI64,
     draining: AtomicBool,
     drained: AtomicBool,
 }
@@ -45,6 +58,7 @@ struct Shared {
 struct RtData {
     consumer: Consumer<f32>,
     playout: Playout,
+    drift: DriftController,
     channels: usize,
     shared: Arc<Shared>,
 }
@@ -135,7 +149,7 @@ impl Output for PipeWireOutput {
             ("media.name", if app.media_name.is_empty() { name.clone() } else { app.media_name.clone() }),
             ("application.name", name.clone()),
             // Small quantum hint: the jitter buffer, not the device period, sets latency.
-            ("node.latency", format!("256/{}", desc.format.rate)),
+            ("node.latency", format!("{QUANTUM}/{}", desc.format.rate)),
             ("melange.guest.stream", desc.stream.to_string()),
         ];
         if !app.role.is_empty() {
@@ -148,7 +162,13 @@ impl Output for PipeWireOutput {
             props.push(("melange.guest.binary", app.binary.clone()));
         }
         let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
-        let rt = RtData { consumer, playout: Playout::new(desc.latency_frames), channels, shared: shared.clone() };
+        let rt = RtData {
+            consumer,
+            playout: Playout::new(desc.latency_frames),
+            drift: DriftController::new(desc.latency_frames, QUANTUM, desc.format.rate),
+            channels,
+            shared: shared.clone(),
+        };
         self.commands
             .send(Command::Open { key, name: name.clone(), props, format: desc.format.clone(), rt, reply: reply_tx })
             .map_err(|_| OutputError::PipeWire("the PipeWire thread is gone".into()))?;
@@ -212,12 +232,13 @@ impl StreamSink for PipeWireSink {
     fn close(&mut self) -> Result<(), OutputError> {
         if !std::mem::replace(&mut self.closed, true) {
             log::debug!(
-                "{}: played {} frames, {} silent, {} cycles, {} underruns",
+                "{}: played {} frames, {} silent, {} cycles, {} underruns, drift {:.0} ppm",
                 self.name,
                 self.shared.played_frames.load(Ordering::Relaxed),
                 self.shared.silence_frames.load(Ordering::Relaxed),
                 self.shared.cycles.load(Ordering::Relaxed),
-                self.shared.underruns.load(Ordering::Relaxed)
+                self.shared.underruns.load(Ordering::Relaxed),
+                self.shared.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0
             );
             self.shared.draining.store(true, Ordering::Relaxed);
             let _ = self.commands.send(Command::Close { key: self.key });
@@ -330,8 +351,15 @@ fn open_stream(
         properties.insert(*k, v.as_str());
     }
     let stream = pw::stream::StreamRc::new(core.clone(), name, properties).map_err(|e| e.to_string())?;
+    let io_shared = rt.shared.clone();
     let listener = stream
         .add_local_listener_with_user_data(rt)
+        .io_changed(move |_, _, id, area, _| {
+            // May run on another thread than `process`: hand the pointer over atomically.
+            if id == spa::sys::SPA_IO_RateMatch {
+                io_shared.rate_match.store(area.cast(), Ordering::Release);
+            }
+        })
         .process(|stream, d| {
             // Real-time: ring to buffer, silence for the rest; no allocation or locks.
             let Some(mut buffer) = stream.dequeue_buffer() else { return };
@@ -352,6 +380,19 @@ fn open_stream(
                 let take = d.playout.plan(buffered, frames);
                 if d.playout.underruns() != before {
                     d.shared.underruns.fetch_add(1, Ordering::Relaxed);
+                    d.drift.relearn();
+                }
+                if d.playout.is_playing() {
+                    let ratio = d.drift.update(buffered as f64);
+                    let rate_match = d.shared.rate_match.load(Ordering::Acquire);
+                    // SAFETY: PipeWire keeps the area it passed to io_changed valid until
+                    // it passes another (or null), and only this callback writes it.
+                    if let Some(rm) = unsafe { rate_match.as_mut() } {
+                        // rate > 1 consumes less input per output frame (as module-rtp-source).
+                        rm.rate = 1.0 / ratio;
+                        rm.flags |= spa::sys::SPA_IO_RATE_MATCH_FLAG_ACTIVE;
+                    }
+                    d.shared.drift_ppb.store((d.drift.drift_ppm() * 1000.0) as i64, Ordering::Relaxed);
                 }
                 take
             };
