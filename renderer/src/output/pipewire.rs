@@ -69,7 +69,7 @@ enum Command {
         name: String,
         props: Vec<(&'static str, String)>,
         format: AudioFormat,
-        rt: RtData,
+        rt: Box<RtData>,
         reply: crossbeam_channel::Sender<Result<(), String>>,
     },
     Close {
@@ -170,7 +170,14 @@ impl Output for PipeWireOutput {
             shared: shared.clone(),
         };
         self.commands
-            .send(Command::Open { key, name: name.clone(), props, format: desc.format.clone(), rt, reply: reply_tx })
+            .send(Command::Open {
+                key,
+                name: name.clone(),
+                props,
+                format: desc.format.clone(),
+                rt: Box::new(rt),
+                reply: reply_tx,
+            })
             .map_err(|_| OutputError::PipeWire("the PipeWire thread is gone".into()))?;
         match reply_rx.recv_timeout(Duration::from_secs(5)) {
             Ok(Ok(())) => {}
@@ -316,7 +323,7 @@ fn run(rx: pw::channel::Receiver<Command>, ready: crossbeam_channel::Sender<Resu
         move |cmd| match cmd {
             Command::Open { key, name, props, format, rt, reply } => {
                 let shared = rt.shared.clone();
-                let result = open_stream(&core, &name, props, &format, rt).map(|(stream, listener)| {
+                let result = open_stream(&core, &name, props, &format, *rt).map(|(stream, listener)| {
                     streams.borrow_mut().insert(key, Live { _listener: listener, stream, shared, closing_since: None });
                 });
                 let _ = reply.send(result);
