@@ -64,6 +64,12 @@ struct HostStream {
     decoded_frames: u64,
     concealed_frames: u64,
     opened: Instant,
+    /// Mean output fill per second of the stream: (window start, sum, count), the
+    /// mean of its second second, and of the last full second.
+    fill_window: (Instant, f64, u32),
+    fill_second_2: Option<f64>,
+    fill_last: Option<f64>,
+    seconds_seen: u32,
     latencies_ms: Vec<f32>,
     scratch: Vec<f32>,
 }
@@ -380,6 +386,10 @@ impl Host {
                         decoded_frames: 0,
                         concealed_frames: 0,
                         opened: Instant::now(),
+                        fill_window: (now, 0.0, 0),
+                        fill_second_2: None,
+                        fill_last: None,
+                        seconds_seen: 0,
                         latencies_ms: Vec::new(),
                         scratch: Vec::with_capacity(open.frame_samples as usize * usize::from(format.channels)),
                     },
@@ -454,6 +464,19 @@ impl Host {
         if let Some(sink) = &mut s.sink {
             sink.write(&s.scratch);
         }
+        let fill = s.sink.as_ref().map_or(0, |k| k.buffered_frames()) as f64;
+        let (start, sum, n) = &mut s.fill_window;
+        if now.saturating_duration_since(*start) >= Duration::from_secs(1) {
+            let mean_ms = if *n > 0 { *sum / f64::from(*n) * 1000.0 / rate as f64 } else { 0.0 };
+            s.seconds_seen += 1;
+            if s.seconds_seen == 2 {
+                s.fill_second_2 = Some(mean_ms);
+            }
+            s.fill_last = Some(mean_ms);
+            s.fill_window = (now, 0.0, 0);
+        }
+        s.fill_window.1 += fill;
+        s.fill_window.2 += 1;
         if self.same_clock && s.latencies_ms.len() < MAX_LATENCY_SAMPLES {
             // pts is when the first sample would have played in the guest; a packet cut
             // from late in a large graph cycle arrives before that, so this can be < 0.
@@ -466,6 +489,7 @@ impl Host {
 
     fn close_stream(&mut self, stream: u32, reason: &str) {
         let Some(mut s) = self.streams.remove(&stream) else { return };
+        let drift_ppm = s.sink.as_ref().and_then(|k| k.drift_ppm());
         let (underruns, overflows) = match s.sink.take() {
             Some(mut sink) => {
                 if let Err(e) = sink.close() {
@@ -514,6 +538,9 @@ impl Host {
                 "lost_packets": s.lost_packets,
                 "bad_packets": s.decode_errors,
                 "underruns": underruns,
+                "drift_ppm": drift_ppm,
+                "fill_ms_second_2": s.fill_second_2,
+                "fill_ms_last_second": s.fill_last,
                 "overflow_samples": overflows,
             });
             let written = std::fs::OpenOptions::new()

@@ -7,6 +7,9 @@
 //! `cargo build --release --workspace` first; `scripts/test` does).
 
 pub mod audio;
+mod scripted;
+
+pub use scripted::ScriptedGuest;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};

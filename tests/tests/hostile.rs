@@ -7,81 +7,12 @@
 //! and serve the next guest.
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use melange_tests::audio;
-use melange_tests::{cpu_seconds, proc_status_kib, reports, scratch, start_host, wait_until};
+use melange_tests::{cpu_seconds, proc_status_kib, reports, scratch, start_host, wait_until, ScriptedGuest};
 use melange_transport::frame::{crc16, encode_frame, FrameKind, MAX_PAYLOAD};
-use melange_transport::message::{
-    codec_bits, encode_control, AppInfo, AudioFormat, Capabilities, Codec, Hello, MediaKind, MediaPacket, Role,
-    StreamEnd, StreamOpen,
-};
-use melange_transport::session::{Session, SessionConfig};
-
-/// A guest connection that can send both well-formed and malformed bytes.
-struct Guest {
-    sock: UnixStream,
-    session: Session,
-}
-
-impl Guest {
-    fn connect(path: &Path) -> Guest {
-        let sock = UnixStream::connect(path).expect("connect to melange-host");
-        sock.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
-        sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        let caps = Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: 64 };
-        let mut g =
-            Guest { sock, session: Session::new(SessionConfig::new(Role::Guest, "hostile", caps), Instant::now()) };
-        g.flush();
-        let mut buf = [0u8; 4096];
-        while !g.session.is_established() {
-            let n = g.sock.read(&mut buf).expect("welcome");
-            assert!(n > 0, "host hung up during the handshake");
-            g.session.handle_input(Instant::now(), &buf[..n]);
-        }
-        g
-    }
-
-    fn flush(&mut self) {
-        let out = self.session.pending_output().to_vec();
-        self.sock.write_all(&out).expect("host keeps reading");
-        self.session.consume_output(out.len());
-    }
-
-    fn raw(&mut self, bytes: &[u8]) {
-        self.sock.write_all(bytes).expect("host keeps reading");
-    }
-
-    fn frame(&mut self, kind: FrameKind, flags: u8, stream: u32, payload: &[u8]) {
-        let mut out = Vec::new();
-        encode_frame(&mut out, kind, flags, stream, payload).expect("frame fits");
-        self.raw(&out);
-    }
-
-    fn open(&mut self, stream: u32, rate: u32, channels: u8, codec: Codec, frame_samples: u32, name: &str) {
-        let positions = if channels == 2 { vec![3, 4] } else { vec![2] };
-        let open = StreamOpen {
-            media: MediaKind::Audio(AudioFormat { rate, channels, positions }),
-            codec,
-            frame_samples,
-            app: AppInfo { name: name.into(), ..Default::default() },
-        };
-        self.frame(FrameKind::StreamOpen, 0, stream, &encode_control("stream-open", &open).expect("encodes"));
-    }
-
-    fn close(&mut self, stream: u32, reason: &str) {
-        let end = StreamEnd { reason: reason.into() };
-        self.frame(FrameKind::StreamClose, 0, stream, &encode_control("stream-close", &end).expect("encodes"));
-    }
-
-    fn media(&mut self, stream: u32, seq: u32, pts_ns: u64, duration: u32, data: Vec<u8>) {
-        let mut payload = Vec::new();
-        MediaPacket { seq, pts_ns, duration, data }.encode_into(&mut payload);
-        self.frame(FrameKind::Media, 0, stream, &payload);
-    }
-}
+use melange_transport::message::{encode_control, Capabilities, Codec, Hello, Role};
 
 #[test]
 fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() {
@@ -98,7 +29,7 @@ fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() 
     let started = Instant::now();
     let cpu0 = cpu_seconds(pid);
 
-    let mut g = Guest::connect(&sock);
+    let mut g = ScriptedGuest::connect(&sock);
     // Stream 1 is genuine PCM; 2 (Opus) and 3 (PCM) are hostile; 4..=64 fill the limit.
     g.open(1, 48000, 2, Codec::PcmS16Le, 480, "genuine");
     g.open(2, 48000, 2, Codec::Opus { bitrate: 64_000 }, 480, "hostile opus");
@@ -227,7 +158,7 @@ fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() 
     let cpu1 = cpu_seconds(pid);
     std::thread::sleep(Duration::from_secs(1));
     let idle_cpu = cpu_seconds(pid) - cpu1;
-    let mut next_guest = Guest::connect(&sock);
+    let mut next_guest = ScriptedGuest::connect(&sock);
     next_guest.open(1, 48000, 2, Codec::PcmS16Le, 480, "next guest");
     for seq in 0..20u32 {
         next_guest.media(1, seq, 0, 480, vec![1; 1920]);

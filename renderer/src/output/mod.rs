@@ -107,6 +107,10 @@ pub trait StreamSink {
     fn underruns(&self) -> u64;
     /// Samples dropped because the buffer was full.
     fn overflows(&self) -> u64;
+    /// The clock difference drift control has measured, in ppm, where it runs.
+    fn drift_ppm(&self) -> Option<f64> {
+        None
+    }
     /// Finishes the stream (drains or finalises files). Called exactly once.
     fn close(&mut self) -> Result<(), OutputError>;
     /// Where this stream goes, for the log.

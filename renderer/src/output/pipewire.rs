@@ -236,6 +236,10 @@ impl StreamSink for PipeWireSink {
         self.overflows
     }
 
+    fn drift_ppm(&self) -> Option<f64> {
+        Some(self.shared.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0)
+    }
+
     fn close(&mut self) -> Result<(), OutputError> {
         if !std::mem::replace(&mut self.closed, true) {
             log::debug!(

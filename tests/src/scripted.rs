@@ -1,0 +1,82 @@
+//! An in-process guest on a unix socket that speaks the protocol well or badly on
+//! purpose: the hostile-guest test and the drift test drive melange-host with it.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use melange_transport::frame::{encode_frame, FrameKind};
+use melange_transport::message::{
+    codec_bits, encode_control, AppInfo, AudioFormat, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamEnd,
+    StreamOpen,
+};
+use melange_transport::session::{Session, SessionConfig};
+
+/// See the module docs. Panics (failing the test) when the host stops reading.
+#[derive(Debug)]
+pub struct ScriptedGuest {
+    /// The connection.
+    pub sock: UnixStream,
+    /// The well-formed side: used for the handshake.
+    pub session: Session,
+}
+
+impl ScriptedGuest {
+    /// Connects and completes the handshake.
+    pub fn connect(path: &Path) -> ScriptedGuest {
+        let sock = UnixStream::connect(path).expect("connect to melange-host");
+        sock.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let caps = Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: 64 };
+        let session = Session::new(SessionConfig::new(Role::Guest, "scripted guest", caps), Instant::now());
+        let mut g = ScriptedGuest { sock, session };
+        let hello = g.session.pending_output().to_vec();
+        g.session.consume_output(hello.len());
+        g.raw(&hello);
+        let mut buf = [0u8; 4096];
+        while !g.session.is_established() {
+            let n = g.sock.read(&mut buf).expect("welcome");
+            assert!(n > 0, "host hung up during the handshake");
+            g.session.handle_input(Instant::now(), &buf[..n]);
+        }
+        g
+    }
+
+    /// Writes bytes as they are.
+    pub fn raw(&mut self, bytes: &[u8]) {
+        self.sock.write_all(bytes).expect("host keeps reading");
+    }
+
+    /// Writes one frame.
+    pub fn frame(&mut self, kind: FrameKind, flags: u8, stream: u32, payload: &[u8]) {
+        let mut out = Vec::new();
+        encode_frame(&mut out, kind, flags, stream, payload).expect("frame fits");
+        self.raw(&out);
+    }
+
+    /// Opens an audio stream (mono gets position MONO, stereo FL/FR).
+    pub fn open(&mut self, stream: u32, rate: u32, channels: u8, codec: Codec, frame_samples: u32, name: &str) {
+        let positions = if channels == 2 { vec![3, 4] } else { vec![2] };
+        let open = StreamOpen {
+            media: MediaKind::Audio(AudioFormat { rate, channels, positions }),
+            codec,
+            frame_samples,
+            app: AppInfo { name: name.into(), ..Default::default() },
+        };
+        self.frame(FrameKind::StreamOpen, 0, stream, &encode_control("stream-open", &open).expect("encodes"));
+    }
+
+    /// Closes a stream.
+    pub fn close(&mut self, stream: u32, reason: &str) {
+        let end = StreamEnd { reason: reason.into() };
+        self.frame(FrameKind::StreamClose, 0, stream, &encode_control("stream-close", &end).expect("encodes"));
+    }
+
+    /// Sends one media packet.
+    pub fn media(&mut self, stream: u32, seq: u32, pts_ns: u64, duration: u32, data: Vec<u8>) {
+        let mut payload = Vec::new();
+        MediaPacket { seq, pts_ns, duration, data }.encode_into(&mut payload);
+        self.frame(FrameKind::Media, 0, stream, &payload);
+    }
+}
