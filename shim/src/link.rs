@@ -24,8 +24,9 @@ use crate::clock;
 
 /// Most bytes queued for the port before new media is dropped (~1 s of PCM stereo).
 pub const MAX_QUEUED_BYTES: usize = 192 * 1024;
-/// Media packets that may wait between the encoders and the I/O thread.
-const MEDIA_QUEUE: usize = 512;
+/// Stream items (mostly media packets) that may wait between the encoders and the I/O
+/// thread.
+const STREAM_QUEUE: usize = 512;
 /// Streams the guest may announce at once.
 pub const MAX_STREAMS: u16 = 64;
 
@@ -44,28 +45,31 @@ pub struct LinkStats {
     pub connected: AtomicBool,
 }
 
-enum Command {
+/// What taps and encoders tell the I/O thread about a stream. One channel carries all
+/// of it, so a stream's open, media and close arrive in the order they were sent: a
+/// close never overtakes the stream's last packets.
+enum StreamItem {
     Open(u32, StreamOpen),
+    Media(u32, MediaPacket),
     Close(u32, String),
-    Shutdown,
 }
 
 /// Cheap, cloneable access to the link from taps and encoders.
 #[derive(Debug, Clone)]
 pub struct LinkHandle {
-    control: Sender<Command>,
-    media: Sender<(u32, MediaPacket)>,
+    items: Sender<StreamItem>,
+    shutdown: Arc<AtomicBool>,
     waker: Arc<Waker>,
     next_id: Arc<AtomicU32>,
     stats: Arc<LinkStats>,
 }
 
-impl std::fmt::Debug for Command {
+impl std::fmt::Debug for StreamItem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Command::Open(id, _) => write!(f, "Open({id})"),
-            Command::Close(id, _) => write!(f, "Close({id})"),
-            Command::Shutdown => f.write_str("Shutdown"),
+            StreamItem::Open(id, _) => write!(f, "Open({id})"),
+            StreamItem::Media(id, p) => write!(f, "Media({id}, {})", p.seq),
+            StreamItem::Close(id, _) => write!(f, "Close({id})"),
         }
     }
 }
@@ -74,20 +78,21 @@ impl LinkHandle {
     /// Registers a stream; it is announced now if a host is there, else on connect.
     pub fn open_stream(&self, open: StreamOpen) -> u32 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
-        let _ = self.control.send(Command::Open(id, open));
+        // Control is never dropped: waits for room (the I/O thread drains constantly).
+        let _ = self.items.send(StreamItem::Open(id, open));
         self.waker.wake();
         id
     }
 
     /// Ends a stream.
     pub fn close_stream(&self, stream: u32, reason: &str) {
-        let _ = self.control.send(Command::Close(stream, reason.into()));
+        let _ = self.items.send(StreamItem::Close(stream, reason.into()));
         self.waker.wake();
     }
 
     /// Queues a media packet; false if it was dropped because the queue is full.
     pub fn send_media(&self, stream: u32, packet: MediaPacket) -> bool {
-        match self.media.try_send((stream, packet)) {
+        match self.items.try_send(StreamItem::Media(stream, packet)) {
             Ok(()) => {
                 self.waker.wake();
                 true
@@ -126,13 +131,13 @@ impl LinkManager {
     /// is unusable; an absent host is waited for.
     pub fn spawn(config: LinkConfig) -> io::Result<Self> {
         let link = Link::open(&config.port)?;
-        let (control_tx, control_rx) = crossbeam_channel::unbounded();
-        let (media_tx, media_rx) = crossbeam_channel::bounded(MEDIA_QUEUE);
+        let (items_tx, items_rx) = crossbeam_channel::bounded(STREAM_QUEUE);
+        let shutdown = Arc::new(AtomicBool::new(false));
         let waker = Arc::new(Waker::new()?);
         let stats = Arc::new(LinkStats::default());
         let handle = LinkHandle {
-            control: control_tx,
-            media: media_tx,
+            items: items_tx,
+            shutdown: shutdown.clone(),
             waker: waker.clone(),
             next_id: Arc::new(AtomicU32::new(1)),
             stats: stats.clone(),
@@ -140,8 +145,8 @@ impl LinkManager {
         let mut io = IoThread {
             link,
             config,
-            control: control_rx,
-            media: media_rx,
+            items: items_rx,
+            shutdown,
             waker,
             stats,
             session: None,
@@ -167,7 +172,7 @@ impl LinkManager {
 
     fn stop(&mut self) {
         if let Some(t) = self.thread.take() {
-            let _ = self.handle.control.send(Command::Shutdown);
+            self.handle.shutdown.store(true, Ordering::Relaxed);
             self.handle.waker.wake();
             let _ = t.join();
         }
@@ -183,8 +188,8 @@ impl Drop for LinkManager {
 struct IoThread {
     link: Link,
     config: LinkConfig,
-    control: Receiver<Command>,
-    media: Receiver<(u32, MediaPacket)>,
+    items: Receiver<StreamItem>,
+    shutdown: Arc<AtomicBool>,
     waker: Arc<Waker>,
     stats: Arc<LinkStats>,
     session: Option<Session>,
@@ -203,10 +208,9 @@ impl IoThread {
         log::info!("melange link: waiting for the host on {}", self.link.describe());
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            if !self.drain_commands() {
+            if !self.drain_items() {
                 break;
             }
-            self.drain_media();
             self.flush();
             let timeout = self
                 .session
@@ -361,15 +365,28 @@ impl IoThread {
         }
     }
 
-    /// Applies stream commands; false on shutdown.
-    fn drain_commands(&mut self) -> bool {
+    /// Applies what taps and encoders sent, in order; false on shutdown.
+    fn drain_items(&mut self) -> bool {
         loop {
-            match self.control.try_recv() {
-                Ok(Command::Open(id, open)) => {
+            if self.shutdown.load(Ordering::Relaxed) {
+                return false;
+            }
+            match self.items.try_recv() {
+                Ok(StreamItem::Open(id, open)) => {
                     self.streams.insert(id, open);
                     self.announce(id);
                 }
-                Ok(Command::Close(id, reason)) => {
+                Ok(StreamItem::Media(id, packet)) => {
+                    let sent = match &mut self.session {
+                        Some(s) if self.announced.contains(&id) && s.pending_output().len() < MAX_QUEUED_BYTES => {
+                            s.send_media(id, &packet).is_ok()
+                        }
+                        _ => false,
+                    };
+                    let counter = if sent { &self.stats.packets_sent } else { &self.stats.packets_dropped };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(StreamItem::Close(id, reason)) => {
                     self.streams.remove(&id);
                     if self.announced.remove(&id) {
                         if let Some(s) = &mut self.session {
@@ -377,22 +394,10 @@ impl IoThread {
                         }
                     }
                 }
-                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return false,
+                // Every handle is gone: nobody can send anything again.
+                Err(TryRecvError::Disconnected) => return false,
                 Err(TryRecvError::Empty) => return true,
             }
-        }
-    }
-
-    fn drain_media(&mut self) {
-        while let Ok((id, packet)) = self.media.try_recv() {
-            let sent = match &mut self.session {
-                Some(s) if self.announced.contains(&id) && s.pending_output().len() < MAX_QUEUED_BYTES => {
-                    s.send_media(id, &packet).is_ok()
-                }
-                _ => false,
-            };
-            let counter = if sent { &self.stats.packets_sent } else { &self.stats.packets_dropped };
-            counter.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -411,5 +416,79 @@ impl IoThread {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use melange_transport::message::{AppInfo, AudioFormat, Codec, MediaKind};
+
+    /// A stream's open, media and close reach the host in the order they were sent,
+    /// even when they are sent back to back: the end of a stream is never cut.
+    #[test]
+    fn stream_traffic_keeps_its_order() {
+        let path = std::env::temp_dir().join(format!("melange-link-order-{}.sock", std::process::id()));
+        let mut listener = Link::listen(&path).unwrap();
+        let manager =
+            LinkManager::spawn(LinkConfig { port: PortSpec::Unix(path.clone()), software: "test".into() }).unwrap();
+        let handle = manager.handle();
+
+        let caps = Capabilities { codecs: codec_bits::PCM_S16LE, max_streams: 8 };
+        let mut host: Option<Session> = None;
+        let mut buf = vec![0u8; 65536];
+        let mut events = Vec::new();
+        let mut sent = false;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && !events.iter().any(|e| matches!(e, Event::StreamClosed { .. })) {
+            // Once the guest side is established too (it dropped media before that).
+            if handle.stats().connected.load(Ordering::Relaxed) && !sent {
+                let open = StreamOpen {
+                    media: MediaKind::Audio(AudioFormat { rate: 48000, channels: 1, positions: vec![2] }),
+                    codec: Codec::PcmS16Le,
+                    frame_samples: 480,
+                    app: AppInfo::default(),
+                };
+                let id = handle.open_stream(open);
+                for seq in 0..50 {
+                    assert!(handle.send_media(id, MediaPacket { seq, pts_ns: 0, duration: 480, data: vec![0; 960] }));
+                }
+                handle.close_stream(id, "done");
+                sent = true;
+            }
+            match listener.wait(false, Some(Duration::from_millis(20)), None).unwrap() {
+                LinkEvent::Connected => {
+                    host =
+                        Some(Session::new(SessionConfig::new(Role::Host, "test host", caps.clone()), Instant::now()));
+                }
+                LinkEvent::Readable => {
+                    while let Some(n) = listener.read(&mut buf).unwrap() {
+                        if n == 0 {
+                            break;
+                        }
+                        if let Some(h) = &mut host {
+                            h.handle_input(Instant::now(), &buf[..n]);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if let Some(h) = &mut host {
+                let out = h.pending_output().to_vec();
+                let n = listener.write(&out).unwrap_or(0);
+                h.consume_output(n);
+                events.extend(std::iter::from_fn(|| h.poll_event()));
+            }
+        }
+        manager.shutdown();
+        let media: Vec<u32> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Media { packet, .. } => Some(packet.seq),
+                _ => None,
+            })
+            .collect();
+        assert!(events.iter().any(|e| matches!(e, Event::StreamClosed { .. })), "no close: {events:?}");
+        assert_eq!(media, (0..50).collect::<Vec<u32>>(), "packets lost or reordered before the close");
     }
 }
