@@ -501,7 +501,7 @@ impl Host {
         };
         let seconds = s.opened.elapsed().as_secs_f64();
         let media_seconds = s.frames as f64 / f64::from(s.desc.format.rate);
-        let mut lat = s.latencies_ms.clone();
+        let mut lat = std::mem::take(&mut s.latencies_ms);
         lat.sort_by(f32::total_cmp);
         let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p).round() as usize).map(|v| f64::from(*v));
         let (p50, p99) = (pct(0.5), pct(0.99));

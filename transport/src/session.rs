@@ -11,7 +11,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -273,10 +273,10 @@ pub struct Session {
     out_pos: usize,
     events: VecDeque<Event>,
     peer: Option<PeerInfo>,
-    /// Streams the peer opened towards us (value: nothing yet; later, per-stream state).
-    incoming: BTreeMap<u32, ()>,
+    /// Streams the peer opened towards us.
+    incoming: BTreeSet<u32>,
     /// Streams we opened towards the peer.
-    outgoing: BTreeMap<u32, ()>,
+    outgoing: BTreeSet<u32>,
     last_rx: Instant,
     next_heartbeat: Instant,
     /// When the handshake must be done: set at start (guest) or first byte (host).
@@ -310,8 +310,8 @@ impl Session {
             out_pos: 0,
             events: VecDeque::new(),
             peer: None,
-            incoming: BTreeMap::new(),
-            outgoing: BTreeMap::new(),
+            incoming: BTreeSet::new(),
+            outgoing: BTreeSet::new(),
             last_rx: now,
             next_heartbeat: now + config.heartbeat_interval,
             handshake_deadline: (config.role == Role::Guest).then(|| now + config.handshake_timeout),
@@ -421,14 +421,14 @@ impl Session {
             return Err(SessionError::ReservedStream);
         }
         let payload = encode_control("stream-open", open)?;
-        self.outgoing.insert(stream, ());
+        self.outgoing.insert(stream);
         self.push_frame(FrameKind::StreamOpen, stream, &payload);
         Ok(())
     }
 
     /// Ends a stream we opened. Unknown ids are ignored (already closed or rejected).
     pub fn close_stream(&mut self, stream: u32, reason: &str) {
-        if self.state != State::Established || self.outgoing.remove(&stream).is_none() {
+        if self.state != State::Established || !self.outgoing.remove(&stream) {
             return;
         }
         self.send_control(FrameKind::StreamClose, stream, "stream-close", &StreamEnd { reason: reason.into() });
@@ -436,7 +436,7 @@ impl Session {
 
     /// Refuses a stream the peer opened.
     pub fn reject_stream(&mut self, stream: u32, reason: &str) {
-        if self.state != State::Established || self.incoming.remove(&stream).is_none() {
+        if self.state != State::Established || !self.incoming.remove(&stream) {
             return;
         }
         self.send_control(FrameKind::StreamReject, stream, "stream-reject", &StreamEnd { reason: reason.into() });
@@ -445,7 +445,7 @@ impl Session {
     /// Queues one media packet of an open outgoing stream.
     pub fn send_media(&mut self, stream: u32, packet: &MediaPacket) -> Result<(), SessionError> {
         self.require_established()?;
-        if !self.outgoing.contains_key(&stream) {
+        if !self.outgoing.contains(&stream) {
             return Err(SessionError::UnknownStream(stream));
         }
         let len = MEDIA_HEADER_LEN + packet.data.len();
@@ -569,7 +569,7 @@ impl Session {
             }
             (FrameKind::StreamOpen, State::Established) => self.on_stream_open(header.stream, &payload),
             (FrameKind::StreamClose, State::Established) => {
-                if self.incoming.remove(&header.stream).is_none() {
+                if !self.incoming.remove(&header.stream) {
                     self.events.push_back(Event::Error(SessionError::UnknownStream(header.stream)));
                     return;
                 }
@@ -578,7 +578,7 @@ impl Session {
                 self.events.push_back(Event::StreamClosed { stream: header.stream, reason });
             }
             (FrameKind::StreamReject, State::Established) => {
-                if self.outgoing.remove(&header.stream).is_none() {
+                if !self.outgoing.remove(&header.stream) {
                     self.events.push_back(Event::Error(SessionError::UnknownStream(header.stream)));
                     return;
                 }
@@ -587,7 +587,7 @@ impl Session {
                 self.events.push_back(Event::StreamRejected { stream: header.stream, reason });
             }
             (FrameKind::Media, State::Established) => {
-                if !self.incoming.contains_key(&header.stream) {
+                if !self.incoming.contains(&header.stream) {
                     self.events.push_back(Event::Error(SessionError::UnknownStream(header.stream)));
                     return;
                 }
@@ -690,7 +690,7 @@ impl Session {
             self.events.push_back(Event::Error(SessionError::ReservedStream));
             return;
         }
-        if self.incoming.contains_key(&stream) {
+        if self.incoming.contains(&stream) {
             self.events.push_back(Event::Error(SessionError::DuplicateStream(stream)));
             return;
         }
@@ -707,7 +707,7 @@ impl Session {
         }
         match decode_control::<StreamOpen>("stream-open", payload) {
             Ok(open) => {
-                self.incoming.insert(stream, ());
+                self.incoming.insert(stream);
                 self.events.push_back(Event::StreamOpened { stream, open });
             }
             Err(e) => {
