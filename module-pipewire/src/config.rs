@@ -5,17 +5,53 @@
 //! | `port` | `virtio:org.melange.media.0` | where the host is: `virtio:NAME`, `unix:PATH` |
 //! | `codec` | `opus` | `opus` or `pcm` (s16le) |
 //! | `bitrate` | `128000` | Opus bitrate in bit/s, 6000..=510000 |
-//! | `frame.duration` | `10` | packet duration in ms: 2.5, 5, 10, 20, 40 or 60 |
+//! | `mode` | `normal` | `normal`, or `low-latency` for calls and games (see below) |
+//! | `frame.duration` | `10` (`5` in low-latency mode) | packet duration in ms: 2.5, 5, 10, 20, 40 or 60 |
+//! | `tap.quantum` | `256` (`128` in low-latency mode) | graph quantum the taps ask for, in samples at 48 kHz: 32..=4096 |
+//! | `opus.complexity` | `6` | Opus encoder complexity, 0..=10 |
 //! | `sink.name` | `melange` | `node.name` of the redirect sink |
 //! | `sink.description` | `Melange` | what desktops show for the sink |
+//!
+//! Low-latency mode encodes Opus with the restricted-low-delay application (2.5 ms of
+//! codec delay instead of 6.5) in 5 ms packets, and keeps the guest graph's quantum at
+//! 128 while an app is redirected. It costs more CPU and bytes per second; the trade-offs
+//! are measured in `docs/latency.md`.
 
 use melange_shim::codec::FRAME_DURATIONS_US;
+use melange_shim::opus::Application;
 use melange_transport::message::Codec;
 use melange_transport::port::PortSpec;
 use thiserror::Error;
 
 /// The default virtio-serial port name.
 pub const DEFAULT_PORT: &str = "virtio:org.melange.media.0";
+
+/// Latency mode: which trade-off between delay and cost the taps make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// 10 ms Opus packets with the music application; the default.
+    Normal,
+    /// 5 ms restricted-low-delay Opus packets and a small tap quantum.
+    LowLatency,
+}
+
+impl Mode {
+    /// The module argument's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Normal => "normal",
+            Mode::LowLatency => "low-latency",
+        }
+    }
+
+    /// The Opus application both modes encode with: restricted low delay, which is
+    /// CELT only, with 2.5 ms of lookahead instead of the 6.5 ms the `audio`
+    /// application spends to keep SILK available. At the bitrates Melange sends
+    /// (64 kbit/s and up, stereo) libopus picks CELT for music anyway.
+    pub fn application(self) -> Application {
+        Application::RestrictedLowDelay
+    }
+}
 
 /// Parsed module arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,8 +60,14 @@ pub struct Config {
     pub port: PortSpec,
     /// How taps are encoded.
     pub codec: Codec,
+    /// Latency mode.
+    pub mode: Mode,
     /// Packet duration in microseconds.
     pub frame_us: u32,
+    /// Graph quantum the taps ask for, in samples at 48 kHz.
+    pub tap_quantum: u32,
+    /// Opus encoder complexity.
+    pub complexity: u8,
     /// `node.name` of the redirect sink.
     pub sink_name: String,
     /// `node.description` of the redirect sink.
@@ -49,7 +91,10 @@ impl Default for Config {
         Self {
             port: PortSpec::Virtio("org.melange.media.0".into()),
             codec: Codec::Opus { bitrate: 128_000 },
+            mode: Mode::Normal,
             frame_us: 10_000,
+            tap_quantum: 256,
+            complexity: 6,
             sink_name: "melange".into(),
             sink_description: "Melange".into(),
         }
@@ -65,6 +110,7 @@ impl Config {
         let mut codec_name = "opus".to_string();
         let mut bitrate = 128_000u32;
         let mut unknown = Vec::new();
+        let (mut frame_us, mut tap_quantum) = (None, None);
         let err = |key: &str, value: &str, expected: &str| ConfigError {
             key: key.into(),
             value: value.into(),
@@ -87,11 +133,32 @@ impl Config {
                 "frame.duration" => {
                     let ms: f64 = value.parse().map_err(|_| err(key, value, "2.5, 5, 10, 20, 40 or 60 (ms)"))?;
                     let us = (ms * 1000.0).round();
-                    c.frame_us = FRAME_DURATIONS_US
-                        .iter()
-                        .copied()
-                        .find(|d| f64::from(*d) == us)
-                        .ok_or_else(|| err(key, value, "2.5, 5, 10, 20, 40 or 60 (ms)"))?;
+                    frame_us = Some(
+                        FRAME_DURATIONS_US
+                            .iter()
+                            .copied()
+                            .find(|d| f64::from(*d) == us)
+                            .ok_or_else(|| err(key, value, "2.5, 5, 10, 20, 40 or 60 (ms)"))?,
+                    );
+                }
+                "mode" => {
+                    c.mode = match value {
+                        "normal" => Mode::Normal,
+                        "low-latency" => Mode::LowLatency,
+                        _ => return Err(err(key, value, "normal or low-latency")),
+                    }
+                }
+                "tap.quantum" => {
+                    tap_quantum = Some(
+                        value
+                            .parse()
+                            .ok()
+                            .filter(|q| (32..=4096).contains(q))
+                            .ok_or_else(|| err(key, value, "samples at 48 kHz, 32..=4096"))?,
+                    );
+                }
+                "opus.complexity" => {
+                    c.complexity = value.parse().ok().filter(|c| *c <= 10).ok_or_else(|| err(key, value, "0..=10"))?;
                 }
                 "sink.name" if !value.is_empty() => c.sink_name = value.into(),
                 "sink.description" if !value.is_empty() => c.sink_description = value.into(),
@@ -99,6 +166,9 @@ impl Config {
                 other => unknown.push(other.to_string()),
             }
         }
+        let low = c.mode == Mode::LowLatency;
+        c.frame_us = frame_us.unwrap_or(if low { 5_000 } else { 10_000 });
+        c.tap_quantum = tap_quantum.unwrap_or(if low { 128 } else { 256 });
         c.codec = if codec_name == "pcm" { Codec::PcmS16Le } else { Codec::Opus { bitrate } };
         Ok((c, unknown))
     }
@@ -126,15 +196,27 @@ mod tests {
         assert_eq!(c.frame_us, 2_500);
         assert_eq!(c.sink_name, "m2");
         assert_eq!(unknown, ["colour"]);
+        let (c, _) = Config::from_pairs([("mode", "low-latency")]).unwrap();
+        assert_eq!((c.mode, c.frame_us, c.tap_quantum), (Mode::LowLatency, 5_000, 128));
+        let (c, _) =
+            Config::from_pairs([("mode", "low-latency"), ("frame.duration", "2.5"), ("tap.quantum", "64")]).unwrap();
+        assert_eq!((c.frame_us, c.tap_quantum), (2_500, 64));
         let (c, _) = Config::from_pairs([("bitrate", "64000")]).unwrap();
         assert_eq!(c.codec, Codec::Opus { bitrate: 64_000 });
     }
 
     #[test]
     fn bad_values_say_what_is_expected() {
-        for (k, v) in
-            [("codec", "mp3"), ("bitrate", "12"), ("frame.duration", "7"), ("port", "tcp:x"), ("sink.name", "")]
-        {
+        for (k, v) in [
+            ("codec", "mp3"),
+            ("bitrate", "12"),
+            ("frame.duration", "7"),
+            ("port", "tcp:x"),
+            ("sink.name", ""),
+            ("mode", "fast"),
+            ("tap.quantum", "5"),
+            ("opus.complexity", "11"),
+        ] {
             let e = Config::from_pairs([(k, v)]).unwrap_err().to_string();
             assert!(e.starts_with(&format!("invalid module argument {k} = ")), "{e}");
         }

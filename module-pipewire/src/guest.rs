@@ -6,12 +6,10 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::{Rc, Weak};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use melange_shim::codec::{input_format, SampleFormat};
 use melange_shim::link::{LinkConfig, LinkHandle, LinkManager};
-use melange_shim::opus::Application;
 use melange_shim::tap::{tap_ring, TapEncoder, TapWriter};
 use melange_transport::message::{AppInfo, AudioFormat, MediaKind, StreamOpen};
 use pipewire as pw;
@@ -39,13 +37,14 @@ struct AppNode {
     _listener: pw::node::NodeListener,
 }
 
-/// One tap: a passive capture stream on one app's output, and its encoder thread.
+/// One tap: a passive capture stream on one app's output. The link's I/O thread
+/// encodes what it captures.
 struct Tap {
     stream_id: u32,
     // Declared before `stream`: the listener (and its TapWriter) must go first.
     listener: Option<pw::stream::StreamListener<TapWriter>>,
     stream: pw::stream::StreamBox<'static>,
-    encoder: Option<std::thread::JoinHandle<()>>,
+    link: LinkHandle,
 }
 
 impl Drop for Tap {
@@ -53,10 +52,8 @@ impl Drop for Tap {
         // Stop the data loop from calling us before the listener and its writer go.
         let _ = self.stream.disconnect();
         self.listener.take();
-        // The encoder sees the writer gone, drains what is left and closes the stream.
-        if let Some(t) = self.encoder.take() {
-            let _ = t.join();
-        }
+        // The I/O thread sees the writer gone, sends what is left and closes the stream.
+        self.link.wake();
         log::debug!("melange: tap for stream {} removed", self.stream_id);
     }
 }
@@ -393,30 +390,21 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
     let frame_samples = (u64::from(TAP_RATE) * u64::from(s.config.frame_us) / 1_000_000) as u32;
     let frame_bytes = usize::from(format.channels) * sample.bytes();
     let ring_bytes = (TAP_RATE as usize * frame_bytes) * TAP_RING.as_millis() as usize / 1000;
-    let (writer, reader) = tap_ring(ring_bytes, frame_bytes);
-    let mut encoder =
-        TapEncoder::new(reader, &format, &codec, frame_samples, Application::Audio).map_err(|e| e.to_string())?;
+    let (writer, reader) = tap_ring(ring_bytes, frame_bytes, TAP_RATE);
+    let mut encoder = TapEncoder::new(reader, &format, &codec, frame_samples, s.config.mode.application())
+        .map_err(|e| e.to_string())?;
+    encoder.set_complexity(s.config.complexity).map_err(|e| e.to_string())?;
 
     let name = app.name.clone();
-    let stream_id = s.link.open_stream(StreamOpen {
-        media: MediaKind::Audio(format.clone()),
-        codec: codec.clone(),
-        frame_samples,
-        app,
-    });
+    let stream_id = s.link.open_tap(
+        StreamOpen { media: MediaKind::Audio(format.clone()), codec: codec.clone(), frame_samples, app },
+        encoder,
+    );
     log::info!(
         "melange: tapping \"{name}\" (node {app_id}, serial {serial}) as stream {stream_id}, {} at {} Hz",
         codec.name(),
         TAP_RATE
     );
-
-    let link = s.link.clone();
-    let period = Duration::from_micros(u64::from(s.config.frame_us) / 2)
-        .clamp(Duration::from_millis(1), Duration::from_millis(10));
-    let encoder_thread = std::thread::Builder::new()
-        .name(format!("melange-enc-{stream_id}"))
-        .spawn(move || run_encoder(&mut encoder, &link, stream_id, period))
-        .map_err(|e| format!("cannot start the encoder thread: {e}"))?;
 
     let props = properties! {
         "media.type" => "Audio",
@@ -425,6 +413,8 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
         "node.description" => format!("Melange tap: {name}").as_str(),
         "application.name" => "Melange",
         "target.object" => serial,
+        // The guest graph's quantum while this app is redirected: part of the latency.
+        "node.latency" => format!("{}/{TAP_RATE}", s.config.tap_quantum).as_str(),
         // Never keep the app's graph running, never move to another source.
         "node.passive" => "true",
         "node.dont-reconnect" => "true",
@@ -460,38 +450,7 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
             &mut params,
         )
         .map_err(|e| format!("cannot connect the tap stream: {e}"))?;
-    Ok(Tap { stream_id, listener: Some(listener), stream, encoder: Some(encoder_thread) })
-}
-
-/// Encoder thread: wakes every half frame, encodes whole frames, hands them to the link;
-/// when the tap is gone, drains and closes the stream.
-fn run_encoder(encoder: &mut TapEncoder, link: &LinkHandle, stream_id: u32, period: Duration) {
-    let mut errors = 0u64;
-    loop {
-        while let Some(packet) = encoder.next_packet() {
-            match packet {
-                Ok(p) => {
-                    link.send_media(stream_id, p);
-                }
-                Err(e) => {
-                    errors += 1;
-                    if errors.is_power_of_two() {
-                        log::warn!("melange: stream {stream_id}: encode failed ({errors} so far): {e}");
-                    }
-                }
-            }
-        }
-        if encoder.is_finished() {
-            break;
-        }
-        std::thread::sleep(period);
-    }
-    let dropped = encoder.stats().overflow_bytes.load(Ordering::Relaxed);
-    if dropped > 0 {
-        log::warn!("melange: stream {stream_id}: the encoder fell behind, {dropped} bytes dropped");
-    }
-    link.close_stream(stream_id, "app stopped");
-    log::info!("melange: stream {stream_id} closed");
+    Ok(Tap { stream_id, listener: Some(listener), stream, link: s.link.clone() })
 }
 
 /// The EnumFormat a tap offers: the sink's layout at [`TAP_RATE`], in the codec's

@@ -93,11 +93,13 @@ pub unsafe extern "C" fn pipewire__module_init(module: *mut pw_sys::pw_impl_modu
         }
     };
     log::info!(
-        "melange: guest module {} starting: port {}, codec {}, {} us frames, sink {}",
+        "melange: guest module {} starting: port {}, codec {}, {} mode, {} us frames, tap quantum {}, sink {}",
         env!("CARGO_PKG_VERSION"),
         config.port,
         config.codec.name(),
+        config.mode.name(),
         config.frame_us,
+        config.tap_quantum,
         config.sink_name
     );
     // SAFETY: module is valid for the duration of the call.

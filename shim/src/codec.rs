@@ -135,6 +135,14 @@ impl FrameEncoder {
         })
     }
 
+    /// Sets Opus's complexity (0..=10); PCM ignores it.
+    pub fn set_complexity(&mut self, complexity: u8) -> Result<(), CodecError> {
+        if let FrameEncoder::Opus { encoder, .. } = self {
+            encoder.set_complexity(complexity)?;
+        }
+        Ok(())
+    }
+
     /// Encoder delay in sample frames (Opus lookahead; 0 for PCM).
     pub fn delay(&self) -> u32 {
         match self {

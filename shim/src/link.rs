@@ -2,7 +2,13 @@
 //!
 //! Streams are registered through a [`LinkHandle`] from any thread. The I/O thread
 //! (re)connects by itself, starts a new session (a new epoch) on every connect,
-//! announces every live stream in it, and forwards media. Media is dropped, and
+//! announces every live stream in it, and forwards media.
+//!
+//! Taps hand the thread their [`TapEncoder`]: it encodes every tap itself, waking when
+//! the guest graph cycle that completes a packet has run ([`TapEncoder::wake_at`]).
+//! Taps share the graph's clock, so one wake-up serves all of them, and a packet goes
+//! from the tap ring to the port without crossing another thread. Wake-ups, not
+//! encoding, dominate a stream's CPU cost in a VM. Media is dropped, and
 //! counted, while no host is there or the port cannot keep up; stream control is never
 //! dropped: the current set of streams is re-announced after every reconnect.
 
@@ -21,12 +27,15 @@ use melange_transport::port::{Link, LinkEvent, PortSpec, Waker};
 use melange_transport::session::{Event, Session, SessionConfig};
 
 use crate::clock;
+use crate::tap::TapEncoder;
 
 /// Most bytes queued for the port before new media is dropped (~1 s of PCM stereo).
 pub const MAX_QUEUED_BYTES: usize = 192 * 1024;
 /// Stream items (mostly media packets) that may wait between the encoders and the I/O
 /// thread.
 const STREAM_QUEUE: usize = 512;
+/// Longest the I/O thread sleeps while it has taps, so one that went is noticed.
+const MAX_SOURCE_WAIT: Duration = Duration::from_millis(20);
 /// Streams the guest may announce at once.
 pub const MAX_STREAMS: u16 = 64;
 
@@ -50,6 +59,7 @@ pub struct LinkStats {
 /// close never overtakes the stream's last packets.
 enum StreamItem {
     Open(u32, StreamOpen),
+    Tap(u32, StreamOpen, Box<TapEncoder>),
     Media(u32, MediaPacket),
     Close(u32, String),
 }
@@ -68,6 +78,7 @@ impl std::fmt::Debug for StreamItem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StreamItem::Open(id, _) => write!(f, "Open({id})"),
+            StreamItem::Tap(id, _, _) => write!(f, "Tap({id})"),
             StreamItem::Media(id, p) => write!(f, "Media({id}, {})", p.seq),
             StreamItem::Close(id, _) => write!(f, "Close({id})"),
         }
@@ -82,6 +93,21 @@ impl LinkHandle {
         let _ = self.items.send(StreamItem::Open(id, open));
         self.waker.wake();
         id
+    }
+
+    /// Registers a stream whose media the I/O thread encodes from `encoder`'s tap. The
+    /// stream closes by itself once the tap's writer is gone and its last whole packet
+    /// is sent; call [`LinkHandle::wake`] after dropping the writer so that is prompt.
+    pub fn open_tap(&self, open: StreamOpen, encoder: TapEncoder) -> u32 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
+        let _ = self.items.send(StreamItem::Tap(id, open, Box::new(encoder)));
+        self.waker.wake();
+        id
+    }
+
+    /// Wakes the I/O thread (after a tap's writer went away).
+    pub fn wake(&self) {
+        self.waker.wake();
     }
 
     /// Ends a stream.
@@ -151,6 +177,7 @@ impl LinkManager {
             stats,
             session: None,
             streams: BTreeMap::new(),
+            sources: BTreeMap::new(),
             announced: BTreeSet::new(),
             epoch: 0,
             last_status: String::new(),
@@ -195,12 +222,20 @@ struct IoThread {
     session: Option<Session>,
     /// Every live stream, announced or not.
     streams: BTreeMap<u32, StreamOpen>,
+    /// Streams whose media this thread encodes from a tap.
+    sources: BTreeMap<u32, Source>,
     /// Streams announced in the current session.
     announced: BTreeSet<u32>,
     epoch: u64,
     /// Last connectivity problem logged, so each is logged once.
     last_status: String,
     clock_id: String,
+}
+
+/// A tap this thread encodes.
+struct Source {
+    encoder: Box<TapEncoder>,
+    errors: u64,
 }
 
 impl IoThread {
@@ -211,13 +246,18 @@ impl IoThread {
             if !self.drain_items() {
                 break;
             }
+            let now_ns = self.encode_sources();
             self.flush();
-            let timeout = self
+            let mut timeout = self
                 .session
                 .as_ref()
                 .and_then(Session::poll_timeout)
                 .map(|t| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(1));
+            if let Some(at) = self.sources.values().map(|s| s.encoder.wake_at(now_ns)).min() {
+                // Capped, so a tap whose writer went without a wake-up is still noticed.
+                timeout = timeout.min(Duration::from_nanos(at.saturating_sub(now_ns))).min(MAX_SOURCE_WAIT);
+            }
             let want_write = self.session.as_ref().is_some_and(|s| !s.pending_output().is_empty());
             let event = match self.link.wait(want_write, Some(timeout), Some(&self.waker)) {
                 Ok(ev) => ev,
@@ -245,6 +285,8 @@ impl IoThread {
             }
             self.handle_events();
         }
+        // Taps released before the shutdown send their last packets and close.
+        self.encode_sources();
         if let Some(s) = &mut self.session {
             s.close(melange_transport::session::CloseReason::Local("guest side shutting down".into()));
         }
@@ -365,6 +407,64 @@ impl IoThread {
         }
     }
 
+    /// Encodes every whole packet waiting in the taps and closes the streams of taps
+    /// that are gone; returns the time it looked.
+    fn encode_sources(&mut self) -> u64 {
+        let now_ns = clock::monotonic_ns();
+        let mut finished = Vec::new();
+        let ids: Vec<u32> = self.sources.keys().copied().collect();
+        for id in ids {
+            while let Some(source) = self.sources.get_mut(&id) {
+                match source.encoder.next_packet() {
+                    Some(Ok(packet)) => self.forward_media(id, &packet),
+                    Some(Err(e)) => {
+                        source.errors += 1;
+                        if source.errors.is_power_of_two() {
+                            log::warn!("melange link: stream {id}: encode failed ({} so far): {e}", source.errors);
+                        }
+                    }
+                    None => {
+                        if source.encoder.is_finished() {
+                            finished.push(id);
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        for id in finished {
+            if let Some(source) = self.sources.remove(&id) {
+                let dropped = source.encoder.stats().overflow_bytes.load(Ordering::Relaxed);
+                if dropped > 0 {
+                    log::warn!("melange link: stream {id}: the encoder fell behind, {dropped} bytes dropped");
+                }
+            }
+            self.close(id, "app stopped");
+            log::info!("melange link: stream {id} closed (app stopped)");
+        }
+        now_ns
+    }
+
+    fn forward_media(&mut self, id: u32, packet: &MediaPacket) {
+        let sent = match &mut self.session {
+            Some(s) if self.announced.contains(&id) && s.pending_output().len() < MAX_QUEUED_BYTES => {
+                s.send_media(id, packet).is_ok()
+            }
+            _ => false,
+        };
+        let counter = if sent { &self.stats.packets_sent } else { &self.stats.packets_dropped };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn close(&mut self, id: u32, reason: &str) {
+        self.streams.remove(&id);
+        if self.announced.remove(&id) {
+            if let Some(s) = &mut self.session {
+                s.close_stream(id, reason);
+            }
+        }
+    }
+
     /// Applies what taps and encoders sent, in order; false on shutdown.
     fn drain_items(&mut self) -> bool {
         loop {
@@ -376,23 +476,15 @@ impl IoThread {
                     self.streams.insert(id, open);
                     self.announce(id);
                 }
-                Ok(StreamItem::Media(id, packet)) => {
-                    let sent = match &mut self.session {
-                        Some(s) if self.announced.contains(&id) && s.pending_output().len() < MAX_QUEUED_BYTES => {
-                            s.send_media(id, &packet).is_ok()
-                        }
-                        _ => false,
-                    };
-                    let counter = if sent { &self.stats.packets_sent } else { &self.stats.packets_dropped };
-                    counter.fetch_add(1, Ordering::Relaxed);
+                Ok(StreamItem::Tap(id, open, encoder)) => {
+                    self.streams.insert(id, open);
+                    self.sources.insert(id, Source { encoder, errors: 0 });
+                    self.announce(id);
                 }
+                Ok(StreamItem::Media(id, packet)) => self.forward_media(id, &packet),
                 Ok(StreamItem::Close(id, reason)) => {
-                    self.streams.remove(&id);
-                    if self.announced.remove(&id) {
-                        if let Some(s) = &mut self.session {
-                            s.close_stream(id, &reason);
-                        }
-                    }
+                    self.sources.remove(&id);
+                    self.close(id, &reason);
                 }
                 // Every handle is gone: nobody can send anything again.
                 Err(TryRecvError::Disconnected) => return false,

@@ -36,6 +36,7 @@ extern "C" {
 }
 
 const OPUS_SET_BITRATE_REQUEST: c_int = 4002;
+const OPUS_SET_COMPLEXITY_REQUEST: c_int = 4010;
 const OPUS_GET_LOOKAHEAD_REQUEST: c_int = 4027;
 const OPUS_OK: c_int = 0;
 
@@ -103,6 +104,15 @@ impl Encoder {
         // SAFETY: SET_BITRATE takes one opus_int32 argument.
         check(unsafe { opus_encoder_ctl(enc.st.as_ptr(), OPUS_SET_BITRATE_REQUEST, bitrate) })?;
         Ok(enc)
+    }
+
+    /// Sets the encoder's complexity, 0 (cheapest) to 10 (libopus's default).
+    pub fn set_complexity(&mut self, complexity: u8) -> Result<(), OpusError> {
+        // SAFETY: SET_COMPLEXITY takes one opus_int32 argument.
+        check(unsafe {
+            opus_encoder_ctl(self.st.as_ptr(), OPUS_SET_COMPLEXITY_REQUEST, i32::from(complexity.min(10)))
+        })?;
+        Ok(())
     }
 
     /// Algorithmic delay of the encoder in samples.

@@ -33,6 +33,10 @@ pub struct TapStats {
     pub cycles: AtomicU64,
     /// Bytes dropped because the ring was full (the encoder fell behind).
     pub overflow_bytes: AtomicU64,
+    /// Graph time at which the next cycle is due: the last cycle's time plus its length.
+    pub next_cycle_ns: AtomicU64,
+    /// Length of the last cycle in nanoseconds (the guest graph's quantum).
+    pub cycle_ns: AtomicU64,
 }
 
 /// Real-time end of a tap.
@@ -42,6 +46,7 @@ pub struct TapWriter {
     marks: Producer<Mark>,
     written: u64,
     frame_bytes: usize,
+    ns_per_frame: f64,
     stats: Arc<TapStats>,
 }
 
@@ -56,14 +61,21 @@ pub struct TapReader {
 }
 
 /// Makes a tap ring holding `capacity_bytes` of audio, for sample frames of
-/// `frame_bytes` bytes (channels × sample size).
-pub fn tap_ring(capacity_bytes: usize, frame_bytes: usize) -> (TapWriter, TapReader) {
+/// `frame_bytes` bytes (channels × sample size) at `rate` Hz.
+pub fn tap_ring(capacity_bytes: usize, frame_bytes: usize, rate: u32) -> (TapWriter, TapReader) {
     let (data_tx, data_rx) = RingBuffer::new(capacity_bytes);
     // One mark per cycle; cycles are at least 16 frames, so this never limits.
     let (marks_tx, marks_rx) = RingBuffer::new((capacity_bytes / frame_bytes.max(1) / 16).max(64));
     let stats = Arc::new(TapStats::default());
     (
-        TapWriter { data: data_tx, marks: marks_tx, written: 0, frame_bytes: frame_bytes.max(1), stats: stats.clone() },
+        TapWriter {
+            data: data_tx,
+            marks: marks_tx,
+            written: 0,
+            frame_bytes: frame_bytes.max(1),
+            ns_per_frame: 1e9 / f64::from(rate.max(1)),
+            stats: stats.clone(),
+        },
         TapReader { data: data_rx, marks: marks_rx, read: 0, current: None, stats },
     )
 }
@@ -77,6 +89,10 @@ impl TapWriter {
         if whole == 0 {
             return;
         }
+        // When the encoder thread should look next: it sleeps until then instead of polling.
+        let cycle_ns = ((whole / self.frame_bytes) as f64 * self.ns_per_frame) as u64;
+        self.stats.cycle_ns.store(cycle_ns, Ordering::Relaxed);
+        self.stats.next_cycle_ns.store(pts_ns.saturating_add(cycle_ns), Ordering::Release);
         if self.data.slots() < whole || self.marks.slots() == 0 {
             self.stats.overflow_bytes.fetch_add(whole as u64, Ordering::Relaxed);
             return;
@@ -136,6 +152,11 @@ impl TapReader {
     }
 }
 
+/// How long after a cycle is due the encoder looks for its data.
+pub const WAKE_MARGIN_NS: u64 = 300_000;
+/// How often it looks again when a predicted cycle is late.
+const WAKE_RETRY_NS: u64 = 250_000;
+
 /// Cuts a tap's bytes into frames and encodes them: the per-stream packetizer.
 #[derive(Debug)]
 pub struct TapEncoder {
@@ -172,6 +193,11 @@ impl TapEncoder {
         })
     }
 
+    /// Sets Opus's complexity (0..=10); PCM ignores it.
+    pub fn set_complexity(&mut self, complexity: u8) -> Result<(), CodecError> {
+        self.encoder.set_complexity(complexity)
+    }
+
     /// Encoder delay in sample frames.
     pub fn delay(&self) -> u32 {
         self.encoder.delay()
@@ -185,6 +211,39 @@ impl TapEncoder {
     /// True when the tap is gone and every whole frame has been encoded.
     pub fn is_finished(&self) -> bool {
         self.reader.is_abandoned() && self.reader.available() < self.frame_bytes
+    }
+
+    /// When the encoder thread should next look for a whole frame, in graph time
+    /// (`CLOCK_MONOTONIC` ns), given the time `now_ns`.
+    ///
+    /// The real-time side cannot signal (no syscalls), so the thread predicts: the cycle
+    /// that completes the frame is due at the next cycle time plus whole quanta, and the
+    /// tap runs a little after a cycle starts ([`WAKE_MARGIN_NS`]). A prediction that
+    /// has passed without data is retried in short steps; a graph that has stopped
+    /// (paused, or no cycle yet) is polled every half frame.
+    pub fn wake_at(&self, now_ns: u64) -> u64 {
+        let frame_ns = (self.frame_bytes as f64 * self.ns_per_byte) as u64;
+        let idle = now_ns.saturating_add(frame_ns / 2);
+        let missing = self.frame_bytes.saturating_sub(self.reader.available());
+        if missing == 0 {
+            return now_ns;
+        }
+        let stats = self.reader.stats();
+        let cycle_ns = stats.cycle_ns.load(Ordering::Relaxed);
+        let next_cycle = stats.next_cycle_ns.load(Ordering::Acquire);
+        if cycle_ns == 0 || next_cycle == 0 {
+            return idle;
+        }
+        let cycle_bytes = (cycle_ns as f64 / self.ns_per_byte).round().max(1.0) as usize;
+        let cycles = missing.div_ceil(cycle_bytes) as u64;
+        let due = next_cycle.saturating_add((cycles - 1).saturating_mul(cycle_ns)).saturating_add(WAKE_MARGIN_NS);
+        if due > now_ns {
+            due
+        } else if now_ns - next_cycle < 2 * cycle_ns.max(WAKE_RETRY_NS) {
+            now_ns + WAKE_RETRY_NS
+        } else {
+            idle
+        }
     }
 
     /// Encodes the next whole frame if one is waiting.
@@ -213,7 +272,7 @@ mod tests {
     #[test]
     fn frames_are_cut_and_stamped_across_cycles() {
         // PCM stereo: 4 bytes per sample frame; 10 ms = 480 frames = 1920 bytes.
-        let (mut w, r) = tap_ring(64 * 1024, 4);
+        let (mut w, r) = tap_ring(64 * 1024, 4, 48_000);
         let mut enc = TapEncoder::new(r, &fmt(), &Codec::PcmS16Le, 480, Application::Audio).unwrap();
         // Cycles of 256 frames, 5.333 ms apart.
         let cycle_ns = 256.0 * 1e9 / 48000.0;
@@ -241,7 +300,7 @@ mod tests {
 
     #[test]
     fn a_full_ring_drops_whole_cycles_and_counts_them() {
-        let (mut w, r) = tap_ring(4096, 4);
+        let (mut w, r) = tap_ring(4096, 4, 48_000);
         w.push(&[1u8; 4000], 0);
         w.push(&[2u8; 400], 1);
         assert_eq!(w.stats().overflow_bytes.load(Ordering::Relaxed), 400);
@@ -251,10 +310,28 @@ mod tests {
 
     #[test]
     fn finishes_when_the_writer_is_gone() {
-        let (w, r) = tap_ring(4096, 4);
+        let (w, r) = tap_ring(4096, 4, 48_000);
         let enc = TapEncoder::new(r, &fmt(), &Codec::PcmS16Le, 480, Application::Audio).unwrap();
         assert!(!enc.is_finished());
         drop(w);
         assert!(enc.is_finished());
+    }
+
+    #[test]
+    fn wakes_when_the_cycle_completing_a_frame_is_due() {
+        let (mut w, r) = tap_ring(64 * 1024, 4, 48_000);
+        let enc = TapEncoder::new(r, &fmt(), &Codec::PcmS16Le, 480, Application::Audio).unwrap();
+        let half_frame = 5_000_000;
+        // No cycle yet: poll every half frame.
+        assert_eq!(enc.wake_at(1_000), 1_000 + half_frame);
+        let cycle = (256.0 * 1e9 / 48_000.0) as u64;
+        w.push(&[0u8; 256 * 4], 10_000_000);
+        // 224 frames missing: the next cycle brings them.
+        assert_eq!(enc.wake_at(10_100_000), 10_000_000 + cycle + WAKE_MARGIN_NS);
+        // Late: retry soon; long stopped: back to polling.
+        assert_eq!(enc.wake_at(10_000_000 + cycle + 600_000), 10_000_000 + cycle + 600_000 + WAKE_RETRY_NS);
+        assert_eq!(enc.wake_at(60_000_000), 60_000_000 + half_frame);
+        w.push(&[0u8; 256 * 4], 10_000_000 + cycle);
+        assert_eq!(enc.wake_at(16_000_000), 16_000_000);
     }
 }

@@ -520,14 +520,16 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 /// poll(2) over `(fd, events)`; returns `revents` in the same order.
 fn poll_fds(fds: &mut [(RawFd, libc::c_short)], timeout: Option<Duration>) -> io::Result<Vec<libc::c_short>> {
     let mut pfds: Vec<libc::pollfd> = fds.iter().map(|&(fd, events)| libc::pollfd { fd, events, revents: 0 }).collect();
-    let ms = timeout.map_or(-1, |t| {
-        // Round up so that a 0.4 ms wait does not spin.
-        let ms = t.as_micros().div_ceil(1000);
-        libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+    // ppoll, not poll: callers schedule encoder work to the tenth of a millisecond.
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
     });
+    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
     loop {
-        // SAFETY: pfds is a valid, correctly sized array of pollfd.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        // SAFETY: pfds is a valid, correctly sized array of pollfd; ts_ptr is null or
+        // points to a timespec that outlives the call; no signal mask is passed.
+        let n = unsafe { libc::ppoll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ts_ptr, std::ptr::null()) };
         if n >= 0 {
             return Ok(pfds.iter().map(|p| p.revents).collect());
         }
