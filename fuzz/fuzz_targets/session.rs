@@ -24,7 +24,7 @@ fn frame(out: &mut Vec<u8>, kind: FrameKind, stream: u32, payload: &[u8]) {
 
 fuzz_target!(|data: &[u8]| {
     let mut host = Host::new(
-        HostConfig { latency: Duration::from_millis(30), report: None, idle_timeout: Duration::from_secs(30) },
+        HostConfig { latency: Some(Duration::from_millis(30)), report: None, idle_timeout: Duration::from_secs(30) },
         Box::new(NullOutput),
     );
     let t0 = Instant::now();
@@ -106,7 +106,7 @@ fuzz_target!(|data: &[u8]| {
                 // Session closed: a new connection starts the next one.
                 host = Host::new(
                     HostConfig {
-                        latency: Duration::from_millis(30),
+                        latency: Some(Duration::from_millis(30)),
                         report: None,
                         idle_timeout: Duration::from_secs(30),
                     },

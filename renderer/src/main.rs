@@ -29,9 +29,10 @@ struct Cli {
     /// Where the sound goes: pipewire, wav:DIR (one file per stream) or null.
     #[arg(long, value_name = "OUTPUT", default_value = "pipewire")]
     output: OutputSpec,
-    /// Jitter-buffer target in milliseconds (1..=1000).
-    #[arg(long, value_name = "MS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=1000))]
-    latency: u64,
+    /// Jitter-buffer target in milliseconds (1..=1000), or auto: one packet plus one
+    /// output quantum (15.3 ms for 10 ms packets, 7.7 ms for 5 ms ones).
+    #[arg(long, value_name = "MS|auto", default_value = "auto", value_parser = parse_latency)]
+    latency: Latency,
     /// Seconds without media after which a stream releases its output (PipeWire stream
     /// or WAV file) until it plays again.
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
@@ -43,6 +44,20 @@ struct Cli {
     /// PipeWire plays the sound.
     #[arg(long)]
     allow_root: bool,
+}
+
+/// `--latency`: a fixed target, or `None` for auto.
+#[derive(Debug, Clone, Copy)]
+struct Latency(Option<Duration>);
+
+fn parse_latency(s: &str) -> Result<Latency, String> {
+    if s == "auto" {
+        return Ok(Latency(None));
+    }
+    match s.parse::<u64>() {
+        Ok(ms) if (1..=1000).contains(&ms) => Ok(Latency(Some(Duration::from_millis(ms)))),
+        _ => Err("expected milliseconds (1..=1000) or auto".into()),
+    }
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -95,11 +110,8 @@ fn run(cli: Cli) -> Result<(), String> {
     let output = make_output(&cli.output).map_err(|e| e.to_string())?;
     let waker = Waker::new().map_err(|e| e.to_string())?;
     install_signal_handlers(&waker);
-    let config = HostConfig {
-        latency: Duration::from_millis(cli.latency),
-        report: cli.report,
-        idle_timeout: Duration::from_secs(cli.idle_timeout),
-    };
+    let config =
+        HostConfig { latency: cli.latency.0, report: cli.report, idle_timeout: Duration::from_secs(cli.idle_timeout) };
     let mut host = Host::new(config, output);
     host.run(&mut link, &waker, &STOP).map_err(|e| format!("port error on {}: {e}", link.describe()))?;
     log::info!("melange-host: stopped");

