@@ -48,6 +48,9 @@ pub enum FrameKind {
     StreamReject,
     /// One encoded media packet.
     Media,
+    /// Receiver to sender, about a stream it plays: how long its audio takes from
+    /// arriving to being heard, so the sender can tell its apps the whole latency.
+    StreamLatency,
     /// A kind this build does not know (from a newer peer).
     Unknown(u8),
 }
@@ -64,6 +67,7 @@ impl FrameKind {
             FrameKind::StreamOpen => 0x10,
             FrameKind::StreamClose => 0x11,
             FrameKind::StreamReject => 0x12,
+            FrameKind::StreamLatency => 0x13,
             FrameKind::Media => 0x20,
             FrameKind::Unknown(b) => b,
         }
@@ -80,6 +84,7 @@ impl FrameKind {
             0x10 => FrameKind::StreamOpen,
             0x11 => FrameKind::StreamClose,
             0x12 => FrameKind::StreamReject,
+            0x13 => FrameKind::StreamLatency,
             0x20 => FrameKind::Media,
             other => FrameKind::Unknown(other),
         }

@@ -85,11 +85,31 @@ pub struct Reason {
     pub text: String,
 }
 
-/// Liveness plus the sender's clock.
+/// Liveness, the sender's clock, and an echo of the peer's last heartbeat, from which
+/// the peer measures the round trip (and so the transport delay) on its own clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// Sender's monotonic clock in nanoseconds when sent.
     pub sent_ns: u64,
+    /// `sent_ns` of the last heartbeat received from the peer; 0 if none yet.
+    pub echo_ns: u64,
+    /// Nanoseconds between receiving that heartbeat and sending this one.
+    pub echo_hold_ns: u64,
+}
+
+impl Heartbeat {
+    /// Decodes a heartbeat, also in its first form (`sent_ns` alone, no echo).
+    pub fn decode(payload: &[u8]) -> Result<Heartbeat, MessageError> {
+        #[derive(Deserialize)]
+        struct First {
+            sent_ns: u64,
+        }
+        decode_control::<Heartbeat>("heartbeat", payload).or_else(|e| {
+            decode_control::<First>("heartbeat", payload)
+                .map(|f| Heartbeat { sent_ns: f.sent_ns, echo_ns: 0, echo_hold_ns: 0 })
+                .map_err(|_| e)
+        })
+    }
 }
 
 /// What kind of media a stream carries. Video is reserved for later versions of the
@@ -175,6 +195,15 @@ pub struct StreamOpen {
 pub struct StreamEnd {
     /// Why, for the peer's log.
     pub reason: String,
+}
+
+/// The receiver's render delay for one stream (frame kind `StreamLatency`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamLatency {
+    /// From a packet's arrival to its first sample being heard, nanoseconds: the
+    /// jitter buffer's mean fill ahead of an arriving packet plus the output's own
+    /// latency.
+    pub render_ns: u64,
 }
 
 /// Bytes of the binary media header inside a media frame's payload.
@@ -365,6 +394,17 @@ mod round_trips {
         prop_oneof![Just(Codec::PcmS16Le), any::<u32>().prop_map(|bitrate| Codec::Opus { bitrate })]
     }
 
+    /// A heartbeat from a peer that sends no echo yet (`sent_ns` alone) still decodes.
+    #[test]
+    fn heartbeats_of_the_first_form_decode_without_an_echo() {
+        let first = [0x80, 0x94, 0xeb, 0xdc, 0x03]; // varint 1_000_000_000
+        assert_eq!(
+            Heartbeat::decode(&first).unwrap(),
+            Heartbeat { sent_ns: 1_000_000_000, echo_ns: 0, echo_hold_ns: 0 }
+        );
+        assert!(Heartbeat::decode(&[0x80]).is_err(), "a cut varint is malformed");
+    }
+
     proptest! {
         #[test]
         fn hello(min in any::<u8>(), max in any::<u8>(), guest in any::<bool>(), software in text(), epoch in any::<u64>(),
@@ -398,8 +438,10 @@ mod round_trips {
             prop_assert_eq!(decode_control::<Reason>("reason", &encode_control("reason", &r).unwrap()).unwrap(), r);
             let e = StreamEnd { reason: text };
             prop_assert_eq!(decode_control::<StreamEnd>("end", &encode_control("end", &e).unwrap()).unwrap(), e);
-            let h = Heartbeat { sent_ns };
-            prop_assert_eq!(decode_control::<Heartbeat>("hb", &encode_control("hb", &h).unwrap()).unwrap(), h);
+            let h = Heartbeat { sent_ns, echo_ns: sent_ns / 3, echo_hold_ns: sent_ns / 7 };
+            prop_assert_eq!(Heartbeat::decode(&encode_control("hb", &h).unwrap()).unwrap(), h);
+            let l = StreamLatency { render_ns: sent_ns };
+            prop_assert_eq!(decode_control::<StreamLatency>("sl", &encode_control("sl", &l).unwrap()).unwrap(), l);
         }
 
         #[test]

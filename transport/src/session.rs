@@ -22,8 +22,11 @@ use crate::frame::{
 };
 use crate::message::{
     decode_control, encode_control, Capabilities, Heartbeat, Hello, MediaPacket, MessageError, Reason, Role, StreamEnd,
-    StreamOpen, Welcome, MEDIA_HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
+    StreamLatency, StreamOpen, Welcome, MEDIA_HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
 };
+
+/// Longest plausible round trip; longer samples are ignored.
+const MAX_RTT_SAMPLE: Duration = Duration::from_secs(5);
 
 /// Settings of one session. Every default is documented on [`SessionConfig::new`].
 #[derive(Debug, Clone)]
@@ -126,6 +129,13 @@ pub enum Event {
         stream: u32,
         /// The packet.
         packet: MediaPacket,
+    },
+    /// The peer reported how long a stream we send takes from arrival to being heard.
+    StreamLatency {
+        /// Stream id.
+        stream: u32,
+        /// The peer's render delay, nanoseconds.
+        render_ns: u64,
     },
     /// The guest started a new session on the same connection (its side restarted):
     /// every stream of the old one is gone. A [`Event::Established`] follows.
@@ -279,6 +289,10 @@ pub struct Session {
     outgoing: BTreeSet<u32>,
     last_rx: Instant,
     next_heartbeat: Instant,
+    /// The peer's last heartbeat: its `sent_ns` and when it arrived, echoed in ours.
+    peer_heartbeat: Option<(u64, Instant)>,
+    /// Smoothed round-trip time in nanoseconds, from echoed heartbeats.
+    srtt_ns: Option<f64>,
     /// When the handshake must be done: set at start (guest) or first byte (host).
     handshake_deadline: Option<Instant>,
     /// Times of recent handshakes from the peer (at most the limit + 1 kept).
@@ -314,6 +328,8 @@ impl Session {
             outgoing: BTreeSet::new(),
             last_rx: now,
             next_heartbeat: now + config.heartbeat_interval,
+            peer_heartbeat: None,
+            srtt_ns: None,
             handshake_deadline: (config.role == Role::Guest).then(|| now + config.handshake_timeout),
             handshakes: VecDeque::new(),
             control_window: (now, 0),
@@ -375,8 +391,11 @@ impl Session {
                 if now >= self.last_rx + self.config.peer_timeout {
                     self.close(CloseReason::PeerTimeout(self.config.peer_timeout));
                 } else if now >= self.next_heartbeat {
-                    let sent_ns = self.mono_ns(now);
-                    self.send_control(FrameKind::Heartbeat, 0, "heartbeat", &Heartbeat { sent_ns });
+                    let (echo_ns, echo_hold_ns) = self.peer_heartbeat.map_or((0, 0), |(sent, at)| {
+                        (sent, u64::try_from(now.saturating_duration_since(at).as_nanos()).unwrap_or(u64::MAX))
+                    });
+                    let beat = Heartbeat { sent_ns: self.mono_ns(now), echo_ns, echo_hold_ns };
+                    self.send_control(FrameKind::Heartbeat, 0, "heartbeat", &beat);
                     self.next_heartbeat = now + self.config.heartbeat_interval;
                 }
             }
@@ -390,6 +409,13 @@ impl Session {
             State::Handshake => self.handshake_deadline,
             State::Established => Some(self.next_heartbeat.min(self.last_rx + self.config.peer_timeout)),
         }
+    }
+
+    /// The round-trip time to the peer and back, smoothed over heartbeats (one a
+    /// second each way); `None` until the first echo came back. Half of it is the
+    /// estimate of the one-way transport delay: the two ends' clocks are not comparable.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.srtt_ns.map(|ns| Duration::from_nanos(ns as u64))
     }
 
     /// The next event, if any.
@@ -442,6 +468,15 @@ impl Session {
         self.send_control(FrameKind::StreamReject, stream, "stream-reject", &StreamEnd { reason: reason.into() });
     }
 
+    /// Tells the peer the render delay of a stream it sends us. Non-critical: a peer
+    /// that does not know the frame kind skips it.
+    pub fn report_latency(&mut self, stream: u32, render_ns: u64) {
+        if self.state != State::Established || !self.incoming.contains(&stream) {
+            return;
+        }
+        self.send_control(FrameKind::StreamLatency, stream, "stream-latency", &StreamLatency { render_ns });
+    }
+
     /// Queues one media packet of an open outgoing stream.
     pub fn send_media(&mut self, stream: u32, packet: &MediaPacket) -> Result<(), SessionError> {
         self.require_established()?;
@@ -477,6 +512,22 @@ impl Session {
             Ok(())
         } else {
             Err(SessionError::NotEstablished)
+        }
+    }
+
+    /// Takes a round-trip sample from the echo in the peer's heartbeat. A sample over
+    /// [`MAX_RTT_SAMPLE`] is an echo from a peer with a broken clock, or of a heartbeat
+    /// of another session, and is ignored.
+    fn on_heartbeat(&mut self, now: Instant, beat: Heartbeat) {
+        self.peer_heartbeat = Some((beat.sent_ns, now));
+        if beat.echo_ns == 0 {
+            return;
+        }
+        let rtt = self.mono_ns(now).checked_sub(beat.echo_ns).and_then(|t| t.checked_sub(beat.echo_hold_ns));
+        if let Some(rtt) = rtt.filter(|r| *r <= MAX_RTT_SAMPLE.as_nanos() as u64) {
+            // TCP's smoothing (RFC 6298): an eighth of each new sample.
+            let rtt = rtt as f64;
+            self.srtt_ns = Some(self.srtt_ns.map_or(rtt, |s| s + (rtt - s) / 8.0));
         }
     }
 
@@ -562,11 +613,10 @@ impl Session {
                 self.state = State::Closed;
                 self.events.push_back(Event::Closed(CloseReason::Goodbye(text)));
             }
-            (FrameKind::Heartbeat, State::Established) => {
-                if let Err(e) = decode_control::<Heartbeat>("heartbeat", &payload) {
-                    self.events.push_back(Event::Error(e.into()));
-                }
-            }
+            (FrameKind::Heartbeat, State::Established) => match Heartbeat::decode(&payload) {
+                Ok(beat) => self.on_heartbeat(now, beat),
+                Err(e) => self.events.push_back(Event::Error(e.into())),
+            },
             (FrameKind::StreamOpen, State::Established) => self.on_stream_open(header.stream, &payload),
             (FrameKind::StreamClose, State::Established) => {
                 if !self.incoming.remove(&header.stream) {
@@ -585,6 +635,18 @@ impl Session {
                 let reason =
                     decode_control::<StreamEnd>("stream-reject", &payload).map_or_else(|e| e.to_string(), |r| r.reason);
                 self.events.push_back(Event::StreamRejected { stream: header.stream, reason });
+            }
+            (FrameKind::StreamLatency, State::Established) => {
+                if !self.outgoing.contains(&header.stream) {
+                    self.events.push_back(Event::Error(SessionError::UnknownStream(header.stream)));
+                    return;
+                }
+                match decode_control::<StreamLatency>("stream-latency", &payload) {
+                    Ok(l) => {
+                        self.events.push_back(Event::StreamLatency { stream: header.stream, render_ns: l.render_ns })
+                    }
+                    Err(e) => self.events.push_back(Event::Error(e.into())),
+                }
             }
             (FrameKind::Media, State::Established) => {
                 if !self.incoming.contains(&header.stream) {
@@ -811,6 +873,27 @@ mod tests {
     }
 
     #[test]
+    fn the_receiver_reports_a_streams_latency_to_its_sender() {
+        let now = Instant::now();
+        let (mut g, mut h) = established(now);
+        g.open_stream(5, &open()).unwrap();
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        events(&mut h);
+        h.report_latency(5, 12_500_000);
+        h.report_latency(6, 1); // not a stream the guest sends: not sent
+        shuttle(now, &mut h, &mut g, usize::MAX);
+        let ev = events(&mut g);
+        assert!(matches!(&ev[..], [Event::StreamLatency { stream: 5, render_ns: 12_500_000 }]), "{ev:?}");
+        // After the stream closed, a late report is an unknown-stream error, not a crash.
+        h.report_latency(5, 1);
+        g.close_stream(5, "done");
+        let late = h.pending_output().to_vec();
+        h.consume_output(late.len());
+        g.handle_input(now, &late);
+        assert!(matches!(&events(&mut g)[..], [Event::Error(SessionError::UnknownStream(5))]));
+    }
+
+    #[test]
     fn version_mismatch_is_refused_with_a_clear_error() {
         let now = Instant::now();
         let (_, mut h) = pair(now);
@@ -865,6 +948,34 @@ mod tests {
         }
         assert!(now - last <= Duration::from_secs(5));
         assert!(matches!(events(&mut h).last(), Some(Event::Closed(CloseReason::PeerTimeout(_)))));
+    }
+
+    /// Each side measures the round trip on its own clock from the echo of its heartbeat,
+    /// however far apart the two clocks are.
+    #[test]
+    fn echoed_heartbeats_measure_the_round_trip() {
+        let t0 = Instant::now();
+        let mut g = SessionConfig::new(Role::Guest, "guest-test", caps());
+        g.origin_ns = 5_000_000_000;
+        let mut h = SessionConfig::new(Role::Host, "host-test", caps());
+        h.origin_ns = 987_654_321_000_000;
+        let (mut g, mut h) = (Session::new(g, t0), Session::new(h, t0));
+        shuttle(t0, &mut g, &mut h, usize::MAX);
+        shuttle(t0, &mut h, &mut g, usize::MAX);
+        assert_eq!(g.rtt(), None);
+        let one_way = Duration::from_millis(3);
+        for s in 1..=10u32 {
+            // The guest's beat takes 3 ms to arrive; the host answers 400 ms later, 3 ms again.
+            let beat = t0 + Duration::from_secs(s.into());
+            g.handle_timeout(beat);
+            shuttle(beat + one_way, &mut g, &mut h, usize::MAX);
+            let answer = beat + Duration::from_millis(400);
+            h.handle_timeout(answer);
+            shuttle(answer + one_way, &mut h, &mut g, usize::MAX);
+        }
+        let rtt = g.rtt().expect("the guest measured the round trip");
+        assert!(rtt.abs_diff(2 * one_way) < Duration::from_micros(10), "{rtt:?}");
+        assert!(h.rtt().is_some_and(|r| r.abs_diff(2 * one_way) < Duration::from_micros(10)));
     }
 
     #[test]
@@ -928,7 +1039,7 @@ mod tests {
                 FrameKind::Heartbeat,
                 0,
                 0,
-                &encode_control("heartbeat", &Heartbeat { sent_ns: 1 }).unwrap(),
+                &encode_control("heartbeat", &Heartbeat { sent_ns: 1, echo_ns: 0, echo_hold_ns: 0 }).unwrap(),
             )
             .unwrap();
         }

@@ -7,7 +7,7 @@
 use melange_transport::frame::{encode_frame, FrameDecoder, FrameKind};
 use melange_transport::message::{
     encode_control, AppInfo, AudioFormat, Capabilities, Codec, Heartbeat, Hello, MediaKind, MediaPacket, Reason, Role,
-    StreamEnd, StreamOpen, Welcome,
+    StreamEnd, StreamLatency, StreamOpen, Welcome,
 };
 
 fn hex(bytes: &[u8]) -> String {
@@ -60,7 +60,7 @@ fn every_frame_kind_is_pinned() {
             .encode_into(&mut p);
         p
     };
-    let cases: [(&str, FrameKind, u32, Vec<u8>, &str); 9] = [
+    let cases: [(&str, FrameKind, u32, Vec<u8>, &str); 10] = [
         (
             "hello",
             FrameKind::Hello,
@@ -86,8 +86,12 @@ fn every_frame_kind_is_pinned() {
             "heartbeat",
             FrameKind::Heartbeat,
             0,
-            encode_control("heartbeat", &Heartbeat { sent_ns: 1_000_000_000 }).unwrap(),
-            "4d4c4e4701040000000000000500bc178094ebdc03",
+            encode_control(
+                "heartbeat",
+                &Heartbeat { sent_ns: 1_000_000_000, echo_ns: 999_000_000, echo_hold_ns: 250_000_000 },
+            )
+            .unwrap(),
+            "4d4c4e4701040000000000000e0046cb8094ebdc03c08faedc0380e59a77",
         ),
         (
             "goodbye",
@@ -116,6 +120,13 @@ fn every_frame_kind_is_pinned() {
             7,
             encode_control("stream-reject", &StreamEnd { reason: "r".into() }).unwrap(),
             "4d4c4e47011200000700000002001c4f0172",
+        ),
+        (
+            "stream-latency",
+            FrameKind::StreamLatency,
+            7,
+            encode_control("stream-latency", &StreamLatency { render_ns: 12_500_000 }).unwrap(),
+            "4d4c4e4701130000070000000400990ea0f8fa05",
         ),
         ("media", FrameKind::Media, 7, media, "4d4c4e47012000000700000012000a7e040302018877665544332211e0010000aabb"),
     ];
