@@ -6,11 +6,13 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use melange_shim::codec::{input_format, SampleFormat};
 use melange_shim::link::{LinkConfig, LinkHandle, LinkManager};
-use melange_shim::tap::{tap_ring, TapEncoder, TapWriter};
+use melange_shim::tap::{tap_ring, TapEncoder, TapStats, TapWriter};
 use melange_transport::message::{AppInfo, AudioFormat, MediaKind, StreamOpen};
 use pipewire as pw;
 use pw::core::CoreBox;
@@ -28,6 +30,10 @@ const TAP_RATE: u32 = 48_000;
 const POSITIONS: [u32; 2] = [spa::sys::SPA_AUDIO_CHANNEL_FL, spa::sys::SPA_AUDIO_CHANNEL_FR];
 /// Audio a tap ring holds: far more than an encoder wake-up period.
 const TAP_RING: Duration = Duration::from_millis(500);
+/// How often the main loop looks for new latency figures to tell the apps.
+const LATENCY_POLL: Duration = Duration::from_millis(250);
+/// A latency that moved less than this since it was published is not published again.
+const LATENCY_STEP_NS: u64 = 1_000_000;
 
 /// An app playback stream seen in the registry.
 struct AppNode {
@@ -45,6 +51,38 @@ struct Tap {
     listener: Option<pw::stream::StreamListener<TapWriter>>,
     stream: pw::stream::StreamBox<'static>,
     link: LinkHandle,
+    stats: Arc<TapStats>,
+    /// The latency the app was last told, ns (0: never).
+    published_ns: u64,
+}
+
+impl Tap {
+    /// Tells the app the stream's end-to-end latency when the link thread has a new
+    /// figure. PipeWire gives an app the mean of the smallest and largest latency
+    /// among the input ports it is linked to; the redirect sink (a null sink) reports
+    /// none, so the tap reports twice the latency for the app to see it once.
+    fn publish_latency(&mut self) {
+        let ns = self.stats.latency_ns.load(Ordering::Relaxed);
+        if ns == 0 || ns.abs_diff(self.published_ns) < LATENCY_STEP_NS {
+            return;
+        }
+        let reported = i64::try_from(ns.saturating_mul(2)).unwrap_or(i64::MAX);
+        let pod = match latency_pod(reported) {
+            Ok(pod) => pod,
+            Err(e) => {
+                log::warn!("melange: stream {}: {e}", self.stream_id);
+                return;
+            }
+        };
+        let Some(pod) = spa::pod::Pod::from_bytes(&pod) else { return };
+        match self.stream.update_params(&mut [pod]) {
+            Ok(()) => {
+                log::debug!("melange: stream {} latency {:.1} ms", self.stream_id, ns as f64 / 1e6);
+                self.published_ns = ns;
+            }
+            Err(e) => log::warn!("melange: stream {}: cannot publish its latency: {e}", self.stream_id),
+        }
+    }
 }
 
 impl Drop for Tap {
@@ -75,6 +113,7 @@ struct State {
 /// The running guest side. Dropping it tears everything down in order.
 pub struct Guest {
     state: Rc<RefCell<State>>,
+    latency_timer: Option<pw::loop_::TimerSource<'static>>,
     registry_listener: Option<pw::registry::Listener>,
     core_listener: Option<pw::core::Listener>,
     registry: *mut RegistryBox<'static>,
@@ -168,8 +207,23 @@ impl Guest {
             })
             .register();
 
+        // SAFETY: Loop is a transparent wrapper over pw_loop; the context's main loop
+        // outlives the module, and the timer is dropped in `release`.
+        let main_loop: &'static pw::loop_::Loop =
+            unsafe { &*(pw::sys::pw_context_get_main_loop(context.as_raw_ptr()) as *const pw::loop_::Loop) };
+        let weak = Rc::downgrade(&state);
+        let latency_timer = main_loop.add_timer(move |_| {
+            if let Some(state) = weak.upgrade() {
+                for tap in state.borrow_mut().taps.values_mut() {
+                    tap.publish_latency();
+                }
+            }
+        });
+        let _ = latency_timer.update_timer(Some(LATENCY_POLL), Some(LATENCY_POLL));
+
         Ok(Box::new(Guest {
             state,
+            latency_timer: Some(latency_timer),
             registry_listener: Some(registry_listener),
             core_listener: Some(core_listener),
             registry: registry as *const RegistryBox<'static> as *mut RegistryBox<'static>,
@@ -196,6 +250,7 @@ impl Guest {
             s.sink_proxy.take();
         }
         // No more callbacks from here on.
+        self.latency_timer.take();
         self.registry_listener.take();
         self.core_listener.take();
         if let Some(link) = self.link.take() {
@@ -391,6 +446,7 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
     let frame_bytes = usize::from(format.channels) * sample.bytes();
     let ring_bytes = (TAP_RATE as usize * frame_bytes) * TAP_RING.as_millis() as usize / 1000;
     let (writer, reader) = tap_ring(ring_bytes, frame_bytes, TAP_RATE);
+    let stats = writer.stats().clone();
     let mut encoder = TapEncoder::new(reader, &format, &codec, frame_samples, s.config.mode.application())
         .map_err(|e| e.to_string())?;
     encoder.set_complexity(s.config.complexity).map_err(|e| e.to_string())?;
@@ -450,7 +506,31 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
             &mut params,
         )
         .map_err(|e| format!("cannot connect the tap stream: {e}"))?;
-    Ok(Tap { stream_id, listener: Some(listener), stream, link: s.link.clone() })
+    Ok(Tap { stream_id, listener: Some(listener), stream, link: s.link.clone(), stats, published_ns: 0 })
+}
+
+/// A playback `SPA_PARAM_Latency` (direction input) of `ns` nanoseconds.
+fn latency_pod(ns: i64) -> Result<Vec<u8>, String> {
+    use spa::pod::{Property, Value};
+    let obj = spa::pod::Object {
+        type_: spa::utils::SpaTypes::ObjectParamLatency.as_raw(),
+        id: spa::param::ParamType::Latency.as_raw(),
+        properties: vec![
+            Property::new(
+                spa::sys::SPA_PARAM_LATENCY_direction,
+                Value::Id(spa::utils::Id(spa::sys::SPA_DIRECTION_INPUT)),
+            ),
+            Property::new(spa::sys::SPA_PARAM_LATENCY_minQuantum, Value::Float(0.0)),
+            Property::new(spa::sys::SPA_PARAM_LATENCY_maxQuantum, Value::Float(0.0)),
+            Property::new(spa::sys::SPA_PARAM_LATENCY_minRate, Value::Int(0)),
+            Property::new(spa::sys::SPA_PARAM_LATENCY_maxRate, Value::Int(0)),
+            Property::new(spa::sys::SPA_PARAM_LATENCY_minNs, Value::Long(ns)),
+            Property::new(spa::sys::SPA_PARAM_LATENCY_maxNs, Value::Long(ns)),
+        ],
+    };
+    spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &spa::pod::Value::Object(obj))
+        .map(|(c, _)| c.into_inner())
+        .map_err(|e| format!("cannot build the latency pod: {e:?}"))
 }
 
 /// The EnumFormat a tap offers: the sink's layout at [`TAP_RATE`], in the codec's

@@ -85,16 +85,56 @@ struct HostStream {
     decoded_frames: u64,
     concealed_frames: u64,
     opened: Instant,
-    /// Mean output fill per second of the stream: (window start, sum, count), the
-    /// mean of its second second, and of the last full second.
-    fill_window: (Instant, f64, u32),
+    /// Output fill (frames) as packets arrive, per second; its mean in the stream's
+    /// second and tenth second and in the last full second (ms).
+    fill: WindowMean,
     fill_second_2: Option<f64>,
     fill_second_10: Option<f64>,
     fill_last: Option<f64>,
     seconds_seen: u32,
+    /// Render delay (ns) each packet meets, per [`RENDER_WINDOW`]; the last mean, and
+    /// the last one reported to the guest.
+    render: WindowMean,
+    render_last: Option<u64>,
+    render_reported: Option<u64>,
     latencies_ms: Vec<f32>,
     scratch: Vec<f32>,
 }
+
+/// The mean of a value over consecutive windows of time.
+#[derive(Debug, Clone, Copy)]
+struct WindowMean {
+    length: Duration,
+    start: Instant,
+    sum: f64,
+    count: u32,
+}
+
+impl WindowMean {
+    fn new(length: Duration, start: Instant) -> Self {
+        Self { length, start, sum: 0.0, count: 0 }
+    }
+
+    /// Adds a sample taken at `now`; returns the mean of the window it closed, if any.
+    fn add(&mut self, now: Instant, value: f64) -> Option<f64> {
+        let closed = (now.saturating_duration_since(self.start) >= self.length && self.count > 0)
+            .then(|| self.sum / f64::from(self.count));
+        if closed.is_some() {
+            *self = Self::new(self.length, now);
+        }
+        self.sum += value;
+        self.count += 1;
+        closed
+    }
+}
+
+/// The render delay is averaged over windows this long before it is reported: long
+/// enough to even out where packets land in the output's cycle, short enough that a
+/// change reaches the guest's apps within a second. At most two reports a second per
+/// stream keep 64 streams under the peer's control-frame limit.
+const RENDER_WINDOW: Duration = Duration::from_millis(500);
+/// A render delay that moved by more than this since the last report is reported again.
+const RENDER_REPORT_STEP_NS: u64 = 1_000_000;
 
 /// Longest guest-supplied string kept (app name, role, ...), in characters.
 const MAX_GUEST_STRING: usize = 128;
@@ -336,6 +376,8 @@ impl Host {
                 Event::StreamRejected { stream, reason } => {
                     log::warn!("melange-host: guest refused stream {stream}: {reason}")
                 }
+                // Reports about streams the host sends; it sends none in this version.
+                Event::StreamLatency { .. } => {}
                 Event::Error(e) => self.bad_input.warn(e.kind(), format_args!("skipped bad input from the guest: {e}")),
                 Event::Closed(reason) => {
                     log::warn!("melange-host: session closed: {reason}");
@@ -413,11 +455,14 @@ impl Host {
                         decoded_frames: 0,
                         concealed_frames: 0,
                         opened: Instant::now(),
-                        fill_window: (now, 0.0, 0),
+                        fill: WindowMean::new(Duration::from_secs(1), now),
                         fill_second_2: None,
                         fill_second_10: None,
                         fill_last: None,
                         seconds_seen: 0,
+                        render: WindowMean::new(RENDER_WINDOW, now),
+                        render_last: None,
+                        render_reported: None,
                         latencies_ms: Vec::new(),
                         scratch: Vec::with_capacity(open.frame_samples as usize * usize::from(format.channels)),
                     },
@@ -489,13 +534,15 @@ impl Host {
             s.decoded_frames += ((s.scratch.len() - before) / usize::from(s.desc.format.channels)) as u64;
         }
         s.frames += (s.scratch.len() / usize::from(s.desc.format.channels)) as u64;
+        let now_ns = clock::monotonic_ns();
+        // What this packet's first sample meets: everything buffered ahead of it.
+        let render_ns = s.sink.as_ref().map_or(0, |k| k.render_delay_ns(now_ns));
         if let Some(sink) = &mut s.sink {
             sink.write(&s.scratch);
         }
         let fill = s.sink.as_ref().map_or(0, |k| k.buffered_frames()) as f64;
-        let (start, sum, n) = &mut s.fill_window;
-        if now.saturating_duration_since(*start) >= Duration::from_secs(1) {
-            let mean_ms = if *n > 0 { *sum / f64::from(*n) * 1000.0 / rate as f64 } else { 0.0 };
+        if let Some(mean) = s.fill.add(now, fill) {
+            let mean_ms = mean * 1000.0 / rate as f64;
             s.seconds_seen += 1;
             match s.seconds_seen {
                 2 => s.fill_second_2 = Some(mean_ms),
@@ -503,17 +550,22 @@ impl Host {
                 _ => {}
             }
             s.fill_last = Some(mean_ms);
-            s.fill_window = (now, 0.0, 0);
         }
-        s.fill_window.1 += fill;
-        s.fill_window.2 += 1;
+        if let Some(mean) = s.render.add(now, render_ns as f64) {
+            let render = mean as u64;
+            s.render_last = Some(render);
+            if s.render_reported.map_or(true, |r| r.abs_diff(render) > RENDER_REPORT_STEP_NS) {
+                if let Some(session) = &mut self.session {
+                    session.report_latency(stream, render);
+                }
+                s.render_reported = Some(render);
+            }
+        }
         if self.same_clock && s.latencies_ms.len() < MAX_LATENCY_SAMPLES {
             // pts is when the first sample would have played in the guest; a packet cut
             // from late in a large graph cycle arrives before that, so this can be < 0.
-            let transit_ms = (i128::from(clock::monotonic_ns()) - i128::from(packet.pts_ns)) as f64 / 1e6;
-            let buffered = s.sink.as_ref().map_or(0, |k| k.buffered_frames());
-            let buffered_ms = buffered as f64 * 1000.0 / rate as f64;
-            s.latencies_ms.push((transit_ms + buffered_ms) as f32);
+            let transit_ms = (i128::from(now_ns) - i128::from(packet.pts_ns)) as f64 / 1e6;
+            s.latencies_ms.push((transit_ms + render_ns as f64 / 1e6) as f32);
         }
     }
 
@@ -572,6 +624,7 @@ impl Host {
                 "fill_ms_second_2": s.fill_second_2,
                 "fill_ms_second_10": s.fill_second_10,
                 "fill_ms_last_second": s.fill_last,
+                "render_ms_last": s.render_last.map(|ns| ns as f64 / 1e6),
                 "overflow_samples": overflows,
             });
             let written = std::fs::OpenOptions::new()
@@ -669,6 +722,80 @@ mod tests {
         assert!(host.streams.is_empty());
         assert_eq!(std::fs::metadata(dir.join("s1-stream1.2-app.wav")).unwrap().len(), 44 + 5 * 960);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An output whose render delay the test sets.
+    struct FixedDelay(std::sync::Arc<std::sync::atomic::AtomicU64>);
+    struct FixedDelaySink(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+    impl Output for FixedDelay {
+        fn open(&mut self, _: &StreamDesc) -> Result<Box<dyn StreamSink>, crate::output::OutputError> {
+            Ok(Box::new(FixedDelaySink(self.0.clone())))
+        }
+        fn describe(&self) -> String {
+            "fixed delay".into()
+        }
+    }
+
+    impl StreamSink for FixedDelaySink {
+        fn write(&mut self, _: &[f32]) {}
+        fn buffered_frames(&self) -> usize {
+            0
+        }
+        fn underruns(&self) -> u64 {
+            0
+        }
+        fn overflows(&self) -> u64 {
+            0
+        }
+        fn render_delay_ns(&self, _: u64) -> u64 {
+            self.0.load(Ordering::Relaxed)
+        }
+        fn close(&mut self) -> Result<(), crate::output::OutputError> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "fixed delay".into()
+        }
+    }
+
+    /// The host tells the guest each stream's render delay once it has half a second
+    /// of packets, and again only when it moved by more than a millisecond.
+    #[test]
+    fn render_delay_is_reported_to_the_guest_when_it_changes() {
+        let delay = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(20_000_000));
+        let config = HostConfig { latency: None, report: None, idle_timeout: Duration::from_secs(30) };
+        let mut host = Host::new(config, Box::new(FixedDelay(delay.clone())));
+        let t0 = Instant::now();
+        let mut guest = connect(&mut host, t0);
+        let open = StreamOpen {
+            media: MediaKind::Audio(AudioFormat { rate: 48000, channels: 1, positions: vec![2] }),
+            codec: Codec::PcmS16Le,
+            frame_samples: 480,
+            app: AppInfo { name: "app".into(), ..Default::default() },
+        };
+        guest.open_stream(1, &open).unwrap();
+        let mut reports = Vec::new();
+        for seq in 0..300u32 {
+            let now = t0 + Duration::from_millis(10 * u64::from(seq));
+            match seq {
+                100 => delay.store(20_500_000, Ordering::Relaxed), // within a millisecond
+                150 => delay.store(60_000_000, Ordering::Relaxed),
+                _ => {}
+            }
+            guest.send_media(1, &MediaPacket { seq, pts_ns: 0, duration: 480, data: vec![0; 960] }).unwrap();
+            pump(&mut host, &mut guest, now);
+            while let Some(ev) = guest.poll_event() {
+                if let Event::StreamLatency { stream: 1, render_ns } = ev {
+                    reports.push((seq, render_ns));
+                }
+            }
+        }
+        assert_eq!(reports.len(), 2, "{reports:?}");
+        assert_eq!(reports[0].1, 20_000_000);
+        assert!(reports[0].0 <= 55, "the first report came after {} packets", reports[0].0);
+        assert_eq!(reports[1].1, 60_000_000);
+        assert!((150..=210).contains(&reports[1].0), "the change came after packet {}", reports[1].0);
     }
 
     #[test]

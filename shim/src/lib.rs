@@ -3,6 +3,7 @@
 //! - Guest side: the [`tap`] ring that the real-time capture callback writes, the
 //!   per-stream [`tap::TapEncoder`] (packetizer), and the [`link`] manager (one I/O
 //!   thread, reconnect, bounded queues).
+//! - The [`latency`] the guest tells its apps, from the parts each side measures.
 //! - Both sides: [`codec`] (Opus through the system libopus, PCM), the [`playout`]
 //!   decision of the jitter buffer, and the [`clock`].
 //!
@@ -18,6 +19,7 @@
 pub mod clock;
 pub mod codec;
 pub mod drift;
+pub mod latency;
 pub mod link;
 #[allow(unsafe_code)]
 pub mod opus;

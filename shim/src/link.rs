@@ -22,11 +22,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use melange_transport::message::{codec_bits, Capabilities, MediaPacket, Role, StreamOpen};
+use melange_transport::message::{codec_bits, Capabilities, MediaKind, MediaPacket, Role, StreamOpen};
 use melange_transport::port::{Link, LinkEvent, PortSpec, Waker};
 use melange_transport::session::{Event, Session, SessionConfig};
 
 use crate::clock;
+use crate::latency::LatencyEstimate;
 use crate::tap::TapEncoder;
 
 /// Most bytes queued for the port before new media is dropped (~1 s of PCM stereo).
@@ -236,6 +237,22 @@ struct IoThread {
 struct Source {
     encoder: Box<TapEncoder>,
     errors: u64,
+    latency: LatencyEstimate,
+}
+
+impl Source {
+    fn new(encoder: Box<TapEncoder>, rate: u32) -> Self {
+        let codec_ns = u64::from(encoder.delay()) * 1_000_000_000 / u64::from(rate.max(1));
+        Self { encoder, errors: 0, latency: LatencyEstimate::new(codec_ns) }
+    }
+
+    /// Hands the latency, once known, to the tap's owner, who tells the app.
+    fn publish_latency(&self, id: u32) {
+        if let Some(total) = self.latency.total_ns() {
+            log::debug!("melange link: stream {id}: latency {}", self.latency);
+            self.encoder.stats().latency_ns.store(total.max(1), Ordering::Relaxed);
+        }
+    }
 }
 
 impl IoThread {
@@ -314,6 +331,10 @@ impl IoThread {
         cfg.clock_id = self.clock_id.clone();
         self.session = Some(Session::new(cfg, now));
         self.announced.clear();
+        // The host reports each stream's render delay anew in the new session.
+        for source in self.sources.values_mut() {
+            source.latency.host_gone();
+        }
     }
 
     fn end_session(&mut self, reason: &str) {
@@ -371,6 +392,12 @@ impl IoThread {
                     log::warn!("melange link: host refused stream {stream}: {reason}");
                     self.announced.remove(&stream);
                 }
+                Event::StreamLatency { stream, render_ns } => {
+                    if let Some(source) = self.sources.get_mut(&stream) {
+                        source.latency.host_render(render_ns);
+                        source.publish_latency(stream);
+                    }
+                }
                 Event::Closed(reason) => {
                     log::warn!("melange link: session closed: {reason}");
                     self.session = None;
@@ -416,7 +443,19 @@ impl IoThread {
         for id in ids {
             while let Some(source) = self.sources.get_mut(&id) {
                 match source.encoder.next_packet() {
-                    Some(Ok(packet)) => self.forward_media(id, &packet),
+                    Some(Ok(packet)) => {
+                        if self.forward_media(id, &packet) {
+                            let rtt = self.session.as_ref().and_then(Session::rtt);
+                            if let Some(source) = self.sources.get_mut(&id) {
+                                if let Some(rtt) = rtt {
+                                    source.latency.round_trip(u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX));
+                                }
+                                if source.latency.packet_sent(clock::monotonic_ns(), packet.pts_ns) {
+                                    source.publish_latency(id);
+                                }
+                            }
+                        }
+                    }
                     Some(Err(e)) => {
                         source.errors += 1;
                         if source.errors.is_power_of_two() {
@@ -445,7 +484,8 @@ impl IoThread {
         now_ns
     }
 
-    fn forward_media(&mut self, id: u32, packet: &MediaPacket) {
+    /// Queues a packet for the host; false if it was dropped.
+    fn forward_media(&mut self, id: u32, packet: &MediaPacket) -> bool {
         let sent = match &mut self.session {
             Some(s) if self.announced.contains(&id) && s.pending_output().len() < MAX_QUEUED_BYTES => {
                 s.send_media(id, packet).is_ok()
@@ -454,6 +494,7 @@ impl IoThread {
         };
         let counter = if sent { &self.stats.packets_sent } else { &self.stats.packets_dropped };
         counter.fetch_add(1, Ordering::Relaxed);
+        sent
     }
 
     fn close(&mut self, id: u32, reason: &str) {
@@ -477,11 +518,14 @@ impl IoThread {
                     self.announce(id);
                 }
                 Ok(StreamItem::Tap(id, open, encoder)) => {
+                    let MediaKind::Audio(format) = &open.media;
+                    self.sources.insert(id, Source::new(encoder, format.rate));
                     self.streams.insert(id, open);
-                    self.sources.insert(id, Source { encoder, errors: 0 });
                     self.announce(id);
                 }
-                Ok(StreamItem::Media(id, packet)) => self.forward_media(id, &packet),
+                Ok(StreamItem::Media(id, packet)) => {
+                    self.forward_media(id, &packet);
+                }
                 Ok(StreamItem::Close(id, reason)) => {
                     self.sources.remove(&id);
                     self.close(id, &reason);

@@ -26,9 +26,13 @@ struct Mark {
     pts_ns: u64,
 }
 
-/// Counters the RT side updates and anyone may read.
+/// Counters and figures of one tap, shared by its writer (RT), its encoder and its owner.
 #[derive(Debug, Default)]
 pub struct TapStats {
+    /// End-to-end latency of the stream in nanoseconds, from the graph cycle that takes
+    /// a sample to the host's output ([`crate::latency`]); 0 until known. Written by
+    /// the link thread, published to the app by the tap's owner.
+    pub latency_ns: AtomicU64,
     /// Cycles pushed.
     pub cycles: AtomicU64,
     /// Bytes dropped because the ring was full (the encoder fell behind).

@@ -112,6 +112,13 @@ pub trait StreamSink {
     fn underruns(&self) -> u64;
     /// Samples dropped because the buffer was full.
     fn overflows(&self) -> u64;
+    /// How long a sample written now waits before it is heard, in nanoseconds, at
+    /// `now_ns` (`CLOCK_MONOTONIC`): the audio buffered ahead of it, the wait for the
+    /// output's next cycle, and the output's own latency. 0 where nothing is heard
+    /// (files, null).
+    fn render_delay_ns(&self, _now_ns: u64) -> u64 {
+        0
+    }
     /// The clock difference drift control has measured, in ppm, where it runs.
     fn drift_ppm(&self) -> Option<f64> {
         None

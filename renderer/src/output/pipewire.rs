@@ -59,6 +59,11 @@ struct Shared {
     rate_match: AtomicPtr<spa::sys::spa_io_rate_match>,
     /// The drift controller's last estimate, in ppm x 1000, for the close log.
     drift_ppb: AtomicI64,
+    /// When the callback reads the ring next (`CLOCK_MONOTONIC` ns; 0 before the first
+    /// cycle), and how long what it writes takes to be heard: the stream's delay to the
+    /// device plus what its resampler holds.
+    next_read_ns: AtomicU64,
+    output_delay_ns: AtomicU64,
     draining: AtomicBool,
     drained: AtomicBool,
 }
@@ -206,6 +211,7 @@ impl Output for PipeWireOutput {
             name,
             producer,
             channels,
+            rate: desc.format.rate,
             shared,
             overflows: 0,
             commands: self.commands.clone(),
@@ -223,6 +229,7 @@ struct PipeWireSink {
     name: String,
     producer: Producer<f32>,
     channels: usize,
+    rate: u32,
     shared: Arc<Shared>,
     overflows: u64,
     commands: pw::channel::Sender<Command>,
@@ -247,6 +254,12 @@ impl StreamSink for PipeWireSink {
 
     fn underruns(&self) -> u64 {
         self.shared.underruns.load(Ordering::Relaxed)
+    }
+
+    fn render_delay_ns(&self, now_ns: u64) -> u64 {
+        let buffered_ns = self.buffered_frames() as u64 * 1_000_000_000 / u64::from(self.rate.max(1));
+        let wait_ns = self.shared.next_read_ns.load(Ordering::Relaxed).saturating_sub(now_ns);
+        buffered_ns + wait_ns + self.shared.output_delay_ns.load(Ordering::Relaxed)
     }
 
     fn overflows(&self) -> u64 {
@@ -390,6 +403,7 @@ fn open_stream(
         })
         .process(|stream, d| {
             // Real-time: ring to buffer, silence for the rest; no allocation or locks.
+            let time = stream.time().ok();
             let Some(mut buffer) = stream.dequeue_buffer() else { return };
             let requested = buffer.requested() as usize;
             let Some(data) = buffer.datas_mut().first_mut() else { return };
@@ -435,6 +449,15 @@ fn open_stream(
                 chunk.commit_all();
             }
             out[written..].fill(0);
+            if let Some(t) = time.filter(|t| t.now() > 0) {
+                let ns_per_frame = 1e9 / f64::from(d.rate);
+                let r = t.rate();
+                let delay_s = if r.denom > 0 { t.delay() as f64 * f64::from(r.num) / f64::from(r.denom) } else { 0.0 };
+                let output_ns = (delay_s * 1e9 + t.buffered() as f64 * ns_per_frame).max(0.0);
+                d.shared.output_delay_ns.store(output_ns as u64, Ordering::Relaxed);
+                let next = t.now() as f64 + frames as f64 * ns_per_frame;
+                d.shared.next_read_ns.store(next as u64, Ordering::Relaxed);
+            }
             d.shared.cycles.fetch_add(1, Ordering::Relaxed);
             d.shared.played_frames.fetch_add(take as u64, Ordering::Relaxed);
             d.shared.silence_frames.fetch_add((frames - take) as u64, Ordering::Relaxed);
