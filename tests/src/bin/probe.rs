@@ -2,16 +2,24 @@
 //! one clock (`CLOCK_MONOTONIC`, which every PipeWire graph on this machine runs on).
 //!
 //! ```text
-//! melange-probe play   --out FILE [--target NODE] [--seconds S] [--quantum N]
-//! melange-probe record --out FILE --target NODE [--seconds S] [--wav FILE]
+//! melange-probe play   --out FILE [--target NODE] [--seconds S] [--quantum N] [--api pipewire|pulse]
+//! melange-probe record --out FILE --target NODE [--monitor] [--seconds S] [--wav FILE]
 //! ```
 //!
 //! `play` is an app: it plays [`audio::click_train`] and writes, per click, the graph
 //! time at which the click's onset sample entered the graph (the cycle time of the
 //! buffer that held it, plus its offset), and the delay the app's stream reported for
 //! it (`pw_stream_get_time`: what an app would use for A/V sync). `record` captures a
-//! node (a sink's monitor) and writes the graph time of each click onset it hears, and
-//! optionally the recording as WAV. One JSON object per line:
+//! node's output (with `--monitor`, a sink's monitor) and writes the graph time of each
+//! click onset it hears, and optionally the recording as WAV. `play --api pulse` plays
+//! through the PulseAudio API instead (`pa_simple`, 50 ms target buffer): before each
+//! 10 ms write it asks `pa_simple_get_latency` (`pa_stream_get_latency`, what `pacat -v`
+//! prints), and writes per click the time that click would start playing if the
+//! stream had no latency, with the latency the server reported.
+//!
+//! Capturing a playback stream directly sees each sample with the graph time the
+//! stream wrote it in; a sink's monitor shows it a cycle later (the null sink holds a
+//! cycle and, unlike a sound card, does not report it). One JSON object per line:
 //! `{"onset_ns": T, "delay_ns": D}` (`delay_ns` from `play` only).
 //!
 //! The real-time callbacks only copy into preallocated wait-free rings.
@@ -48,13 +56,28 @@ struct Args {
     seconds: f64,
     quantum: u32,
     wav: Option<PathBuf>,
+    monitor: bool,
+    pulse: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let mode = it.next().ok_or("usage: melange-probe play|record --out FILE [--target NODE] [--seconds S]")?;
-    let mut a = Args { mode, out: PathBuf::new(), target: None, seconds: 10.0, quantum: 256, wav: None };
+    let mut a = Args {
+        mode,
+        out: PathBuf::new(),
+        target: None,
+        seconds: 10.0,
+        quantum: 256,
+        wav: None,
+        monitor: false,
+        pulse: false,
+    };
     while let Some(k) = it.next() {
+        if k == "--monitor" {
+            a.monitor = true;
+            continue;
+        }
         let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
         match k.as_str() {
             "--out" => a.out = v.into(),
@@ -62,6 +85,13 @@ fn parse_args() -> Result<Args, String> {
             "--seconds" => a.seconds = v.parse().map_err(|_| format!("bad --seconds {v}"))?,
             "--quantum" => a.quantum = v.parse().map_err(|_| format!("bad --quantum {v}"))?,
             "--wav" => a.wav = Some(v.into()),
+            "--api" => {
+                a.pulse = match v.as_str() {
+                    "pipewire" => false,
+                    "pulse" => true,
+                    _ => return Err(format!("--api must be pipewire or pulse, not {v}")),
+                }
+            }
             _ => return Err(format!("unknown option {k}")),
         }
     }
@@ -137,9 +167,11 @@ fn run(args: &Args) -> Result<(), String> {
     if let Some(t) = &args.target {
         props.insert("target.object", t.as_str());
     }
-    if !play {
+    if args.monitor {
         props.insert("stream.capture.sink", "true");
     }
+    // Never record something else than the target.
+    props.insert("node.dont-reconnect", "true");
     let stream = pw::stream::StreamRc::new(core.clone(), "melange-probe", props).map_err(|e| e.to_string())?;
     let rt = Rt { signal, pos: 0, stamps: stamps_tx, samples: samples_tx, done: done.clone() };
     let _listener = stream
@@ -254,8 +286,271 @@ fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// The PulseAudio client API (libpulse), as much of it as `play --api pulse` uses.
+mod pa {
+    use std::ffi::{c_char, c_int, c_void};
+
+    /// `pa_sample_spec`.
+    #[repr(C)]
+    pub struct SampleSpec {
+        pub format: c_int,
+        pub rate: u32,
+        pub channels: u8,
+    }
+
+    /// `pa_buffer_attr`; `u32::MAX` is the server's default.
+    #[repr(C)]
+    pub struct BufferAttr {
+        pub maxlength: u32,
+        pub tlength: u32,
+        pub prebuf: u32,
+        pub minreq: u32,
+        pub fragsize: u32,
+    }
+
+    /// `pa_timing_info`.
+    #[repr(C)]
+    pub struct TimingInfo {
+        pub timestamp: libc::timeval,
+        pub synchronized_clocks: c_int,
+        pub sink_usec: u64,
+        pub source_usec: u64,
+        pub transport_usec: u64,
+        pub playing: c_int,
+        pub write_index_corrupt: c_int,
+        pub write_index: i64,
+        pub read_index_corrupt: c_int,
+        pub read_index: i64,
+        pub configured_sink_usec: u64,
+        pub configured_source_usec: u64,
+        pub since_underrun: i64,
+    }
+
+    pub const SAMPLE_FLOAT32LE: c_int = 5;
+    pub const CONTEXT_READY: c_int = 4;
+    pub const CONTEXT_FAILED: c_int = 5;
+    pub const STREAM_READY: c_int = 2;
+    pub const STREAM_FAILED: c_int = 3;
+    pub const OPERATION_RUNNING: c_int = 0;
+    /// `PA_STREAM_ADJUST_LATENCY`: tlength is the whole latency, as for an A/V player.
+    pub const STREAM_ADJUST_LATENCY: c_int = 0x2000;
+    pub const SEEK_RELATIVE: c_int = 0;
+
+    #[link(name = "pulse")]
+    extern "C" {
+        pub fn pa_mainloop_new() -> *mut c_void;
+        pub fn pa_mainloop_get_api(m: *mut c_void) -> *mut c_void;
+        pub fn pa_mainloop_iterate(m: *mut c_void, block: c_int, retval: *mut c_int) -> c_int;
+        pub fn pa_mainloop_free(m: *mut c_void);
+        pub fn pa_context_new(api: *mut c_void, name: *const c_char) -> *mut c_void;
+        pub fn pa_context_connect(c: *mut c_void, server: *const c_char, flags: c_int, api: *const c_void) -> c_int;
+        pub fn pa_context_get_state(c: *mut c_void) -> c_int;
+        pub fn pa_context_errno(c: *mut c_void) -> c_int;
+        pub fn pa_context_disconnect(c: *mut c_void);
+        pub fn pa_context_unref(c: *mut c_void);
+        pub fn pa_stream_new(
+            c: *mut c_void,
+            name: *const c_char,
+            ss: *const SampleSpec,
+            map: *const c_void,
+        ) -> *mut c_void;
+        pub fn pa_stream_connect_playback(
+            s: *mut c_void,
+            dev: *const c_char,
+            attr: *const BufferAttr,
+            flags: c_int,
+            volume: *const c_void,
+            sync: *mut c_void,
+        ) -> c_int;
+        pub fn pa_stream_get_state(s: *mut c_void) -> c_int;
+        pub fn pa_stream_writable_size(s: *mut c_void) -> usize;
+        pub fn pa_stream_write(
+            s: *mut c_void,
+            data: *const c_void,
+            bytes: usize,
+            free_cb: *const c_void,
+            offset: i64,
+            seek: c_int,
+        ) -> c_int;
+        pub fn pa_stream_update_timing_info(s: *mut c_void, cb: *const c_void, userdata: *mut c_void) -> *mut c_void;
+        pub fn pa_stream_get_timing_info(s: *mut c_void) -> *const TimingInfo;
+        pub fn pa_stream_get_latency(s: *mut c_void, usec: *mut u64, negative: *mut c_int) -> c_int;
+        pub fn pa_stream_drain(s: *mut c_void, cb: *const c_void, userdata: *mut c_void) -> *mut c_void;
+        pub fn pa_stream_disconnect(s: *mut c_void) -> c_int;
+        pub fn pa_stream_unref(s: *mut c_void);
+        pub fn pa_operation_get_state(o: *mut c_void) -> c_int;
+        pub fn pa_operation_unref(o: *mut c_void);
+        pub fn pa_strerror(error: c_int) -> *const c_char;
+    }
+}
+
+/// A libpulse connection driven by its own (non-threaded) main loop.
+struct Pulse {
+    main_loop: *mut std::ffi::c_void,
+    context: *mut std::ffi::c_void,
+    stream: *mut std::ffi::c_void,
+}
+
+impl Pulse {
+    fn error(&self) -> String {
+        // SAFETY: the context is live; pa_strerror returns a static string.
+        unsafe { std::ffi::CStr::from_ptr(pa::pa_strerror(pa::pa_context_errno(self.context))) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Runs the loop until `done` says so (or a failure state); blocks between events.
+    fn iterate_until(&self, mut done: impl FnMut() -> bool) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            // SAFETY: the main loop is live.
+            if unsafe { pa::pa_mainloop_iterate(self.main_loop, 1, std::ptr::null_mut()) } < 0 {
+                return Err(format!("the PulseAudio main loop failed: {}", self.error()));
+            }
+            if std::time::Instant::now() > deadline {
+                return Err("no answer from the PulseAudio server within 10 s".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs an operation to completion.
+    fn wait(&self, op: *mut std::ffi::c_void) -> Result<(), String> {
+        if op.is_null() {
+            return Err(format!("operation refused: {}", self.error()));
+        }
+        // SAFETY: `op` is a live operation until unref'd below.
+        let result = self.iterate_until(|| unsafe { pa::pa_operation_get_state(op) } != pa::OPERATION_RUNNING);
+        // SAFETY: as above, once.
+        unsafe { pa::pa_operation_unref(op) };
+        result
+    }
+}
+
+impl Drop for Pulse {
+    fn drop(&mut self) {
+        // SAFETY: each pointer is live or null, and freed once.
+        unsafe {
+            if !self.stream.is_null() {
+                pa::pa_stream_disconnect(self.stream);
+                pa::pa_stream_unref(self.stream);
+            }
+            pa::pa_context_disconnect(self.context);
+            pa::pa_context_unref(self.context);
+            pa::pa_mainloop_free(self.main_loop);
+        }
+    }
+}
+
+/// `play --api pulse`: see the module docs.
+fn play_pulse(args: &Args) -> Result<(), String> {
+    use std::ffi::CString;
+    let signal = audio::click_train(RATE, args.seconds);
+    let stereo: Vec<f32> = signal.iter().flat_map(|v| [*v, *v]).collect();
+    let name = c"melange-probe";
+    // SAFETY: creating a main loop and a context has no preconditions.
+    let mut pulse = unsafe {
+        let main_loop = pa::pa_mainloop_new();
+        let context = pa::pa_context_new(pa::pa_mainloop_get_api(main_loop), name.as_ptr());
+        Pulse { main_loop, context, stream: std::ptr::null_mut() }
+    };
+    // SAFETY: the context is live.
+    if unsafe { pa::pa_context_connect(pulse.context, std::ptr::null(), 0, std::ptr::null()) } < 0 {
+        return Err(format!("cannot connect to the PulseAudio server: {}", pulse.error()));
+    }
+    let context = pulse.context;
+    // SAFETY: the context is live.
+    pulse.iterate_until(|| {
+        matches!(unsafe { pa::pa_context_get_state(context) }, pa::CONTEXT_READY | pa::CONTEXT_FAILED)
+    })?;
+    // SAFETY: as above.
+    if unsafe { pa::pa_context_get_state(context) } != pa::CONTEXT_READY {
+        return Err(format!("cannot connect to the PulseAudio server: {}", pulse.error()));
+    }
+    let spec = pa::SampleSpec { format: pa::SAMPLE_FLOAT32LE, rate: RATE, channels: CHANNELS as u8 };
+    let frame_bytes = 4 * CHANNELS;
+    // 50 ms in all, as a player would ask.
+    let attr = pa::BufferAttr {
+        maxlength: u32::MAX,
+        tlength: RATE / 20 * frame_bytes as u32,
+        prebuf: u32::MAX,
+        minreq: u32::MAX,
+        fragsize: u32::MAX,
+    };
+    let dev = args.target.as_deref().map(CString::new).transpose().map_err(|_| "bad --target")?;
+    // SAFETY: live context; spec, attr and dev outlive the calls.
+    unsafe {
+        pulse.stream = pa::pa_stream_new(context, name.as_ptr(), &spec, std::ptr::null());
+        if pulse.stream.is_null()
+            || pa::pa_stream_connect_playback(
+                pulse.stream,
+                dev.as_ref().map_or(std::ptr::null(), |d| d.as_ptr()),
+                &attr,
+                pa::STREAM_ADJUST_LATENCY,
+                std::ptr::null(),
+                std::ptr::null_mut(),
+            ) < 0
+        {
+            return Err(format!("cannot open a playback stream: {}", pulse.error()));
+        }
+    }
+    let stream = pulse.stream;
+    // SAFETY: the stream is live.
+    pulse
+        .iterate_until(|| matches!(unsafe { pa::pa_stream_get_state(stream) }, pa::STREAM_READY | pa::STREAM_FAILED))?;
+    // SAFETY: as above.
+    if unsafe { pa::pa_stream_get_state(stream) } != pa::STREAM_READY {
+        return Err(format!("the playback stream failed: {}", pulse.error()));
+    }
+
+    // Per 10 ms write: when, the latency the client library computed, the sink latency
+    // the server reported, and frames written before.
+    let chunk = RATE as usize / 100;
+    let mut writes: Vec<(i64, i64, i64, usize)> = Vec::with_capacity(stereo.len() / chunk / CHANNELS + 1);
+    let start = std::time::Instant::now();
+    for (i, part) in stereo.chunks(chunk * CHANNELS).enumerate() {
+        // Paced like a player: each 10 ms written when it is due, after a 50 ms prefill.
+        let due = (start + Duration::from_millis(10 * i as u64)).checked_sub(Duration::from_millis(50));
+        if let Some(wait) = due.and_then(|d| d.checked_duration_since(std::time::Instant::now())) {
+            std::thread::sleep(wait);
+        }
+        let bytes = std::mem::size_of_val(part);
+        // SAFETY: the stream is live.
+        pulse.iterate_until(|| unsafe { pa::pa_stream_writable_size(stream) } >= bytes)?;
+        // Fresh timing, as an A/V player asks before it schedules a frame.
+        // SAFETY: as above.
+        pulse.wait(unsafe { pa::pa_stream_update_timing_info(stream, std::ptr::null(), std::ptr::null_mut()) })?;
+        let (mut usec, mut negative) = (0u64, 0);
+        // SAFETY: as above; timing info is valid after the update.
+        let (sink_usec, ok) = unsafe {
+            let ok = pa::pa_stream_get_latency(stream, &mut usec, &mut negative) == 0;
+            let info = pa::pa_stream_get_timing_info(stream);
+            (info.as_ref().map_or(0, |t| t.sink_usec), ok)
+        };
+        let latency_ns = if ok && negative == 0 { usec as i64 * 1000 } else { 0 };
+        writes.push((melange_shim::clock::monotonic_ns() as i64, latency_ns, sink_usec as i64 * 1000, i * chunk));
+        // SAFETY: as above; `part` outlives the call (libpulse copies it).
+        if unsafe { pa::pa_stream_write(stream, part.as_ptr().cast(), bytes, std::ptr::null(), 0, pa::SEEK_RELATIVE) }
+            < 0
+        {
+            return Err(format!("write failed: {}", pulse.error()));
+        }
+    }
+    // SAFETY: as above.
+    pulse.wait(unsafe { pa::pa_stream_drain(stream, std::ptr::null(), std::ptr::null_mut()) })?;
+    drop(pulse);
+    let mut out = std::fs::File::create(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    for onset in audio::click_onsets(&signal, RATE) {
+        let Some(&(t, latency, sink, written)) = writes.get(onset / chunk) else { continue };
+        let onset_ns = t + ((onset - written) as f64 * 1e9 / f64::from(RATE)) as i64;
+        let line = serde_json::json!({ "onset_ns": onset_ns, "delay_ns": latency, "sink_delay_ns": sink });
+        writeln!(out, "{line}").map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    match parse_args().and_then(|a| run(&a)) {
+    match parse_args().and_then(|a| if a.pulse && a.mode == "play" { play_pulse(&a) } else { run(&a) }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("melange-probe: {e}");
