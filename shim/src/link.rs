@@ -97,8 +97,9 @@ impl LinkHandle {
     }
 
     /// Registers a stream whose media the I/O thread encodes from `encoder`'s tap. The
-    /// stream closes by itself once the tap's writer is gone and its last whole packet
-    /// is sent; call [`LinkHandle::wake`] after dropping the writer so that is prompt.
+    /// stream closes by itself once the tap's writer is gone and everything it captured
+    /// is sent (the last partial packet padded with silence); call [`LinkHandle::wake`]
+    /// after dropping the writer so that is prompt.
     pub fn open_tap(&self, open: StreamOpen, encoder: TapEncoder) -> u32 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
         let _ = self.items.send(StreamItem::Tap(id, open, Box::new(encoder)));

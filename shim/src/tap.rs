@@ -137,6 +137,12 @@ impl TapReader {
         if self.data.slots() < n {
             return None;
         }
+        Some(self.pop_up_to(n, out, ns_per_byte))
+    }
+
+    /// Moves up to `n` bytes into `out` (cleared first); returns the pts of the first.
+    fn pop_up_to(&mut self, n: usize, out: &mut Vec<u8>, ns_per_byte: f64) -> u64 {
+        let n = n.min(self.data.slots());
         while let Ok(next) = self.marks.peek() {
             if next.offset > self.read {
                 break;
@@ -152,7 +158,7 @@ impl TapReader {
             chunk.commit_all();
         }
         self.read += n as u64;
-        Some(pts)
+        pts
     }
 }
 
@@ -171,6 +177,11 @@ pub struct TapEncoder {
     ns_per_byte: f64,
     seq: u32,
     frame: Vec<u8>,
+    /// Once the tap is gone: bytes still to send, the last partial frame plus the
+    /// encoder's lookahead, in frames padded with silence (the end is drained, not cut).
+    tail_bytes: Option<usize>,
+    /// Bytes of the encoder's lookahead.
+    lookahead_bytes: usize,
 }
 
 impl TapEncoder {
@@ -186,6 +197,7 @@ impl TapEncoder {
         let encoder = FrameEncoder::new(format, codec, frame_samples, application)?;
         let sample_frame_bytes = usize::from(format.channels) * input_format(codec).bytes();
         let frame_bytes = frame_samples as usize * sample_frame_bytes;
+        let lookahead_bytes = encoder.delay() as usize * sample_frame_bytes;
         Ok(Self {
             reader,
             encoder,
@@ -194,6 +206,8 @@ impl TapEncoder {
             ns_per_byte: 1e9 / f64::from(format.rate) / sample_frame_bytes as f64,
             seq: 0,
             frame: Vec::with_capacity(frame_bytes),
+            tail_bytes: None,
+            lookahead_bytes,
         })
     }
 
@@ -212,9 +226,9 @@ impl TapEncoder {
         self.reader.stats()
     }
 
-    /// True when the tap is gone and every whole frame has been encoded.
+    /// True when the tap is gone and everything it captured has been encoded.
     pub fn is_finished(&self) -> bool {
-        self.reader.is_abandoned() && self.reader.available() < self.frame_bytes
+        self.reader.is_abandoned() && self.reader.available() < self.frame_bytes && self.tail_bytes == Some(0)
     }
 
     /// When the encoder thread should next look for a whole frame, in graph time
@@ -250,9 +264,28 @@ impl TapEncoder {
         }
     }
 
-    /// Encodes the next whole frame if one is waiting.
+    /// Encodes the next whole frame if one is waiting. Once the tap is gone, the last
+    /// partial frame follows, padded with silence, and as much silence again as the
+    /// encoder holds back (Opus's lookahead), so the stream's last sample is heard.
     pub fn next_packet(&mut self) -> Option<Result<MediaPacket, CodecError>> {
-        let pts_ns = self.reader.pop(self.frame_bytes, &mut self.frame, self.ns_per_byte)?;
+        // Read first: once abandoned, nothing more can arrive in the ring.
+        let abandoned = self.reader.is_abandoned();
+        let pts_ns = match self.reader.pop(self.frame_bytes, &mut self.frame, self.ns_per_byte) {
+            Some(pts) => pts,
+            None if abandoned => {
+                let partial = self.reader.available();
+                let lookahead = if self.seq > 0 || partial > 0 { self.lookahead_bytes } else { 0 };
+                let tail = self.tail_bytes.get_or_insert(partial + lookahead);
+                if *tail == 0 {
+                    return None;
+                }
+                *tail = tail.saturating_sub(self.frame_bytes);
+                let pts = self.reader.pop_up_to(partial, &mut self.frame, self.ns_per_byte);
+                self.frame.resize(self.frame_bytes, 0);
+                pts
+            }
+            None => return None,
+        };
         let mut data = Vec::new();
         let result = self.encoder.encode(&self.frame, &mut data).map(|()| MediaPacket {
             seq: self.seq,
@@ -313,11 +346,48 @@ mod tests {
     }
 
     #[test]
+    fn the_end_is_drained_padded_to_a_whole_frame() {
+        // PCM: 700 frames, then the app goes: one whole packet and one padded one.
+        let (mut w, r) = tap_ring(64 * 1024, 4, 48_000);
+        let mut enc = TapEncoder::new(r, &fmt(), &Codec::PcmS16Le, 480, Application::Audio).unwrap();
+        let bytes: Vec<u8> = (0..700 * 4).map(|i| (i % 251) as u8 | 1).collect();
+        w.push(&bytes, 1_000_000_000);
+        let first = enc.next_packet().unwrap().unwrap();
+        assert!(enc.next_packet().is_none(), "a partial frame waits while the tap lives");
+        drop(w);
+        let last = enc.next_packet().unwrap().unwrap();
+        assert!(enc.next_packet().is_none());
+        assert!(enc.is_finished());
+        assert_eq!(first.data[..], bytes[..480 * 4]);
+        assert_eq!(last.data[..220 * 4], bytes[480 * 4..]);
+        assert!(last.data[220 * 4..].iter().all(|b| *b == 0), "padded with silence");
+        assert_eq!(last.pts_ns, 1_010_000_000);
+
+        // Opus: a whole frame, then the lookahead is flushed with one frame of silence.
+        let (mut w, r) = tap_ring(64 * 1024, 8, 48_000);
+        let opus = Codec::Opus { bitrate: 64_000 };
+        let mut enc = TapEncoder::new(r, &fmt(), &opus, 480, Application::RestrictedLowDelay).unwrap();
+        assert!(enc.delay() > 0);
+        w.push(&[0u8; 480 * 8], 0);
+        drop(w);
+        assert!(enc.next_packet().unwrap().is_ok());
+        assert!(enc.next_packet().unwrap().is_ok(), "the lookahead is flushed");
+        assert!(enc.next_packet().is_none() && enc.is_finished());
+
+        // A tap that never captured anything sends nothing.
+        let (w, r) = tap_ring(4096, 8, 48_000);
+        let mut enc = TapEncoder::new(r, &fmt(), &opus, 480, Application::RestrictedLowDelay).unwrap();
+        drop(w);
+        assert!(enc.next_packet().is_none() && enc.is_finished());
+    }
+
+    #[test]
     fn finishes_when_the_writer_is_gone() {
         let (w, r) = tap_ring(4096, 4, 48_000);
-        let enc = TapEncoder::new(r, &fmt(), &Codec::PcmS16Le, 480, Application::Audio).unwrap();
+        let mut enc = TapEncoder::new(r, &fmt(), &Codec::PcmS16Le, 480, Application::Audio).unwrap();
         assert!(!enc.is_finished());
         drop(w);
+        assert!(enc.next_packet().is_none());
         assert!(enc.is_finished());
     }
 

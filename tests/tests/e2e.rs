@@ -151,6 +151,75 @@ fn pcm_is_bit_exact_from_pipewire_pulse_and_alsa_apps() {
     }
 }
 
+/// Noise that starts and ends on a non-zero sample and does not end on a packet or
+/// cycle boundary: a clipped start or a cut end shows as missing samples.
+fn edge_to_edge_noise(frames: usize) -> Vec<i16> {
+    let (l, r) = (audio::noise(frames, 0.3, 3), audio::noise(frames, 0.3, 4));
+    l.iter().zip(&r).flat_map(|(a, b)| [(a * 32767.0) as i16 | 1, (b * 32767.0) as i16 | 1]).collect()
+}
+
+/// Where the host's output starts in `original` (frames clipped from the start) and
+/// how many of `original`'s frames it holds, checked bit for bit.
+fn clipped_and_kept(original: &[i16], out: &Audio, app: &str) -> (usize, usize) {
+    let got = out.s16.as_ref().expect("PCM streams are stored as s16");
+    // No sample of the input is 0: padding and silence are not content.
+    let first = got.iter().position(|v| *v != 0).expect("output is silent") & !1;
+    let end = got.iter().rposition(|v| *v != 0).map_or(first, |l| (l + 2) & !1);
+    let at = audio::find(original, &got[first..first + 64]).unwrap_or_else(|| panic!("{app}: output is not the input"));
+    let n = (original.len() - at).min(end - first);
+    assert!(got[first..first + n] == original[at..at + n], "{app}: output differs from the input");
+    (at / 2, n / 2)
+}
+
+#[test]
+fn the_first_and_the_last_sample_an_app_plays_are_heard() {
+    let _serial = serial();
+    let mut rig = Rig::new("edges", GuestCodec::Pcm);
+    let original = edge_to_edge_noise(48_000 + 123);
+    let file = rig.file("edges.wav");
+    audio::write_wav_s16(&file, 48000, 2, &original);
+    let file = file.to_string_lossy().into_owned();
+    // paplay drains its stream; pw-play never delivers its last partial cycle. An app
+    // whose first graph cycle runs before its tap is linked loses that cycle: aplay
+    // always (2048 frames), paplay now and then (see docs/latency.md).
+    rig.play("paplay", &[&file]);
+    rig.play("pw-play", &[&file]);
+    rig.play("aplay", &["-q", "-D", "pipewire", &file]);
+    let outputs = rig.outputs(3);
+    rig.stop();
+    let frames = original.len() / 2;
+    let mut report = String::new();
+    for (app, out) in &outputs {
+        let (clipped, kept) = clipped_and_kept(&original, out, app);
+        report +=
+            &format!("{app}: {clipped} frames clipped at the start, {} missing at the end\n", frames - clipped - kept);
+    }
+    eprint!("{report}");
+    let (clipped, kept) = clipped_and_kept(&original, &outputs[0].1, "paplay");
+    assert_eq!(clipped + kept, frames, "paplay: every sample to the last:\n{report}");
+    let (clipped, _) = clipped_and_kept(&original, &outputs[1].1, "pw-play");
+    assert_eq!(clipped, 0, "pw-play: the first sample is heard:\n{report}");
+}
+
+#[test]
+fn opus_streams_keep_their_first_and_last_click() {
+    let _serial = serial();
+    let mut rig = Rig::new("edges-opus", GuestCodec::Opus(128_000));
+    // Clicks at 0, 0.5 and 1.0 s, the last one ending 2 ms before the file does.
+    let clicks = audio::click_train(48000, 1.004);
+    let file = rig.file("clicks.wav");
+    audio::write_wav_f32(&file, 48000, 1, &clicks);
+    rig.play("pw-play", &[&file.to_string_lossy()]);
+    let outputs = rig.outputs(1);
+    rig.stop();
+    let out = outputs[0].1.channel(0);
+    let heard = audio::click_onsets(&out, 48000);
+    assert_eq!(heard.len(), 3, "clicks heard at {heard:?}");
+    let first = &out[heard[0]..heard[0] + 96];
+    let peak = first.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(peak > 0.8, "the first click came out at {peak:.2} of 0.9");
+}
+
 #[test]
 fn opus_keeps_tone_frequency_level_and_chirp_shape() {
     let _serial = serial();
