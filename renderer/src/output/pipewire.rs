@@ -316,7 +316,11 @@ fn run(rx: pw::channel::Receiver<Command>, ready: crossbeam_channel::Sender<Resu
     pw::init();
     let setup = || -> Result<_, String> {
         let main_loop = pw::main_loop::MainLoopRc::new(None).map_err(|e| e.to_string())?;
-        let context = pw::context::ContextRc::new(&main_loop, None).map_err(|e| e.to_string())?;
+        // client-rt.conf, as audio apps use: its module-rt makes the data loop that runs
+        // the playback callbacks real-time. Under client.conf it is an ordinary thread
+        // that a busy machine delays by milliseconds.
+        let props = pw::properties::properties! { "config.name" => "client-rt.conf" };
+        let context = pw::context::ContextRc::new(&main_loop, Some(props)).map_err(|e| e.to_string())?;
         let core = context.connect_rc(None).map_err(|e| e.to_string())?;
         Ok((main_loop, context, core))
     };

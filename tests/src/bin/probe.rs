@@ -139,7 +139,9 @@ fn delay_ns(t: &pw::stream::Time) -> i64 {
 fn run(args: &Args) -> Result<(), String> {
     pw::init();
     let main_loop = pw::main_loop::MainLoopRc::new(None).map_err(|e| e.to_string())?;
-    let context = pw::context::ContextRc::new(&main_loop, None).map_err(|e| e.to_string())?;
+    // As audio apps do (pw-play, pipewire-pulse): a real-time data loop.
+    let props = pw::properties::properties! { "config.name" => "client-rt.conf" };
+    let context = pw::context::ContextRc::new(&main_loop, Some(props)).map_err(|e| e.to_string())?;
     let core = context.connect_rc(None).map_err(|e| format!("cannot connect to PipeWire: {e}"))?;
     let play = args.mode == "play";
     if !play && args.mode != "record" {
