@@ -31,15 +31,13 @@ use super::{Output, OutputError, StreamDesc, StreamSink};
 /// Decoded audio a stream's ring holds at most: room for the largest jitter target
 /// (4 x --latency) and bursts, while 64 streams of 8 channels stay within memory limits.
 const RING: Duration = Duration::from_millis(500);
-/// What the drift controller keeps buffered beyond the cycle being played: 2 ms (the
-/// hour-long ±500 ppm simulation in `drift.rs` needs more than 1; scheduling on a busy
-/// 2-core machine more than 1.5), doubled by each underrun up to 32 ms. With a given
+/// What the drift controller keeps buffered beyond the cycle being played and the
+/// deepest recent dip: 3 ms (2 ms let a late guest cycle underrun in the simulation
+/// `late_packets_now_and_then_underrun_at_most_once`, while the set point was still
+/// rising to a new dip), doubled by each underrun up to 48 ms. With a given
 /// `--latency` nothing is trimmed: the primed level is held.
-fn margin(trim: bool, rate: u32, underruns: u64) -> u32 {
-    if !trim {
-        return u32::MAX / 4;
-    }
-    rate / 500 * (1u32 << underruns.min(4))
+fn margin(trim: bool, rate: u32, underruns: u64) -> Option<u32> {
+    trim.then(|| rate * 3 / 1000 * (1u32 << underruns.min(4)))
 }
 
 /// How often the PipeWire thread looks for streams that finished draining.
