@@ -250,9 +250,14 @@ pub enum GuestCodec {
 
 /// The guest module, run by `scripts/melange-guest` against `pw`.
 pub fn start_guest(pw: &PipeWire, port: &str, codec: GuestCodec, log: PathBuf) -> Proc {
+    start_guest_with(pw, port, codec, &[], log)
+}
+
+/// [`start_guest`] with more `scripts/melange-guest` options (e.g. `--mode low-latency`).
+pub fn start_guest_with(pw: &PipeWire, port: &str, codec: GuestCodec, extra: &[&str], log: PathBuf) -> Proc {
     let profile = profile_dir();
     let mut cmd = pw.command(root().join("scripts/melange-guest"));
-    cmd.arg("--port").arg(port);
+    cmd.arg("--port").arg(port).args(extra);
     match codec {
         GuestCodec::Pcm => cmd.args(["--codec", "pcm"]),
         GuestCodec::Opus(bitrate) => cmd.args(["--codec", "opus", "--bitrate", &bitrate.to_string()]),

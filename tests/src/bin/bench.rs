@@ -1,122 +1,541 @@
-//! `melange-bench`: figures for the redirection path, measured on this machine.
+//! `melange-bench`: Melange against PipeWire's own network modules, in one run, on this
+//! machine, with the same input.
 //!
-//! For each codec and stream count: N copies of `pw-play` play a 10 s tone at once in a
-//! headless guest session; the guest module sends them to `melange-host`, which plays
-//! them into a headless host PipeWire session (a null sink stands in for speakers).
-//! Printed per configuration:
-//! - added latency p50/p99 (ms): guest presentation time to arrival at melange-host
-//!   plus the host's jitter-buffer fill (one clock: both ends run on this machine);
-//! - guest CPU per stream (% of one core): the module process's CPU time while
-//!   streaming, minus its idle rate, divided by N;
-//! - bytes per second per stream on the port.
+//! ```text
+//! melange-bench [--seconds N] [--streams 1,8,32] [--systems a,b] [--json FILE] [--svg FILE]
+//! ```
+//!
+//! Systems: `melange-opus` (the default: Opus 10 ms), `melange-low-latency`,
+//! `melange-pcm`, `rtp-l16` (module-rtp-sink to module-rtp-source, L16) and
+//! `pulse-tunnel` (module-pulse-tunnel to a pipewire-pulse on the host side). Each runs
+//! between two headless PipeWire sessions, a guest and a host, whose null sink stands
+//! in for the speakers; the guest side of each system runs in its own `pipewire`
+//! process, so its CPU is measured alone.
+//!
+//! - Latency, from app to host output on one clock: `melange-probe play` is the app and
+//!   stamps each click of a click train with the graph time it entered the guest graph;
+//!   `melange-probe record` stamps each click as it leaves the system's playback stream
+//!   on the host (recorded directly: the null sink stand-in's monitor would add a cycle
+//!   that it does not report). p50/p99 over the clicks of the 1-stream run, after the
+//!   first 3 s (convergence).
+//! - Guest CPU per stream (% of one core): the guest-side process's CPU while N apps
+//!   play, divided by N (not minus its idle rate: the peers stream silence when idle).
+//!   The peers mix every app into one stream, so their cost per stream falls with N;
+//!   Melange keeps one stream per app. `guest_cpu_pct_per_stream` is the 1-stream
+//!   figure, `guest_cpu_pct_per_stream_by_streams` has them all.
+//! - Bytes per second per stream on the wire: Melange's port bytes (melange-host's
+//!   report); for the peers, bytes sent on the loopback interface (IP and UDP/TCP
+//!   headers included, as on a network), divided by N.
+//! - Quality: correlation of the host recording with the source, aligned (1 = same).
 
-use std::path::Path;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use melange_tests::audio;
-use melange_tests::{cpu_seconds, reports, scratch, start_guest, start_host, wait_until, GuestCodec, PipeWire};
+use melange_tests::{
+    cpu_seconds, reports, scratch, start_guest_with, start_host, wait_until, GuestCodec, PipeWire, Proc,
+};
+use serde_json::json;
 
-/// The `pipewire -c melange-guest.conf` process under the launcher script.
-fn module_pid(launcher: u32) -> Option<u32> {
-    let children = std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children")).ok()?;
-    children
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .find(|pid: &u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "pipewire"))
+const RATE: u32 = 48_000;
+/// Seconds of each latency run treated as convergence and left out of the figures.
+const SETTLE_S: f64 = 3.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum System {
+    MelangeOpus,
+    MelangeLowLatency,
+    MelangePcm,
+    Rtp,
+    PulseTunnel,
 }
 
-struct Row {
-    codec: &'static str,
-    streams: usize,
-    p50: f64,
-    p99: f64,
+impl System {
+    const ALL: [System; 5] =
+        [System::MelangeOpus, System::MelangeLowLatency, System::MelangePcm, System::Rtp, System::PulseTunnel];
+
+    fn name(self) -> &'static str {
+        match self {
+            System::MelangeOpus => "melange-opus",
+            System::MelangeLowLatency => "melange-low-latency",
+            System::MelangePcm => "melange-pcm",
+            System::Rtp => "rtp-l16",
+            System::PulseTunnel => "pulse-tunnel",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            System::MelangeOpus => "Melange, Opus 128 kbit/s, 10 ms packets (default)",
+            System::MelangeLowLatency => "Melange low-latency mode, Opus 5 ms packets",
+            System::MelangePcm => "Melange, PCM s16",
+            System::Rtp => "module-rtp-sink -> module-rtp-source, L16, defaults",
+            System::PulseTunnel => "module-pulse-tunnel -> pipewire-pulse, defaults",
+        }
+    }
+
+    /// The guest sink apps play into.
+    fn sink(self) -> &'static str {
+        match self {
+            System::MelangeOpus | System::MelangeLowLatency | System::MelangePcm => "melange",
+            System::Rtp => "bench-rtp-sink",
+            System::PulseTunnel => "bench-tunnel-sink",
+        }
+    }
+
+    fn is_melange(self) -> bool {
+        matches!(self, System::MelangeOpus | System::MelangeLowLatency | System::MelangePcm)
+    }
+}
+
+/// One run: a system with N streams.
+#[derive(Debug, Default, Clone)]
+struct Run {
     cpu_pct_per_stream: f64,
-    bytes_per_s: f64,
+    wire_bytes_per_s_per_stream: f64,
+    latencies_ms: Vec<f64>,
+    quality: Option<f64>,
     underruns: u64,
 }
 
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
 }
 
-fn measure(dir: &Path, codec: GuestCodec, name: &'static str, streams: usize, seconds: f64) -> Result<Row, String> {
-    let run = dir.join(format!("{name}-{streams}").replace(' ', "-"));
-    std::fs::create_dir_all(&run).map_err(|e| e.to_string())?;
-    let host_pw = PipeWire::start(&run.join("host"));
-    host_pw.add_null_sink("speakers");
-    let sock = run.join("port.sock");
-    let mut host =
-        start_host(&["--listen", &format!("unix:{}", sock.display()), "--output", "pipewire"], Some(&host_pw), &run);
-    wait_until(Duration::from_secs(10), || sock.exists().then_some(())).ok_or("melange-host did not start")?;
-    let pw = PipeWire::start(&run.join("guest"));
-    let mut guest = start_guest(&pw, &format!("unix:{}", sock.display()), codec, run.join("guest.log"));
-    guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
-    let pid = module_pid(guest.pid()).ok_or("cannot find the guest module process")?;
+/// Bytes sent on the loopback interface so far.
+fn loopback_tx_bytes() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+    text.lines()
+        .find_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            (name.trim() == "lo").then(|| rest.split_whitespace().nth(8)?.parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
+/// The child of `launcher` (or `launcher` itself) that is a `pipewire` process.
+fn pipewire_pid(launcher: u32) -> u32 {
+    let is_pw = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "pipewire");
+    if is_pw(launcher) {
+        return launcher;
+    }
+    std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .find(|pid| is_pw(*pid))
+        .unwrap_or(launcher)
+}
+
+/// A `pipewire -c CONF` process loading one module, as a client of `pw`.
+fn module_process(pw: &PipeWire, dir: &Path, name: &str, module: &str, args: &str) -> Proc {
+    let conf = dir.join(format!("{name}.conf"));
+    let text = format!(
+        "context.properties = {{ log.level = 2 }}\n\
+         context.spa-libs = {{ audio.convert.* = audioconvert/libspa-audioconvert\n    support.* = support/libspa-support }}\n\
+         context.modules = [\n\
+         {{ name = libpipewire-module-rt flags = [ ifexists nofail ] }}\n\
+         {{ name = libpipewire-module-protocol-native }}\n\
+         {{ name = libpipewire-module-client-node }}\n\
+         {{ name = libpipewire-module-adapter }}\n\
+         {{ name = {module} args = {{ {args} }} }}\n]\n"
+    );
+    std::fs::write(&conf, text).unwrap_or_else(|e| panic!("{}: {e}", conf.display()));
+    let mut cmd = pw.command("pipewire");
+    cmd.arg("-c").arg(&conf);
+    Proc::spawn(cmd, dir.join(format!("{name}.log")))
+}
+
+fn wait_for_node(pw: &PipeWire, name: &str, timeout: Duration) -> Result<(), String> {
+    wait_until(timeout, || pw.node_props(name)).map(|_| ()).ok_or_else(|| format!("node {name} did not appear"))
+}
+
+/// Pairs each click heard on the host with the latest click played before it.
+fn latencies(played: &Path, heard: &Path) -> Vec<f64> {
+    let read = |p: &Path| -> Vec<(i64, i64)> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| Some((v["onset_ns"].as_i64()?, v["delay_ns"].as_i64().unwrap_or(0))))
+            .collect()
+    };
+    let played = read(played);
+    let heard = read(heard);
+    let Some(first) = played.first().map(|p| p.0) else { return Vec::new() };
+    heard
+        .iter()
+        .filter_map(|(t, _)| {
+            let p = played.iter().rev().find(|(pt, _)| pt <= t)?;
+            let ms = (t - p.0) as f64 / 1e6;
+            let period_ms = audio::CLICK_PERIOD * 1000.0;
+            (ms < period_ms && (p.0 - first) as f64 / 1e9 >= SETTLE_S).then_some(ms)
+        })
+        .collect()
+}
+
+/// Correlation of the host recording with the source: the median over 100 ms windows,
+/// one per click period, each aligned on its own (the signal repeats every period, and
+/// rate matching slowly shifts the alignment).
+fn quality(recording: &Path, seconds: f64) -> Option<f64> {
+    let rec = audio::read_wav(recording).ok()?.channel(0);
+    let source = audio::click_train(RATE, seconds);
+    let period = (f64::from(RATE) * audio::CLICK_PERIOD) as usize;
+    let s0 = *audio::click_onsets(&source, RATE).first()?;
+    let (window, search) = (RATE as usize / 10, 96);
+    // The chirp between clicks, from 20 ms after a click.
+    let src = source.get(s0 + 960..s0 + 960 + window)?;
+    let mut values: Vec<f64> = audio::click_onsets(&rec, RATE)
+        .into_iter()
+        .skip(2)
+        .filter_map(|r| {
+            let base = (r + 960).checked_sub(search)?;
+            let lag = audio::best_lag(src, rec.get(base..)?, 2 * search, window);
+            Some(audio::correlation(src, rec.get(base + lag..base + lag + window)?))
+        })
+        .collect();
+    let _ = period;
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
+}
+
+struct Setup {
+    host: PipeWire,
+    guest: PipeWire,
+    /// `node.name` of a peer's playback stream on the host (Melange's appear per app).
+    host_stream: String,
+    /// Guest-side process (CPU is measured on it) and host-side process.
+    guest_side: Proc,
+    _host_side: Proc,
+}
+
+fn setup(system: System, dir: &Path, index: usize) -> Result<Setup, String> {
+    let host_dir = dir.join("host");
+    if system == System::PulseTunnel {
+        let conf = host_dir.join("config/pipewire/pipewire-pulse.conf.d");
+        std::fs::create_dir_all(&conf).map_err(|e| e.to_string())?;
+        std::fs::write(
+            conf.join("50-bench-tcp.conf"),
+            format!(
+                "pulse.properties = {{ server.address = [ \"unix:native\" \"tcp:127.0.0.1:{}\" ] }}\n",
+                24713 + index
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    let host = PipeWire::start(&host_dir);
+    host.add_null_sink("speakers");
+    let guest = PipeWire::start(&dir.join("guest"));
+    let sock = dir.join("port.sock");
+    let (guest_side, host_side) = match system {
+        System::MelangeOpus | System::MelangeLowLatency | System::MelangePcm => {
+            let host_side = start_host(
+                &["--listen", &format!("unix:{}", sock.display()), "--output", "pipewire"],
+                Some(&host),
+                dir,
+            );
+            wait_until(Duration::from_secs(10), || sock.exists().then_some(())).ok_or("melange-host did not start")?;
+            let (codec, extra): (GuestCodec, &[&str]) = match system {
+                System::MelangePcm => (GuestCodec::Pcm, &[]),
+                System::MelangeLowLatency => (GuestCodec::Opus(128_000), &["--mode", "low-latency"]),
+                _ => (GuestCodec::Opus(128_000), &[]),
+            };
+            let mut g =
+                start_guest_with(&guest, &format!("unix:{}", sock.display()), codec, extra, dir.join("guest.log"));
+            g.wait_for_log("connected to melange-host", Duration::from_secs(10));
+            (g, host_side)
+        }
+        System::Rtp => {
+            let (data, sap) = (26000 + 2 * index, 29875 + index);
+            let host_side = module_process(
+                &host,
+                dir,
+                "rtp-source",
+                "libpipewire-module-rtp-source",
+                &format!("sap.ip = 127.0.0.1 sap.port = {sap} local.ifname = lo stream.props = {{ target.object = speakers }}"),
+            );
+            let g = module_process(
+                &guest,
+                dir,
+                "rtp-sink",
+                "libpipewire-module-rtp-sink",
+                &format!(
+                    "destination.ip = 127.0.0.1 destination.port = {data} sap.ip = 127.0.0.1 sap.port = {sap} \
+                     local.ifname = lo net.loop = true audio.format = S16BE audio.rate = 48000 audio.channels = 2 \
+                     audio.position = [ FL FR ] stream.props = {{ node.name = {} }}",
+                    system.sink()
+                ),
+            );
+            wait_for_node(&guest, system.sink(), Duration::from_secs(10))?;
+            (g, host_side)
+        }
+        System::PulseTunnel => {
+            // pipewire-pulse itself is the host side; a placeholder keeps the shape.
+            let mut sleeper = host.command("sleep");
+            sleeper.arg("infinity");
+            let idle = Proc::spawn(sleeper, dir.join("idle.log"));
+            let g = module_process(
+                &guest,
+                dir,
+                "pulse-tunnel",
+                "libpipewire-module-pulse-tunnel",
+                &format!(
+                    "tunnel.mode = sink pulse.server.address = \"tcp:127.0.0.1:{}\" node.name = {} \
+                     audio.rate = 48000 audio.channels = 2 audio.position = [ FL FR ]",
+                    24713 + index,
+                    system.sink()
+                ),
+            );
+            wait_for_node(&guest, system.sink(), Duration::from_secs(10))?;
+            (g, idle)
+        }
+    };
+    let mut host_stream = String::new();
+    if !system.is_melange() {
+        // The peers' host-side stream appears only once they found each other (RTP: at
+        // the next SAP announcement).
+        host_stream = wait_until(Duration::from_secs(30), || {
+            let nodes = host.nodes_where(|p| p["media.class"] == "Stream/Output/Audio");
+            nodes.first().and_then(|p| p["node.name"].as_str().map(str::to_owned))
+        })
+        .ok_or_else(|| format!("{}: no stream appeared on the host side", system.name()))?;
+    }
+    Ok(Setup { host, guest, host_stream, guest_side, _host_side: host_side })
+}
+
+fn measure(system: System, streams: usize, seconds: f64, dir: &Path, index: usize) -> Result<Run, String> {
+    let dir = dir.join(format!("{}-{streams}", system.name()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut s = setup(system, &dir, index)?;
+    let pid = pipewire_pid(s.guest_side.pid());
 
     // Idle rate first, so the per-stream figure is what streaming costs.
     let (c0, t0) = (cpu_seconds(pid), Instant::now());
     std::thread::sleep(Duration::from_secs(2));
     let idle = (cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64();
 
-    let file = run.join("tone.wav");
-    audio::write_wav_s16(&file, 48000, 2, &audio::to_s16(&audio::tone(997.0, 48000, seconds, 0.25), 2));
-    let apps: Vec<_> = (0..streams)
-        .map(|_| pw.command("pw-play").arg(&file).spawn().map_err(|e| format!("pw-play: {e}")))
-        .collect::<Result<_, _>>()?;
+    let probe = melange_tests::bin("melange-probe");
+    let (played, heard, wav) = (dir.join("played.jsonl"), dir.join("heard.jsonl"), dir.join("heard.wav"));
+    let file = dir.join("clicks.wav");
+    audio::write_wav_f32(&file, RATE, 1, &audio::click_train(RATE, seconds));
+    let mut apps = Vec::new();
+    for i in 0..streams {
+        let mut cmd = if i == 0 && streams == 1 {
+            let mut c = s.guest.command(&probe);
+            c.args(["play", "--target", system.sink(), "--seconds", &seconds.to_string()]).arg("--out").arg(&played);
+            c
+        } else {
+            let mut c = s.guest.command("pw-play");
+            c.args(["--target", system.sink(), "--latency", "256"]).arg(&file);
+            c
+        };
+        apps.push(cmd.spawn().map_err(|e| format!("cannot start an app: {e}"))?);
+    }
+    // The host-side playback stream is the output: recorded directly, once it exists
+    // (a null sink's monitor would add a cycle that a sound card reports and it does not).
+    let recorder = if streams == 1 {
+        let target = match system.is_melange() {
+            true => "melange.s1.stream1".to_string(),
+            false => s.host_stream.clone(),
+        };
+        wait_for_node(&s.host, &target, Duration::from_secs(10))?;
+        let mut cmd = s.host.command(&probe);
+        cmd.args(["record", "--target", &target, "--seconds", &(seconds + 3.0).to_string()])
+            .arg("--out")
+            .arg(&heard)
+            .arg("--wav")
+            .arg(&wav);
+        Some(Proc::spawn(cmd, dir.join("record.log")))
+    } else {
+        None
+    };
     std::thread::sleep(Duration::from_secs(1));
-    let (c1, t1) = (cpu_seconds(pid), Instant::now());
+    let (c1, l1, t1) = (cpu_seconds(pid), loopback_tx_bytes(), Instant::now());
     std::thread::sleep(Duration::from_secs_f64(seconds - 2.0));
     let busy = (cpu_seconds(pid) - c1) / t1.elapsed().as_secs_f64();
+    let lo_rate = loopback_tx_bytes().saturating_sub(l1) as f64 / t1.elapsed().as_secs_f64();
+    let _ = std::fs::write(dir.join("cpu.txt"), format!("idle {idle:.5} busy {busy:.5} (cores)\n"));
     for mut app in apps {
         let _ = app.wait();
     }
-    wait_until(Duration::from_secs(15), || (reports(&run).len() >= streams).then_some(()))
-        .ok_or_else(|| format!("host reported fewer than {streams} streams:\n{}", host.log_text()))?;
-    guest.stop();
-    host.stop();
-    let reps = reports(&run);
-    let get = |k: &str| reps.iter().filter_map(|r| r[k].as_f64()).collect::<Vec<_>>();
-    Ok(Row {
-        codec: name,
-        streams,
-        p50: percentile(get("latency_ms_p50"), 0.5),
-        p99: percentile(get("latency_ms_p99"), 0.5),
-        cpu_pct_per_stream: (busy - idle).max(0.0) * 100.0 / streams as f64,
-        bytes_per_s: get("wire_bytes_per_s").iter().sum::<f64>() / streams as f64,
-        underruns: reps.iter().filter_map(|r| r["underruns"].as_u64()).sum(),
-    })
+    if let Some(mut r) = recorder {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && !heard.exists() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        r.stop();
+    }
+    // Busy, not busy minus idle: the peers stream silence while idle, so their idle
+    // rate is their streaming cost; Melange's idle rate is near zero.
+    let mut run = Run { cpu_pct_per_stream: busy * 100.0 / streams as f64, ..Run::default() };
+    if system.is_melange() {
+        let n = streams;
+        wait_until(Duration::from_secs(15), || (reports(&dir).len() >= n).then_some(()));
+        s.guest_side.stop();
+        let reps = reports(&dir);
+        run.wire_bytes_per_s_per_stream =
+            reps.iter().filter_map(|r| r["wire_bytes_per_s"].as_f64()).sum::<f64>() / streams as f64;
+        run.underruns = reps.iter().filter_map(|r| r["underruns"].as_u64()).sum();
+    } else {
+        run.wire_bytes_per_s_per_stream = lo_rate / streams as f64;
+        s.guest_side.stop();
+    }
+    if streams == 1 {
+        run.latencies_ms = latencies(&played, &heard);
+        run.quality = quality(&wav, seconds);
+    }
+    s.guest.stop();
+    s.host.stop();
+    Ok(run)
+}
+
+fn svg(results: &[(System, Vec<f64>)]) -> String {
+    let (w, row, left) = (760.0, 46.0, 190.0);
+    let max = results.iter().flat_map(|(_, v)| v.iter().copied()).fold(10.0f64, f64::max);
+    let max = (max / 50.0).ceil() * 50.0;
+    let x = |ms: f64| left + (w - left - 20.0) * ms / max;
+    let h = 50.0 + row * results.len() as f64;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"18\" font-size=\"14\">Added latency, app to host output (ms); one dot per click, bar = p50, tick = p99</text>\n"
+    );
+    let mut t = 0.0;
+    while t <= max {
+        let _ = writeln!(
+            s,
+            "<line x1=\"{0:.1}\" y1=\"30\" x2=\"{0:.1}\" y2=\"{1:.1}\" stroke=\"#ddd\"/><text x=\"{0:.1}\" y=\"{2:.1}\" text-anchor=\"middle\">{3}</text>",
+            x(t),
+            h - 15.0,
+            h - 3.0,
+            t
+        );
+        t += if max > 100.0 { 25.0 } else { 10.0 };
+    }
+    for (i, (system, v)) in results.iter().enumerate() {
+        let y = 50.0 + row * i as f64;
+        let _ = writeln!(s, "<text x=\"10\" y=\"{:.1}\">{}</text>", y + 4.0, system.name());
+        for (k, ms) in v.iter().enumerate() {
+            let jitter = (k % 7) as f64 * 2.0 - 6.0;
+            let _ = writeln!(
+                s,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"#3465a4\" fill-opacity=\"0.6\"/>",
+                x(*ms),
+                y + jitter
+            );
+        }
+        if !v.is_empty() {
+            let (p50, p99) = (percentile(v, 0.5), percentile(v, 0.99));
+            let _ = writeln!(
+                s,
+                "<line x1=\"{0:.1}\" y1=\"{1:.1}\" x2=\"{0:.1}\" y2=\"{2:.1}\" stroke=\"#cc0000\" stroke-width=\"3\"/>\
+                 <line x1=\"{3:.1}\" y1=\"{1:.1}\" x2=\"{3:.1}\" y2=\"{2:.1}\" stroke=\"#cc0000\"/>",
+                x(p50),
+                y - 12.0,
+                y + 12.0,
+                x(p99)
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
 }
 
 fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
-    let seconds: f64 =
-        args.iter().position(|a| a == "--seconds").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(10.0);
-    let counts: Vec<usize> = args
-        .iter()
-        .position(|a| a == "--streams")
-        .and_then(|i| args.get(i + 1))
-        .map_or(vec![1, 8], |s| s.split(',').filter_map(|n| n.parse().ok()).collect());
+    let seconds: f64 = arg(&args, "--seconds").map_or(Ok(12.0), |v| v.parse().map_err(|_| "bad --seconds"))?;
+    if seconds < 6.0 {
+        return Err("--seconds must be at least 6".into());
+    }
+    let counts: Vec<usize> =
+        arg(&args, "--streams").map_or(vec![1, 8, 32], |s| s.split(',').filter_map(|n| n.parse().ok()).collect());
+    let systems: Vec<System> = match arg(&args, "--systems") {
+        None => System::ALL.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|n| System::ALL.into_iter().find(|s| s.name() == n).ok_or_else(|| format!("unknown system {n}")))
+            .collect::<Result<_, _>>()?,
+    };
     let dir = scratch("bench");
-    let mut rows = Vec::new();
-    for (codec, name) in [(GuestCodec::Opus(128_000), "opus 128k"), (GuestCodec::Pcm, "pcm s16")] {
+    let json_path = arg(&args, "--json").map_or_else(|| dir.join("bench.json"), PathBuf::from);
+    let svg_path = arg(&args, "--svg").map_or_else(|| dir.join("bench-latency.svg"), PathBuf::from);
+
+    let mut results = Vec::new();
+    let mut index = 0;
+    for &system in &systems {
+        let mut runs = Vec::new();
         for &n in &counts {
-            eprintln!("melange-bench: {name}, {n} stream(s), {seconds} s ...");
-            rows.push(measure(&dir, codec, name, n, seconds)?);
+            eprintln!("melange-bench: {} with {n} stream(s), {seconds} s ...", system.name());
+            index += 1;
+            let r = measure(system, n, seconds, &dir, index).map_err(|e| format!("{} x{n}: {e}", system.name()))?;
+            runs.push((n, r));
         }
+        results.push((system, runs));
+    }
+
+    println!(
+        "{:<20} {:>8} {:>8} {:>9} {:>12} {:>8}  {}",
+        "system",
+        "p50 ms",
+        "p99 ms",
+        "quality",
+        "bytes/s",
+        "underrun",
+        counts.iter().map(|n| format!("cpu%/stream x{n}")).collect::<Vec<_>>().join("  ")
+    );
+    let mut objects = Vec::new();
+    let mut plot = Vec::new();
+    for (system, runs) in &results {
+        let one = runs.iter().find(|(n, _)| *n == 1).map(|(_, r)| r.clone()).unwrap_or_default();
+        let (p50, p99) = (percentile(&one.latencies_ms, 0.5), percentile(&one.latencies_ms, 0.99));
+        let bytes = runs.first().map_or(0.0, |(_, r)| r.wire_bytes_per_s_per_stream);
+        println!(
+            "{:<20} {:>8.1} {:>8.1} {:>9.4} {:>12.0} {:>8}  {}",
+            system.name(),
+            p50,
+            p99,
+            one.quality.unwrap_or(f64::NAN),
+            bytes,
+            one.underruns,
+            runs.iter().map(|(_, r)| format!("{:>15.2}", r.cpu_pct_per_stream)).collect::<Vec<_>>().join("  ")
+        );
+        let cpu: serde_json::Map<String, serde_json::Value> = runs
+            .iter()
+            .map(|(n, r)| (n.to_string(), json!((r.cpu_pct_per_stream * 1000.0).round() / 1000.0)))
+            .collect();
+        objects.push(json!({
+            "system": system.name(),
+            "description": system.describe(),
+            "latency_ms_p50": p50,
+            "latency_ms_p99": p99,
+            "latency_samples": one.latencies_ms.len(),
+            "guest_cpu_pct_per_stream": runs.first().map(|(_, r)| (r.cpu_pct_per_stream * 1000.0).round() / 1000.0),
+            "guest_cpu_pct_per_stream_by_streams": cpu,
+            "wire_bytes_per_s": bytes,
+            "quality": one.quality,
+            "quality_metric": "correlation of the host output with the source, aligned",
+            "underruns": one.underruns,
+        }));
+        plot.push((*system, one.latencies_ms));
     }
     println!(
-        "{:<10} {:>7} {:>8} {:>8} {:>14} {:>12} {:>10}",
-        "codec", "streams", "p50 ms", "p99 ms", "cpu %/stream", "bytes/s", "underruns"
+        "(latency: app to host output on one clock, after {SETTLE_S} s; bytes/s per stream at {} stream(s); \
+         cpu: guest-side process, % of one core per stream)",
+        counts.first().copied().unwrap_or(1)
     );
-    for r in &rows {
-        println!(
-            "{:<10} {:>7} {:>8.1} {:>8.1} {:>14.2} {:>12.0} {:>10}",
-            r.codec, r.streams, r.p50, r.p99, r.cpu_pct_per_stream, r.bytes_per_s, r.underruns
-        );
-    }
-    println!("(p50/p99: median over streams of each stream's percentile; 30 ms jitter target; one machine, one clock)");
+    let text = serde_json::to_string_pretty(&objects).map_err(|e| e.to_string())?;
+    std::fs::write(&json_path, text + "\n").map_err(|e| format!("{}: {e}", json_path.display()))?;
+    std::fs::write(&svg_path, svg(&plot)).map_err(|e| format!("{}: {e}", svg_path.display()))?;
+    println!("json: {}\nsvg:  {}", json_path.display(), svg_path.display());
     Ok(())
 }
 
