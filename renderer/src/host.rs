@@ -668,6 +668,16 @@ mod tests {
         guest.handle_input(now, &host.take_output());
     }
 
+    /// A 10 ms mono PCM stream of an app.
+    fn mono_pcm(app: &str) -> StreamOpen {
+        StreamOpen {
+            media: MediaKind::Audio(AudioFormat { rate: 48000, channels: 1, positions: vec![2] }),
+            codec: Codec::PcmS16Le,
+            frame_samples: 480,
+            app: AppInfo { name: app.into(), ..Default::default() },
+        }
+    }
+
     /// Lets virtual time pass second by second, heartbeats flowing both ways.
     fn idle(host: &mut Host, guest: &mut Session, from: Instant, seconds: u64) -> Instant {
         let mut now = from;
@@ -692,13 +702,7 @@ mod tests {
         let mut host = Host::new(config, Box::new(WavOutput::new(&dir).unwrap()));
         let t0 = Instant::now();
         let mut guest = connect(&mut host, t0);
-        let open = StreamOpen {
-            media: MediaKind::Audio(AudioFormat { rate: 48000, channels: 1, positions: vec![2] }),
-            codec: Codec::PcmS16Le,
-            frame_samples: 480,
-            app: AppInfo { name: "app".into(), ..Default::default() },
-        };
-        guest.open_stream(1, &open).unwrap();
+        guest.open_stream(1, &mono_pcm("app")).unwrap();
         let packet = |seq| MediaPacket { seq, pts_ns: 0, duration: 480, data: vec![7; 960] };
         for seq in 0..10 {
             guest.send_media(1, &packet(seq)).unwrap();
@@ -768,13 +772,7 @@ mod tests {
         let mut host = Host::new(config, Box::new(FixedDelay(delay.clone())));
         let t0 = Instant::now();
         let mut guest = connect(&mut host, t0);
-        let open = StreamOpen {
-            media: MediaKind::Audio(AudioFormat { rate: 48000, channels: 1, positions: vec![2] }),
-            codec: Codec::PcmS16Le,
-            frame_samples: 480,
-            app: AppInfo { name: "app".into(), ..Default::default() },
-        };
-        guest.open_stream(1, &open).unwrap();
+        guest.open_stream(1, &mono_pcm("app")).unwrap();
         let mut reports = Vec::new();
         for seq in 0..300u32 {
             let now = t0 + Duration::from_millis(10 * u64::from(seq));

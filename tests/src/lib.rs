@@ -294,6 +294,36 @@ pub fn start_host(args: &[&str], env_from: Option<&PipeWire>, dir: &Path) -> Pro
     Proc::spawn(cmd, dir.join("host.log")).stop_with_sigint()
 }
 
+/// A guest session redirected over a unix socket in `dir` to `melange-host`, which plays
+/// into a second, host session whose null sink `speakers` stands in for the speakers.
+#[derive(Debug)]
+pub struct Redirected {
+    /// The host's session.
+    pub host_pw: PipeWire,
+    /// The guest's session.
+    pub guest_pw: PipeWire,
+    /// `melange-host --output pipewire`.
+    pub host: Proc,
+    /// The guest module.
+    pub guest: Proc,
+}
+
+impl Redirected {
+    /// Starts both sessions, melange-host and the guest module, and waits until the
+    /// guest is connected.
+    pub fn start(dir: &Path, codec: GuestCodec) -> Redirected {
+        let host_pw = PipeWire::start(&dir.join("host"));
+        host_pw.add_null_sink("speakers");
+        let port = format!("unix:{}", dir.join("port.sock").display());
+        let mut host = start_host(&["--listen", &port, "--output", "pipewire"], Some(&host_pw), dir);
+        host.wait_for_log("waiting for a guest", Duration::from_secs(10));
+        let guest_pw = PipeWire::start(&dir.join("guest"));
+        let mut guest = start_guest(&guest_pw, &port, codec, dir.join("guest.log"));
+        guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+        Redirected { host_pw, guest_pw, host, guest }
+    }
+}
+
 /// True when this process runs as root (CI does); melange-host then needs `--allow-root`.
 pub fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -9,7 +9,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use melange_tests::audio::{self, Audio};
-use melange_tests::{reports, scratch, start_guest, start_host, wait_until, wav_files, GuestCodec, PipeWire, Proc};
+use melange_tests::{
+    reports, scratch, start_guest, start_host, wait_until, wav_files, GuestCodec, PipeWire, Proc, Redirected,
+};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -323,16 +325,7 @@ fn apps_with_different_formats_at_once_are_both_redirected() {
 fn pipewire_output_is_captured_by_a_recorder_in_the_host_session() {
     let _serial = serial();
     let dir = scratch("pipewire-output");
-    let host_pw = PipeWire::start(&dir.join("host"));
-    host_pw.add_null_sink("speakers");
-    let sock = dir.join("port.sock");
-    let mut host =
-        start_host(&["--listen", &format!("unix:{}", sock.display()), "--output", "pipewire"], Some(&host_pw), &dir);
-    host.wait_for_log("waiting for a guest", Duration::from_secs(10));
-    let guest_pw = PipeWire::start(&dir.join("guest"));
-    let mut guest =
-        start_guest(&guest_pw, &format!("unix:{}", sock.display()), GuestCodec::Opus(128_000), dir.join("guest.log"));
-    guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+    let Redirected { host_pw, guest_pw, mut host, mut guest } = Redirected::start(&dir, GuestCodec::Opus(128_000));
 
     let tone = dir.join("tone.wav");
     audio::write_wav_s16(&tone, 48000, 2, &audio::to_s16(&audio::tone(1000.0, 48000, 4.0, 0.25), 2));

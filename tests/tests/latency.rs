@@ -7,13 +7,14 @@
 //! `melange-probe record` captures melange-host's playback stream on the host and
 //! writes when each click came out. Halfway through, melange-host is stopped for
 //! 300 ms (SIGSTOP): the guest's audio queues up meanwhile, so from then on the real
-//! latency is about 300 ms higher, and what the app is told must follow.
+//! latency is about 300 ms higher, and what the app is told must follow. Every click
+//! from 1.5 s after a change of the real latency on is checked.
 
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use melange_tests::{scratch, start_guest, start_host, wait_until, GuestCodec, PipeWire, Proc};
+use melange_tests::{scratch, wait_until, GuestCodec, PipeWire, Proc, Redirected};
 
 /// One click: when it was played (s after the first), what the app was told and what
 /// it took (ms).
@@ -24,14 +25,14 @@ struct Click {
     measured_ms: f64,
 }
 
-const SECONDS: f64 = 16.0;
+const SECONDS: f64 = 20.0;
 /// When melange-host is stopped, and for how long.
 const STALL_AT: Duration = Duration::from_secs(7);
 const STALL: Duration = Duration::from_millis(300);
 /// Clicks compared before the stall (after the first reports arrived) and after it
 /// (once reports caught up).
 const BEFORE: (f64, f64) = (3.0, 6.5);
-const AFTER: (f64, f64) = (11.0, 15.5);
+const AFTER: (f64, f64) = (11.0, 19.5);
 
 fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
@@ -72,18 +73,8 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Plays the click train through `api` in a redirected guest, stalling the host once.
 fn clicks_through(api: &str) -> Vec<Click> {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch(&format!("latency-{api}"));
-    let host_pw = PipeWire::start(&dir.join("host"));
-    host_pw.add_null_sink("speakers");
-    let sock = dir.join("port.sock");
-    let mut host =
-        start_host(&["--listen", &format!("unix:{}", sock.display()), "--output", "pipewire"], Some(&host_pw), &dir);
-    host.wait_for_log("waiting for a guest", Duration::from_secs(10));
-    let guest_pw = PipeWire::start(&dir.join("guest"));
-    let mut guest =
-        start_guest(&guest_pw, &format!("unix:{}", sock.display()), GuestCodec::Opus(128_000), dir.join("guest.log"));
-    guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+    let Redirected { host_pw, guest_pw, mut host, mut guest } = Redirected::start(&dir, GuestCodec::Opus(128_000));
 
     let (played, heard) = (dir.join("played.jsonl"), dir.join("heard.jsonl"));
     let mut app = guest_pw.command(melange_tests::bin("melange-probe"));
@@ -131,8 +122,29 @@ fn pulse_baseline_ms() -> f64 {
     mean(clicks.iter().map(|c| c.reported_ms - c.measured_ms))
 }
 
+/// How long after the real latency changed (the stall, or an underrun) what the app
+/// is told may still show the old figure.
+const FOLLOW_S: f64 = 1.5;
+
+/// The clicks of a phase that came at least [`FOLLOW_S`] after the real latency last
+/// jumped by more than 3 ms from one click to the next without what the app was told
+/// moving with it (a PulseAudio app's own buffer moves both). Only the real latency
+/// decides what is left out, so an app told nonsense cannot pass by exclusion.
 fn phase(clicks: &[Click], (from, to): (f64, f64)) -> Vec<Click> {
-    clicks.iter().copied().filter(|c| c.at_s >= from && c.at_s <= to).collect()
+    let mut changed_at = f64::NEG_INFINITY;
+    let mut settled = Vec::new();
+    for (i, c) in clicks.iter().enumerate() {
+        if let Some(p) = i.checked_sub(1).map(|p| clicks[p]) {
+            let (real, told) = (c.measured_ms - p.measured_ms, c.reported_ms - p.reported_ms);
+            if real.abs() > 3.0 && (real - told).abs() > 3.0 {
+                changed_at = c.at_s;
+            }
+        }
+        if c.at_s >= from && c.at_s <= to && c.at_s - changed_at >= FOLLOW_S {
+            settled.push(*c);
+        }
+    }
+    settled
 }
 
 fn mean(v: impl Iterator<Item = f64>) -> f64 {
@@ -156,10 +168,11 @@ fn real_change(before: &[Click], after: &[Click]) -> f64 {
 
 #[test]
 fn a_pipewire_app_is_told_its_real_latency_within_5_ms_and_follows_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let clicks = clicks_through("pipewire");
     eprintln!("{}", table(&clicks));
     let (before, after) = (phase(&clicks, BEFORE), phase(&clicks, AFTER));
-    assert!(before.len() >= 6 && after.len() >= 8, "too few clicks heard:\n{}", table(&clicks));
+    assert!(before.len() >= 4 && after.len() >= 8, "too few clicks heard:\n{}", table(&clicks));
     real_change(&before, &after);
     for c in before.iter().chain(&after) {
         let error = c.reported_ms - c.measured_ms;
@@ -173,11 +186,12 @@ fn a_pipewire_app_is_told_its_real_latency_within_5_ms_and_follows_it() {
 /// the app must be told its real latency within 5 ms, before and after it changes.
 #[test]
 fn a_pulseaudio_app_is_told_its_real_latency_within_5_ms_and_follows_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let bias = pulse_baseline_ms();
     let clicks = clicks_through("pulse");
     eprintln!("pipewire-pulse's own error: {bias:+.2} ms\n{}", table(&clicks));
     let (before, after) = (phase(&clicks, BEFORE), phase(&clicks, AFTER));
-    assert!(before.len() >= 6 && after.len() >= 8, "too few clicks heard:\n{}", table(&clicks));
+    assert!(before.len() >= 4 && after.len() >= 8, "too few clicks heard:\n{}", table(&clicks));
     assert!(bias.abs() <= 10.0, "pipewire-pulse alone is {bias:+.1} ms off");
     real_change(&before, &after);
     for c in before.iter().chain(&after) {
