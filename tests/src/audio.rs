@@ -167,6 +167,15 @@ pub fn frequency(x: &[f32], rate: u32) -> f64 {
     }
 }
 
+/// [`frequency`] as the median over 100 ms windows: one cycle an app failed to deliver
+/// (silence from its own underrun) changes one window, not the figure.
+pub fn median_frequency(x: &[f32], rate: u32) -> f64 {
+    let window = (rate / 10) as usize;
+    let mut f: Vec<f64> = x.chunks_exact(window.max(1)).map(|w| frequency(w, rate)).collect();
+    f.sort_by(f64::total_cmp);
+    f.get(f.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// Amplitude of the `freq` component (Goertzel), relative to full scale.
 pub fn tone_amplitude(x: &[f32], rate: u32, freq: f64) -> f64 {
     let w = 2.0 * std::f64::consts::PI * freq / f64::from(rate);

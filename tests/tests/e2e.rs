@@ -307,8 +307,9 @@ fn apps_with_different_formats_at_once_are_both_redirected() {
             (audio::middle(audio::active(&left, 0.01), 0.8), audio::middle(audio::active(&right, 0.01), 0.8));
         if app == "paplay" {
             // A mono 44.1 kHz app: resampled to the graph's 48 kHz, the same on both sides.
+            // (paplay's own stream runs dry for a cycle now and then on a busy machine.)
             for body in [lb, rb] {
-                let f = audio::frequency(body, out.rate);
+                let f = audio::median_frequency(body, out.rate);
                 assert!((f - 440.0).abs() < 1.0, "mono app came out at {f} Hz");
                 assert!(audio::tone_amplitude(body, out.rate, 440.0) > 0.2);
             }
