@@ -358,7 +358,8 @@ fn pipewire_output_is_captured_by_a_recorder_in_the_host_session() {
     let x = out.channel(0);
     let body = audio::middle(audio::active(&x, 0.01), 0.8);
     assert!(body.len() as f64 > 0.5 * f64::from(out.rate), "recorded only {} samples of tone", body.len());
-    let f = audio::frequency(body, out.rate);
+    // Per 100 ms window: a cycle the recorder itself missed on a busy machine skews one.
+    let f = audio::median_frequency(body, out.rate);
     assert!((f - 1000.0).abs() < 1.0, "recorded {f} Hz");
     let level = audio::rms_db(body);
     let want = audio::rms_db(&as_f32(&audio::tone(1000.0, 48000, 1.0, 0.25)));
