@@ -359,8 +359,10 @@ fn pipewire_output_is_captured_by_a_recorder_in_the_host_session() {
     let body = audio::middle(audio::active(&x, 0.01), 0.8);
     assert!(body.len() as f64 > 0.5 * f64::from(out.rate), "recorded only {} samples of tone", body.len());
     // Per 100 ms window: a cycle the recorder itself missed on a busy machine skews one.
+    // The host plays rate-matched: drift control and the jitter buffer's trimming move
+    // the pitch by up to 0.2 % (3.4 cents) while they work.
     let f = audio::median_frequency(body, out.rate);
-    assert!((f - 1000.0).abs() < 1.0, "recorded {f} Hz");
+    assert!((f - 1000.0).abs() < 2.5, "recorded {f} Hz");
     let level = audio::rms_db(body);
     let want = audio::rms_db(&as_f32(&audio::tone(1000.0, 48000, 1.0, 0.25)));
     assert!((level - want).abs() < 1.0, "recorded {level:.2} dBFS, sent {want:.2} dBFS");
