@@ -244,7 +244,9 @@ fn opus_keeps_tone_frequency_level_and_chirp_shape() {
 
     let out = outputs[0].1.channel(0);
     let body = audio::middle(audio::active(&out, 0.01), 0.8);
-    let freq = audio::frequency(body, 48000);
+    // Per 100 ms window: under load a 10 ms burst appears now and then (see
+    // docs/latency.md); a pitch or rate mistake moves every window.
+    let freq = audio::median_frequency(body, 48000);
     assert!((freq - 1000.0).abs() < 1.0, "tone came out at {freq} Hz");
     let want = audio::rms_db(&as_f32(&tone));
     let got = audio::rms_db(body);
