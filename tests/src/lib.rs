@@ -330,6 +330,27 @@ pub fn running_as_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// The child of `launcher` called `comm` (or `launcher` itself if it is called so):
+/// the `pipewire` process behind `scripts/melange-guest`, say.
+pub fn child_named(launcher: u32, comm: &str) -> u32 {
+    let is = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm);
+    if is(launcher) {
+        return launcher;
+    }
+    std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .find(|pid| is(*pid))
+        .unwrap_or(launcher)
+}
+
+/// Open file descriptors and threads of a process.
+pub fn fds_and_threads(pid: u32) -> (usize, usize) {
+    let count = |dir: String| std::fs::read_dir(dir).map_or(0, |d| d.count());
+    (count(format!("/proc/{pid}/fd")), count(format!("/proc/{pid}/task")))
+}
+
 /// CPU seconds (user + system) a process and all its threads have used.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -7,7 +7,7 @@
 //! | spec | behaviour |
 //! |---|---|
 //! | `virtio:NAME` | `/dev/virtio-ports/NAME`, opened once, non-blocking; `POLLHUP` means "host absent", `POLLOUT` without it means "host present" |
-//! | `unix:PATH` | connects, retrying with backoff (100 ms doubling to 2 s) |
+//! | `unix:PATH` | connects, retrying with backoff (100 ms doubling to 250 ms) |
 //! | listening `unix:PATH` | binds (mode 0600), accepts; a new connection replaces the current one |
 //! | `stdio` | stdin/stdout; end of input ends the link for good |
 //! | [`Link::pair`] | two connected ends in memory, for tests |
@@ -27,7 +27,10 @@ pub const VIRTIO_PORTS_DIR: &str = "/dev/virtio-ports";
 /// wait for the host to appear (POLLHUP is level-triggered), so we sleep between looks.
 const VIRTIO_RECHECK: Duration = Duration::from_millis(100);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A peer that comes back is found within this: audio must resume within half a second
+/// of the host being back. A failed connect() to a unix socket costs microseconds, so
+/// four a second cost nothing while the peer stays away.
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// A port as written on a command line or in a config: `virtio:NAME`, `unix:PATH`, `stdio`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use melange_tests::audio;
 use melange_tests::{
-    cpu_seconds, reports, scratch, start_guest_with, start_host, wait_until, GuestCodec, PipeWire, Proc,
+    child_named, cpu_seconds, reports, scratch, start_guest_with, start_host, wait_until, GuestCodec, PipeWire, Proc,
 };
 use serde_json::json;
 
@@ -115,20 +115,6 @@ fn loopback_tx_bytes() -> u64 {
             (name.trim() == "lo").then(|| rest.split_whitespace().nth(8)?.parse().ok())?
         })
         .unwrap_or(0)
-}
-
-/// The child of `launcher` (or `launcher` itself) that is a `pipewire` process.
-fn pipewire_pid(launcher: u32) -> u32 {
-    let is_pw = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "pipewire");
-    if is_pw(launcher) {
-        return launcher;
-    }
-    std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .find(|pid| is_pw(*pid))
-        .unwrap_or(launcher)
 }
 
 /// A `pipewire -c CONF` process loading one module, as a client of `pw`.
@@ -311,7 +297,7 @@ fn measure(system: System, streams: usize, seconds: f64, dir: &Path, index: usiz
     let dir = dir.join(format!("{}-{streams}", system.name()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let mut s = setup(system, &dir, index)?;
-    let pid = pipewire_pid(s.guest_side.pid());
+    let pid = child_named(s.guest_side.pid(), "pipewire");
 
     // Idle rate first, so the per-stream figure is what streaming costs.
     let (c0, t0) = (cpu_seconds(pid), Instant::now());

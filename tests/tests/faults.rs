@@ -1,0 +1,214 @@
+//! Faults, each on real daemons, with the recovery asserted on the audio that comes out:
+//! melange-host killed and started again, and the port cut and restored a hundred times
+//! while an app plays.
+
+use std::io::Write as _;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use melange_tests::{
+    audio, child_named, fds_and_threads, lines, proc_status_kib, reports, scratch, start_guest, start_host, wait_until,
+    wav_files, GuestCodec, PipeWire, Proc,
+};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A tone long enough to outlast the test, played by pw-play in the guest.
+fn long_tone(pw: &PipeWire, dir: &Path, seconds: f64) -> std::process::Child {
+    let file = dir.join("tone.wav");
+    audio::write_wav_s16(&file, 48000, 2, &audio::to_s16(&audio::tone(1000.0, 48000, seconds, 0.25), 2));
+    pw.command("pw-play").arg(&file).spawn().expect("pw-play starts")
+}
+
+fn host_wav(dir: &Path, sock: &Path) -> Proc {
+    let wav = dir.join("wav");
+    start_host(
+        &["--listen", &format!("unix:{}", sock.display()), "--output", &format!("wav:{}", wav.display())],
+        None,
+        dir,
+    )
+}
+
+/// A 1 kHz tone of at least `seconds`, at the level it was sent.
+fn assert_tone(path: &Path, seconds: f64) {
+    let out = audio::read_wav(path).unwrap_or_else(|e| panic!("{e}"));
+    let x = out.channel(0);
+    let body = audio::middle(audio::active(&x, 0.01), 0.9);
+    assert!(body.len() as f64 >= seconds * 48000.0, "{}: only {} samples of tone", path.display(), body.len());
+    let f = audio::median_frequency(body, out.rate);
+    assert!((f - 1000.0).abs() < 1.0, "{}: {f} Hz", path.display());
+    assert!((audio::tone_amplitude(body, out.rate, 1000.0) - 0.25).abs() < 0.02, "{}: wrong level", path.display());
+}
+
+/// melange-host is killed with SIGKILL mid-stream and started again 2 s later: the app
+/// plays on unaffected, audio resumes within 500 ms of the host being back, and what
+/// the new host plays is fresh (under 100 ms old, on the shared clock).
+#[test]
+fn a_killed_host_started_again_resumes_within_500_ms_with_fresh_audio() {
+    let _serial = serial();
+    let dir = scratch("host-killed");
+    let sock = dir.join("port.sock");
+    let first = dir.join("first");
+    std::fs::create_dir_all(&first).expect("scratch");
+    let mut host = host_wav(&first, &sock);
+    wait_until(Duration::from_secs(10), || sock.exists().then_some(())).expect("melange-host listens");
+    let pw = PipeWire::start(&dir.join("guest"));
+    let mut guest = start_guest(&pw, &format!("unix:{}", sock.display()), GuestCodec::Pcm, dir.join("guest.log"));
+    guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+    let started = Instant::now();
+    let mut app = long_tone(&pw, &dir, 8.0);
+    host.wait_for_log("stream 1 opened", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(host.pid() as i32, libc::SIGKILL) };
+    drop(host);
+    std::thread::sleep(Duration::from_secs(2));
+
+    let second = dir.join("second");
+    std::fs::create_dir_all(&second).expect("scratch");
+    let back = Instant::now();
+    let mut host = host_wav(&second, &sock);
+    let resumed = wait_until(Duration::from_secs(5), || {
+        lines(&host.log).iter().any(|l| l.contains("stream 1 opened")).then(Instant::now)
+    })
+    .unwrap_or_else(|| panic!("no stream reached the new host:\n{}", host.log_text()));
+    let status = app.wait().expect("pw-play runs");
+    let played = started.elapsed().as_secs_f64();
+    let closed = wait_until(Duration::from_secs(10), || (!reports(&second).is_empty()).then_some(()));
+    assert!(closed.is_some(), "the new host closed no stream:\n{}", host.log_text());
+    guest.stop();
+    host.stop();
+
+    let resume_ms = resumed.duration_since(back).as_secs_f64() * 1000.0;
+    eprintln!("resumed {resume_ms:.0} ms after melange-host was started again; pw-play took {played:.2} s");
+    assert!(status.success() && (played - 8.0).abs() < 0.5, "the app was affected: {status}, {played:.2} s for 8 s");
+    assert!(resume_ms <= 500.0, "audio resumed {resume_ms:.0} ms after the host was back");
+    let report = &reports(&second)[0];
+    let p99 = report["latency_ms_p99"].as_f64().expect("same clock: latency measured");
+    assert!(p99 < 100.0, "the new host played audio {p99:.0} ms old");
+    let files = wav_files(&second.join("wav"));
+    assert_eq!(files.len(), 1, "one stream after the restart");
+    assert_tone(&files[0], 3.0);
+}
+
+/// Copies bytes between the guest's socket and the host's, and cuts every connection
+/// on demand: the port disconnected, as when the host side of a VM's chardev goes.
+struct Relay {
+    live: Arc<Mutex<Vec<UnixStream>>>,
+}
+
+impl Relay {
+    fn start(listen: &Path, target: PathBuf) -> Relay {
+        let listener = UnixListener::bind(listen).expect("relay binds");
+        let live: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        let registry = live.clone();
+        std::thread::spawn(move || {
+            for guest in listener.incoming().map_while(Result::ok) {
+                let Ok(host) = UnixStream::connect(&target) else { continue };
+                let (Ok(g2), Ok(h2)) = (guest.try_clone(), host.try_clone()) else { continue };
+                let mut live = registry.lock().unwrap_or_else(|e| e.into_inner());
+                live.extend([g2, h2]);
+                for (mut from, mut to) in [(guest.try_clone(), host.try_clone()), (host.try_clone(), guest.try_clone())]
+                    .into_iter()
+                    .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { live }
+    }
+
+    fn cut(&self) {
+        for s in self.live.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The port is cut and restored 100 times while an app plays: every reconnect brings
+/// the stream back with audio, and neither side leaks descriptors, threads or memory.
+#[test]
+fn a_hundred_reconnects_all_resume_and_leak_nothing() {
+    const CUTS: usize = 100;
+    let _serial = serial();
+    let dir = scratch("reconnects");
+    let (host_sock, guest_sock) = (dir.join("host.sock"), dir.join("guest.sock"));
+    let mut host = host_wav(&dir, &host_sock);
+    wait_until(Duration::from_secs(10), || host_sock.exists().then_some(())).expect("melange-host listens");
+    let relay = Relay::start(&guest_sock, host_sock.clone());
+    let pw = PipeWire::start(&dir.join("guest"));
+    let mut guest =
+        start_guest(&pw, &format!("unix:{}", guest_sock.display()), GuestCodec::Opus(64_000), dir.join("guest.log"));
+    guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+    let mut app = long_tone(&pw, &dir, 120.0);
+    let module = child_named(guest.pid(), "pipewire");
+    let wav = dir.join("wav");
+
+    // Session n has stream files from session n on; wait for one with audio in it.
+    let resumed_in = |session: usize| {
+        wait_until(Duration::from_secs(5), || {
+            let name = format!("s{session}-stream");
+            wav_files(&wav)
+                .into_iter()
+                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&name)))
+                .filter(|p| std::fs::metadata(p).map_or(0, |m| m.len()) > 44 + 9600)
+        })
+    };
+    let mut baseline = None;
+    let mut worst = Duration::ZERO;
+    for cut in 1..=CUTS {
+        assert!(resumed_in(cut).is_some(), "session {cut} brought no audio:\n{}", host.log_text());
+        if cut == 10 {
+            // After the allocators settled.
+            baseline = Some(usage(host.pid(), module));
+        }
+        let t = Instant::now();
+        relay.cut();
+        assert!(resumed_in(cut + 1).is_some(), "no audio after cut {cut}:\n{}", host.log_text());
+        worst = worst.max(t.elapsed());
+    }
+    let end = usage(host.pid(), module);
+    let _ = app.kill();
+    let _ = app.wait();
+    guest.stop();
+    host.stop();
+
+    let baseline = baseline.expect("measured");
+    eprintln!(
+        "{CUTS} cuts, slowest resume {worst:?}; host and module (fds, threads, RSS KiB): {baseline:?} -> {end:?}"
+    );
+    for (side, (b, e)) in [("melange-host", (baseline.0, end.0)), ("guest module", (baseline.1, end.1))] {
+        assert_eq!((b.0, b.1), (e.0, e.1), "{side}: descriptors or threads grew over {} reconnects", CUTS - 10);
+        assert!(e.2 <= b.2 + 2048, "{side}: RSS grew from {} to {} KiB", b.2, e.2);
+    }
+    // Every stream file holds the tone: the audio of each session is the app's.
+    let mut out = std::fs::File::create(dir.join("checked.txt")).expect("scratch");
+    for file in wav_files(&wav).iter().step_by(10) {
+        let got = audio::read_wav(file).expect("valid WAV");
+        let x = got.channel(0);
+        let f = audio::median_frequency(audio::middle(audio::active(&x, 0.01), 0.8), got.rate);
+        let _ = writeln!(out, "{}: {f:.1} Hz", file.display());
+        assert!((f - 1000.0).abs() < 2.0, "{}: {f} Hz", file.display());
+    }
+}
+
+/// (fds, threads, RSS KiB) of the host and of the module process.
+type Usage = ((usize, usize, u64), (usize, usize, u64));
+
+fn usage(host: u32, module: u32) -> Usage {
+    let one = |pid| {
+        let (fds, threads) = fds_and_threads(pid);
+        (fds, threads, proc_status_kib(pid, "VmRSS:"))
+    };
+    (one(host), one(module))
+}
