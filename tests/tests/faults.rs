@@ -212,3 +212,123 @@ fn usage(host: u32, module: u32) -> Usage {
     };
     (one(host), one(module))
 }
+
+/// The guest module's process is killed with SIGKILL while three apps play: they play
+/// on into the lingering sink without an error, and the module, started again (as
+/// systemd's `Restart=always` would), taps all three again within 2 s.
+#[test]
+fn a_killed_module_started_again_taps_every_app_within_2_s() {
+    let _serial = serial();
+    let dir = scratch("module-killed");
+    let sock = dir.join("port.sock");
+    let mut host = host_wav(&dir, &sock);
+    wait_until(Duration::from_secs(10), || sock.exists().then_some(())).expect("melange-host listens");
+    let pw = PipeWire::start(&dir.join("guest"));
+    let port = format!("unix:{}", sock.display());
+    let mut guest = start_guest(&pw, &port, GuestCodec::Opus(64_000), dir.join("guest.log"));
+    guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+    let started = Instant::now();
+    let mut apps: Vec<_> = [440.0, 660.0, 880.0]
+        .iter()
+        .map(|f| {
+            let file = dir.join(format!("tone-{f}.wav"));
+            audio::write_wav_s16(&file, 48000, 2, &audio::to_s16(&audio::tone(*f, 48000, 8.0, 0.2), 2));
+            pw.command("pw-play").arg(&file).spawn().expect("pw-play starts")
+        })
+        .collect();
+    let opened = |n: usize| lines(&host.log).iter().filter(|l| l.contains("opened:")).count() >= n;
+    assert!(wait_until(Duration::from_secs(10), || opened(3).then_some(())).is_some(), "3 streams first");
+    std::thread::sleep(Duration::from_secs(1));
+    let module = child_named(guest.pid(), "pipewire");
+    // SAFETY: kill(2) on our own grandchild.
+    unsafe { libc::kill(module as i32, libc::SIGKILL) };
+    let _ = guest.stop();
+    std::thread::sleep(Duration::from_secs(1));
+    let restarted = Instant::now();
+    let mut guest = start_guest(&pw, &port, GuestCodec::Opus(64_000), dir.join("guest-2.log"));
+    let retapped = wait_until(Duration::from_secs(5), || opened(6).then(Instant::now));
+    let statuses: Vec<_> = apps.iter_mut().map(|a| a.wait().expect("pw-play runs")).collect();
+    let played = started.elapsed().as_secs_f64();
+    guest.stop();
+    host.stop();
+
+    let retapped =
+        retapped.unwrap_or_else(|| panic!("the restarted module did not tap all three:\n{}", host.log_text()));
+    let took = retapped.duration_since(restarted).as_secs_f64();
+    eprintln!("retapped 3 streams {took:.2} s after the module was started again; apps took {played:.2} s");
+    assert!(statuses.iter().all(|s| s.success()), "an app failed: {statuses:?}");
+    assert!((played - 8.0).abs() < 0.6, "the apps took {played:.2} s for 8 s");
+    assert!(took <= 2.0, "the restarted module tapped the apps after {took:.2} s");
+    // The second session's three streams carry the three tones.
+    let mut tones: Vec<u32> = wav_files(&dir.join("wav"))
+        .iter()
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("s2-")))
+        .map(|p| {
+            let got = audio::read_wav(p).expect("valid WAV");
+            let x = got.channel(0);
+            audio::median_frequency(audio::middle(audio::active(&x, 0.01), 0.8), got.rate).round() as u32
+        })
+        .collect();
+    tones.sort();
+    assert_eq!(tones, [440, 660, 880], "the re-tapped streams");
+}
+
+/// An app moved to another sink in the guest and back: its tap follows, so the host
+/// has its stream while it plays into the redirect sink and none while it plays
+/// elsewhere, never two at once.
+#[test]
+fn a_stream_moved_to_another_sink_and_back_is_followed_without_duplicates() {
+    let _serial = serial();
+    let dir = scratch("moved");
+    let sock = dir.join("port.sock");
+    let mut host = host_wav(&dir, &sock);
+    wait_until(Duration::from_secs(10), || sock.exists().then_some(())).expect("melange-host listens");
+    let pw = PipeWire::start(&dir.join("guest"));
+    let mut guest = start_guest(&pw, &format!("unix:{}", sock.display()), GuestCodec::Pcm, dir.join("guest.log"));
+    guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+    pw.add_null_sink("elsewhere");
+    let mut app = long_tone(&pw, &dir, 6.0);
+    host.wait_for_log("stream 1 opened", Duration::from_secs(10));
+    let id_of = |name: &str, class: &str| -> (String, String) {
+        let o = pw
+            .dump()
+            .into_iter()
+            .find(|o| {
+                let p = &o["info"]["props"];
+                o["type"] == "PipeWire:Interface:Node"
+                    && p["media.class"] == class
+                    && (p["node.name"] == name || p["application.name"] == name)
+            })
+            .unwrap_or_else(|| panic!("no {class} node {name}"));
+        (o["id"].to_string(), o["info"]["props"]["object.serial"].to_string().trim_matches('"').to_string())
+    };
+    let (app_id, _) = id_of("pw-play", "Stream/Output/Audio");
+    let move_to = |sink: &str| {
+        let (_, serial) = id_of(sink, "Audio/Sink");
+        pw.run("pw-metadata", &["-n", "default", &app_id, "target.object", &serial]);
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    move_to("elsewhere");
+    host.wait_for_log("stream 1 closed", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(1));
+    move_to("melange");
+    host.wait_for_log("stream 2 opened", Duration::from_secs(5));
+    assert!(app.wait().expect("pw-play runs").success());
+    host.wait_for_log("stream 2 closed", Duration::from_secs(10));
+    guest.stop();
+    host.stop();
+
+    // The host's stream events, in order: never two streams open at once.
+    let events: Vec<String> = lines(&host.log)
+        .into_iter()
+        .filter_map(|l| {
+            let rest = l.split("melange-host: stream ").nth(1)?;
+            let (id, what) = rest.split_once(' ')?;
+            (what.starts_with("opened") || what.starts_with("closed")).then(|| format!("{id} {}", &what[..6]))
+        })
+        .collect();
+    assert_eq!(events, ["1 opened", "1 closed", "2 opened", "2 closed"], "{}", host.log_text());
+    let files = wav_files(&dir.join("wav"));
+    assert_eq!(files.len(), 2);
+    assert_tone(&files[1], 1.0);
+}
