@@ -200,7 +200,17 @@ impl Guest {
                     // WirePlumber destroys a dont-reconnect tap whose app went first.
                     log::debug!("melange: PipeWire object {id} already gone: {message}");
                 } else if res == -libc::EPIPE {
-                    log::error!("melange: lost the connection to PipeWire: {message}");
+                    // The session's PipeWire went away (restarted, or the session ended).
+                    // Its objects are gone with it; start over as a new process, as
+                    // WirePlumber does: systemd's Restart=always (or whoever runs us)
+                    // starts the module again once PipeWire is back, and it re-taps.
+                    log::error!(
+                        "melange: lost the connection to the session's PipeWire ({message}); \
+                         exiting so that the service starts again with it"
+                    );
+                    // SAFETY: kill(2) on our own process; `pipewire` quits its main loop
+                    // on SIGTERM and unloads the module cleanly.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
                 } else {
                     log::warn!("melange: PipeWire error on object {id}: {message} ({res})");
                 }

@@ -172,7 +172,8 @@ impl PipeWire {
         if !kind.pulse {
             cmd.arg("--no-pulse");
         }
-        let mut proc = Proc::spawn(cmd, dir.with_extension("log"));
+        // Its own log inside its directory: a test's `guest.log` is the module's.
+        let mut proc = Proc::spawn(cmd, dir.join("headless-pipewire.log"));
         proc.wait_for_log("ready", Duration::from_secs(30));
         PipeWire { dir: dir.to_path_buf(), proc }
     }

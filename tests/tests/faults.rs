@@ -332,3 +332,44 @@ fn a_stream_moved_to_another_sink_and_back_is_followed_without_duplicates() {
     assert_eq!(files.len(), 2);
     assert_tone(&files[1], 1.0);
 }
+
+/// The guest's PipeWire is restarted: the module, which cannot outlive its session's
+/// daemon, exits with one clear line; started again with the new daemon (systemd's
+/// job in a guest), it redirects the apps that play there.
+#[test]
+fn after_the_guests_pipewire_restarts_apps_are_redirected_again() {
+    let _serial = serial();
+    let dir = scratch("guest-pipewire-restart");
+    let sock = dir.join("port.sock");
+    let mut host = host_wav(&dir, &sock);
+    wait_until(Duration::from_secs(10), || sock.exists().then_some(())).expect("melange-host listens");
+    let port = format!("unix:{}", sock.display());
+    let mut pw = PipeWire::start(&dir.join("guest"));
+    let mut guest = start_guest(&pw, &port, GuestCodec::Pcm, dir.join("guest.log"));
+    guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+    let mut app = long_tone(&pw, &dir, 10.0);
+    host.wait_for_log("stream 1 opened", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(1));
+    pw.stop();
+    let _ = app.wait();
+    guest.wait_for_log("exiting so that the service starts again", Duration::from_secs(5));
+    let _ = guest.stop();
+
+    let mut pw = PipeWire::start(&dir.join("guest"));
+    let mut guest = start_guest(&pw, &port, GuestCodec::Pcm, dir.join("guest-2.log"));
+    guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+    let file = dir.join("after.wav");
+    audio::write_wav_s16(&file, 48000, 2, &audio::to_s16(&audio::tone(1000.0, 48000, 2.0, 0.25), 2));
+    pw.run("pw-play", &[&file.to_string_lossy()]);
+    let closed = wait_until(Duration::from_secs(10), || (reports(&dir).len() >= 2).then_some(()));
+    assert!(closed.is_some(), "no stream after the restart:\n{}", host.log_text());
+    guest.stop();
+    pw.stop();
+    host.stop();
+    let after: Vec<PathBuf> = wav_files(&dir.join("wav"))
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("s2-")))
+        .collect();
+    assert_eq!(after.len(), 1, "one stream in the session after the restart");
+    assert_tone(&after[0], 1.5);
+}
