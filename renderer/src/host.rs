@@ -74,6 +74,9 @@ struct HostStream {
     /// Underruns and overflows of output parts already closed.
     closed_underruns: u64,
     closed_overflows: u64,
+    /// Packets dropped because no output could be opened, and when to try again.
+    dropped_packets: u64,
+    reopen_at: Instant,
     next_seq: Option<u32>,
     packets: u64,
     wire_bytes: u64,
@@ -135,6 +138,10 @@ impl WindowMean {
 const RENDER_WINDOW: Duration = Duration::from_millis(500);
 /// A render delay that moved by more than this since the last report is reported again.
 const RENDER_REPORT_STEP_NS: u64 = 1_000_000;
+
+/// An output that cannot be opened is tried again after this; packets meanwhile are
+/// dropped and counted.
+const REOPEN_RETRY: Duration = Duration::from_millis(500);
 
 /// Longest guest-supplied string kept (app name, role, ...), in characters.
 const MAX_GUEST_STRING: usize = 128;
@@ -446,6 +453,8 @@ impl Host {
                         last_media: now,
                         closed_underruns: 0,
                         closed_overflows: 0,
+                        dropped_packets: 0,
+                        reopen_at: now,
                         next_seq: None,
                         packets: 0,
                         wire_bytes: 0,
@@ -480,7 +489,19 @@ impl Host {
     fn on_media(&mut self, now: Instant, stream: u32, packet: &MediaPacket) {
         let Some(s) = self.streams.get_mut(&stream) else { return };
         s.last_media = now;
+        if s.sink.as_ref().is_some_and(|k| k.is_lost()) {
+            if let Some(mut sink) = s.sink.take() {
+                let _ = sink.close();
+                s.closed_underruns += sink.underruns();
+                s.closed_overflows += sink.overflows();
+            }
+            log::warn!("melange-host: stream {stream}: its output went away (the host's PipeWire?); opening it again");
+        }
         if s.sink.is_none() {
+            if now < s.reopen_at {
+                s.dropped_packets += 1;
+                return;
+            }
             s.desc.part += 1;
             match self.output.open(&s.desc) {
                 Ok(sink) => {
@@ -490,6 +511,8 @@ impl Host {
                 }
                 Err(e) => {
                     self.bad_input.warn("output", format_args!("stream {stream}: cannot reopen the output: {e}"));
+                    s.reopen_at = now + REOPEN_RETRY;
+                    s.dropped_packets += 1;
                     return;
                 }
             }
@@ -626,6 +649,7 @@ impl Host {
                 "fill_ms_last_second": s.fill_last,
                 "render_ms_last": s.render_last.map(|ns| ns as f64 / 1e6),
                 "overflow_samples": overflows,
+                "dropped_packets": s.dropped_packets,
             });
             let written = std::fs::OpenOptions::new()
                 .create(true)

@@ -119,6 +119,11 @@ pub trait StreamSink {
     fn render_delay_ns(&self, _now_ns: u64) -> u64 {
         0
     }
+    /// True once the output went away under the stream (the host's PipeWire
+    /// restarted): the host then opens a new one.
+    fn is_lost(&self) -> bool {
+        false
+    }
     /// The clock difference drift control has measured, in ppm, where it runs.
     fn drift_ppm(&self) -> Option<f64> {
         None

@@ -44,6 +44,8 @@ fn margin(trim: bool, rate: u32, underruns: u64) -> Option<u32> {
 const REAP_INTERVAL: Duration = Duration::from_millis(50);
 /// A draining stream is destroyed after this even if its callback never ran.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the PipeWire thread tries to connect again after losing the host's PipeWire.
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Flags shared between the session thread, the PipeWire thread and the RT callback.
 #[derive(Debug, Default)]
@@ -64,6 +66,8 @@ struct Shared {
     output_delay_ns: AtomicU64,
     draining: AtomicBool,
     drained: AtomicBool,
+    /// The host's PipeWire went away under the stream: it plays nowhere any more.
+    lost: AtomicBool,
 }
 
 struct RtData {
@@ -268,6 +272,10 @@ impl StreamSink for PipeWireSink {
         Some(self.shared.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0)
     }
 
+    fn is_lost(&self) -> bool {
+        self.shared.lost.load(Ordering::Relaxed)
+    }
+
     fn close(&mut self) -> Result<(), OutputError> {
         if !std::mem::replace(&mut self.closed, true) {
             log::debug!(
@@ -322,28 +330,40 @@ fn run(rx: pw::channel::Receiver<Command>, ready: crossbeam_channel::Sender<Resu
         let core = context.connect_rc(None).map_err(|e| e.to_string())?;
         Ok((main_loop, context, core))
     };
-    let (main_loop, _context, core) = match setup() {
+    let (main_loop, context, core) = match setup() {
         Ok(v) => v,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    let _core_listener = core
-        .add_listener_local()
-        .error(|id, _seq, res, message| {
-            if res == -libc::EPIPE {
-                log::error!("lost the connection to the host's PipeWire: {message}");
-            } else {
-                log::warn!("host PipeWire error on object {id}: {message} ({res})");
-            }
-        })
-        .register();
-
+    // The connection, and a flag its error callback raises (it cannot drop the core it
+    // runs on); the timer below acts on it.
+    let lost = Rc::new(std::cell::Cell::new(false));
+    let connection: Rc<RefCell<Option<Connection>>> = Rc::new(RefCell::new(Some(Connection::new(core, &lost))));
     let streams: Rc<RefCell<BTreeMap<u64, Live>>> = Rc::new(RefCell::new(BTreeMap::new()));
     let reap = {
-        let streams = streams.clone();
+        let (streams, connection, lost) = (streams.clone(), connection.clone(), lost.clone());
+        let next_attempt = std::cell::Cell::new(Instant::now());
         main_loop.loop_().add_timer(move |_| {
+            if lost.replace(false) && connection.borrow_mut().take().is_some() {
+                // Every stream on the old connection is gone: the host reopens them.
+                for live in streams.borrow().values() {
+                    live.shared.lost.store(true, Ordering::Relaxed);
+                }
+                streams.borrow_mut().clear();
+                next_attempt.set(Instant::now() + RECONNECT_INTERVAL);
+                log::error!("melange-host: lost the connection to the host's PipeWire; reconnecting");
+            }
+            if connection.borrow().is_none() && Instant::now() >= next_attempt.get() {
+                match context.connect_rc(None) {
+                    Ok(core) => {
+                        log::info!("melange-host: reconnected to the host's PipeWire");
+                        *connection.borrow_mut() = Some(Connection::new(core, &lost));
+                    }
+                    Err(_) => next_attempt.set(Instant::now() + RECONNECT_INTERVAL),
+                }
+            }
             streams.borrow_mut().retain(|_, live| match live.closing_since {
                 Some(since) => !live.shared.drained.load(Ordering::Relaxed) && since.elapsed() < DRAIN_TIMEOUT,
                 None => true,
@@ -355,13 +375,18 @@ fn run(rx: pw::channel::Receiver<Command>, ready: crossbeam_channel::Sender<Resu
     let weak_loop = main_loop.downgrade();
     let _receiver = rx.attach(main_loop.loop_(), {
         let streams = streams.clone();
-        let core = core.clone();
+        let connection = connection.clone();
         move |cmd| match cmd {
             Command::Open { key, name, props, format, rt, reply } => {
                 let shared = rt.shared.clone();
-                let result = open_stream(&core, &name, props, &format, *rt).map(|(stream, listener)| {
-                    streams.borrow_mut().insert(key, Live { _listener: listener, stream, shared, closing_since: None });
-                });
+                let result = match connection.borrow().as_ref() {
+                    Some(c) => open_stream(&c.core, &name, props, &format, *rt).map(|(stream, listener)| {
+                        streams
+                            .borrow_mut()
+                            .insert(key, Live { _listener: listener, stream, shared, closing_since: None });
+                    }),
+                    None => Err("the host's PipeWire is gone; reconnecting".into()),
+                };
                 let _ = reply.send(result);
             }
             Command::Close { key } => {
@@ -380,6 +405,30 @@ fn run(rx: pw::channel::Receiver<Command>, ready: crossbeam_channel::Sender<Resu
     let _ = ready.send(Ok(()));
     main_loop.run();
     streams.borrow_mut().clear();
+}
+
+/// A connection to the host's PipeWire and the listener that notices its loss.
+struct Connection {
+    // Declared first: the listener goes before the core.
+    _listener: pw::core::Listener,
+    core: pw::core::CoreRc,
+}
+
+impl Connection {
+    fn new(core: pw::core::CoreRc, lost: &Rc<std::cell::Cell<bool>>) -> Self {
+        let lost = lost.clone();
+        let listener = core
+            .add_listener_local()
+            .error(move |id, _seq, res, message| {
+                if res == -libc::EPIPE {
+                    lost.set(true);
+                } else {
+                    log::warn!("host PipeWire error on object {id}: {message} ({res})");
+                }
+            })
+            .register();
+        Self { _listener: listener, core }
+    }
 }
 
 fn open_stream(
