@@ -481,9 +481,12 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
         "target.object" => serial,
         // The guest graph's quantum while this app is redirected: part of the latency.
         "node.latency" => format!("{}/{TAP_RATE}", s.config.tap_quantum).as_str(),
-        // Never keep the app's graph running, never move to another source.
+        // Never keep the app's graph running, never move to another source: a tap
+        // whose app went records nothing rather than something else (dont-fallback is
+        // WirePlumber 0.5's spelling, dont-reconnect 0.4's).
         "node.passive" => "true",
         "node.dont-reconnect" => "true",
+        "node.dont-fallback" => "true",
         "stream.capture.sink" => "false",
     };
     let stream = pw::stream::StreamBox::new(s.core, &format!("melange-tap-{stream_id}"), props)
