@@ -167,13 +167,25 @@ pub fn frequency(x: &[f32], rate: u32) -> f64 {
     }
 }
 
-/// [`frequency`] as the median over 100 ms windows: one cycle an app failed to deliver
-/// (silence from its own underrun) changes one window, not the figure.
-pub fn median_frequency(x: &[f32], rate: u32) -> f64 {
+/// The median of `measure` over the 100 ms windows of `x`: one cycle lost on the way
+/// (an app's own underrun, or a graph cycle that ran late on a busy machine) changes
+/// one window, not the figure; a systematic error moves every window.
+fn median_per_window(x: &[f32], rate: u32, measure: impl Fn(&[f32]) -> f64) -> f64 {
     let window = (rate / 10) as usize;
-    let mut f: Vec<f64> = x.chunks_exact(window.max(1)).map(|w| frequency(w, rate)).collect();
-    f.sort_by(f64::total_cmp);
-    f.get(f.len() / 2).copied().unwrap_or(0.0)
+    let mut v: Vec<f64> = x.chunks_exact(window.max(1)).map(measure).collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// [`frequency`] as the median over 100 ms windows.
+pub fn median_frequency(x: &[f32], rate: u32) -> f64 {
+    median_per_window(x, rate, |w| frequency(w, rate))
+}
+
+/// [`tone_amplitude`] as the median over 100 ms windows. Use a `freq` with a whole
+/// number of cycles in 100 ms, or leakage lowers the figure.
+pub fn median_tone_amplitude(x: &[f32], rate: u32, freq: f64) -> f64 {
+    median_per_window(x, rate, |w| tone_amplitude(w, rate, freq))
 }
 
 /// Amplitude of the `freq` component (Goertzel), relative to full scale.
@@ -261,6 +273,27 @@ pub fn click_onsets(x: &[f32], rate: u32) -> Vec<usize> {
         }
     }
     onsets
+}
+
+/// The output of a bit-exact path as runs that match `original` exactly: (start in
+/// `got`, start in `original`, samples). A new run starts wherever the output leaves
+/// the input (a cycle lost to a late graph, say) and picks it up again; zeros between
+/// runs (silence) are skipped. Interleaved samples: runs start on frame boundaries of
+/// `channels`. Stops at the first stretch of 64 samples found nowhere in the input.
+pub fn exact_runs(original: &[i16], got: &[i16], channels: usize) -> Vec<(usize, usize, usize)> {
+    const PROBE: usize = 64;
+    let mut runs = Vec::new();
+    let mut pos = 0;
+    while let Some(start) = got[pos..].iter().position(|v| *v != 0).map(|p| (pos + p) / channels * channels) {
+        if start + PROBE > got.len() {
+            break;
+        }
+        let Some(at) = find(original, &got[start..start + PROBE]) else { break };
+        let n = got[start..].iter().zip(&original[at..]).take_while(|(a, b)| a == b).count();
+        runs.push((start, at, n));
+        pos = start + n.max(1);
+    }
+    runs
 }
 
 /// Where `needle` first occurs in `haystack`, for bit-exact alignment.

@@ -141,16 +141,35 @@ fn pcm_is_bit_exact_from_pipewire_pulse_and_alsa_apps() {
     for (app, out) in &outputs {
         assert_eq!((out.rate, out.channels), (48000, 2), "{app}");
         let got = out.s16.as_ref().expect("PCM streams are stored as s16");
-        let first = got.iter().position(|v| *v != 0).expect("output is silent") & !1;
-        let probe = &got[first..first + 960];
-        let at = audio::find(&original, probe).unwrap_or_else(|| panic!("{app}: output does not occur in the input"));
-        assert_eq!(at % 2, 0, "{app}: channels are shifted");
         let content = original.len() - 2 * 12000;
-        let n = (original.len() - at).min(got.len() - first);
+        let runs = check_exact(&original, got, app);
+        let (_, at, n) = *runs.last().expect("checked");
         assert!(at + n >= content, "{app}: output ends {} samples before the content does", content - at - n);
-        assert!(n >= content * 9 / 10, "{app}: only {n} of {content} samples arrived");
-        assert!(got[first..first + n] == original[at..at + n], "{app}: output differs from the input");
+        let arrived: usize = runs.iter().map(|r| r.2).sum::<usize>().min(content);
+        assert!(arrived >= content * 9 / 10, "{app}: only {arrived} of {content} samples arrived");
     }
+}
+
+/// Checks that `got` is `original`, bit for bit, but for at most one graph cycle lost
+/// on the way (a tap whose process ran a cycle late on a busy machine misses one):
+/// nothing else, nothing twice, channels in place. Returns the exact runs.
+fn check_exact(original: &[i16], got: &[i16], app: &str) -> Vec<(usize, usize, usize)> {
+    let runs = audio::exact_runs(original, got, 2);
+    assert!(!runs.is_empty(), "{app}: output does not occur in the input");
+    assert!(runs.iter().all(|(_, at, _)| at % 2 == 0), "{app}: channels are shifted");
+    let inside = |i: usize| runs.iter().any(|(start, _, n)| (*start..start + n).contains(&i));
+    let stray = (0..got.len()).filter(|i| got[*i] != 0 && !inside(*i)).count();
+    assert_eq!(stray, 0, "{app}: {stray} samples of the output are not the input: {runs:?}");
+    for pair in runs.windows(2) {
+        let ((_, a, n), (_, b, _)) = (pair[0], pair[1]);
+        assert!(b >= a + n, "{app}: the input repeats: {runs:?}");
+        assert!(b - (a + n) <= 2 * 256, "{app}: more than a cycle lost: {runs:?}");
+    }
+    assert!(runs.len() <= 2, "{app}: the output breaks {} times: {runs:?}", runs.len() - 1);
+    if runs.len() > 1 {
+        eprintln!("{app}: one graph cycle lost on the way: {runs:?}");
+    }
+    runs
 }
 
 /// Noise that starts and ends on a non-zero sample and does not end on a packet or
@@ -161,16 +180,14 @@ fn edge_to_edge_noise(frames: usize) -> Vec<i16> {
 }
 
 /// Where the host's output starts in `original` (frames clipped from the start) and
-/// how many of `original`'s frames it holds, checked bit for bit.
+/// how many of `original`'s frames it holds to the end, checked bit for bit (but for
+/// at most one cycle lost on the way, see [`check_exact`]).
 fn clipped_and_kept(original: &[i16], out: &Audio, app: &str) -> (usize, usize) {
     let got = out.s16.as_ref().expect("PCM streams are stored as s16");
-    // No sample of the input is 0: padding and silence are not content.
-    let first = got.iter().position(|v| *v != 0).expect("output is silent") & !1;
-    let end = got.iter().rposition(|v| *v != 0).map_or(first, |l| (l + 2) & !1);
-    let at = audio::find(original, &got[first..first + 64]).unwrap_or_else(|| panic!("{app}: output is not the input"));
-    let n = (original.len() - at).min(end - first);
-    assert!(got[first..first + n] == original[at..at + n], "{app}: output differs from the input");
-    (at / 2, n / 2)
+    let runs = check_exact(original, got, app);
+    let (first, last) = (runs[0], runs[runs.len() - 1]);
+    // Up to the last run's end: what was lost on the way counts as kept, it is not the end.
+    ((first.1) / 2, (last.1 + last.2 - first.1) / 2)
 }
 
 #[test]
@@ -278,7 +295,8 @@ fn two_apps_at_once_arrive_as_two_streams_each_with_its_own_tone() {
     for (_, out) in &outputs {
         let x = out.channel(0);
         let body = audio::middle(audio::active(&x, 0.01), 0.8);
-        let (a1000, a440) = (audio::tone_amplitude(body, 48000, 1000.0), audio::tone_amplitude(body, 48000, 440.0));
+        let (a1000, a440) =
+            (audio::median_tone_amplitude(body, 48000, 1000.0), audio::median_tone_amplitude(body, 48000, 440.0));
         let (own, other, f) = if a1000 > a440 { (a1000, a440, 1000) } else { (a440, a1000, 440) };
         assert!(own > 0.25, "{f} Hz stream has amplitude {own}");
         assert!(other < own / 300.0, "{f} Hz stream leaks the other tone: {other} vs {own}");
@@ -313,16 +331,20 @@ fn apps_with_different_formats_at_once_are_both_redirected() {
             for body in [lb, rb] {
                 let f = audio::median_frequency(body, out.rate);
                 assert!((f - 440.0).abs() < 1.0, "mono app came out at {f} Hz");
-                assert!(audio::tone_amplitude(body, out.rate, 440.0) > 0.2);
+                let a = audio::median_tone_amplitude(body, out.rate, 440.0);
+                assert!((a - 0.3).abs() < 0.01, "mono app came out at amplitude {a:.3} of 0.3");
             }
             let diff = (audio::rms_db(lb) - audio::rms_db(rb)).abs();
             assert!(diff < 0.1, "mono app is unbalanced by {diff} dB");
         } else {
             assert_eq!(app, "pw-play");
-            let (fl, fr) = (audio::frequency(lb, out.rate), audio::frequency(rb, out.rate));
+            let (fl, fr) = (audio::median_frequency(lb, out.rate), audio::median_frequency(rb, out.rate));
             assert!((fl - 1000.0).abs() < 1.0 && (fr - 1000.0).abs() < 1.0, "{fl} / {fr} Hz");
             // Left at 0.4, right at 0.1: the channel levels survive, in order.
-            let (al, ar) = (audio::tone_amplitude(lb, out.rate, 1000.0), audio::tone_amplitude(rb, out.rate, 1000.0));
+            let (al, ar) = (
+                audio::median_tone_amplitude(lb, out.rate, 1000.0),
+                audio::median_tone_amplitude(rb, out.rate, 1000.0),
+            );
             assert!((al - 0.4).abs() < 0.01 && (ar - 0.1).abs() < 0.01, "levels {al} / {ar}");
         }
     }
@@ -403,7 +425,7 @@ fn apps_never_wait_for_a_missing_host_and_are_redirected_once_it_appears() {
     assert_eq!(files.len(), 1, "only what played after the host appeared is redirected");
     let out = audio::read_wav(&files[0]).expect("valid WAV");
     let x = out.channel(0);
-    let f = audio::frequency(audio::middle(audio::active(&x, 0.01), 0.8), out.rate);
+    let f = audio::median_frequency(audio::middle(audio::active(&x, 0.01), 0.8), out.rate);
     assert!((f - 1000.0).abs() < 1.0, "got {f} Hz");
 }
 
