@@ -10,6 +10,11 @@
 //! guest graph cycle of 1024 frames is two or three 10 ms packets at once), and a target
 //! below burst size plus scheduling jitter would underrun again after every re-prime.
 //! Drift control, which holds the fill at the target, is a later layer.
+//!
+//! [`MissedCycles`] notices output cycles the graph ran without the callback (a host
+//! graph that overran skips one now and then): their audio was due and not played, so
+//! it is skipped too, and the latency stays where it was instead of growing by a cycle
+//! at every such skip.
 
 #![forbid(unsafe_code)]
 
@@ -66,9 +71,120 @@ impl Playout {
     }
 }
 
+/// Counts output frames that a real-time callback was not called for, from the output
+/// clock's position (`pw_time.ticks`) at each call. Plain arithmetic, real-time safe.
+///
+/// The cycle length is learned from the position itself (two calls in a row that moved
+/// it by the same amount), so a graph whose quantum another client changed is followed.
+/// A late graph either runs the late cycle and the next back to back (the second call
+/// sees the same position: nothing was missed) or skips one (the position jumps by two
+/// cycles and no second call follows). So a jump is only reported once the next call
+/// shows it was not made up for.
+#[derive(Debug, Clone, Default)]
+pub struct MissedCycles {
+    /// Position at the last call; `None` before the first.
+    last: Option<u64>,
+    /// How far the position moved at the last call, and the learned cycle length.
+    last_step: u64,
+    cycle: u64,
+    /// Frames the position ran ahead of the calls, not yet made up for or reported.
+    pending: u64,
+    /// Frames reported missed so far.
+    total: u64,
+}
+
+/// A position that moves by more than this many cycles at once jumped (a new driver,
+/// a suspended graph that resumed): nothing to skip. About a second at 256 frames.
+const MAX_MISSED_CYCLES: u64 = 200;
+
+impl MissedCycles {
+    /// Feeds one call: the output position now. Returns the output frames found missed
+    /// (the caller skips as much input), usually 0.
+    pub fn observe(&mut self, position: u64) -> u64 {
+        let Some(last) = self.last.replace(position) else { return 0 };
+        let step = position.wrapping_sub(last);
+        if position < last {
+            // Backwards: a new clock. Start over.
+            *self = Self { last: Some(position), total: self.total, ..Self::default() };
+            return 0;
+        }
+        let same = step == std::mem::replace(&mut self.last_step, step);
+        if same && step > 0 && step != self.cycle {
+            // A new cycle length: what looked like a jump was the change.
+            self.cycle = step;
+            self.pending = 0;
+            return 0;
+        }
+        if self.cycle == 0 {
+            return 0;
+        }
+        if step < self.cycle {
+            // This call makes up for (part of) a late cycle.
+            self.pending = self.pending.saturating_sub(self.cycle - step);
+            return 0;
+        }
+        let confirmed = std::mem::take(&mut self.pending);
+        let ahead = step - self.cycle;
+        if ahead > 0 && ahead <= MAX_MISSED_CYCLES * self.cycle {
+            self.pending = ahead;
+        }
+        self.total += confirmed;
+        confirmed
+    }
+
+    /// Frames reported missed so far.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_skipped_cycle_is_reported_once_the_next_call_does_not_make_up_for_it() {
+        let mut m = MissedCycles::default();
+        let mut calls = [0u64, 256, 512, 1024, 1280, 1536].into_iter().map(|p| m.observe(p));
+        // 768 was skipped: reported at the call after the jump.
+        assert_eq!(calls.by_ref().take(4).collect::<Vec<_>>(), [0, 0, 0, 0]);
+        assert_eq!(calls.next(), Some(256));
+        assert_eq!(calls.next(), Some(0));
+        assert_eq!(m.total(), 256);
+    }
+
+    #[test]
+    fn a_late_cycle_run_back_to_back_with_the_next_is_no_miss() {
+        let mut m = MissedCycles::default();
+        // Late: the call at 768 sees 1024, and the next call, right after, sees 1024 too.
+        let got: Vec<u64> = [0u64, 256, 512, 1024, 1024, 1280, 1536].into_iter().map(|p| m.observe(p)).collect();
+        assert_eq!(got, [0; 7]);
+        assert_eq!(m.total(), 0);
+    }
+
+    #[test]
+    fn a_clock_that_does_not_move_jumps_far_or_goes_back_reports_nothing() {
+        let mut m = MissedCycles::default();
+        assert!((0..10).all(|_| m.observe(0) == 0));
+        let mut got: Vec<u64> =
+            [256u64, 512, 100_000_000, 100_000_256, 100_000_512, 100].into_iter().map(|p| m.observe(p)).collect();
+        got.extend([356u64, 612, 868].into_iter().map(|p| m.observe(p)));
+        assert_eq!(got, [0; 9]);
+        assert_eq!(m.total(), 0);
+    }
+
+    #[test]
+    fn the_cycle_is_learned_and_followed_when_it_changes() {
+        let mut m = MissedCycles::default();
+        // 128-frame cycles, one skipped; then 64-frame cycles, one skipped.
+        let positions = [0u64, 128, 256, 512, 640, 704, 768, 896, 960];
+        let got: Vec<u64> = positions.into_iter().map(|p| m.observe(p)).collect();
+        assert_eq!(got, [0, 0, 0, 0, 128, 0, 0, 0, 64]);
+        // Back to 256-frame cycles: the change is no miss.
+        let got: Vec<u64> = [1216u64, 1472, 1728, 1984].into_iter().map(|p| m.observe(p)).collect();
+        assert_eq!(got, [0; 4]);
+        assert_eq!(m.total(), 192);
+    }
 
     #[test]
     fn primes_then_plays_then_reprimes_higher_after_an_underrun() {

@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use melange_shim::drift::DriftController;
-use melange_shim::playout::Playout;
+use melange_shim::playout::{MissedCycles, Playout};
 use melange_transport::message::AudioFormat;
 use pipewire as pw;
 use pw::spa;
@@ -54,6 +54,8 @@ struct Shared {
     /// Frames the callback filled from the ring, and with silence (priming, underruns).
     played_frames: AtomicU64,
     silence_frames: AtomicU64,
+    /// Frames skipped because the output ran cycles without the callback.
+    skipped_frames: AtomicU64,
     cycles: AtomicU64,
     /// The stream's rate-match area, set by `io_changed` (null when unset).
     rate_match: AtomicPtr<spa::sys::spa_io_rate_match>,
@@ -73,6 +75,7 @@ struct Shared {
 struct RtData {
     consumer: Consumer<f32>,
     playout: Playout,
+    missed: MissedCycles,
     drift: DriftController,
     rate: u32,
     trim: bool,
@@ -182,6 +185,7 @@ impl Output for PipeWireOutput {
         let rt = RtData {
             consumer,
             playout: Playout::new(desc.latency_frames),
+            missed: MissedCycles::default(),
             drift: DriftController::new(
                 desc.latency_frames,
                 desc.quantum,
@@ -279,10 +283,11 @@ impl StreamSink for PipeWireSink {
     fn close(&mut self) -> Result<(), OutputError> {
         if !std::mem::replace(&mut self.closed, true) {
             log::debug!(
-                "{}: played {} frames, {} silent, {} cycles, {} underruns, drift {:.0} ppm",
+                "{}: played {} frames, {} silent, {} skipped, {} cycles, {} underruns, drift {:.0} ppm",
                 self.name,
                 self.shared.played_frames.load(Ordering::Relaxed),
                 self.shared.silence_frames.load(Ordering::Relaxed),
+                self.shared.skipped_frames.load(Ordering::Relaxed),
                 self.shared.cycles.load(Ordering::Relaxed),
                 self.shared.underruns.load(Ordering::Relaxed),
                 self.shared.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0
@@ -462,7 +467,18 @@ fn open_stream(
             let Some(bytes) = data.data() else { return };
             let max_frames = bytes.len() / stride;
             let frames = if requested > 0 { requested.min(max_frames) } else { max_frames.min(1024) };
-            let buffered = d.consumer.slots() / d.channels;
+            let mut buffered = d.consumer.slots() / d.channels;
+            let missed = time.as_ref().map_or(0, |t| d.missed.observe(t.ticks()));
+            if missed > 0 && d.playout.is_playing() {
+                // The output ran a cycle without us (the host graph overran): that audio
+                // was due, so skip it rather than play everything a cycle later.
+                let skip = ((missed as f64 * d.drift.ratio()).round() as usize).min(buffered.saturating_sub(frames));
+                if let Ok(chunk) = d.consumer.read_chunk(skip * d.channels) {
+                    chunk.commit_all();
+                    buffered -= skip;
+                    d.shared.skipped_frames.fetch_add(skip as u64, Ordering::Relaxed);
+                }
+            }
             let take = if d.shared.draining.load(Ordering::Relaxed) {
                 if buffered == 0 {
                     d.shared.drained.store(true, Ordering::Relaxed);
