@@ -2,7 +2,9 @@
 //!
 //! [`TapWriter::push`] copies a cycle's bytes and its graph time into two preallocated
 //! wait-free SPSC rings ([`rtrb`]): no allocation, lock, log or syscall. When the ring is
-//! full the cycle is dropped whole (never a partial sample frame) and counted.
+//! full the cycle is dropped whole (never a partial sample frame) and counted. A cycle
+//! the tap was not called for (a guest graph that overran) is filled with silence, so
+//! the bytes stay in step with the graph clock and every later packet keeps its time.
 //! [`TapEncoder`] on the encoder thread cuts the bytes into codec frames, stamps each with
 //! its presentation time and encodes it into a [`MediaPacket`].
 
@@ -37,6 +39,8 @@ pub struct TapStats {
     pub cycles: AtomicU64,
     /// Bytes dropped because the ring was full (the encoder fell behind).
     pub overflow_bytes: AtomicU64,
+    /// Sample frames of silence put in for cycles the tap was not called for.
+    pub gap_frames: AtomicU64,
     /// Graph time at which the next cycle is due: the last cycle's time plus its length.
     pub next_cycle_ns: AtomicU64,
     /// Length of the last cycle in nanoseconds (the guest graph's quantum).
@@ -51,8 +55,14 @@ pub struct TapWriter {
     written: u64,
     frame_bytes: usize,
     ns_per_frame: f64,
+    /// Graph time the next cycle should start at (the last one's end); 0 before the first.
+    expected_pts_ns: u64,
     stats: Arc<TapStats>,
 }
+
+/// A tap that missed more than this (a paused app resumed, a stopped graph restarted)
+/// has no gap to fill: its audio just starts again.
+const MAX_GAP_NS: u64 = 100_000_000;
 
 /// Encoder-thread end of a tap.
 #[derive(Debug)]
@@ -78,6 +88,7 @@ pub fn tap_ring(capacity_bytes: usize, frame_bytes: usize, rate: u32) -> (TapWri
             written: 0,
             frame_bytes: frame_bytes.max(1),
             ns_per_frame: 1e9 / f64::from(rate.max(1)),
+            expected_pts_ns: 0,
             stats: stats.clone(),
         },
         TapReader { data: data_rx, marks: marks_rx, read: 0, current: None, stats },
@@ -97,16 +108,29 @@ impl TapWriter {
         let cycle_ns = ((whole / self.frame_bytes) as f64 * self.ns_per_frame) as u64;
         self.stats.cycle_ns.store(cycle_ns, Ordering::Relaxed);
         self.stats.next_cycle_ns.store(pts_ns.saturating_add(cycle_ns), Ordering::Release);
-        if self.data.slots() < whole || self.marks.slots() == 0 {
-            self.stats.overflow_bytes.fetch_add(whole as u64, Ordering::Relaxed);
+        let expected = std::mem::replace(&mut self.expected_pts_ns, pts_ns.saturating_add(cycle_ns));
+        let gap_ns = pts_ns.saturating_sub(expected);
+        if expected > 0 && gap_ns * 2 >= cycle_ns && gap_ns <= MAX_GAP_NS {
+            let frames = (gap_ns as f64 / self.ns_per_frame).round() as u64;
+            self.stats.gap_frames.fetch_add(frames, Ordering::Relaxed);
+            self.write(frames as usize * self.frame_bytes, expected, std::iter::repeat(0));
+        }
+        self.write(whole, pts_ns, bytes[..whole].iter().copied());
+    }
+
+    /// Appends `n` bytes from `bytes` stamped `pts_ns`, or drops them whole and counts
+    /// them if the ring has no room.
+    fn write(&mut self, n: usize, pts_ns: u64, bytes: impl Iterator<Item = u8>) {
+        if self.data.slots() < n || self.marks.slots() == 0 {
+            self.stats.overflow_bytes.fetch_add(n as u64, Ordering::Relaxed);
             return;
         }
         // Both pushes fit: checked just above, and we are the only producer.
         let _ = self.marks.push(Mark { offset: self.written, pts_ns });
-        if let Ok(chunk) = self.data.write_chunk_uninit(whole) {
-            chunk.fill_from_iter(bytes[..whole].iter().copied());
+        if let Ok(chunk) = self.data.write_chunk_uninit(n) {
+            chunk.fill_from_iter(bytes);
         }
-        self.written += whole as u64;
+        self.written += n as u64;
     }
 
     /// Shared counters.
@@ -333,6 +357,32 @@ mod tests {
             let want = 1_000_000_000.0 + i as f64 * 10_000_000.0;
             assert!((p.pts_ns as f64 - want).abs() < 2.0, "packet {i}: {} vs {want}", p.pts_ns);
         }
+    }
+
+    #[test]
+    fn a_cycle_the_tap_missed_becomes_silence_and_later_packets_keep_their_time() {
+        let (mut w, r) = tap_ring(64 * 1024, 4, 48_000);
+        let mut enc = TapEncoder::new(r, &fmt(), &Codec::PcmS16Le, 480, Application::Audio).unwrap();
+        let cycle_ns = 256.0 * 1e9 / 48000.0;
+        let at = |c: u32| 1_000_000_000 + (f64::from(c) * cycle_ns) as u64;
+        // Cycles 0..8 but for cycle 3; and a paused graph: cycle 1000 comes next.
+        for c in (0..8).filter(|c| *c != 3).chain([1000, 1001]) {
+            w.push(&[(c % 200) as u8 + 1; 256 * 4], at(c));
+        }
+        assert_eq!(w.stats().gap_frames.load(Ordering::Relaxed), 256);
+        let mut got = Vec::new();
+        while let Some(p) = enc.next_packet() {
+            let p = p.unwrap();
+            let want = 1_000_000_000 + u64::from(p.seq) * 10_000_000;
+            if p.seq < 4 {
+                assert!(p.pts_ns.abs_diff(want) < 2, "packet {}: {} vs {want}", p.seq, p.pts_ns);
+            }
+            got.extend_from_slice(&p.data);
+        }
+        let cycle = |c: usize| &got[c * 1024..(c + 1) * 1024];
+        assert!(cycle(2).iter().all(|b| *b == 3) && cycle(4).iter().all(|b| *b == 5));
+        assert!(cycle(3).iter().all(|b| *b == 0), "the missed cycle is silent");
+        assert!(cycle(8).iter().all(|b| *b == 1), "no silence for a long pause");
     }
 
     #[test]

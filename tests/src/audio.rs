@@ -167,11 +167,10 @@ pub fn frequency(x: &[f32], rate: u32) -> f64 {
     }
 }
 
-/// The median of `measure` over the 100 ms windows of `x`: one cycle lost on the way
+/// The median of `measure` over the windows of `x`: one cycle lost on the way
 /// (an app's own underrun, or a graph cycle that ran late on a busy machine) changes
 /// one window, not the figure; a systematic error moves every window.
-fn median_per_window(x: &[f32], rate: u32, measure: impl Fn(&[f32]) -> f64) -> f64 {
-    let window = (rate / 10) as usize;
+fn median_per_window(x: &[f32], window: usize, measure: impl Fn(&[f32]) -> f64) -> f64 {
     let mut v: Vec<f64> = x.chunks_exact(window.max(1)).map(measure).collect();
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -179,13 +178,19 @@ fn median_per_window(x: &[f32], rate: u32, measure: impl Fn(&[f32]) -> f64) -> f
 
 /// [`frequency`] as the median over 100 ms windows.
 pub fn median_frequency(x: &[f32], rate: u32) -> f64 {
-    median_per_window(x, rate, |w| frequency(w, rate))
+    median_per_window(x, (rate / 10) as usize, |w| frequency(w, rate))
+}
+
+/// [`frequency`] as the median over 20 ms windows, for recordings too short for
+/// [`median_frequency`] to have more than a window or two.
+pub fn median_frequency_short(x: &[f32], rate: u32) -> f64 {
+    median_per_window(x, (rate / 50) as usize, |w| frequency(w, rate))
 }
 
 /// [`tone_amplitude`] as the median over 100 ms windows. Use a `freq` with a whole
 /// number of cycles in 100 ms, or leakage lowers the figure.
 pub fn median_tone_amplitude(x: &[f32], rate: u32, freq: f64) -> f64 {
-    median_per_window(x, rate, |w| tone_amplitude(w, rate, freq))
+    median_per_window(x, (rate / 10) as usize, |w| tone_amplitude(w, rate, freq))
 }
 
 /// Amplitude of the `freq` component (Goertzel), relative to full scale.

@@ -150,24 +150,37 @@ fn pcm_is_bit_exact_from_pipewire_pulse_and_alsa_apps() {
     }
 }
 
-/// Checks that `got` is `original`, bit for bit, but for at most one graph cycle lost
-/// on the way (a tap whose process ran a cycle late on a busy machine misses one):
-/// nothing else, nothing twice, channels in place. Returns the exact runs.
+/// Checks that `got` is `original`, bit for bit and in order, in step with the guest's
+/// graph clock. A busy machine may make the guest graph skip a cycle: the tap then puts
+/// in a cycle of silence, where the app's audio either goes on after it (the app was
+/// not run either) or lost that cycle (only the tap missed it). So between two exact
+/// runs the output may hold silence, and the input may skip as much as the silence
+/// lasts, never more; at most two cycles of input go missing in all. Nothing else is
+/// allowed: no stray sample, nothing twice, channels in place. Returns the exact runs.
 fn check_exact(original: &[i16], got: &[i16], app: &str) -> Vec<(usize, usize, usize)> {
+    const CYCLE: usize = 2 * 256;
     let runs = audio::exact_runs(original, got, 2);
     assert!(!runs.is_empty(), "{app}: output does not occur in the input");
     assert!(runs.iter().all(|(_, at, _)| at % 2 == 0), "{app}: channels are shifted");
     let inside = |i: usize| runs.iter().any(|(start, _, n)| (*start..start + n).contains(&i));
     let stray = (0..got.len()).filter(|i| got[*i] != 0 && !inside(*i)).count();
     assert_eq!(stray, 0, "{app}: {stray} samples of the output are not the input: {runs:?}");
+    let mut lost = 0;
     for pair in runs.windows(2) {
-        let ((_, a, n), (_, b, _)) = (pair[0], pair[1]);
+        let ((s, a, n), (t, b, _)) = (pair[0], pair[1]);
         assert!(b >= a + n, "{app}: the input repeats: {runs:?}");
-        assert!(b - (a + n) <= 2 * 256, "{app}: more than a cycle lost: {runs:?}");
+        let (silence, skipped) = (t - (s + n), b - (a + n));
+        assert!(skipped <= silence, "{app}: input lost without a gap in time: {runs:?}");
+        assert!(silence <= 2 * 4800, "{app}: a gap of {} frames: {runs:?}", silence / 2);
+        lost += skipped;
     }
-    assert!(runs.len() <= 2, "{app}: the output breaks {} times: {runs:?}", runs.len() - 1);
+    assert!(lost <= 2 * CYCLE, "{app}: {} frames of input lost on the way: {runs:?}", lost / 2);
     if runs.len() > 1 {
-        eprintln!("{app}: one graph cycle lost on the way: {runs:?}");
+        eprintln!(
+            "{app}: {} gaps where the guest graph skipped a cycle, {} frames lost: {runs:?}",
+            runs.len() - 1,
+            lost / 2
+        );
     }
     runs
 }
@@ -180,8 +193,8 @@ fn edge_to_edge_noise(frames: usize) -> Vec<i16> {
 }
 
 /// Where the host's output starts in `original` (frames clipped from the start) and
-/// how many of `original`'s frames it holds to the end, checked bit for bit (but for
-/// at most one cycle lost on the way, see [`check_exact`]).
+/// how many of `original`'s frames it holds to the end, checked bit for bit (see
+/// [`check_exact`] for the gaps a busy machine may cause).
 fn clipped_and_kept(original: &[i16], out: &Audio, app: &str) -> (usize, usize) {
     let got = out.s16.as_ref().expect("PCM streams are stored as s16");
     let runs = check_exact(original, got, app);
