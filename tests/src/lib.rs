@@ -12,9 +12,11 @@ mod scripted;
 pub use scripted::ScriptedGuest;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The repository root.
@@ -313,16 +315,88 @@ impl Redirected {
     /// Starts both sessions, melange-host and the guest module, and waits until the
     /// guest is connected.
     pub fn start(dir: &Path, codec: GuestCodec) -> Redirected {
+        Self::start_with(dir, codec, false).0
+    }
+
+    /// As [`Redirected::start`], with the port running through a [`Relay`].
+    pub fn start_relayed(dir: &Path, codec: GuestCodec) -> (Redirected, Relay) {
+        let (rig, relay) = Self::start_with(dir, codec, true);
+        (rig, relay.unwrap_or_else(|| unreachable!("asked for a relay")))
+    }
+
+    fn start_with(dir: &Path, codec: GuestCodec, relayed: bool) -> (Redirected, Option<Relay>) {
         let host_pw = PipeWire::start(&dir.join("host"));
         host_pw.add_null_sink("speakers");
-        let port = format!("unix:{}", dir.join("port.sock").display());
-        let mut host = start_host(&["--listen", &port, "--output", "pipewire"], Some(&host_pw), dir);
+        let port = dir.join("port.sock");
+        let host_port = if relayed { dir.join("host.sock") } else { port.clone() };
+        let listen = format!("unix:{}", host_port.display());
+        let mut host = start_host(&["--listen", &listen, "--output", "pipewire"], Some(&host_pw), dir);
         host.wait_for_log("waiting for a guest", Duration::from_secs(10));
+        let relay = relayed.then(|| Relay::start(&port, host_port));
         let guest_pw = PipeWire::start(&dir.join("guest"));
-        let mut guest = start_guest(&guest_pw, &port, codec, dir.join("guest.log"));
+        let mut guest = start_guest(&guest_pw, &format!("unix:{}", port.display()), codec, dir.join("guest.log"));
         guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
-        Redirected { host_pw, guest_pw, host, guest }
+        (Redirected { host_pw, guest_pw, host, guest }, relay)
     }
+}
+
+/// Copies bytes between the guest's socket and the host's, and on demand cuts every
+/// connection (the port disconnected, as when the host side of a VM's chardev goes)
+/// or holds the bytes back for a while (a stalled port).
+#[derive(Debug)]
+pub struct Relay {
+    live: Arc<Mutex<Vec<UnixStream>>>,
+    /// Held while the port stalls; each copy takes it before it writes.
+    gate: Arc<Mutex<()>>,
+}
+
+impl Relay {
+    /// Listens on `listen` and connects each guest that comes to `target`.
+    pub fn start(listen: &Path, target: PathBuf) -> Relay {
+        let listener = UnixListener::bind(listen).unwrap_or_else(|e| panic!("relay binds {}: {e}", listen.display()));
+        let live: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        let gate: Arc<Mutex<()>> = Arc::default();
+        let (registry, gates) = (live.clone(), gate.clone());
+        std::thread::spawn(move || {
+            for guest in listener.incoming().map_while(Result::ok) {
+                let Ok(host) = UnixStream::connect(&target) else { continue };
+                let (Ok(g2), Ok(h2)) = (guest.try_clone(), host.try_clone()) else { continue };
+                registry.lock().unwrap_or_else(|e| e.into_inner()).extend([g2, h2]);
+                for (from, to) in [(guest.try_clone(), host.try_clone()), (host.try_clone(), guest.try_clone())]
+                    .into_iter()
+                    .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    let gate = gates.clone();
+                    std::thread::spawn(move || copy_through(from, to, &gate));
+                }
+            }
+        });
+        Relay { live, gate }
+    }
+
+    /// Cuts every connection.
+    pub fn cut(&self) {
+        for s in self.live.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Holds every byte back for `how_long`, then lets the backlog through.
+    pub fn stall(&self, how_long: Duration) {
+        let _held = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        std::thread::sleep(how_long);
+    }
+}
+
+fn copy_through(mut from: UnixStream, mut to: UnixStream, gate: &Mutex<()>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        drop(gate.lock().unwrap_or_else(|e| e.into_inner()));
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
 /// True when this process runs as root (CI does); melange-host then needs `--allow-root`.

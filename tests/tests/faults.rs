@@ -3,14 +3,13 @@
 //! while an app plays.
 
 use std::io::Write as _;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use melange_tests::{
     audio, child_named, fds_and_threads, lines, proc_status_kib, reports, scratch, start_guest, start_host, wait_until,
-    wav_files, GuestCodec, PipeWire, Proc, Redirected,
+    wav_files, GuestCodec, PipeWire, Proc, Redirected, Relay,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -98,44 +97,6 @@ fn a_killed_host_started_again_resumes_within_500_ms_with_fresh_audio() {
     let files = wav_files(&second.join("wav"));
     assert_eq!(files.len(), 1, "one stream after the restart");
     assert_tone(&files[0], 3.0);
-}
-
-/// Copies bytes between the guest's socket and the host's, and cuts every connection
-/// on demand: the port disconnected, as when the host side of a VM's chardev goes.
-struct Relay {
-    live: Arc<Mutex<Vec<UnixStream>>>,
-}
-
-impl Relay {
-    fn start(listen: &Path, target: PathBuf) -> Relay {
-        let listener = UnixListener::bind(listen).expect("relay binds");
-        let live: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
-        let registry = live.clone();
-        std::thread::spawn(move || {
-            for guest in listener.incoming().map_while(Result::ok) {
-                let Ok(host) = UnixStream::connect(&target) else { continue };
-                let (Ok(g2), Ok(h2)) = (guest.try_clone(), host.try_clone()) else { continue };
-                let mut live = registry.lock().unwrap_or_else(|e| e.into_inner());
-                live.extend([g2, h2]);
-                for (mut from, mut to) in [(guest.try_clone(), host.try_clone()), (host.try_clone(), guest.try_clone())]
-                    .into_iter()
-                    .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
-                {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Relay { live }
-    }
-
-    fn cut(&self) {
-        for s in self.live.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
 }
 
 /// The port is cut and restored 100 times while an app plays: every reconnect brings

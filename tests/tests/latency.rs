@@ -5,10 +5,11 @@
 //! when the click entered the graph and the latency its API reported at that moment
 //! (`pw_stream_get_time` for PipeWire, `pa_stream_get_latency` for PulseAudio).
 //! `melange-probe record` captures melange-host's playback stream on the host and
-//! writes when each click came out. Halfway through, melange-host is stopped for
-//! 300 ms (SIGSTOP): the guest's audio queues up meanwhile, so from then on the real
-//! latency is about 300 ms higher, and what the app is told must follow. Every click
-//! from 1.5 s after a change of the real latency on is checked.
+//! writes when each click came out. Halfway through, the port stalls for 300 ms (a
+//! relay holds the bytes back): the guest's audio queues up meanwhile and arrives late
+//! in one burst, so from then on the real latency is about 300 ms higher, and what the
+//! app is told must follow. Every click from 1.5 s after a change of the real latency
+//! on is checked.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -26,7 +27,7 @@ struct Click {
 }
 
 const SECONDS: f64 = 22.0;
-/// When melange-host is stopped, and for how long.
+/// When the port stalls, and for how long.
 const STALL_AT: Duration = Duration::from_secs(9);
 const STALL: Duration = Duration::from_millis(300);
 /// Clicks compared before the stall (after the first reports arrived) and after it
@@ -71,10 +72,11 @@ fn record(pw: &PipeWire, target: &str, seconds: f64, out: &Path, log: std::path:
 /// The tests share the machine's two cores: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Plays the click train through `api` in a redirected guest, stalling the host once.
+/// Plays the click train through `api` in a redirected guest, stalling the port once.
 fn clicks_through(api: &str) -> Vec<Click> {
     let dir = scratch(&format!("latency-{api}"));
-    let Redirected { host_pw, guest_pw, mut host, mut guest } = Redirected::start(&dir, GuestCodec::Opus(128_000));
+    let (Redirected { host_pw, guest_pw, mut host, mut guest }, relay) =
+        Redirected::start_relayed(&dir, GuestCodec::Opus(128_000));
 
     let (played, heard) = (dir.join("played.jsonl"), dir.join("heard.jsonl"));
     let mut app = guest_pw.command(melange_tests::bin("melange-probe"));
@@ -85,11 +87,7 @@ fn clicks_through(api: &str) -> Vec<Click> {
     let mut rec = record(&host_pw, "melange.s1.stream1", SECONDS + 1.0, &heard, dir.join("record.log"));
 
     std::thread::sleep(STALL_AT.saturating_sub(started.elapsed()));
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(host.pid() as i32, libc::SIGSTOP) };
-    std::thread::sleep(STALL);
-    // SAFETY: as above.
-    unsafe { libc::kill(host.pid() as i32, libc::SIGCONT) };
+    relay.stall(STALL);
 
     let done = wait_until(Duration::from_secs_f64(SECONDS + 15.0), || heard.exists().then_some(()));
     assert!(done.is_some(), "the recorder wrote nothing:\n{}", rec.log_text());
