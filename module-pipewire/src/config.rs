@@ -9,7 +9,7 @@
 //! | `frame.duration` | `10` (`5` in low-latency mode) | packet duration in ms: 2.5, 5, 10, 20, 40 or 60 |
 //! | `tap.quantum` | `256` (`128` in low-latency mode) | graph quantum the taps ask for, in samples at 48 kHz: 32..=4096 |
 //! | `opus.complexity` | `6` | Opus encoder complexity, 0..=10 |
-//! | `sink.name` | `melange` | `node.name` of the redirect sink |
+//! | `sink.name` | `melange` | `node.name` of the redirect sink; the standby sink is this plus `.standby` |
 //! | `sink.description` | `Melange` | what desktops show for the sink |
 //!
 //! Low-latency mode encodes Opus with the restricted-low-delay application (2.5 ms of
@@ -102,6 +102,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// `node.name` of the standby sink: the redirect sink's, plus `.standby`.
+    pub fn standby_name(&self) -> String {
+        format!("{}.standby", self.sink_name)
+    }
+
     /// Builds a config from key/value pairs; unknown keys are returned for a warning.
     pub fn from_pairs<'a>(
         pairs: impl IntoIterator<Item = (&'a str, &'a str)>,

@@ -34,6 +34,10 @@ const TAP_RING: Duration = Duration::from_millis(500);
 const LATENCY_POLL: Duration = Duration::from_millis(250);
 /// A latency that moved less than this since it was published is not published again.
 const LATENCY_STEP_NS: u64 = 1_000_000;
+/// How long a tap outlives its app's last link to our sinks while the app is linked to
+/// nothing: WirePlumber moves a stream by unlinking it first, and an app moved from
+/// one of our sinks to the other keeps its tap (and its host stream) through it.
+const MOVE_GRACE: Duration = Duration::from_millis(300);
 
 /// An app playback stream seen in the registry.
 struct AppNode {
@@ -101,13 +105,21 @@ struct State {
     config: Config,
     core: &'static CoreBox<'static>,
     link: LinkHandle,
+    /// The redirect sink: passive, this process's own (see [`ensure_sinks`]).
     sink_id: Option<u32>,
     sink_proxy: Option<pw::node::Node>,
+    /// The standby sink: lingering, for when this process is not running.
+    standby_id: Option<u32>,
+    standby_proxy: Option<pw::node::Node>,
     synced: bool,
     apps: BTreeMap<u32, AppNode>,
     /// Link id -> (output node, input node).
     links: BTreeMap<u32, (u32, u32)>,
+    /// Every `Audio/Sink` node, ours or not.
+    sinks: BTreeSet<u32>,
     taps: BTreeMap<u32, Tap>,
+    /// Tapped apps linked to no sink at all, and since when (see [`MOVE_GRACE`]).
+    unlinked_since: BTreeMap<u32, std::time::Instant>,
 }
 
 /// The running guest side. Dropping it tears everything down in order.
@@ -161,10 +173,14 @@ impl Guest {
             link: link.handle(),
             sink_id: None,
             sink_proxy: None,
+            standby_id: None,
+            standby_proxy: None,
             synced: false,
             apps: BTreeMap::new(),
             links: BTreeMap::new(),
+            sinks: BTreeSet::new(),
             taps: BTreeMap::new(),
+            unlinked_since: BTreeMap::new(),
         }));
 
         let weak = Rc::downgrade(&state);
@@ -191,7 +207,7 @@ impl Guest {
                 if id == pw::core::PW_ID_CORE && seq == pending {
                     if let Some(state) = weak.upgrade() {
                         state.borrow_mut().synced = true;
-                        ensure_sink(&state);
+                        ensure_sinks(&state);
                     }
                 }
             })
@@ -227,6 +243,8 @@ impl Guest {
                 for tap in state.borrow_mut().taps.values_mut() {
                     tap.publish_latency();
                 }
+                // Closes the taps of apps whose move grace ran out.
+                reconcile(&state);
             }
         });
         let _ = latency_timer.update_timer(Some(LATENCY_POLL), Some(LATENCY_POLL));
@@ -258,6 +276,7 @@ impl Guest {
             s.taps.clear();
             s.apps.clear();
             s.sink_proxy.take();
+            s.standby_proxy.take();
         }
         // No more callbacks from here on.
         self.latency_timer.take();
@@ -312,9 +331,17 @@ fn on_global(
             let class = dict_get(props, "media.class").unwrap_or("");
             let name = dict_get(props, "node.name").unwrap_or("");
             let mut s = state.borrow_mut();
-            if class == "Audio/Sink" && name == s.config.sink_name {
-                log::info!("melange: redirect sink {name} is node {}", global.id);
-                s.sink_id = Some(global.id);
+            if class == "Audio/Sink" {
+                s.sinks.insert(global.id);
+            }
+            if class == "Audio/Sink" && (name == s.config.sink_name || name == s.config.standby_name()) {
+                if name == s.config.sink_name {
+                    log::info!("melange: redirect sink {name} is node {}", global.id);
+                    s.sink_id = Some(global.id);
+                } else {
+                    log::info!("melange: standby sink {name} is node {}", global.id);
+                    s.standby_id = Some(global.id);
+                }
                 drop(s);
                 reconcile(state);
             } else if class == "Stream/Output/Audio" {
@@ -374,6 +401,12 @@ fn on_global_remove(state: &Rc<RefCell<State>>, id: u32) {
             log::warn!("melange: redirect sink {id} was removed");
             s.sink_id = None;
         }
+        if s.standby_id == Some(id) {
+            log::warn!("melange: standby sink {id} was removed");
+            s.standby_id = None;
+        }
+        s.sinks.remove(&id);
+        s.unlinked_since.remove(&id);
         // Drop the tap outside the borrow: its Drop joins the encoder thread.
         let tap = s.taps.remove(&id);
         let app = s.apps.remove(&id);
@@ -384,52 +417,106 @@ fn on_global_remove(state: &Rc<RefCell<State>>, id: u32) {
     reconcile(state);
 }
 
-/// Creates the redirect sink if the registry has none (after the first sync).
-fn ensure_sink(state: &Rc<RefCell<State>>) {
+/// Creates the two sinks apps play into, each only if the registry has none of its name
+/// (after the first sync).
+///
+/// - The redirect sink (`sink.name`, the default) is this process's own and passive:
+///   an app linked to it runs only once its tap, which is not passive, is linked too,
+///   so the app's first sample is captured, never played before the tap is there.
+///   It goes when this process goes.
+/// - The standby sink (`sink.name` + `.standby`) lingers: when this process is not
+///   running, WirePlumber moves the apps to it (the next default) and they play on,
+///   discarded, without waiting for anything. Apps on it are tapped too.
+fn ensure_sinks(state: &Rc<RefCell<State>>) {
     let mut s = state.borrow_mut();
-    if !s.synced || s.sink_id.is_some() || s.sink_proxy.is_some() {
+    if !s.synced {
         return;
     }
-    let name = s.config.sink_name.clone();
-    let description = s.config.sink_description.clone();
+    if s.standby_id.is_none() && s.standby_proxy.is_none() {
+        let name = s.config.standby_name();
+        let description = format!("{} (standby)", s.config.sink_description);
+        s.standby_proxy = create_sink(&s, &name, &description, SinkKind::Standby);
+    }
+    if s.sink_id.is_none() && s.sink_proxy.is_none() {
+        let name = s.config.sink_name.clone();
+        let description = s.config.sink_description.clone();
+        s.sink_proxy = create_sink(&s, &name, &description, SinkKind::Redirect);
+    }
+}
+
+/// Which of the two sinks [`ensure_sinks`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SinkKind {
+    Redirect,
+    Standby,
+}
+
+/// A null sink in the session's PipeWire (apps' audio goes nowhere but to the taps).
+fn create_sink(s: &State, name: &str, description: &str, kind: SinkKind) -> Option<pw::node::Node> {
+    let quantum = format!("{}/{TAP_RATE}", s.config.tap_quantum);
+    let redirect = kind == SinkKind::Redirect;
     let props = properties! {
         "factory.name" => "support.null-audio-sink",
-        "node.name" => name.as_str(),
-        "node.description" => description.as_str(),
+        "node.name" => name,
+        "node.description" => description,
         "media.class" => "Audio/Sink",
         "audio.position" => "FL,FR",
         "audio.rate" => "48000",
-        // Outlive this process: apps keep playing into it if the module restarts.
-        "object.linger" => "true",
-        // Above any emulated sound card, so WirePlumber makes it the default.
-        "priority.session" => "2000",
+        // An app's first graph cycle runs at the taps' quantum, not at whatever the app
+        // asked for: on the standby sink, where an app may run before its tap, that
+        // first cycle is all that can be lost.
+        "node.latency" => quantum.as_str(),
+        "node.passive" => if redirect { "true" } else { "false" },
+        // The standby outlives this process: apps play on into it if the module stops.
+        "object.linger" => if redirect { "false" } else { "true" },
+        // Above any emulated sound card, so WirePlumber makes them the default, the
+        // redirect sink first.
+        "priority.session" => if redirect { "2000" } else { "1900" },
         "monitor.channel-volumes" => "true",
         "node.virtual" => "true",
     };
     match s.core.create_object::<pw::node::Node>("adapter", &props) {
         Ok(proxy) => {
-            log::info!("melange: created redirect sink {name} (\"{description}\")");
-            s.sink_proxy = Some(proxy);
+            log::info!(
+                "melange: created the {} sink {name} (\"{description}\")",
+                if redirect { "redirect" } else { "standby" }
+            );
+            Some(proxy)
         }
-        Err(e) => log::error!("melange: cannot create the redirect sink {name}: {e}"),
+        Err(e) => {
+            log::error!("melange: cannot create the sink {name}: {e}");
+            None
+        }
     }
 }
 
-/// Opens taps for app streams linked to the sink and closes the rest.
+/// Opens taps for app streams linked to either sink and closes the taps of apps
+/// linked to another sink, or to none for longer than [`MOVE_GRACE`].
 fn reconcile(state: &Rc<RefCell<State>>) {
     let mut stale = Vec::new();
     {
         let mut s = state.borrow_mut();
-        let linked: BTreeSet<u32> = match s.sink_id {
-            Some(sink) => s.links.values().filter(|(_, inp)| *inp == sink).map(|(out, _)| *out).collect(),
-            None => BTreeSet::new(),
-        };
-        let gone: Vec<u32> = s.taps.keys().copied().filter(|id| !linked.contains(id)).collect();
-        for id in gone {
-            if let Some(t) = s.taps.remove(&id) {
-                stale.push(t);
+        let ours = [s.sink_id, s.standby_id];
+        let linked: BTreeSet<u32> =
+            s.links.values().filter(|(_, inp)| ours.contains(&Some(*inp))).map(|(out, _)| *out).collect();
+        let elsewhere: BTreeSet<u32> = s
+            .links
+            .values()
+            .filter(|(_, inp)| s.sinks.contains(inp) && !ours.contains(&Some(*inp)))
+            .map(|(out, _)| *out)
+            .collect();
+        let now = std::time::Instant::now();
+        let tapped: Vec<u32> = s.taps.keys().copied().filter(|id| !linked.contains(id)).collect();
+        for id in tapped {
+            let since = *s.unlinked_since.entry(id).or_insert(now);
+            if elsewhere.contains(&id) || now.duration_since(since) >= MOVE_GRACE {
+                s.unlinked_since.remove(&id);
+                if let Some(t) = s.taps.remove(&id) {
+                    stale.push(t);
+                }
             }
         }
+        s.unlinked_since.retain(|id, _| !linked.contains(id));
         for id in linked {
             if s.taps.contains_key(&id) {
                 continue;
@@ -481,10 +568,11 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
         "target.object" => serial,
         // The guest graph's quantum while this app is redirected: part of the latency.
         "node.latency" => format!("{}/{TAP_RATE}", s.config.tap_quantum).as_str(),
-        // Never keep the app's graph running, never move to another source: a tap
-        // whose app went records nothing rather than something else (dont-fallback is
-        // WirePlumber 0.5's spelling, dont-reconnect 0.4's).
-        "node.passive" => "true",
+        // Not passive: the tap is what lets an app on the (passive) redirect sink run.
+        "node.passive" => "false",
+        // Never move to another source: a tap whose app went records nothing rather
+        // than something else (dont-fallback is WirePlumber 0.5's spelling,
+        // dont-reconnect 0.4's).
         "node.dont-reconnect" => "true",
         "node.dont-fallback" => "true",
         "stream.capture.sink" => "false",

@@ -478,6 +478,10 @@ impl IoThread {
                 if dropped > 0 {
                     log::warn!("melange link: stream {id}: the encoder fell behind, {dropped} bytes dropped");
                 }
+                let gaps = source.encoder.stats().gap_frames.load(Ordering::Relaxed);
+                if gaps > 0 {
+                    log::info!("melange link: stream {id}: {gaps} frames of silence where the graph skipped the tap");
+                }
             }
             self.close(id, "app stopped");
             log::info!("melange link: stream {id} closed (app stopped)");

@@ -106,6 +106,22 @@ fn align(reference: &[f32], signal: &[f32]) -> isize {
     best as isize - mid as isize
 }
 
+/// The median over windows of `window` samples of `reference` of the correlation with
+/// `signal`, each window aligned on its own within `search` samples either way.
+fn windowed_correlation(reference: &[f32], signal: &[f32], window: usize, search: usize) -> f64 {
+    let mut values: Vec<f64> = (search..reference.len().saturating_sub(window + search))
+        .step_by(window)
+        .filter_map(|start| {
+            let r = &reference[start..start + window];
+            let base = start - search;
+            let lag = audio::best_lag(r, signal.get(base..)?, 2 * search, window);
+            Some(audio::correlation(r, signal.get(base + lag..base + lag + window)?))
+        })
+        .collect();
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// The overlapping parts of `reference` and `signal` at `offset`, minus `trim` at each end.
 fn overlap<'a>(reference: &'a [f32], signal: &'a [f32], offset: isize, trim: usize) -> (&'a [f32], &'a [f32]) {
     let (r0, s0) = if offset >= 0 { (0, offset as usize) } else { ((-offset) as usize, 0) };
@@ -204,16 +220,16 @@ fn clipped_and_kept(original: &[i16], out: &Audio, app: &str) -> (usize, usize) 
 }
 
 #[test]
-fn a_stream_arrives_to_its_last_sample_and_loses_at_most_its_first_cycle() {
+fn every_app_is_heard_from_its_first_sample_and_a_draining_app_to_its_last() {
     let _serial = serial();
     let mut rig = Rig::new("edges", GuestCodec::Pcm);
     let original = edge_to_edge_noise(48_000 + 123);
     let file = rig.file("edges.wav");
     audio::write_wav_s16(&file, 48000, 2, &original);
     let file = file.to_string_lossy().into_owned();
-    // paplay drains its stream; pw-play never delivers its last partial cycle. An app
-    // whose first graph cycle runs before its tap is linked loses that cycle: aplay
-    // always (2048 frames), paplay now and then (see docs/latency.md).
+    // paplay drains its stream; pw-play never delivers its last partial cycle (with or
+    // without Melange). Every app waits on the passive redirect sink until its tap is
+    // linked, so none loses its start.
     rig.play("paplay", &[&file]);
     rig.play("pw-play", &[&file]);
     rig.play("aplay", &["-q", "-D", "pipewire", &file]);
@@ -230,9 +246,8 @@ fn a_stream_arrives_to_its_last_sample_and_loses_at_most_its_first_cycle() {
     let (clipped, kept) = clipped_and_kept(&original, &outputs[0].1, "paplay");
     assert_eq!(clipped + kept, frames, "paplay: every sample to the last:\n{report}");
     for (app, out) in &outputs {
-        // At most the app's first graph cycle, run before its tap was linked.
         let (clipped, _) = clipped_and_kept(&original, out, app);
-        assert!(clipped <= 2048, "{app}: more than a first cycle lost:\n{report}");
+        assert_eq!(clipped, 0, "{app}: its start was clipped:\n{report}");
     }
 }
 
@@ -287,8 +302,11 @@ fn opus_keeps_tone_frequency_level_and_chirp_shape() {
     let offset = align(&reference, &out);
     let (a, b) = overlap(&reference, &out, offset, 480);
     assert!(a.len() > 48000, "only {} aligned samples", a.len());
-    let corr = audio::correlation(a, b);
-    assert!(corr >= 0.95, "chirp correlation {corr:.4} at offset {offset}");
+    // Per 100 ms window, each aligned on its own within a few cycles: a cycle the guest
+    // graph skipped on a busy machine shifts what follows it (see docs/latency.md),
+    // a codec that bends the chirp spoils every window.
+    let corr = windowed_correlation(a, b, 4800, 1024);
+    assert!(corr >= 0.95, "chirp correlation {corr:.4} (median over 100 ms windows) at offset {offset}");
 }
 
 #[test]
