@@ -69,7 +69,7 @@ impl System {
     fn describe(self) -> &'static str {
         match self {
             System::MelangeOpus => "Melange, Opus 128 kbit/s, 10 ms packets (default)",
-            System::MelangeLowLatency => "Melange low-latency mode, Opus 5 ms packets",
+            System::MelangeLowLatency => "Melange low-latency mode, Opus 2.5 ms packets",
             System::MelangePcm => "Melange, PCM s16",
             System::Rtp => "module-rtp-sink -> module-rtp-source, L16, defaults",
             System::PulseTunnel => "module-pulse-tunnel -> pipewire-pulse, defaults",
@@ -345,8 +345,23 @@ fn measure(system: System, streams: usize, seconds: f64, dir: &Path, index: usiz
     let busy = (cpu_seconds(pid) - c1) / t1.elapsed().as_secs_f64();
     let lo_rate = loopback_tx_bytes().saturating_sub(l1) as f64 / t1.elapsed().as_secs_f64();
     let _ = std::fs::write(dir.join("cpu.txt"), format!("idle {idle:.5} busy {busy:.5} (cores)\n"));
+    // An app that has not finished well after its file ended is stuck (see "Known
+    // glitches" in docs/latency.md): stop it rather than wait for ever, and count it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stuck = 0;
     for mut app in apps {
-        let _ = app.wait();
+        while app.try_wait().ok().flatten().is_none() {
+            if Instant::now() >= deadline {
+                stuck += 1;
+                let _ = app.kill();
+                let _ = app.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    if stuck > 0 {
+        eprintln!("melange-bench: {} x{streams}: {stuck} app(s) did not finish and were stopped", system.name());
     }
     if let Some(mut r) = recorder {
         let deadline = Instant::now() + Duration::from_secs(10);
