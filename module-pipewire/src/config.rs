@@ -6,15 +6,14 @@
 //! | `codec` | `opus` | `opus` or `pcm` (s16le) |
 //! | `bitrate` | `128000` | Opus bitrate in bit/s, 6000..=510000 |
 //! | `mode` | `normal` | `normal`, or `low-latency` for calls and games (see below) |
-//! | `frame.duration` | `10` (`5` in low-latency mode) | packet duration in ms: 2.5, 5, 10, 20, 40 or 60 |
+//! | `frame.duration` | `10` (`2.5` in low-latency mode) | packet duration in ms: 2.5, 5, 10, 20, 40 or 60 |
 //! | `tap.quantum` | `256` (`128` in low-latency mode) | graph quantum the taps ask for, in samples at 48 kHz: 32..=4096 |
 //! | `opus.complexity` | `6` | Opus encoder complexity, 0..=10 |
 //! | `sink.name` | `melange` | `node.name` of the redirect sink; the standby sink is this plus `.standby` |
 //! | `sink.description` | `Melange` | what desktops show for the sink |
 //!
-//! Low-latency mode encodes Opus with the restricted-low-delay application (2.5 ms of
-//! codec delay instead of 6.5) in 5 ms packets, and keeps the guest graph's quantum at
-//! 128 while an app is redirected. It costs more CPU and bytes per second; the trade-offs
+//! Low-latency mode sends 2.5 ms packets (Opus restricted-low-delay, like normal mode)
+//! and keeps the guest graph's quantum at 128 while an app is redirected. It costs more CPU and bytes per second; the trade-offs
 //! are measured in `docs/latency.md`.
 
 use melange_shim::codec::FRAME_DURATIONS_US;
@@ -172,7 +171,7 @@ impl Config {
             }
         }
         let low = c.mode == Mode::LowLatency;
-        c.frame_us = frame_us.unwrap_or(if low { 5_000 } else { 10_000 });
+        c.frame_us = frame_us.unwrap_or(if low { 2_500 } else { 10_000 });
         c.tap_quantum = tap_quantum.unwrap_or(if low { 128 } else { 256 });
         c.codec = if codec_name == "pcm" { Codec::PcmS16Le } else { Codec::Opus { bitrate } };
         Ok((c, unknown))
@@ -202,10 +201,10 @@ mod tests {
         assert_eq!(c.sink_name, "m2");
         assert_eq!(unknown, ["colour"]);
         let (c, _) = Config::from_pairs([("mode", "low-latency")]).unwrap();
-        assert_eq!((c.mode, c.frame_us, c.tap_quantum), (Mode::LowLatency, 5_000, 128));
+        assert_eq!((c.mode, c.frame_us, c.tap_quantum), (Mode::LowLatency, 2_500, 128));
         let (c, _) =
-            Config::from_pairs([("mode", "low-latency"), ("frame.duration", "2.5"), ("tap.quantum", "64")]).unwrap();
-        assert_eq!((c.frame_us, c.tap_quantum), (2_500, 64));
+            Config::from_pairs([("mode", "low-latency"), ("frame.duration", "5"), ("tap.quantum", "64")]).unwrap();
+        assert_eq!((c.frame_us, c.tap_quantum), (5_000, 64));
         let (c, _) = Config::from_pairs([("bitrate", "64000")]).unwrap();
         assert_eq!(c.codec, Codec::Opus { bitrate: 64_000 });
     }

@@ -30,14 +30,12 @@ const MAX_CONCEAL_MS: u64 = 100;
 const MAX_LATENCY_SAMPLES: usize = 200_000;
 
 /// The output quantum for a stream, at 48 kHz: 256 frames for packets of 10 ms and
-/// more, 128 below (low-latency mode); scaled to the stream's rate. A sample must be
+/// more, 64 below (low-latency mode); scaled to the stream's rate. A sample must be
 /// buffered when the cycle that plays it starts, so the quantum adds to latency one for
-/// one. At 128 PipeWire's resampler did not follow the rate-match of 10 ms packets in
-/// the end-to-end drift test (the loop saturated while the fill kept growing), though
-/// the simulation holds; see docs/latency.md.
+/// one; a small one costs the host more wake-ups, so only low-latency streams get it.
 pub fn output_quantum(frame_samples: u32, rate: u32) -> u32 {
     let packet_us = u64::from(frame_samples) * 1_000_000 / u64::from(rate.max(1));
-    let at_48k: u64 = if packet_us >= 10_000 { 256 } else { 128 };
+    let at_48k: u64 = if packet_us >= 10_000 { 256 } else { 64 };
     ((at_48k * u64::from(rate) / 48_000).max(16)) as u32
 }
 
