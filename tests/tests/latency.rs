@@ -8,7 +8,7 @@
 //! writes when each click came out. Halfway through, the port stalls for 300 ms (a
 //! relay holds the bytes back): the guest's audio queues up meanwhile and arrives late
 //! in one burst, so from then on the real latency is about 300 ms higher, and what the
-//! app is told must follow. Every click is checked against the real latency of the
+//! app is told must follow. Every click is checked against the real latencies of the
 //! last 1.5 s (what the app is told may lag a change that long).
 
 use std::path::Path;
@@ -125,23 +125,22 @@ fn pulse_baseline_ms() -> f64 {
 const FOLLOW_S: f64 = 1.5;
 
 /// The clicks played in `from..to` s, each with how far what the app was told then
-/// (less `bias`) is from the real latency: the nearest of the real latencies of the
-/// clicks of the last [`FOLLOW_S`], its own included, as the figure the app is told
-/// may lag behind a change that long. An app told a stale or wrong figure is off at
-/// every click once the real latency has moved on.
+/// (less `bias`) is from the real latency: from the range of the real latencies of
+/// the clicks of the last [`FOLLOW_S`], its own included (0 inside it), as the figure
+/// the app is told may lag a change that long and move through it in steps. An app
+/// told a stale or wrong figure is off at every click once the real latency has moved
+/// on.
 fn phase(clicks: &[Click], (from, to): (f64, f64), bias: f64) -> Vec<(Click, f64)> {
     clicks
         .iter()
         .enumerate()
         .filter(|(_, c)| c.at_s >= from && c.at_s <= to)
         .map(|(i, c)| {
-            let error = clicks[..=i]
-                .iter()
-                .rev()
-                .take_while(|p| c.at_s - p.at_s <= FOLLOW_S)
-                .map(|p| c.reported_ms - bias - p.measured_ms)
-                .min_by(|a, b| a.abs().total_cmp(&b.abs()))
-                .unwrap_or(f64::INFINITY);
+            let recent = clicks[..=i].iter().rev().take_while(|p| c.at_s - p.at_s <= FOLLOW_S);
+            let (low, high) = recent
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), p| (l.min(p.measured_ms), h.max(p.measured_ms)));
+            let told = c.reported_ms - bias;
+            let error = if told < low { told - low } else { (told - high).max(0.0) };
             (*c, error)
         })
         .collect()
