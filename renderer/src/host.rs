@@ -39,12 +39,16 @@ pub fn output_quantum(frame_samples: u32, rate: u32) -> u32 {
     ((at_48k * u64::from(rate) / 48_000).max(16)) as u32
 }
 
-/// The automatic jitter-buffer target: one packet plus one output quantum. Packets
-/// leave the guest at its graph's cycle boundaries, so they arrive up to a guest cycle
-/// (as long as the host's) late; priming at a packet plus a quantum keeps the fill above
-/// a quantum at every output cycle, and the playout raises it after an underrun.
+/// The automatic jitter-buffer target: one packet, one output quantum and the jitter
+/// margin. The fill at the start of an output cycle swings by up to a packet (packets
+/// land whole) and must never fall below the cycle plus the margin, the least drift
+/// control trims it to; priming lower (as the first version did, without the margin)
+/// left every low-latency stream an underrun in its first seconds. The playout raises
+/// the target after an underrun.
 pub fn auto_latency_frames(frame_samples: u32, rate: u32) -> usize {
-    frame_samples as usize + output_quantum(frame_samples, rate) as usize
+    frame_samples as usize
+        + output_quantum(frame_samples, rate) as usize
+        + crate::output::jitter_margin_frames(rate, 0) as usize
 }
 
 /// Settings of the host.

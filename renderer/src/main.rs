@@ -29,8 +29,9 @@ struct Cli {
     /// Where the sound goes: pipewire, wav:DIR (one file per stream) or null.
     #[arg(long, value_name = "OUTPUT", default_value = "pipewire")]
     output: OutputSpec,
-    /// Jitter-buffer target in milliseconds (1..=1000), or auto: one packet plus one
-    /// output quantum (15.3 ms for 10 ms packets, 7.7 ms for 5 ms ones).
+    /// Jitter-buffer target in milliseconds (1..=1000), or auto: one packet, one output
+    /// quantum and a 3 ms margin (18.3 ms for 10 ms packets, 6.8 ms for 2.5 ms ones),
+    /// then trimmed to what the arrivals need.
     #[arg(long, value_name = "MS|auto", default_value = "auto", value_parser = parse_latency)]
     latency: Latency,
     /// Seconds without media after which a stream releases its output (PipeWire stream

@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use melange_shim::drift::DriftController;
 use melange_shim::playout::{MissedCycles, Playout};
+
+use super::jitter_margin_frames;
 use melange_transport::message::AudioFormat;
 use pipewire as pw;
 use pw::spa;
@@ -31,16 +33,10 @@ use super::{Output, OutputError, StreamDesc, StreamSink};
 /// Decoded audio a stream's ring holds at most: room for the largest jitter target
 /// (4 x --latency) and bursts, while 64 streams of 8 channels stay within memory limits.
 const RING: Duration = Duration::from_millis(500);
-/// What the drift controller keeps buffered beyond the cycle being played and the
-/// deepest recent dip: 3 ms (2 ms let a late guest cycle underrun in the simulation
-/// `late_packets_now_and_then_underrun_at_most_once`, while the set point was still
-/// rising to a new dip), and 1 ms more for each underrun, up to 4 more. The dip that
-/// caused an underrun is already in the deepest dip; doubling the margin as well made
-/// two underruns cost 12 ms of latency for the rest of the stream. With a given
-/// `--latency` nothing is trimmed: the primed level is held.
+/// The drift controller's margin with a derived target ([`jitter_margin_frames`]);
+/// with a given `--latency` nothing is trimmed: the primed level is held.
 fn margin(trim: bool, rate: u32, underruns: u64) -> Option<u32> {
-    let ms = 3 + underruns.min(4) as u32;
-    trim.then(|| rate * ms / 1000)
+    trim.then(|| jitter_margin_frames(rate, underruns))
 }
 
 /// How often the PipeWire thread looks for streams that finished draining.
