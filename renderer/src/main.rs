@@ -30,7 +30,7 @@ struct Cli {
     #[arg(long, value_name = "OUTPUT", default_value = "pipewire")]
     output: OutputSpec,
     /// Jitter-buffer target in milliseconds (1..=1000), or auto: one packet, one output
-    /// quantum and a 3 ms margin (18.3 ms for 10 ms packets, 6.8 ms for 2.5 ms ones),
+    /// quantum and a 3 ms margin (15.7 ms for 10 ms packets, 6.8 ms for 2.5 ms ones),
     /// then trimmed to what the arrivals need.
     #[arg(long, value_name = "MS|auto", default_value = "auto", value_parser = parse_latency)]
     latency: Latency,
