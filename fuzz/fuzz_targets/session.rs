@@ -24,7 +24,12 @@ fn frame(out: &mut Vec<u8>, kind: FrameKind, stream: u32, payload: &[u8]) {
 
 fuzz_target!(|data: &[u8]| {
     let mut host = Host::new(
-        HostConfig { latency: Some(Duration::from_millis(30)), report: None, idle_timeout: Duration::from_secs(30) },
+        HostConfig {
+            latency: Some(Duration::from_millis(30)),
+            report: None,
+            idle_timeout: Duration::from_secs(30),
+            stats: false,
+        },
         Box::new(NullOutput),
     );
     let t0 = Instant::now();
@@ -109,6 +114,7 @@ fuzz_target!(|data: &[u8]| {
                         latency: Some(Duration::from_millis(30)),
                         report: None,
                         idle_timeout: Duration::from_secs(30),
+                        stats: false,
                     },
                     Box::new(NullOutput),
                 );

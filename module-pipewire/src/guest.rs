@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use melange_shim::codec::{input_format, SampleFormat};
-use melange_shim::link::{LinkConfig, LinkHandle, LinkManager};
+use melange_shim::link::{LinkConfig, LinkHandle, LinkManager, LinkStats};
 use melange_shim::tap::{tap_ring, TapEncoder, TapStats, TapWriter};
 use melange_transport::message::{AppInfo, AudioFormat, MediaKind, StreamOpen};
 use pipewire as pw;
@@ -30,8 +30,10 @@ const TAP_RATE: u32 = 48_000;
 const POSITIONS: [u32; 2] = [spa::sys::SPA_AUDIO_CHANNEL_FL, spa::sys::SPA_AUDIO_CHANNEL_FR];
 /// Audio a tap ring holds: far more than an encoder wake-up period.
 const TAP_RING: Duration = Duration::from_millis(500);
-/// How often the main loop looks for new latency figures to tell the apps.
+/// How often the main loop looks for new latency figures to tell the apps (and, every
+/// [`COUNTER_TICKS`] of it, puts each tap's counters on its node).
 const LATENCY_POLL: Duration = Duration::from_millis(250);
+const COUNTER_TICKS: u32 = 4;
 /// A latency that moved less than this since it was published is not published again.
 const LATENCY_STEP_NS: u64 = 1_000_000;
 /// How long a tap outlives its app's last link to our sinks while the app is linked to
@@ -58,6 +60,8 @@ struct Tap {
     stats: Arc<TapStats>,
     /// The latency the app was last told, ns (0: never).
     published_ns: u64,
+    /// The counters last put on the tap's node.
+    published_counters: Vec<(&'static str, String)>,
 }
 
 impl Tap {
@@ -85,6 +89,40 @@ impl Tap {
                 self.published_ns = ns;
             }
             Err(e) => log::warn!("melange: stream {}: cannot publish its latency: {e}", self.stream_id),
+        }
+    }
+}
+
+impl Tap {
+    /// Puts the stream's counters on the tap's node as `melange.*` properties (see
+    /// `docs/guest.md`; `pw-cli info` and `wpctl inspect` show them), when they moved.
+    fn publish_counters(&mut self, link: &LinkStats) {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed).to_string();
+        let s = &self.stats;
+        let counters = vec![
+            ("melange.stream", self.stream_id.to_string()),
+            ("melange.packets.sent", load(&s.packets_sent)),
+            ("melange.packets.dropped", load(&s.packets_dropped)),
+            ("melange.bitrate", load(&s.bitrate)),
+            ("melange.latency.ms", format!("{:.1}", s.latency_ns.load(Ordering::Relaxed) as f64 / 1e6)),
+            ("melange.skipped.frames", load(&s.gap_frames)),
+            ("melange.overflow.bytes", load(&s.overflow_bytes)),
+            ("melange.host.connected", link.connected.load(Ordering::Relaxed).to_string()),
+            ("melange.host.sessions", load(&link.sessions)),
+            ("melange.bitrate.steps.down", load(&link.bitrate_steps_down)),
+            ("melange.bitrate.steps.up", load(&link.bitrate_steps_up)),
+        ];
+        if counters == self.published_counters {
+            return;
+        }
+        let mut props = pw::properties::PropertiesBox::new();
+        for (k, v) in &counters {
+            props.insert(*k, v.as_str());
+        }
+        // SAFETY: both pointers are valid for the call; PipeWire copies the dict.
+        let rc = unsafe { pw::sys::pw_stream_update_properties(self.stream.as_raw_ptr(), &(*props.as_raw_ptr()).dict) };
+        if rc >= 0 {
+            self.published_counters = counters;
         }
     }
 }
@@ -238,10 +276,16 @@ impl Guest {
         let main_loop: &'static pw::loop_::Loop =
             unsafe { &*(pw::sys::pw_context_get_main_loop(context.as_raw_ptr()) as *const pw::loop_::Loop) };
         let weak = Rc::downgrade(&state);
+        let link_stats = link.handle().stats().clone();
+        let ticks = std::cell::Cell::new(0u32);
         let latency_timer = main_loop.add_timer(move |_| {
             if let Some(state) = weak.upgrade() {
+                ticks.set(ticks.get().wrapping_add(1));
                 for tap in state.borrow_mut().taps.values_mut() {
                     tap.publish_latency();
+                    if ticks.get() % COUNTER_TICKS == 0 {
+                        tap.publish_counters(&link_stats);
+                    }
                 }
                 // Closes the taps of apps whose move grace ran out.
                 reconcile(&state);
@@ -607,7 +651,15 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
             &mut params,
         )
         .map_err(|e| format!("cannot connect the tap stream: {e}"))?;
-    Ok(Tap { stream_id, listener: Some(listener), stream, link: s.link.clone(), stats, published_ns: 0 })
+    Ok(Tap {
+        stream_id,
+        listener: Some(listener),
+        stream,
+        link: s.link.clone(),
+        stats,
+        published_ns: 0,
+        published_counters: Vec::new(),
+    })
 }
 
 /// A playback `SPA_PARAM_Latency` (direction input) of `ns` nanoseconds.

@@ -63,7 +63,12 @@ pub struct HostConfig {
     /// A stream without media for this long releases its output (the PipeWire stream
     /// or WAV file) until it plays again. The protocol stream stays open.
     pub idle_timeout: Duration,
+    /// Prints one line of figures per stream every second on stdout (`--stats`).
+    pub stats: bool,
 }
+
+/// How often `--stats` prints.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One guest stream being rendered.
 struct HostStream {
@@ -104,6 +109,9 @@ struct HostStream {
     render_last: Option<u64>,
     render_reported: Option<u64>,
     latencies_ms: Vec<f32>,
+    /// Wire bytes and latency samples at the last `--stats` line.
+    stats_bytes: u64,
+    stats_latencies: usize,
     scratch: Vec<f32>,
 }
 
@@ -198,6 +206,8 @@ pub struct Host {
     bad_input: RateLimitedLog,
     /// The connect error last logged, so a retrying connect logs each problem once.
     last_connect_error: Option<String>,
+    /// When `--stats` last printed.
+    stats_at: Instant,
 }
 
 impl std::fmt::Debug for Host {
@@ -219,6 +229,7 @@ impl Host {
             same_clock: false,
             bad_input: RateLimitedLog::default(),
             last_connect_error: None,
+            stats_at: Instant::now(),
         }
     }
 
@@ -244,6 +255,11 @@ impl Host {
                     self.start_session();
                 }
                 LinkEvent::Disconnected(reason) => self.end_session(&format!("guest disconnected ({reason})")),
+                // A session whose peer went silent too long ends before its bytes
+                // are read: after a stall (this process stopped, the machine
+                // suspended) they are stale, and the guest has moved on to a new
+                // session.
+                LinkEvent::Readable if !self.tick(Instant::now()) => link.disconnect(),
                 LinkEvent::Readable => loop {
                     match link.read(&mut buf)? {
                         Some(0) => {
@@ -331,9 +347,15 @@ impl Host {
         self.handle_events(now)
     }
 
-    /// Runs timers: session heartbeats and timeouts, and idle streams releasing their
-    /// outputs. Returns false when the session has closed. Sans-IO, like [`Host::receive`].
+    /// Runs timers: session heartbeats and timeouts, idle streams releasing their
+    /// outputs, `--stats`. Returns false when the session has closed. Sans-IO, like
+    /// [`Host::receive`].
     pub fn tick(&mut self, now: Instant) -> bool {
+        if self.config.stats && now.saturating_duration_since(self.stats_at) >= STATS_INTERVAL {
+            let elapsed = now.saturating_duration_since(self.stats_at).as_secs_f64();
+            self.stats_at = now;
+            self.print_stats(elapsed);
+        }
         if let Some(s) = &mut self.session {
             if s.poll_timeout().is_some_and(|t| t <= now) {
                 s.handle_timeout(now);
@@ -476,6 +498,8 @@ impl Host {
                         render_last: None,
                         render_reported: None,
                         latencies_ms: Vec::new(),
+                        stats_bytes: 0,
+                        stats_latencies: 0,
                         scratch: Vec::with_capacity(open.frame_samples as usize * usize::from(format.channels)),
                     },
                 );
@@ -665,6 +689,46 @@ impl Host {
         }
     }
 
+    /// One `--stats` line per stream on stdout: `key=value` pairs, for people and
+    /// scripts. `latency_ms` (guest graph to output, median of the last second) only
+    /// where both ends share a clock; `render_ms` is what the host adds.
+    fn print_stats(&mut self, elapsed_s: f64) {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        for (id, s) in &mut self.streams {
+            let kbps = (s.wire_bytes - s.stats_bytes) as f64 * 8.0 / 1000.0 / elapsed_s.max(1e-3);
+            s.stats_bytes = s.wire_bytes;
+            let mut recent: Vec<f32> = s.latencies_ms[s.stats_latencies.min(s.latencies_ms.len())..].to_vec();
+            s.stats_latencies = s.latencies_ms.len();
+            recent.sort_by(f32::total_cmp);
+            let latency = recent.get(recent.len() / 2).map_or("n/a".to_string(), |v| format!("{v:.1}"));
+            let ms = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1}"));
+            let (fill, drift, underruns) = match &s.sink {
+                Some(k) => (
+                    Some(k.buffered_frames() as f64 * 1000.0 / f64::from(s.desc.format.rate)),
+                    k.drift_ppm(),
+                    s.closed_underruns + k.underruns(),
+                ),
+                None => (None, None, s.closed_underruns),
+            };
+            let _ = writeln!(
+                out,
+                "stats session={} stream={id} app=\"{}\" codec={} kbps={kbps:.1} latency_ms={latency} render_ms={} \
+                 fill_ms={} drift_ppm={} lost={} dropped={} bad={} underruns={underruns}",
+                s.desc.session,
+                s.desc.open.app.name,
+                s.desc.open.codec.name(),
+                ms(s.render_last.map(|ns| ns as f64 / 1e6)),
+                ms(fill),
+                drift.map_or("n/a".to_string(), |d| format!("{d:.0}")),
+                s.lost_packets,
+                s.dropped_packets,
+                s.decode_errors,
+            );
+        }
+        let _ = out.flush();
+    }
+
     fn close_all(&mut self, reason: &str) {
         let ids: Vec<u32> = self.streams.keys().copied().collect();
         for id in ids {
@@ -725,6 +789,7 @@ mod tests {
             latency: Some(Duration::from_millis(30)),
             report: None,
             idle_timeout: Duration::from_secs(30),
+            stats: false,
         };
         let mut host = Host::new(config, Box::new(WavOutput::new(&dir).unwrap()));
         let t0 = Instant::now();
@@ -795,7 +860,7 @@ mod tests {
     #[test]
     fn render_delay_is_reported_to_the_guest_when_it_changes() {
         let delay = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(20_000_000));
-        let config = HostConfig { latency: None, report: None, idle_timeout: Duration::from_secs(30) };
+        let config = HostConfig { latency: None, report: None, idle_timeout: Duration::from_secs(30), stats: false };
         let mut host = Host::new(config, Box::new(FixedDelay(delay.clone())));
         let t0 = Instant::now();
         let mut guest = connect(&mut host, t0);

@@ -41,6 +41,10 @@ struct Cli {
     /// Append one JSON object per closed stream (latency, bitrate, losses) to FILE.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
+    /// Print one line of figures per stream every second on stdout: bitrate, latency,
+    /// render delay, jitter-buffer fill, drift, lost and dropped packets, underruns.
+    #[arg(long)]
+    stats: bool,
     /// Run even as root. melange-host needs no privileges: run it as the user whose
     /// PipeWire plays the sound.
     #[arg(long)]
@@ -111,8 +115,12 @@ fn run(cli: Cli) -> Result<(), String> {
     let output = make_output(&cli.output).map_err(|e| e.to_string())?;
     let waker = Waker::new().map_err(|e| e.to_string())?;
     install_signal_handlers(&waker);
-    let config =
-        HostConfig { latency: cli.latency.0, report: cli.report, idle_timeout: Duration::from_secs(cli.idle_timeout) };
+    let config = HostConfig {
+        latency: cli.latency.0,
+        report: cli.report,
+        idle_timeout: Duration::from_secs(cli.idle_timeout),
+        stats: cli.stats,
+    };
     let mut host = Host::new(config, output);
     host.run(&mut link, &waker, &STOP).map_err(|e| format!("port error on {}: {e}", link.describe()))?;
     log::info!("melange-host: stopped");

@@ -143,6 +143,17 @@ impl FrameEncoder {
         Ok(())
     }
 
+    /// Sets Opus's bitrate in bit/s; PCM ignores it. True if the codec has a bitrate.
+    pub fn set_bitrate(&mut self, bitrate: u32) -> Result<bool, CodecError> {
+        match self {
+            FrameEncoder::Opus { encoder, .. } => {
+                encoder.set_bitrate(bitrate)?;
+                Ok(true)
+            }
+            FrameEncoder::Pcm => Ok(false),
+        }
+    }
+
     /// Encoder delay in sample frames (Opus lookahead; 0 for PCM).
     pub fn delay(&self) -> u32 {
         match self {

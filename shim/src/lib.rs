@@ -2,7 +2,8 @@
 //!
 //! - Guest side: the [`tap`] ring that the real-time capture callback writes, the
 //!   per-stream [`tap::TapEncoder`] (packetizer), and the [`link`] manager (one I/O
-//!   thread, reconnect, bounded queues).
+//!   thread, reconnect, bounded queues), and the [`congestion`] control of Opus's
+//!   bitrate when the port cannot keep up.
 //! - The [`latency`] the guest tells its apps, from the parts each side measures.
 //! - Both sides: [`codec`] (Opus through the system libopus, PCM), the [`playout`]
 //!   decision of the jitter buffer, and the [`clock`].
@@ -18,6 +19,7 @@
 #[allow(unsafe_code)]
 pub mod clock;
 pub mod codec;
+pub mod congestion;
 pub mod drift;
 pub mod latency;
 pub mod link;

@@ -9,8 +9,10 @@
 //! Taps share the graph's clock, so one wake-up serves all of them, and a packet goes
 //! from the tap ring to the port without crossing another thread. Wake-ups, not
 //! encoding, dominate a stream's CPU cost in a VM. Media is dropped, and
-//! counted, while no host is there or the port cannot keep up; stream control is never
-//! dropped: the current set of streams is re-announced after every reconnect.
+//! counted, while no host is there or the port cannot keep up (oldest first, by the
+//! session); stream control is never dropped: the current set of streams is
+//! re-announced after every reconnect. While the port cannot keep up, Opus's bitrate
+//! steps down ([`crate::congestion`]) and back up once it can.
 
 #![forbid(unsafe_code)]
 
@@ -22,16 +24,27 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use melange_transport::message::{codec_bits, Capabilities, MediaKind, MediaPacket, Role, StreamOpen};
+use melange_transport::message::{codec_bits, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamOpen};
 use melange_transport::port::{Link, LinkEvent, PortSpec, Waker};
 use melange_transport::session::{Event, Session, SessionConfig};
 
 use crate::clock;
+use crate::congestion::{BitrateLadder, Step};
 use crate::latency::LatencyEstimate;
 use crate::tap::TapEncoder;
 
-/// Most bytes queued for the port before new media is dropped (~1 s of PCM stereo).
-pub const MAX_QUEUED_BYTES: usize = 192 * 1024;
+/// Most media queued for the port, in time at the rate media is made; beyond it the
+/// oldest is dropped. Heartbeats queue behind it, so it must stay well under the
+/// peer's 5 s timeout.
+pub const MAX_QUEUED_MEDIA_MS: u64 = 500;
+/// The queue's cap in bytes is never under this, nor over [`MAX_QUEUED_MEDIA`] (a
+/// second of stereo PCM): with the tap rings (half a second each) this bounds what a
+/// slow host can make the guest hold.
+pub const MIN_QUEUED_MEDIA: usize = 16 * 1024;
+/// See [`MIN_QUEUED_MEDIA`].
+pub const MAX_QUEUED_MEDIA: usize = 192 * 1024;
+/// How often the bitrate ladder looks at the port's queue.
+const CONGESTION_INTERVAL_NS: u64 = 100_000_000;
 /// Stream items (mostly media packets) that may wait between the encoders and the I/O
 /// thread.
 const STREAM_QUEUE: usize = 512;
@@ -49,6 +62,10 @@ pub struct LinkStats {
     pub packets_sent: AtomicU64,
     /// Media packets dropped (no host, stream not announced, port too slow).
     pub packets_dropped: AtomicU64,
+    /// Opus bitrate steps down and up since the start (the port fell behind, caught up).
+    pub bitrate_steps_down: AtomicU64,
+    /// See [`LinkStats::bitrate_steps_down`].
+    pub bitrate_steps_up: AtomicU64,
     /// Bytes written to the port.
     pub bytes_written: AtomicU64,
     /// True while a session is established.
@@ -184,6 +201,10 @@ impl LinkManager {
             epoch: 0,
             last_status: String::new(),
             clock_id: clock::clock_id(),
+            ladder: None,
+            media_bytes: 0,
+            congestion_at_ns: 0,
+            media_rate: 0.0,
         };
         let thread = std::thread::Builder::new().name("melange-link".into()).spawn(move || io.run())?;
         Ok(Self { handle, thread: Some(thread) })
@@ -232,6 +253,13 @@ struct IoThread {
     /// Last connectivity problem logged, so each is logged once.
     last_status: String,
     clock_id: String,
+    /// Opus's bitrate against the port; set by the first Opus stream.
+    ladder: Option<BitrateLadder>,
+    /// Media bytes handed to the session since the last congestion check, when that
+    /// was, and the rate media is made at (bytes/s, smoothed).
+    media_bytes: u64,
+    congestion_at_ns: u64,
+    media_rate: f64,
 }
 
 /// A tap this thread encodes.
@@ -239,12 +267,15 @@ struct Source {
     encoder: Box<TapEncoder>,
     errors: u64,
     latency: LatencyEstimate,
+    /// Packets dropped in sessions that ended, or before any (the current session
+    /// counts its own).
+    dropped: u64,
 }
 
 impl Source {
     fn new(encoder: Box<TapEncoder>, rate: u32) -> Self {
         let codec_ns = u64::from(encoder.delay()) * 1_000_000_000 / u64::from(rate.max(1));
-        Self { encoder, errors: 0, latency: LatencyEstimate::new(codec_ns) }
+        Self { encoder, errors: 0, latency: LatencyEstimate::new(codec_ns), dropped: 0 }
     }
 
     /// Hands the latency, once known, to the tap's owner, who tells the app.
@@ -266,6 +297,7 @@ impl IoThread {
             }
             let now_ns = self.encode_sources();
             self.flush();
+            self.control_congestion(now_ns);
             let mut timeout = self
                 .session
                 .as_ref()
@@ -328,6 +360,7 @@ impl IoThread {
             Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: MAX_STREAMS },
         );
         cfg.epoch = (now_ns & !0xFFFF) | (self.epoch & 0xFFFF);
+        cfg.max_queued_media = MAX_QUEUED_MEDIA;
         cfg.origin_ns = now_ns;
         cfg.clock_id = self.clock_id.clone();
         self.session = Some(Session::new(cfg, now));
@@ -339,6 +372,7 @@ impl IoThread {
     }
 
     fn end_session(&mut self, reason: &str) {
+        self.keep_session_drops();
         if self.session.take().is_some() {
             log::warn!("melange link: host disconnected ({reason}); reconnecting");
         } else {
@@ -401,6 +435,7 @@ impl IoThread {
                 }
                 Event::Closed(reason) => {
                     log::warn!("melange link: session closed: {reason}");
+                    self.keep_session_drops();
                     self.session = None;
                     self.announced.clear();
                     self.stats.connected.store(false, Ordering::Relaxed);
@@ -489,17 +524,75 @@ impl IoThread {
         now_ns
     }
 
-    /// Queues a packet for the host; false if it was dropped.
+    /// Queues a packet for the host; false if it was dropped. The session drops the
+    /// oldest media itself when the port falls behind ([`MAX_QUEUED_MEDIA`]).
     fn forward_media(&mut self, id: u32, packet: &MediaPacket) -> bool {
         let sent = match &mut self.session {
-            Some(s) if self.announced.contains(&id) && s.pending_output().len() < MAX_QUEUED_BYTES => {
-                s.send_media(id, packet).is_ok()
-            }
+            Some(s) if self.announced.contains(&id) => s.send_media(id, packet).is_ok(),
             _ => false,
         };
+        self.media_bytes += packet.data.len() as u64;
         let counter = if sent { &self.stats.packets_sent } else { &self.stats.packets_dropped };
         counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(source) = self.sources.get_mut(&id) {
+            let stats = source.encoder.stats();
+            if sent {
+                stats.packets_sent.fetch_add(1, Ordering::Relaxed);
+            } else {
+                source.dropped += 1;
+            }
+            let in_session = self.session.as_ref().map_or(0, |s| s.media_dropped(id));
+            stats.packets_dropped.store(source.dropped + in_session, Ordering::Relaxed);
+        }
         sent
+    }
+
+    /// Folds the drops the ending session counted into each stream's own.
+    fn keep_session_drops(&mut self) {
+        let Some(s) = &self.session else { return };
+        for (id, source) in &mut self.sources {
+            source.dropped += s.media_dropped(*id);
+        }
+    }
+
+    /// Steps Opus's bitrate down while the port falls behind, and up once it keeps up
+    /// again (see [`crate::congestion`]).
+    fn control_congestion(&mut self, now_ns: u64) {
+        let elapsed = now_ns.saturating_sub(self.congestion_at_ns);
+        if elapsed < CONGESTION_INTERVAL_NS {
+            return;
+        }
+        let rate = std::mem::take(&mut self.media_bytes) as f64 * 1e9 / elapsed as f64;
+        // Half-second smoothing: a packet more or less in one interval is no trend.
+        self.media_rate += (rate - self.media_rate) * (elapsed as f64 / 5e8).min(1.0);
+        self.congestion_at_ns = now_ns;
+        if let Some(s) = &mut self.session {
+            let cap = (self.media_rate * MAX_QUEUED_MEDIA_MS as f64 / 1000.0) as usize;
+            s.set_max_queued_media(cap.clamp(MIN_QUEUED_MEDIA, MAX_QUEUED_MEDIA));
+        }
+        let Some(ladder) = &mut self.ladder else { return };
+        let queued = self.session.as_ref().map_or(0, Session::queued_media_bytes);
+        let Some(step) = ladder.update(now_ns, queued, self.media_rate) else { return };
+        let (bitrate, counter) = match step {
+            Step::Down(b) => {
+                log::warn!(
+                    "melange link: the port is behind ({} kB queued): Opus bitrate down to {} kbit/s",
+                    queued / 1000,
+                    b / 1000
+                );
+                (b, &self.stats.bitrate_steps_down)
+            }
+            Step::Up(b) => {
+                log::info!("melange link: the port keeps up again: Opus bitrate up to {} kbit/s", b / 1000);
+                (b, &self.stats.bitrate_steps_up)
+            }
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        for source in self.sources.values_mut() {
+            if matches!(source.encoder.set_bitrate(bitrate), Ok(true)) {
+                source.encoder.stats().bitrate.store(u64::from(bitrate), Ordering::Relaxed);
+            }
+        }
     }
 
     fn close(&mut self, id: u32, reason: &str) {
@@ -522,8 +615,17 @@ impl IoThread {
                     self.streams.insert(id, open);
                     self.announce(id);
                 }
-                Ok(StreamItem::Tap(id, open, encoder)) => {
+                Ok(StreamItem::Tap(id, open, mut encoder)) => {
                     let MediaKind::Audio(format) = &open.media;
+                    if let Codec::Opus { bitrate } = open.codec {
+                        // New streams start at the bitrate the port takes now.
+                        let ladder = self.ladder.get_or_insert_with(|| BitrateLadder::new(bitrate));
+                        let now = ladder.bitrate().min(bitrate);
+                        if now != bitrate && encoder.set_bitrate(now).is_err() {
+                            log::warn!("melange link: stream {id}: cannot set the Opus bitrate to {now}");
+                        }
+                        encoder.stats().bitrate.store(u64::from(now), Ordering::Relaxed);
+                    }
                     self.sources.insert(id, Source::new(encoder, format.rate));
                     self.streams.insert(id, open);
                     self.announce(id);

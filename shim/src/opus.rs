@@ -115,6 +115,14 @@ impl Encoder {
         Ok(())
     }
 
+    /// Sets the bitrate in bit/s (libopus clamps it to what it can do).
+    pub fn set_bitrate(&mut self, bitrate: u32) -> Result<(), OpusError> {
+        let bitrate = i32::try_from(bitrate).unwrap_or(i32::MAX);
+        // SAFETY: SET_BITRATE takes one opus_int32 argument.
+        check(unsafe { opus_encoder_ctl(self.st.as_ptr(), OPUS_SET_BITRATE_REQUEST, bitrate) })?;
+        Ok(())
+    }
+
     /// Algorithmic delay of the encoder in samples.
     pub fn lookahead(&self) -> u32 {
         let mut v: i32 = 0;

@@ -37,6 +37,14 @@ pub struct TapStats {
     pub latency_ns: AtomicU64,
     /// Cycles pushed.
     pub cycles: AtomicU64,
+    /// Packets sent to the host, and dropped instead (no host, or the port fell behind:
+    /// oldest first). Written by the link thread.
+    pub packets_sent: AtomicU64,
+    /// See [`TapStats::packets_sent`].
+    pub packets_dropped: AtomicU64,
+    /// The bitrate the stream is encoded at now, bit/s (0 for PCM). Written by the link
+    /// thread.
+    pub bitrate: AtomicU64,
     /// Bytes dropped because the ring was full (the encoder fell behind).
     pub overflow_bytes: AtomicU64,
     /// Sample frames of silence put in for cycles the tap was not called for.
@@ -238,6 +246,11 @@ impl TapEncoder {
     /// Sets Opus's complexity (0..=10); PCM ignores it.
     pub fn set_complexity(&mut self, complexity: u8) -> Result<(), CodecError> {
         self.encoder.set_complexity(complexity)
+    }
+
+    /// Sets Opus's bitrate in bit/s; PCM ignores it.
+    pub fn set_bitrate(&mut self, bitrate: u32) -> Result<bool, CodecError> {
+        self.encoder.set_bitrate(bitrate)
     }
 
     /// Encoder delay in sample frames.

@@ -341,13 +341,16 @@ impl Redirected {
 }
 
 /// Copies bytes between the guest's socket and the host's, and on demand cuts every
-/// connection (the port disconnected, as when the host side of a VM's chardev goes)
-/// or holds the bytes back for a while (a stalled port).
+/// connection (the port disconnected, as when the host side of a VM's chardev goes),
+/// holds the bytes back for a while (a stalled port) or passes the guest's at a set
+/// rate (a host that reads slowly).
 #[derive(Debug)]
 pub struct Relay {
     live: Arc<Mutex<Vec<UnixStream>>>,
     /// Held while the port stalls; each copy takes it before it writes.
     gate: Arc<Mutex<()>>,
+    /// Bytes a second passed from the guest to the host; 0: as fast as they come.
+    guest_rate: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Relay {
@@ -356,22 +359,29 @@ impl Relay {
         let listener = UnixListener::bind(listen).unwrap_or_else(|e| panic!("relay binds {}: {e}", listen.display()));
         let live: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
         let gate: Arc<Mutex<()>> = Arc::default();
-        let (registry, gates) = (live.clone(), gate.clone());
+        let guest_rate: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        let (registry, gates, rate) = (live.clone(), gate.clone(), guest_rate.clone());
         std::thread::spawn(move || {
             for guest in listener.incoming().map_while(Result::ok) {
                 let Ok(host) = UnixStream::connect(&target) else { continue };
                 let (Ok(g2), Ok(h2)) = (guest.try_clone(), host.try_clone()) else { continue };
                 registry.lock().unwrap_or_else(|e| e.into_inner()).extend([g2, h2]);
-                for (from, to) in [(guest.try_clone(), host.try_clone()), (host.try_clone(), guest.try_clone())]
-                    .into_iter()
-                    .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                let directions =
+                    [(guest.try_clone(), host.try_clone(), true), (host.try_clone(), guest.try_clone(), false)];
+                for (from, to, from_guest) in directions.into_iter().filter_map(|(a, b, g)| Some((a.ok()?, b.ok()?, g)))
                 {
                     let gate = gates.clone();
-                    std::thread::spawn(move || copy_through(from, to, &gate));
+                    let rate = from_guest.then(|| rate.clone());
+                    std::thread::spawn(move || copy_through(from, to, &gate, rate.as_deref()));
                 }
             }
         });
-        Relay { live, gate }
+        Relay { live, gate, guest_rate }
+    }
+
+    /// Passes the guest's bytes at `bytes_per_s` from now on (`None`: unlimited).
+    pub fn throttle(&self, bytes_per_s: Option<u64>) {
+        self.guest_rate.store(bytes_per_s.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Cuts every connection.
@@ -388,12 +398,27 @@ impl Relay {
     }
 }
 
-fn copy_through(mut from: UnixStream, mut to: UnixStream, gate: &Mutex<()>) {
+fn copy_through(
+    mut from: UnixStream,
+    mut to: UnixStream,
+    gate: &Mutex<()>,
+    rate: Option<&std::sync::atomic::AtomicU64>,
+) {
     let mut buf = vec![0u8; 64 * 1024];
-    while let Ok(n @ 1..) = from.read(&mut buf) {
+    loop {
+        // At a set rate: a twentieth of a second's worth at a time, then the rest of
+        // that twentieth.
+        let limit = rate.map_or(0, |r| r.load(std::sync::atomic::Ordering::Relaxed));
+        let want = if limit > 0 { ((limit / 20) as usize).clamp(1, buf.len()) } else { buf.len() };
+        let started = Instant::now();
+        let Ok(n @ 1..) = from.read(&mut buf[..want]) else { break };
         drop(gate.lock().unwrap_or_else(|e| e.into_inner()));
         if to.write_all(&buf[..n]).is_err() {
             break;
+        }
+        if limit > 0 {
+            let due = Duration::from_secs_f64(n as f64 / limit as f64);
+            std::thread::sleep(due.saturating_sub(started.elapsed()));
         }
     }
     let _ = to.shutdown(std::net::Shutdown::Both);

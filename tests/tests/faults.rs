@@ -26,12 +26,22 @@ fn long_tone(pw: &PipeWire, dir: &Path, seconds: f64) -> std::process::Child {
 }
 
 fn host_wav(dir: &Path, sock: &Path) -> Proc {
-    let wav = dir.join("wav");
-    start_host(
-        &["--listen", &format!("unix:{}", sock.display()), "--output", &format!("wav:{}", wav.display())],
-        None,
-        dir,
-    )
+    host_wav_with(dir, sock, &[])
+}
+
+fn host_wav_with(dir: &Path, sock: &Path, extra: &[&str]) -> Proc {
+    let (listen, wav) = (format!("unix:{}", sock.display()), format!("wav:{}", dir.join("wav").display()));
+    let args: Vec<&str> = ["--listen", &listen, "--output", &wav].into_iter().chain(extra.iter().copied()).collect();
+    start_host(&args, None, dir)
+}
+
+/// The `kbps` of each `--stats` line of stream 1 in the host's log, in order.
+fn stats_kbps(host: &Proc) -> Vec<f64> {
+    lines(&host.log)
+        .iter()
+        .filter(|l| l.starts_with("stats ") && l.contains(" stream=1 "))
+        .filter_map(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix("kbps=")?.parse().ok()))
+        .collect()
 }
 
 /// A 1 kHz tone of at least `seconds`, at the level it was sent.
@@ -372,4 +382,159 @@ fn after_the_hosts_pipewire_restarts_the_stream_plays_there_again() {
     assert!(log.contains("lost the connection to the host's PipeWire"), "{log}");
     assert!(log.contains("reconnected to the host's PipeWire"), "{log}");
     assert_tone(&recording, 1.0);
+}
+
+/// The `melange.*` counters on the guest's tap node for the app `serial`, once they are
+/// there (the module puts them on every second).
+fn tap_counters(pw: &PipeWire) -> Option<serde_json::Value> {
+    pw.nodes_where(|p| {
+        p["node.name"].as_str().is_some_and(|n| n.starts_with("melange.tap.")) && !p["melange.stream"].is_null()
+    })
+    .into_iter()
+    .next()
+}
+
+/// A counter from [`tap_counters`] (`pw-dump` shows numbers as numbers).
+fn counter(props: &serde_json::Value, key: &str) -> u64 {
+    props[key].as_u64().or_else(|| props[key].as_str()?.parse().ok()).unwrap_or(0)
+}
+
+/// melange-host is stopped (SIGSTOP) for 10 s while an app plays: the app plays on,
+/// the guest holds little more memory than before and drops the media the host did not
+/// take (counted), the session ends when the host's heartbeats stop, and once the host
+/// runs again audio resumes in a new session, fresh: nothing the stopped host had left
+/// unread is played.
+#[test]
+fn a_stopped_host_costs_the_guest_bounded_memory_and_resumes_with_fresh_audio() {
+    let _serial = serial();
+    let dir = scratch("host-stopped");
+    let sock = dir.join("port.sock");
+    let mut host = host_wav(&dir, &sock);
+    wait_until(Duration::from_secs(10), || sock.exists().then_some(())).expect("melange-host listens");
+    let pw = PipeWire::start(&dir.join("guest"));
+    let mut guest =
+        start_guest(&pw, &format!("unix:{}", sock.display()), GuestCodec::Opus(128_000), dir.join("guest.log"));
+    guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+    let module = child_named(guest.pid(), "pipewire");
+    let started = Instant::now();
+    let mut app = long_tone(&pw, &dir, 20.0);
+    host.wait_for_log("stream 1 opened", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(2));
+    let before_kib = proc_status_kib(module, "VmRSS:");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(host.pid() as i32, libc::SIGSTOP) };
+    let mut peak_kib = before_kib;
+    let stalled = Instant::now();
+    while stalled.elapsed() < Duration::from_secs(10) {
+        peak_kib = peak_kib.max(proc_status_kib(module, "VmRSS:"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let dropped = tap_counters(&pw).map_or(0, |p| counter(&p, "melange.packets.dropped"));
+    // SAFETY: as above.
+    unsafe { libc::kill(host.pid() as i32, libc::SIGCONT) };
+    let resumed = Instant::now();
+    // A later session's file (the stopped host finds the guest's abandoned attempts in
+    // its backlog first, each a session of its own).
+    let later = |p: &PathBuf| p.file_name().is_some_and(|n| !n.to_string_lossy().starts_with("s1-"));
+    let back = wait_until(Duration::from_secs(5), || {
+        wav_files(&dir.join("wav"))
+            .into_iter()
+            .filter(later)
+            .find(|p| std::fs::metadata(p).map_or(0, |m| m.len()) > 44 + 4 * 4800)
+            .map(|_| Instant::now())
+    });
+    let status = app.wait().expect("pw-play runs");
+    let played = started.elapsed().as_secs_f64();
+    guest.stop();
+    host.stop();
+
+    let back = back.unwrap_or_else(|| panic!("no audio after the host ran again:\n{}", host.log_text()));
+    let resume_ms = back.duration_since(resumed).as_secs_f64() * 1000.0;
+    eprintln!(
+        "module RSS {before_kib} KiB before, {peak_kib} KiB at most while the host was stopped; {dropped} packets \
+         dropped; audio back {resume_ms:.0} ms after the host ran again; pw-play took {played:.2} s"
+    );
+    assert!(status.success() && (played - 20.0).abs() < 1.0, "the app was affected: {played:.2} s for 20 s");
+    assert!(peak_kib <= before_kib + 2048, "the module grew from {before_kib} to {peak_kib} KiB");
+    // A second or two of it waits in the port and the queue, and the count is put on
+    // the node once a second.
+    assert!(dropped >= 600, "only {dropped} of 1000 packets counted as dropped over 10 s");
+    assert!(resume_ms <= 1500.0, "audio came back {resume_ms:.0} ms after the host ran again");
+    assert!(guest.log_text().contains("peer silent"), "the guest did not notice:\n{}", guest.log_text());
+    // Fresh: every stream's audio was at most a few cycles old when played.
+    for r in reports(&dir) {
+        let p99 = r["latency_ms_p99"].as_f64().unwrap_or(0.0);
+        assert!(p99 < 200.0, "stream {} played audio {p99:.0} ms old: {r}", r["stream"]);
+    }
+    let second: Vec<PathBuf> = wav_files(&dir.join("wav")).into_iter().filter(later).collect();
+    assert_eq!(second.len(), 1, "one stream after the host ran again: {second:?}");
+    assert_tone(&second[0], 3.0);
+}
+
+/// The host reads the guest's port at half the rate Opus makes at 128 kbit/s: the
+/// bitrate steps down until the port keeps up, the stream stays open (control gets
+/// through), the guest's memory stays flat and what cannot be sent is dropped oldest
+/// first and counted; once the host reads at full speed again the bitrate climbs back.
+/// The steps show on the tap's node (`melange.*` properties) and in the log.
+#[test]
+fn a_host_reading_at_half_the_rate_steps_the_bitrate_down_and_back_up() {
+    let _serial = serial();
+    let dir = scratch("slow-host");
+    let (host_sock, guest_sock) = (dir.join("host.sock"), dir.join("guest.sock"));
+    let mut host = host_wav_with(&dir, &host_sock, &["--stats"]);
+    wait_until(Duration::from_secs(10), || host_sock.exists().then_some(())).expect("melange-host listens");
+    let relay = Relay::start(&guest_sock, host_sock.clone());
+    let pw = PipeWire::start(&dir.join("guest"));
+    let mut guest =
+        start_guest(&pw, &format!("unix:{}", guest_sock.display()), GuestCodec::Opus(128_000), dir.join("guest.log"));
+    guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+    let module = child_named(guest.pid(), "pipewire");
+    let mut app = long_tone(&pw, &dir, 45.0);
+    host.wait_for_log("stream 1 opened", Duration::from_secs(10));
+    let full = wait_until(Duration::from_secs(5), || tap_counters(&pw).filter(|p| counter(p, "melange.bitrate") > 0))
+        .expect("the tap's counters appear");
+    assert_eq!(counter(&full, "melange.bitrate"), 128_000);
+    let before_kib = proc_status_kib(module, "VmRSS:");
+
+    std::thread::sleep(Duration::from_secs(2));
+    let kbps_before = stats_kbps(&host).len();
+    // 128 kbit/s is 16 kB/s of Opus: pass 8.
+    relay.throttle(Some(8_000));
+    let lowered = wait_until(Duration::from_secs(15), || {
+        tap_counters(&pw).filter(|p| counter(p, "melange.bitrate") <= 64_000 && counter(p, "melange.bitrate") > 0)
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let slow = tap_counters(&pw).expect("counters");
+    let kbps_slow = stats_kbps(&host).len();
+    let peak_kib = proc_status_kib(module, "VmRSS:");
+    relay.throttle(None);
+    let restored =
+        wait_until(Duration::from_secs(30), || tap_counters(&pw).filter(|p| counter(p, "melange.bitrate") == 128_000));
+    let _ = app.kill();
+    let _ = app.wait();
+    guest.stop();
+    host.stop();
+
+    let lowered = lowered.unwrap_or_else(|| panic!("the bitrate did not step down:\n{}", guest.log_text()));
+    eprintln!(
+        "at half the rate: {} bit/s, {} steps down, {} packets dropped; module RSS {before_kib} -> {peak_kib} KiB",
+        counter(&slow, "melange.bitrate"),
+        counter(&slow, "melange.bitrate.steps.down"),
+        counter(&slow, "melange.packets.dropped")
+    );
+    assert!(counter(&lowered, "melange.bitrate") >= 24_000);
+    assert!(counter(&slow, "melange.bitrate.steps.down") >= 2);
+    let restored = restored.unwrap_or_else(|| panic!("the bitrate did not climb back:\n{}", guest.log_text()));
+    assert!(counter(&restored, "melange.bitrate.steps.up") >= 2);
+    assert!(peak_kib <= before_kib + 2048, "the module grew from {before_kib} to {peak_kib} KiB");
+    // Control got through all along: one session, one stream, never closed by a timeout.
+    let opened = lines(&host.log).iter().filter(|l| l.contains("opened:")).count();
+    assert_eq!(opened, 1, "the stream was opened {opened} times:\n{}", host.log_text());
+    // melange-host --stats saw it too: what arrived fell to what the port passes.
+    let kbps = stats_kbps(&host);
+    assert!(kbps[..kbps_before].iter().any(|k| *k > 120.0), "--stats before the throttle: {kbps:?}");
+    let during = &kbps[kbps_before..kbps_slow];
+    assert!(during.iter().rev().take(3).all(|k| *k < 70.0), "--stats while throttled: {during:?}");
+    assert!(guest.log_text().contains("Opus bitrate down to"), "no step in the log");
+    assert!(guest.log_text().contains("Opus bitrate up to"), "no step back up in the log");
 }

@@ -17,6 +17,7 @@
 
 pub mod frame;
 pub mod message;
+mod outq;
 #[allow(unsafe_code)]
 pub mod port;
 pub mod session;

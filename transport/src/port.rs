@@ -276,7 +276,7 @@ impl Link {
         match &mut self.kind {
             Kind::Connect { path, next_attempt, backoff, last_error } if self.stream.is_none() => {
                 if now >= *next_attempt {
-                    match UnixStream::connect(&*path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+                    match UnixStream::connect(&*path).and_then(prepare_stream) {
                         Ok(s) => {
                             self.stream = Some(Conn::Unix(s));
                             *backoff = BACKOFF_MIN;
@@ -357,7 +357,7 @@ impl Link {
             if li.is_some_and(|i| revents[i] != 0) {
                 match listener.accept() {
                     Ok((s, _)) => {
-                        s.set_nonblocking(true)?;
+                        let s = prepare_stream(s)?;
                         let replaced = self.stream.replace(Conn::Unix(s)).is_some();
                         if replaced {
                             self.pending = Some(LinkEvent::Connected);
@@ -505,6 +505,31 @@ fn describe_virtio_error(name: &str, path: &Path, e: &io::Error) -> String {
         }
         _ => format!("cannot open {}: {e}", path.display()),
     }
+}
+
+/// What the kernel may hold of our output for a slow peer, in bytes (Linux doubles it).
+/// Small, so that the session's own queue, which drops the oldest media and never
+/// control, is where a backlog waits: at a few kB/s the kernel's default of some 200 kB
+/// would hold tens of seconds of audio and hold back heartbeats as long.
+const SEND_BUFFER: libc::c_int = 8 * 1024;
+
+/// Makes a fresh unix stream non-blocking with a small send buffer.
+fn prepare_stream(s: UnixStream) -> io::Result<UnixStream> {
+    s.set_nonblocking(true)?;
+    // SAFETY: a valid socket and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&SEND_BUFFER as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(s)
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {

@@ -11,7 +11,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use crate::message::{
     decode_control, encode_control, Capabilities, Heartbeat, Hello, MediaPacket, MessageError, Reason, Role, StreamEnd,
     StreamLatency, StreamOpen, Welcome, MEDIA_HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
 };
+use crate::outq::OutQueue;
 
 /// Longest plausible round trip; longer samples are ignored.
 const MAX_RTT_SAMPLE: Duration = Duration::from_secs(5);
@@ -60,6 +61,10 @@ pub struct SessionConfig {
     /// Most bytes waiting for a peer that does not read; beyond it the session closes.
     /// Default 1 MiB.
     pub max_pending_output: usize,
+    /// Most bytes of media waiting for the port; beyond it the oldest media frames are
+    /// dropped (and counted, [`Session::media_dropped`]), never control. Default
+    /// 192 KiB: a second of stereo PCM, ten of Opus at 128 kbit/s.
+    pub max_queued_media: usize,
 }
 
 impl SessionConfig {
@@ -78,6 +83,7 @@ impl SessionConfig {
             max_handshakes_per_minute: 20,
             max_control_per_second: 200,
             max_pending_output: 1 << 20,
+            max_queued_media: 192 * 1024,
         }
     }
 }
@@ -278,9 +284,9 @@ pub struct Session {
     state: State,
     origin: Instant,
     decoder: FrameDecoder,
-    out: Vec<u8>,
-    /// Bytes of `out` already handed to the port.
-    out_pos: usize,
+    out: OutQueue,
+    /// Media frames dropped per stream because the port fell behind.
+    media_dropped: BTreeMap<u32, u64>,
     events: VecDeque<Event>,
     peer: Option<PeerInfo>,
     /// Streams the peer opened towards us.
@@ -320,8 +326,8 @@ impl Session {
             state: State::Handshake,
             origin: now,
             decoder: FrameDecoder::new(),
-            out: Vec::with_capacity(64 * 1024),
-            out_pos: 0,
+            out: OutQueue::default(),
+            media_dropped: BTreeMap::new(),
             events: VecDeque::new(),
             peer: None,
             incoming: BTreeSet::new(),
@@ -425,19 +431,30 @@ impl Session {
 
     /// Bytes waiting to be written to the port.
     pub fn pending_output(&self) -> &[u8] {
-        &self.out[self.out_pos..]
+        self.out.pending()
     }
 
     /// Marks `n` bytes of [`Session::pending_output`] as written.
     pub fn consume_output(&mut self, n: usize) {
-        self.out_pos = (self.out_pos + n).min(self.out.len());
-        if self.out_pos == self.out.len() {
-            self.out.clear();
-            self.out_pos = 0;
-        } else if self.out_pos > 64 * 1024 {
-            self.out.drain(..self.out_pos);
-            self.out_pos = 0;
-        }
+        self.out.consume(n);
+    }
+
+    /// Bytes of media waiting for the port: how far behind it is.
+    pub fn queued_media_bytes(&self) -> usize {
+        self.out.media_bytes()
+    }
+
+    /// Sets [`SessionConfig::max_queued_media`]: the guest keeps it at half a second of
+    /// the media it makes, so the queue (and what waits behind it) stays short in time.
+    /// Takes effect with the next media frame.
+    pub fn set_max_queued_media(&mut self, bytes: usize) {
+        self.config.max_queued_media = bytes;
+    }
+
+    /// Media frames of `stream` dropped so far because the port fell behind
+    /// ([`SessionConfig::max_queued_media`]).
+    pub fn media_dropped(&self, stream: u32) -> u64 {
+        self.media_dropped.get(&stream).copied().unwrap_or(0)
     }
 
     /// Announces a stream to the peer.
@@ -489,9 +506,12 @@ impl Session {
             .filter(|&l| usize::from(l) <= MAX_PAYLOAD)
             .ok_or(MessageError::TooLarge { kind: "media", len })?;
         let header = Header { version: FRAME_VERSION, kind: FrameKind::Media, flags: 0, stream, len: len16 };
-        self.out.extend_from_slice(&header.encode());
-        packet.encode_into(&mut self.out);
-        self.check_pending();
+        self.out.push(Some(stream), |out| {
+            out.extend_from_slice(&header.encode());
+            packet.encode_into(out);
+        });
+        let dropped = &mut self.media_dropped;
+        self.out.drop_oldest_media(self.config.max_queued_media, |s| *dropped.entry(s).or_default() += 1);
         Ok(())
     }
 
@@ -560,7 +580,9 @@ impl Session {
     /// Queues a frame. Session frames are never critical: every v1 kind is known to
     /// every v1 peer, and kinds added later must be safe to skip unless marked.
     fn push_frame(&mut self, kind: FrameKind, stream: u32, payload: &[u8]) {
-        if let Err(e) = encode_frame(&mut self.out, kind, 0, stream, payload) {
+        let mut result = Ok(());
+        self.out.push(None, |out| result = encode_frame(out, kind, 0, stream, payload));
+        if let Err(e) = result {
             self.events.push_back(Event::Error(e.into()));
         }
         self.check_pending();
@@ -569,10 +591,9 @@ impl Session {
     /// Closes the session when the peer has stopped reading. Nothing more is queued
     /// after that (the goodbye is dropped with the rest).
     fn check_pending(&mut self) {
-        let pending = self.out.len() - self.out_pos;
+        let pending = self.out.pending().len();
         if pending > self.config.max_pending_output && self.state != State::Closed {
             self.out.clear();
-            self.out_pos = 0;
             self.state = State::Closed;
             self.events.push_back(Event::Closed(CloseReason::PeerNotReading(pending)));
         }
@@ -1056,16 +1077,30 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_that_stops_reading_is_dropped_at_the_output_limit() {
+    fn a_peer_that_stops_reading_loses_the_oldest_media_and_is_dropped_only_at_the_output_limit() {
         let t0 = Instant::now();
         let (mut g, _h) = established(t0);
         g.open_stream(1, &open()).unwrap();
-        let packet = MediaPacket { seq: 0, pts_ns: 0, duration: 480, data: vec![0; 1920] };
+        // Media for a peer that does not read: the newest stays, the oldest goes.
+        for seq in 0..10_000u32 {
+            let packet = MediaPacket { seq, pts_ns: 0, duration: 480, data: vec![seq as u8; 1920] };
+            g.send_media(1, &packet).unwrap();
+        }
+        assert!(!g.is_closed(), "media alone never closes a session");
+        let queued = g.pending_output().len();
+        assert!(queued <= 192 * 1024 + 1024, "{queued} bytes queued");
+        let frame = 16 + MEDIA_HEADER_LEN + 1920;
+        let kept = (queued / frame) as u64;
+        assert_eq!(g.media_dropped(1), 10_000 - kept);
+        // The last frame queued is the last packet sent.
+        assert!(g.pending_output()[queued - 1920..].iter().all(|b| *b == (9_999u32 as u8)));
+        // Control is never dropped: a peer that reads none of it is cut off at the limit.
         let mut sent = 0;
         while !g.is_closed() {
-            let _ = g.send_media(1, &packet);
+            g.close_stream(1, "again");
+            let _ = g.open_stream(1, &open());
             sent += 1;
-            assert!(sent < 10_000, "output grew without limit");
+            assert!(sent < 100_000, "output grew without limit");
         }
         assert!(matches!(events(&mut g).last(), Some(Event::Closed(CloseReason::PeerNotReading(n))) if *n > 1 << 20));
         assert!(g.pending_output().is_empty(), "nothing is kept for a peer that does not read");
