@@ -266,6 +266,12 @@ impl Host {
                             self.end_session("guest disconnected (end of stream)");
                             break;
                         }
+                        // Checked again for every read: the process may have been
+                        // stopped between two reads, or between a read and its handling.
+                        Some(_) if !self.tick(Instant::now()) => {
+                            link.disconnect();
+                            break;
+                        }
                         Some(n) => {
                             if !self.receive(Instant::now(), &buf[..n]) {
                                 link.disconnect();
@@ -713,7 +719,7 @@ impl Host {
             };
             let _ = writeln!(
                 out,
-                "stats session={} stream={id} app=\"{}\" codec={} kbps={kbps:.1} latency_ms={latency} render_ms={} \
+                "stats session={} stream={id} app={:?} codec={} kbps={kbps:.1} latency_ms={latency} render_ms={} \
                  fill_ms={} drift_ppm={} lost={} dropped={} bad={} underruns={underruns}",
                 s.desc.session,
                 s.desc.open.app.name,
