@@ -50,6 +50,10 @@ const CONGESTION_INTERVAL_NS: u64 = 100_000_000;
 const STREAM_QUEUE: usize = 512;
 /// Longest the I/O thread sleeps while it has taps, so one that went is noticed.
 const MAX_SOURCE_WAIT: Duration = Duration::from_millis(20);
+/// Longest it sleeps while no host is there: it only empties the taps' rings (half a
+/// second each), so ten looks a second keep the module's CPU near zero. What waits
+/// when a host comes back is dropped ([`IoThread::skip_sources`]).
+const IDLE_SOURCE_WAIT: Duration = Duration::from_millis(100);
 /// Streams the guest may announce at once.
 pub const MAX_STREAMS: u16 = 64;
 
@@ -304,9 +308,13 @@ impl IoThread {
                 .and_then(Session::poll_timeout)
                 .map(|t| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(1));
-            if let Some(at) = self.sources.values().map(|s| s.encoder.wake_at(now_ns)).min() {
-                // Capped, so a tap whose writer went without a wake-up is still noticed.
-                timeout = timeout.min(Duration::from_nanos(at.saturating_sub(now_ns))).min(MAX_SOURCE_WAIT);
+            if self.sending() {
+                if let Some(at) = self.sources.values().map(|s| s.encoder.wake_at(now_ns)).min() {
+                    // Capped, so a tap whose writer went without a wake-up is still noticed.
+                    timeout = timeout.min(Duration::from_nanos(at.saturating_sub(now_ns))).min(MAX_SOURCE_WAIT);
+                }
+            } else if !self.sources.is_empty() {
+                timeout = timeout.min(IDLE_SOURCE_WAIT);
             }
             let want_write = self.session.as_ref().is_some_and(|s| !s.pending_output().is_empty());
             let event = match self.link.wait(want_write, Some(timeout), Some(&self.waker)) {
@@ -418,6 +426,8 @@ impl IoThread {
                     self.last_status.clear();
                     self.stats.sessions.fetch_add(1, Ordering::Relaxed);
                     self.stats.connected.store(true, Ordering::Relaxed);
+                    // Streams start with what the taps capture from now on.
+                    self.skip_sources();
                     let ids: Vec<u32> = self.streams.keys().copied().collect();
                     for id in ids {
                         self.announce(id);
@@ -470,12 +480,31 @@ impl IoThread {
         }
     }
 
+    /// Drops, unencoded, what waits in the taps: no host takes it, or it is older than
+    /// the session that starts now. Counted as dropped.
+    fn skip_sources(&mut self) {
+        for source in self.sources.values_mut() {
+            let skipped = source.encoder.skip_waiting();
+            source.dropped += skipped;
+            source.encoder.stats().packets_dropped.store(source.dropped, Ordering::Relaxed);
+            self.stats.packets_dropped.fetch_add(skipped, Ordering::Relaxed);
+        }
+    }
+
+    /// True while a host takes media: a session is established.
+    fn sending(&self) -> bool {
+        self.session.as_ref().is_some_and(Session::is_established)
+    }
+
     /// Encodes every whole packet waiting in the taps and closes the streams of taps
     /// that are gone; returns the time it looked.
     fn encode_sources(&mut self) -> u64 {
         let now_ns = clock::monotonic_ns();
         let mut finished = Vec::new();
         let ids: Vec<u32> = self.sources.keys().copied().collect();
+        if !self.sending() {
+            self.skip_sources();
+        }
         for id in ids {
             while let Some(source) = self.sources.get_mut(&id) {
                 match source.encoder.next_packet() {

@@ -301,6 +301,19 @@ impl TapEncoder {
         }
     }
 
+    /// Drops every whole frame waiting, unencoded, and returns how many: with no host to
+    /// send to, encoding would cost CPU for nothing. Sequence numbers advance as if the
+    /// frames had been sent and lost, and a tap that is gone still drains its tail
+    /// through [`TapEncoder::next_packet`].
+    pub fn skip_waiting(&mut self) -> u64 {
+        let mut skipped = 0;
+        while self.reader.pop(self.frame_bytes, &mut self.frame, self.ns_per_byte).is_some() {
+            self.seq = self.seq.wrapping_add(1);
+            skipped += 1;
+        }
+        skipped
+    }
+
     /// Encodes the next whole frame if one is waiting. Once the tap is gone, the last
     /// partial frame follows, padded with silence, and as much silence again as the
     /// encoder holds back (Opus's lookahead), so the stream's last sample is heard.
@@ -396,6 +409,30 @@ mod tests {
         assert!(cycle(2).iter().all(|b| *b == 3) && cycle(4).iter().all(|b| *b == 5));
         assert!(cycle(3).iter().all(|b| *b == 0), "the missed cycle is silent");
         assert!(cycle(8).iter().all(|b| *b == 1), "no silence for a long pause");
+    }
+
+    #[test]
+    fn skipped_frames_are_not_encoded_and_later_packets_keep_their_time() {
+        let (mut w, r) = tap_ring(64 * 1024, 4, 48_000);
+        let mut enc = TapEncoder::new(r, &fmt(), &Codec::PcmS16Le, 480, Application::Audio).unwrap();
+        let cycle_ns = 256.0 * 1e9 / 48000.0;
+        let at = |c: u32| 1_000_000_000 + (f64::from(c) * cycle_ns) as u64;
+        for c in 0..10 {
+            w.push(&[c as u8 + 1; 256 * 4], at(c));
+        }
+        // 2560 frames: five whole packets go, 160 frames wait for the next.
+        assert_eq!(enc.skip_waiting(), 5);
+        assert_eq!(enc.skip_waiting(), 0);
+        for c in 10..12 {
+            w.push(&[c as u8 + 1; 256 * 4], at(c));
+        }
+        let p = enc.next_packet().expect("a whole frame").unwrap();
+        assert_eq!(p.seq, 5);
+        assert!(p.pts_ns.abs_diff(1_050_000_000) < 2, "{}", p.pts_ns);
+        // Frames 2400..2880: cycle 9's last 160, cycle 10, and cycle 11's first 64.
+        let (a, rest) = p.data.split_at(160 * 4);
+        let (b, c) = rest.split_at(256 * 4);
+        assert!(a.iter().all(|x| *x == 10) && b.iter().all(|x| *x == 11) && c.iter().all(|x| *x == 12));
     }
 
     #[test]

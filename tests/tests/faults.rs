@@ -471,6 +471,118 @@ fn a_stopped_host_costs_the_guest_bounded_memory_and_resumes_with_fresh_audio() 
     assert_tone(&second[0], 3.0);
 }
 
+/// The thread of `pid` called `comm`, as its `/proc/PID/task/TID` directory.
+fn thread_named(pid: u32, comm: &str) -> Option<PathBuf> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks
+        .filter_map(|t| t.ok().map(|t| t.path()))
+        .find(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == comm))
+}
+
+/// CPU seconds of each thread of `pid`, by name.
+fn threads_cpu(pid: u32) -> Vec<(String, f64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .filter_map(|t| t.ok().map(|t| t.path()))
+        .map(|t| {
+            (std::fs::read_to_string(t.join("comm")).unwrap_or_default().trim().to_owned(), thread_cpu_seconds(&t))
+        })
+        .collect()
+}
+
+/// Context switches (voluntary and not) of a thread: how often it woke.
+fn thread_switches(task: &Path) -> u64 {
+    let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+    let count = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok());
+    count("voluntary_ctxt_switches:").unwrap_or(0) + count("nonvoluntary_ctxt_switches:").unwrap_or(0)
+}
+
+/// CPU seconds a thread has used.
+fn thread_cpu_seconds(task: &Path) -> f64 {
+    let tid = task.file_name().and_then(|n| n.to_str()?.parse().ok()).unwrap_or(0);
+    let pid = task.parent().and_then(|t| t.parent()?.file_name()?.to_str()?.parse().ok()).unwrap_or(0);
+    // /proc/PID/task/TID/stat has the same layout as /proc/PID/stat.
+    melange_tests::cpu_seconds_of(&format!("/proc/{pid}/task/{tid}/stat"))
+}
+
+/// No host for 20 s while an app plays (the 10-minute case in small): the app plays on
+/// in time, the module neither encodes nor grows, its I/O thread wakes a few times a
+/// second (counted), what the tap captures is dropped and counted, and when a host
+/// comes at last it gets fresh audio within a second and a half.
+#[test]
+fn an_absent_host_costs_the_guest_next_to_nothing_and_apps_play_on() {
+    let _serial = serial();
+    let dir = scratch("host-absent");
+    let sock = dir.join("port.sock");
+    let pw = PipeWire::start(&dir.join("guest"));
+    let mut guest =
+        start_guest(&pw, &format!("unix:{}", sock.display()), GuestCodec::Opus(128_000), dir.join("guest.log"));
+    let module = child_named(guest.pid(), "pipewire");
+    let started = Instant::now();
+    let mut app = long_tone(&pw, &dir, 30.0);
+    let first =
+        wait_until(Duration::from_secs(10), || tap_counters(&pw).filter(|p| counter(p, "melange.packets.dropped") > 0))
+            .expect("the tap's counters appear");
+    let connected = &first["melange.host.connected"];
+    assert!(connected == false || connected == "false", "no host, but the node says connected: {connected}");
+    let (cpu_before, rss_before) = (melange_tests::cpu_seconds(module), proc_status_kib(module, "VmRSS:"));
+    let io = thread_named(module, "melange-link").expect("the module's I/O thread");
+    let threads_before = threads_cpu(module);
+    let (io_cpu_before, wakes_before) = (thread_cpu_seconds(&io), thread_switches(&io));
+    let window = Instant::now();
+    let mut rss_peak = rss_before;
+    while window.elapsed() < Duration::from_secs(20) {
+        rss_peak = rss_peak.max(proc_status_kib(module, "VmRSS:"));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let seconds = window.elapsed().as_secs_f64();
+    let cpu_pct = (melange_tests::cpu_seconds(module) - cpu_before) / seconds * 100.0;
+    let io_cpu_pct = (thread_cpu_seconds(&io) - io_cpu_before) / seconds * 100.0;
+    let by_thread: Vec<String> = threads_cpu(module)
+        .into_iter()
+        .zip(threads_before)
+        .map(|((name, after), (_, before))| format!("{name} {:.2} %", (after - before) / seconds * 100.0))
+        .collect();
+    let wakes = (thread_switches(&io) - wakes_before) as f64 / seconds;
+    let last = tap_counters(&pw).expect("counters");
+    let dropped = counter(&last, "melange.packets.dropped") - counter(&first, "melange.packets.dropped");
+
+    let mut host = host_wav(&dir, &sock);
+    let came = Instant::now();
+    let back = wait_until(Duration::from_secs(5), || {
+        wav_files(&dir.join("wav"))
+            .into_iter()
+            .find(|p| std::fs::metadata(p).map_or(0, |m| m.len()) > 44 + 4 * 2 * 4800)
+            .map(|_| came.elapsed())
+    });
+    let status = app.wait().expect("pw-play runs");
+    let played = started.elapsed().as_secs_f64();
+    guest.stop();
+    host.stop();
+
+    eprintln!(
+        "no host for {seconds:.1} s: module CPU {cpu_pct:.3} % of a core (its I/O thread {io_cpu_pct:.3} %, woke \
+         {wakes:.1} times/s; by thread: {}), RSS \
+         {rss_before} -> {rss_peak} KiB, {dropped} packets dropped unencoded; audio {back:?} after a host came; \
+         pw-play took {played:.2} s",
+        by_thread.join(", ")
+    );
+    assert!(status.success() && (played - 30.0).abs() < 1.0, "the app was affected: {played:.2} s for 30 s");
+    assert!(wakes < 30.0, "the I/O thread woke {wakes:.1} times a second with no host");
+    assert!(rss_peak <= rss_before + 1024, "the module grew from {rss_before} to {rss_peak} KiB");
+    // 100 packets a second; the count is put on the node once a second.
+    assert!(dropped as f64 >= 80.0 * (seconds - 2.0), "only {dropped} packets counted as dropped in {seconds:.1} s");
+    let back = back.unwrap_or_else(|| panic!("no audio once a host came:\n{}", host.log_text()));
+    assert!(back <= Duration::from_millis(1500), "audio came {back:?} after the host");
+    let wav = wav_files(&dir.join("wav"));
+    assert_eq!(wav.len(), 1, "one stream: {wav:?}");
+    for r in reports(&dir) {
+        let p99 = r["latency_ms_p99"].as_f64().unwrap_or(0.0);
+        assert!(p99 < 200.0, "stream {} played audio {p99:.0} ms old: {r}", r["stream"]);
+    }
+    assert_tone(&wav[0], 2.0);
+}
+
 /// The host reads the guest's port at half the rate Opus makes at 128 kbit/s: the
 /// bitrate steps down until the port keeps up, the stream stays open (control gets
 /// through), the guest's memory stays flat and what cannot be sent is dropped oldest
