@@ -49,7 +49,7 @@ pub fn output_quantum(frame_samples: u32, rate: u32) -> u32 {
 pub fn auto_latency_frames(frame_samples: u32, rate: u32) -> usize {
     frame_samples as usize
         + output_quantum(frame_samples, rate) as usize
-        + crate::output::jitter_margin_frames(rate, 0) as usize
+        + melange_shim::render::jitter_margin_frames(rate, 0) as usize
 }
 
 /// Settings of the host.

@@ -5,8 +5,9 @@
 //!   thread, reconnect, bounded queues), and the [`congestion`] control of Opus's
 //!   bitrate when the port cannot keep up.
 //! - The [`latency`] the guest tells its apps, from the parts each side measures.
-//! - Both sides: [`codec`] (Opus through the system libopus, PCM), the [`playout`]
-//!   decision of the jitter buffer, and the [`clock`].
+//! - Both sides: [`codec`] (Opus through the system libopus, PCM), the jitter buffer's
+//!   [`playout`] decision and [`drift`] control, joined in the real-time [`render`]
+//!   core of every stream that plays, and the [`clock`].
 //!
 //! The renderer depends on this crate for the shared pieces; nothing here depends on
 //! PipeWire or on the renderer.
@@ -26,4 +27,5 @@ pub mod link;
 #[allow(unsafe_code)]
 pub mod opus;
 pub mod playout;
+pub mod render;
 pub mod tap;

@@ -13,6 +13,7 @@ use melange_transport::message::{AudioFormat, StreamOpen};
 use thiserror::Error;
 
 pub use self::null::NullOutput;
+
 pub use self::pipewire::PipeWireOutput;
 pub use self::wav::{WavOutput, WavWriter};
 
@@ -59,17 +60,6 @@ pub enum OutputError {
         /// The OS error.
         source: std::io::Error,
     },
-}
-
-/// What a jitter buffer with a derived target keeps beyond the output cycle being played
-/// and the deepest recent dip of its fill: 3 ms (2 ms let a late guest cycle underrun in
-/// the simulation `late_packets_now_and_then_underrun_at_most_once`, while the set
-/// point was still rising to a new dip), and 1 ms more for each underrun, up to 4 more.
-/// The dip that caused an underrun is already in the deepest dip; doubling the margin
-/// as well made two underruns cost 12 ms of latency for the rest of the stream.
-pub fn jitter_margin_frames(rate: u32, underruns: u64) -> u32 {
-    let ms = 3 + underruns.min(4) as u32;
-    rate * ms / 1000
 }
 
 /// What a stream sink needs to know besides the samples.

@@ -14,30 +14,22 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use melange_shim::drift::DriftController;
-use melange_shim::playout::{MissedCycles, Playout};
-
-use super::jitter_margin_frames;
+use melange_shim::render::{RenderConfig, RenderCore, RenderStats};
 use melange_transport::message::AudioFormat;
 use pipewire as pw;
 use pw::spa;
-use rtrb::{Consumer, Producer, RingBuffer};
+use rtrb::Producer;
 
 use super::{Output, OutputError, StreamDesc, StreamSink};
 
 /// Decoded audio a stream's ring holds at most: room for the largest jitter target
 /// (4 x --latency) and bursts, while 64 streams of 8 channels stay within memory limits.
 const RING: Duration = Duration::from_millis(500);
-/// The drift controller's margin with a derived target ([`jitter_margin_frames`]);
-/// with a given `--latency` nothing is trimmed: the primed level is held.
-fn margin(trim: bool, rate: u32, underruns: u64) -> Option<u32> {
-    trim.then(|| jitter_margin_frames(rate, underruns))
-}
 
 /// How often the PipeWire thread looks for streams that finished draining.
 const REAP_INTERVAL: Duration = Duration::from_millis(50);
@@ -46,39 +38,19 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the PipeWire thread tries to connect again after losing the host's PipeWire.
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Flags shared between the session thread, the PipeWire thread and the RT callback.
+/// What the PipeWire thread and the session thread share about a stream beside the
+/// render core's counters.
 #[derive(Debug, Default)]
 struct Shared {
-    underruns: AtomicU64,
-    /// Frames the callback filled from the ring, and with silence (priming, underruns).
-    played_frames: AtomicU64,
-    silence_frames: AtomicU64,
-    /// Frames skipped because the output ran cycles without the callback.
-    skipped_frames: AtomicU64,
-    cycles: AtomicU64,
     /// The stream's rate-match area, set by `io_changed` (null when unset).
     rate_match: AtomicPtr<spa::sys::spa_io_rate_match>,
-    /// The drift controller's last estimate, in ppm x 1000, for the close log.
-    drift_ppb: AtomicI64,
-    /// When the callback reads the ring next (`CLOCK_MONOTONIC` ns; 0 before the first
-    /// cycle), and how long what it writes takes to be heard: the stream's delay to the
-    /// device plus what its resampler holds.
-    next_read_ns: AtomicU64,
-    output_delay_ns: AtomicU64,
-    draining: AtomicBool,
-    drained: AtomicBool,
     /// The host's PipeWire went away under the stream: it plays nowhere any more.
     lost: AtomicBool,
 }
 
+/// What the real-time callback owns.
 struct RtData {
-    consumer: Consumer<f32>,
-    playout: Playout,
-    missed: MissedCycles,
-    drift: DriftController,
-    rate: u32,
-    trim: bool,
-    channels: usize,
+    core: RenderCore,
     shared: Arc<Shared>,
 }
 
@@ -152,8 +124,16 @@ impl Drop for PipeWireOutput {
 impl Output for PipeWireOutput {
     fn open(&mut self, desc: &StreamDesc) -> Result<Box<dyn StreamSink>, OutputError> {
         let channels = usize::from(desc.format.channels);
-        let capacity = desc.format.rate as usize * channels * RING.as_millis() as usize / 1000;
-        let (producer, consumer) = RingBuffer::new(capacity);
+        let config = RenderConfig {
+            rate: desc.format.rate,
+            channels,
+            latency_frames: desc.latency_frames,
+            trim: desc.latency_auto,
+            quantum: desc.quantum,
+        };
+        let (producer, core) =
+            melange_shim::render::render_ring(config, desc.format.rate as usize * RING.as_millis() as usize / 1000);
+        let stats = core.stats().clone();
         let shared = Arc::new(Shared::default());
         let key = self.next_key;
         self.next_key += 1;
@@ -181,21 +161,7 @@ impl Output for PipeWireOutput {
             props.push(("melange.guest.binary", app.binary.clone()));
         }
         let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
-        let rt = RtData {
-            consumer,
-            playout: Playout::new(desc.latency_frames),
-            missed: MissedCycles::default(),
-            drift: DriftController::new(
-                desc.latency_frames,
-                desc.quantum,
-                desc.format.rate,
-                margin(desc.latency_auto, desc.format.rate, 0),
-            ),
-            rate: desc.format.rate,
-            trim: desc.latency_auto,
-            channels,
-            shared: shared.clone(),
-        };
+        let rt = RtData { core, shared: shared.clone() };
         self.commands
             .send(Command::Open {
                 key,
@@ -217,6 +183,7 @@ impl Output for PipeWireOutput {
             producer,
             channels,
             rate: desc.format.rate,
+            stats,
             shared,
             overflows: 0,
             commands: self.commands.clone(),
@@ -235,6 +202,7 @@ struct PipeWireSink {
     producer: Producer<f32>,
     channels: usize,
     rate: u32,
+    stats: Arc<RenderStats>,
     shared: Arc<Shared>,
     overflows: u64,
     commands: pw::channel::Sender<Command>,
@@ -258,13 +226,13 @@ impl StreamSink for PipeWireSink {
     }
 
     fn underruns(&self) -> u64 {
-        self.shared.underruns.load(Ordering::Relaxed)
+        self.stats.underruns.load(Ordering::Relaxed)
     }
 
     fn render_delay_ns(&self, now_ns: u64) -> u64 {
         let buffered_ns = self.buffered_frames() as u64 * 1_000_000_000 / u64::from(self.rate.max(1));
-        let wait_ns = self.shared.next_read_ns.load(Ordering::Relaxed).saturating_sub(now_ns);
-        buffered_ns + wait_ns + self.shared.output_delay_ns.load(Ordering::Relaxed)
+        let wait_ns = self.stats.next_read_ns.load(Ordering::Relaxed).saturating_sub(now_ns);
+        buffered_ns + wait_ns + self.stats.output_delay_ns.load(Ordering::Relaxed)
     }
 
     fn overflows(&self) -> u64 {
@@ -272,7 +240,7 @@ impl StreamSink for PipeWireSink {
     }
 
     fn drift_ppm(&self) -> Option<f64> {
-        Some(self.shared.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0)
+        Some(self.stats.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0)
     }
 
     fn is_lost(&self) -> bool {
@@ -284,14 +252,14 @@ impl StreamSink for PipeWireSink {
             log::debug!(
                 "{}: played {} frames, {} silent, {} skipped, {} cycles, {} underruns, drift {:.0} ppm",
                 self.name,
-                self.shared.played_frames.load(Ordering::Relaxed),
-                self.shared.silence_frames.load(Ordering::Relaxed),
-                self.shared.skipped_frames.load(Ordering::Relaxed),
-                self.shared.cycles.load(Ordering::Relaxed),
-                self.shared.underruns.load(Ordering::Relaxed),
-                self.shared.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0
+                self.stats.played_frames.load(Ordering::Relaxed),
+                self.stats.silence_frames.load(Ordering::Relaxed),
+                self.stats.skipped_frames.load(Ordering::Relaxed),
+                self.stats.cycles.load(Ordering::Relaxed),
+                self.stats.underruns.load(Ordering::Relaxed),
+                self.stats.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0
             );
-            self.shared.draining.store(true, Ordering::Relaxed);
+            self.stats.draining.store(true, Ordering::Relaxed);
             let _ = self.commands.send(Command::Close { key: self.key });
         }
         Ok(())
@@ -313,6 +281,7 @@ struct Live {
     _listener: pw::stream::StreamListener<RtData>,
     stream: pw::stream::StreamRc,
     shared: Arc<Shared>,
+    stats: Arc<RenderStats>,
     closing_since: Option<Instant>,
 }
 
@@ -369,7 +338,7 @@ fn run(rx: pw::channel::Receiver<Command>, ready: crossbeam_channel::Sender<Resu
                 }
             }
             streams.borrow_mut().retain(|_, live| match live.closing_since {
-                Some(since) => !live.shared.drained.load(Ordering::Relaxed) && since.elapsed() < DRAIN_TIMEOUT,
+                Some(since) => !live.stats.drained.load(Ordering::Relaxed) && since.elapsed() < DRAIN_TIMEOUT,
                 None => true,
             });
         })
@@ -382,12 +351,12 @@ fn run(rx: pw::channel::Receiver<Command>, ready: crossbeam_channel::Sender<Resu
         let connection = connection.clone();
         move |cmd| match cmd {
             Command::Open { key, name, props, format, rt, reply } => {
-                let shared = rt.shared.clone();
+                let (shared, stats) = (rt.shared.clone(), rt.core.stats().clone());
                 let result = match connection.borrow().as_ref() {
                     Some(c) => open_stream(&c.core, &name, props, &format, *rt).map(|(stream, listener)| {
                         streams
                             .borrow_mut()
-                            .insert(key, Live { _listener: listener, stream, shared, closing_since: None });
+                            .insert(key, Live { _listener: listener, stream, shared, stats, closing_since: None });
                     }),
                     None => Err("the host's PipeWire is gone; reconnecting".into()),
                 };
@@ -457,76 +426,28 @@ fn open_stream(
             }
         })
         .process(|stream, d| {
-            // Real-time: ring to buffer, silence for the rest; no allocation or locks.
+            // Real-time: the render core fills the buffer; no allocation or locks.
             let time = stream.time().ok();
             let Some(mut buffer) = stream.dequeue_buffer() else { return };
             let requested = buffer.requested() as usize;
             let Some(data) = buffer.datas_mut().first_mut() else { return };
-            let stride = 4 * d.channels;
+            let stride = 4 * d.core.channels();
             let Some(bytes) = data.data() else { return };
             let max_frames = bytes.len() / stride;
             let frames = if requested > 0 { requested.min(max_frames) } else { max_frames.min(1024) };
-            let mut buffered = d.consumer.slots() / d.channels;
-            let missed = time.as_ref().map_or(0, |t| d.missed.observe(t.ticks()));
-            if missed > 0 && d.playout.is_playing() {
-                // The output ran a cycle without us (the host graph overran): that audio
-                // was due, so skip it rather than play everything a cycle later.
-                let skip = ((missed as f64 * d.drift.ratio()).round() as usize).min(buffered.saturating_sub(frames));
-                if let Ok(chunk) = d.consumer.read_chunk(skip * d.channels) {
-                    chunk.commit_all();
-                    buffered -= skip;
-                    d.shared.skipped_frames.fetch_add(skip as u64, Ordering::Relaxed);
+            if let Some(ratio) = d.core.cycle(time.as_ref().map(|t| t.ticks()), &mut bytes[..frames * stride]) {
+                let rate_match = d.shared.rate_match.load(Ordering::Acquire);
+                // SAFETY: PipeWire keeps the area it passed to io_changed valid until it
+                // passes another (or null), and only this callback writes it.
+                if let Some(rm) = unsafe { rate_match.as_mut() } {
+                    // rate > 1 consumes less input per output frame (as module-rtp-source).
+                    rm.rate = 1.0 / ratio;
+                    rm.flags |= spa::sys::SPA_IO_RATE_MATCH_FLAG_ACTIVE;
                 }
             }
-            let take = if d.shared.draining.load(Ordering::Relaxed) {
-                if buffered == 0 {
-                    d.shared.drained.store(true, Ordering::Relaxed);
-                }
-                buffered.min(frames)
-            } else {
-                let before = d.playout.underruns();
-                let take = d.playout.plan(buffered, frames);
-                if d.playout.underruns() != before {
-                    d.shared.underruns.fetch_add(1, Ordering::Relaxed);
-                    d.drift.relearn(margin(d.trim, d.rate, d.playout.underruns()));
-                }
-                if d.playout.is_playing() {
-                    let ratio = d.drift.update(buffered as f64);
-                    let rate_match = d.shared.rate_match.load(Ordering::Acquire);
-                    // SAFETY: PipeWire keeps the area it passed to io_changed valid until
-                    // it passes another (or null), and only this callback writes it.
-                    if let Some(rm) = unsafe { rate_match.as_mut() } {
-                        // rate > 1 consumes less input per output frame (as module-rtp-source).
-                        rm.rate = 1.0 / ratio;
-                        rm.flags |= spa::sys::SPA_IO_RATE_MATCH_FLAG_ACTIVE;
-                    }
-                    d.shared.drift_ppb.store((d.drift.drift_ppm() * 1000.0) as i64, Ordering::Relaxed);
-                }
-                take
-            };
-            let out = &mut bytes[..frames * stride];
-            let mut written = 0;
-            if let Ok(chunk) = d.consumer.read_chunk(take * d.channels) {
-                let (a, b) = chunk.as_slices();
-                for (dst, v) in out.chunks_exact_mut(4).zip(a.iter().chain(b.iter())) {
-                    dst.copy_from_slice(&v.to_ne_bytes());
-                    written += 4;
-                }
-                chunk.commit_all();
-            }
-            out[written..].fill(0);
             if let Some(t) = time.filter(|t| t.now() > 0) {
-                let ns_per_frame = 1e9 / f64::from(d.rate);
-                let r = t.rate();
-                let delay_s = if r.denom > 0 { t.delay() as f64 * f64::from(r.num) / f64::from(r.denom) } else { 0.0 };
-                let output_ns = (delay_s * 1e9 + t.buffered() as f64 * ns_per_frame).max(0.0);
-                d.shared.output_delay_ns.store(output_ns as u64, Ordering::Relaxed);
-                let next = t.now() as f64 + frames as f64 * ns_per_frame;
-                d.shared.next_read_ns.store(next as u64, Ordering::Relaxed);
+                d.core.timing(u64::try_from(t.now()).unwrap_or(0), frames, output_delay_ns(&t, d.core.rate()));
             }
-            d.shared.cycles.fetch_add(1, Ordering::Relaxed);
-            d.shared.played_frames.fetch_add(take as u64, Ordering::Relaxed);
-            d.shared.silence_frames.fetch_add((frames - take) as u64, Ordering::Relaxed);
             let chunk = data.chunk_mut();
             *chunk.offset_mut() = 0;
             *chunk.stride_mut() = stride as i32;
@@ -535,6 +456,31 @@ fn open_stream(
         .register()
         .map_err(|e| e.to_string())?;
 
+    let pod = format_pod(format)?;
+    let mut params = [spa::pod::Pod::from_bytes(&pod).ok_or("bad format pod")?];
+    stream
+        .connect(
+            spa::utils::Direction::Output,
+            None,
+            pw::stream::StreamFlags::AUTOCONNECT
+                | pw::stream::StreamFlags::MAP_BUFFERS
+                | pw::stream::StreamFlags::RT_PROCESS,
+            &mut params,
+        )
+        .map_err(|e| e.to_string())?;
+    Ok((stream, listener))
+}
+
+/// How long a sample the stream is given now takes to be heard: its delay to the
+/// device plus what its resampler holds.
+fn output_delay_ns(t: &pw::stream::Time, rate: u32) -> u64 {
+    let r = t.rate();
+    let delay_s = if r.denom > 0 { t.delay() as f64 * f64::from(r.num) / f64::from(r.denom) } else { 0.0 };
+    (delay_s * 1e9 + t.buffered() as f64 * 1e9 / f64::from(rate.max(1))).max(0.0) as u64
+}
+
+/// The EnumFormat of a stream of interleaved f32 in `format`'s layout.
+pub(crate) fn format_pod(format: &AudioFormat) -> Result<Vec<u8>, String> {
     let mut info = spa::param::audio::AudioInfoRaw::new();
     info.set_format(spa::param::audio::AudioFormat::F32LE);
     info.set_rate(format.rate);
@@ -549,21 +495,8 @@ fn open_stream(
         id: spa::param::ParamType::EnumFormat.as_raw(),
         properties: info.into(),
     };
-    let pod =
-        spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &spa::pod::Value::Object(obj))
-            .map_err(|e| format!("{e:?}"))?
-            .0
-            .into_inner();
-    let mut params = [spa::pod::Pod::from_bytes(&pod).ok_or("bad format pod")?];
-    stream
-        .connect(
-            spa::utils::Direction::Output,
-            None,
-            pw::stream::StreamFlags::AUTOCONNECT
-                | pw::stream::StreamFlags::MAP_BUFFERS
-                | pw::stream::StreamFlags::RT_PROCESS,
-            &mut params,
-        )
-        .map_err(|e| e.to_string())?;
-    Ok((stream, listener))
+    Ok(spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &spa::pod::Value::Object(obj))
+        .map_err(|e| format!("{e:?}"))?
+        .0
+        .into_inner())
 }

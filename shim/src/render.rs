@@ -1,0 +1,251 @@
+//! The playing end of a jitter buffer, for every stream that plays decoded audio on a
+//! clock other than the one it was made on: melange-host's playback streams (guest
+//! audio on the host's clock) and the guest's virtual microphone (host audio on the
+//! guest's clock).
+//!
+//! Decoded samples reach the stream's real-time callback through an SPSC ring. Once per
+//! output cycle the callback hands [`RenderCore::cycle`] the buffer to fill: it skips
+//! what an overrun let pass ([`MissedCycles`]), decides with [`Playout`] whether to
+//! prime or play, fills the rest with silence, and feeds the ring's fill to the
+//! [`DriftController`], whose ratio the caller writes into its stream's rate match.
+//! Plain arithmetic and atomics: no allocation, lock, log or syscall.
+
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rtrb::{Consumer, Producer, RingBuffer};
+
+use crate::drift::DriftController;
+use crate::playout::{MissedCycles, Playout};
+
+/// What a jitter buffer with a derived target keeps beyond the output cycle being played
+/// and the deepest recent dip of its fill: 3 ms (2 ms let a late guest cycle underrun in
+/// the simulation `late_packets_now_and_then_underrun_at_most_once`, while the set
+/// point was still rising to a new dip), and 1 ms more for each underrun, up to 4 more.
+/// The dip that caused an underrun is already in the deepest dip; doubling the margin
+/// as well made two underruns cost 12 ms of latency for the rest of the stream.
+pub fn jitter_margin_frames(rate: u32, underruns: u64) -> u32 {
+    let ms = 3 + underruns.min(4) as u32;
+    rate * ms / 1000
+}
+
+/// How a stream renders.
+#[derive(Debug, Clone, Copy)]
+pub struct RenderConfig {
+    /// Sample frames per second.
+    pub rate: u32,
+    /// Interleaved channels.
+    pub channels: usize,
+    /// Jitter-buffer target in sample frames.
+    pub latency_frames: usize,
+    /// True when the target was derived: drift control may then trim the buffer to what
+    /// the arrival pattern needs; a given target is held as given.
+    pub trim: bool,
+    /// The output's cycle in sample frames.
+    pub quantum: u32,
+}
+
+impl RenderConfig {
+    fn margin(&self, underruns: u64) -> Option<u32> {
+        self.trim.then(|| jitter_margin_frames(self.rate, underruns))
+    }
+}
+
+/// Counters and flags shared between the stream's owner and its real-time callback.
+#[derive(Debug, Default)]
+pub struct RenderStats {
+    /// Underruns so far.
+    pub underruns: AtomicU64,
+    /// Frames the callback filled from the ring, and with silence (priming, underruns).
+    pub played_frames: AtomicU64,
+    /// See [`RenderStats::played_frames`].
+    pub silence_frames: AtomicU64,
+    /// Frames skipped because the output ran cycles without the callback.
+    pub skipped_frames: AtomicU64,
+    /// Cycles run.
+    pub cycles: AtomicU64,
+    /// The drift controller's last estimate, in ppm x 1000.
+    pub drift_ppb: AtomicI64,
+    /// When the callback reads the ring next (`CLOCK_MONOTONIC` ns; 0 before the first
+    /// cycle), and how long what it writes takes to be heard: the stream's delay to the
+    /// device plus what its resampler holds. Set by the caller ([`RenderCore::timing`]).
+    pub next_read_ns: AtomicU64,
+    /// See [`RenderStats::next_read_ns`].
+    pub output_delay_ns: AtomicU64,
+    /// Set by the owner: play out what is buffered, then stop ([`RenderStats::drained`]).
+    pub draining: AtomicBool,
+    /// Set by the callback once a draining stream has played everything.
+    pub drained: AtomicBool,
+    /// Set by the owner when a new stream starts feeding the ring: the callback primes
+    /// again from scratch, with the configured target and a fresh drift estimate.
+    pub restart: AtomicBool,
+}
+
+/// The callback's half of a rendering stream. See the module docs.
+#[derive(Debug)]
+pub struct RenderCore {
+    consumer: Consumer<f32>,
+    playout: Playout,
+    missed: MissedCycles,
+    drift: DriftController,
+    config: RenderConfig,
+    stats: Arc<RenderStats>,
+}
+
+/// A ring holding `capacity_frames`, its feeding end and the core that plays it.
+pub fn render_ring(config: RenderConfig, capacity_frames: usize) -> (Producer<f32>, RenderCore) {
+    let (producer, consumer) = RingBuffer::new(capacity_frames * config.channels.max(1));
+    (producer, RenderCore::new(consumer, config))
+}
+
+impl RenderCore {
+    /// Plays what `consumer` receives.
+    pub fn new(consumer: Consumer<f32>, config: RenderConfig) -> Self {
+        let config = RenderConfig { channels: config.channels.max(1), ..config };
+        Self {
+            consumer,
+            playout: Playout::new(config.latency_frames),
+            missed: MissedCycles::default(),
+            drift: Self::drift_for(&config),
+            config,
+            stats: Arc::new(RenderStats::default()),
+        }
+    }
+
+    fn drift_for(config: &RenderConfig) -> DriftController {
+        DriftController::new(config.latency_frames, config.quantum, config.rate, config.margin(0))
+    }
+
+    /// Interleaved channels.
+    pub fn channels(&self) -> usize {
+        self.config.channels
+    }
+
+    /// Sample frames per second.
+    pub fn rate(&self) -> u32 {
+        self.config.rate
+    }
+
+    /// The counters and flags, for the stream's owner.
+    pub fn stats(&self) -> &Arc<RenderStats> {
+        &self.stats
+    }
+
+    /// Fills `out` (whole frames of native-endian f32, interleaved) for one cycle.
+    /// `ticks` is the output's position in frames (`pw_time.ticks`) where known.
+    /// Returns the ratio to resample by while playing: over 1 when the ring fills up
+    /// (consume faster), under 1 when it runs low.
+    pub fn cycle(&mut self, ticks: Option<u64>, out: &mut [u8]) -> Option<f64> {
+        let channels = self.config.channels;
+        let frames = out.len() / (4 * channels);
+        if self.stats.restart.swap(false, Ordering::Relaxed) {
+            self.playout = Playout::new(self.config.latency_frames);
+            self.drift = Self::drift_for(&self.config);
+        }
+        let mut buffered = self.consumer.slots() / channels;
+        let missed = ticks.map_or(0, |t| self.missed.observe(t));
+        if missed > 0 && self.playout.is_playing() {
+            // The output ran a cycle without us (its graph overran): that audio was due,
+            // so skip it rather than play everything a cycle later.
+            let skip = ((missed as f64 * self.drift.ratio()).round() as usize).min(buffered.saturating_sub(frames));
+            if let Ok(chunk) = self.consumer.read_chunk(skip * channels) {
+                chunk.commit_all();
+                buffered -= skip;
+                self.stats.skipped_frames.fetch_add(skip as u64, Ordering::Relaxed);
+            }
+        }
+        let mut ratio = None;
+        let take = if self.stats.draining.load(Ordering::Relaxed) {
+            if buffered == 0 {
+                self.stats.drained.store(true, Ordering::Relaxed);
+            }
+            buffered.min(frames)
+        } else {
+            let before = self.playout.underruns();
+            let take = self.playout.plan(buffered, frames);
+            if self.playout.underruns() != before {
+                self.stats.underruns.fetch_add(1, Ordering::Relaxed);
+                self.drift.relearn(self.config.margin(self.playout.underruns()));
+            }
+            if self.playout.is_playing() {
+                ratio = Some(self.drift.update(buffered as f64));
+                self.stats.drift_ppb.store((self.drift.drift_ppm() * 1000.0) as i64, Ordering::Relaxed);
+            }
+            take
+        };
+        let out = &mut out[..frames * 4 * channels];
+        let mut written = 0;
+        if let Ok(chunk) = self.consumer.read_chunk(take * channels) {
+            let (a, b) = chunk.as_slices();
+            for (dst, v) in out.chunks_exact_mut(4).zip(a.iter().chain(b.iter())) {
+                dst.copy_from_slice(&v.to_ne_bytes());
+                written += 4;
+            }
+            chunk.commit_all();
+        }
+        out[written..].fill(0);
+        self.stats.cycles.fetch_add(1, Ordering::Relaxed);
+        self.stats.played_frames.fetch_add(take as u64, Ordering::Relaxed);
+        self.stats.silence_frames.fetch_add((frames - take) as u64, Ordering::Relaxed);
+        ratio
+    }
+
+    /// Records the output's timing after a cycle of `frames` that started at `now_ns`:
+    /// `delay_ns` from the cycle's start to being heard.
+    pub fn timing(&self, now_ns: u64, frames: usize, delay_ns: u64) {
+        self.stats.output_delay_ns.store(delay_ns, Ordering::Relaxed);
+        let next = now_ns as f64 + frames as f64 * 1e9 / f64::from(self.config.rate.max(1));
+        self.stats.next_read_ns.store(next as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> RenderConfig {
+        RenderConfig { rate: 48_000, channels: 1, latency_frames: 480, trim: false, quantum: 256 }
+    }
+
+    fn samples(out: &[u8]) -> Vec<f32> {
+        out.chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+
+    #[test]
+    fn primes_to_the_target_then_plays_in_order() {
+        let (mut tx, mut core) = render_ring(config(), 4800);
+        let mut out = vec![0u8; 256 * 4];
+        for v in 0..300 {
+            tx.push(v as f32).unwrap();
+        }
+        assert_eq!(core.cycle(Some(0), &mut out), None, "priming under the target");
+        assert!(samples(&out).iter().all(|v| *v == 0.0));
+        for v in 300..600 {
+            tx.push(v as f32).unwrap();
+        }
+        assert!(core.cycle(Some(256), &mut out).is_some());
+        assert_eq!(samples(&out), (0..256).map(|v| v as f32).collect::<Vec<_>>());
+        assert_eq!(core.stats().silence_frames.load(Ordering::Relaxed), 256);
+    }
+
+    #[test]
+    fn a_restart_primes_again_from_the_configured_target() {
+        let (mut tx, mut core) = render_ring(config(), 4800);
+        let mut out = vec![0u8; 256 * 4];
+        for v in 0..600 {
+            tx.push(v as f32).unwrap();
+        }
+        // 256 and 256 played, then an underrun: 88 left for 256 wanted. The target grows.
+        for c in 0..3 {
+            core.cycle(Some(c * 256), &mut out);
+        }
+        assert_eq!(core.stats().underruns.load(Ordering::Relaxed), 1);
+        for v in 0..480 {
+            tx.push(v as f32).unwrap();
+        }
+        core.stats().restart.store(true, Ordering::Relaxed);
+        assert!(core.cycle(Some(768), &mut out).is_some(), "480 frames are the first target again");
+    }
+}
