@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
             report: None,
             idle_timeout: Duration::from_secs(30),
             stats: false,
+            mic: melange_renderer::mic::MicSpec::None,
         },
         Box::new(NullOutput),
     );
@@ -115,6 +116,7 @@ fuzz_target!(|data: &[u8]| {
                         report: None,
                         idle_timeout: Duration::from_secs(30),
                         stats: false,
+                        mic: melange_renderer::mic::MicSpec::None,
                     },
                     Box::new(NullOutput),
                 );

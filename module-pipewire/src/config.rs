@@ -106,6 +106,11 @@ impl Config {
         format!("{}.standby", self.sink_name)
     }
 
+    /// `node.name` of the virtual microphone: the redirect sink's, plus `.mic`.
+    pub fn mic_name(&self) -> String {
+        format!("{}.mic", self.sink_name)
+    }
+
     /// Builds a config from key/value pairs; unknown keys are returned for a warning.
     pub fn from_pairs<'a>(
         pairs: impl IntoIterator<Item = (&'a str, &'a str)>,

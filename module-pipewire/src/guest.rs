@@ -1,17 +1,21 @@
-//! The guest side in PipeWire: the redirect sink, the watch on app streams, the taps.
+//! The guest side in PipeWire: the redirect sink, the watch on app streams, the taps,
+//! and the virtual microphone.
 //!
 //! Everything here runs on the module process's main loop, except each tap's `process`
-//! callback, which runs on the real-time data loop and only writes its [`TapWriter`].
+//! callback, which runs on the real-time data loop and only writes its [`TapWriter`],
+//! and the microphone's, which only plays its [`RenderCore`].
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::{Rc, Weak};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use melange_shim::codec::{input_format, SampleFormat};
 use melange_shim::link::{LinkConfig, LinkHandle, LinkManager, LinkStats};
+use melange_shim::mic::{MicFeed, MIC_RATE};
+use melange_shim::render::{jitter_margin_frames, render_ring, RenderConfig, RenderCore};
 use melange_shim::tap::{tap_ring, TapEncoder, TapStats, TapWriter};
 use melange_transport::message::{AppInfo, AudioFormat, MediaKind, StreamOpen};
 use pipewire as pw;
@@ -40,6 +44,24 @@ const LATENCY_STEP_NS: u64 = 1_000_000;
 /// nothing: WirePlumber moves a stream by unlinking it first, and an app moved from
 /// one of our sinks to the other keeps its tap (and its host stream) through it.
 const MOVE_GRACE: Duration = Duration::from_millis(300);
+
+/// Decoded microphone audio the virtual source's ring holds at most.
+const MIC_RING: Duration = Duration::from_millis(500);
+
+/// The virtual microphone: an `Audio/Source` stream of this process that plays what
+/// the host's microphone sends, silence without it.
+struct MicSource {
+    // Declared before `stream`: the listener (and its render core) must go first.
+    _listener: pw::stream::StreamListener<MicRt>,
+    _stream: pw::stream::StreamBox<'static>,
+}
+
+/// What the microphone's real-time callback owns.
+struct MicRt {
+    core: RenderCore,
+    /// The stream's rate-match area, from `io_changed` (null when unset).
+    rate_match: Arc<AtomicPtr<spa::sys::spa_io_rate_match>>,
+}
 
 /// An app playback stream seen in the registry.
 struct AppNode {
@@ -158,6 +180,12 @@ struct State {
     taps: BTreeMap<u32, Tap>,
     /// Tapped apps linked to no sink at all, and since when (see [`MOVE_GRACE`]).
     unlinked_since: BTreeMap<u32, std::time::Instant>,
+    /// The microphone's render core until its source is made, then the source.
+    mic_core: Option<RenderCore>,
+    mic: Option<MicSource>,
+    /// The source's node id, and whether an app records from it (links out of it).
+    mic_id: Option<u32>,
+    mic_wanted: bool,
 }
 
 /// The running guest side. Dropping it tears everything down in order.
@@ -199,9 +227,25 @@ impl Guest {
                 return Err(format!("cannot get the PipeWire registry: {e}"));
             }
         };
+        // The microphone's packets as short as the taps' (10 ms at most), its jitter
+        // buffer derived as the host's: a packet, the graph's quantum and the margin.
+        let mic_frame_us = config.frame_us.clamp(2_500, 10_000);
+        let mic_frames = (u64::from(MIC_RATE) * u64::from(mic_frame_us) / 1_000_000) as usize;
+        let (mic_feed, mic_core) = render_ring(
+            RenderConfig {
+                rate: MIC_RATE,
+                channels: 1,
+                latency_frames: mic_frames + config.tap_quantum as usize + jitter_margin_frames(MIC_RATE, 0) as usize,
+                trim: true,
+                quantum: config.tap_quantum,
+            },
+            MIC_RATE as usize * MIC_RING.as_millis() as usize / 1000,
+        );
+        let mic_stats = mic_core.stats().clone();
         let link = LinkManager::spawn(LinkConfig {
             port: config.port.clone(),
             software: format!("melange-guest {}", env!("CARGO_PKG_VERSION")),
+            mic: Some(MicFeed { producer: mic_feed, stats: mic_stats, frame_us: mic_frame_us }),
         })
         .map_err(|e| format!("cannot open port {}: {e}", config.port))?;
 
@@ -219,6 +263,10 @@ impl Guest {
             sinks: BTreeSet::new(),
             taps: BTreeMap::new(),
             unlinked_since: BTreeMap::new(),
+            mic_core: Some(mic_core),
+            mic: None,
+            mic_id: None,
+            mic_wanted: false,
         }));
 
         let weak = Rc::downgrade(&state);
@@ -319,6 +367,7 @@ impl Guest {
             let mut s = self.state.borrow_mut();
             s.taps.clear();
             s.apps.clear();
+            s.mic.take();
             s.sink_proxy.take();
             s.standby_proxy.take();
         }
@@ -377,6 +426,10 @@ fn on_global(
             let mut s = state.borrow_mut();
             if class == "Audio/Sink" {
                 s.sinks.insert(global.id);
+            }
+            if class == "Audio/Source" && name == s.config.mic_name() {
+                log::info!("melange: microphone {name} is node {}", global.id);
+                s.mic_id = Some(global.id);
             }
             if class == "Audio/Sink" && (name == s.config.sink_name || name == s.config.standby_name()) {
                 if name == s.config.sink_name {
@@ -449,6 +502,10 @@ fn on_global_remove(state: &Rc<RefCell<State>>, id: u32) {
             log::warn!("melange: standby sink {id} was removed");
             s.standby_id = None;
         }
+        if s.mic_id == Some(id) {
+            log::warn!("melange: microphone {id} was removed");
+            s.mic_id = None;
+        }
         s.sinks.remove(&id);
         s.unlinked_since.remove(&id);
         // Drop the tap outside the borrow: its Drop joins the encoder thread.
@@ -486,6 +543,78 @@ fn ensure_sinks(state: &Rc<RefCell<State>>) {
         let description = s.config.sink_description.clone();
         s.sink_proxy = create_sink(&s, &name, &description, SinkKind::Redirect);
     }
+    if let Some(core) = s.mic_core.take() {
+        match create_mic(&s, core) {
+            Ok(mic) => s.mic = Some(mic),
+            Err(e) => log::error!("melange: cannot create the microphone: {e}"),
+        }
+    }
+}
+
+/// The virtual microphone, `sink.name` + `.mic` ("Melange microphone"): a source of this
+/// process, the default one by its priority. It plays what the host's microphone sends
+/// ([`RenderCore`]), and silence without it: never an error, never another device.
+fn create_mic(s: &State, core: RenderCore) -> Result<MicSource, String> {
+    let name = s.config.mic_name();
+    let description = format!("{} microphone", s.config.sink_description);
+    let props = properties! {
+        "media.type" => "Audio",
+        "media.category" => "Duplex",
+        "media.class" => "Audio/Source",
+        "node.name" => name.as_str(),
+        "node.description" => description.as_str(),
+        "node.latency" => format!("{}/{MIC_RATE}", s.config.tap_quantum).as_str(),
+        "priority.session" => "2000",
+        "priority.driver" => "0",
+    };
+    let stream = pw::stream::StreamBox::new(s.core, "melange-mic", props)
+        .map_err(|e| format!("cannot create the microphone's stream: {e}"))?;
+    let rate_match = Arc::new(AtomicPtr::new(std::ptr::null_mut()));
+    let io_rate_match = rate_match.clone();
+    let listener = stream
+        .add_local_listener_with_user_data(MicRt { core, rate_match })
+        .io_changed(move |_, _, id, area, _| {
+            // May run on another thread than `process`: hand the pointer over atomically.
+            if id == spa::sys::SPA_IO_RateMatch {
+                io_rate_match.store(area.cast(), Ordering::Release);
+            }
+        })
+        .process(|stream, rt| {
+            // Real-time: the render core fills the buffer; nothing else.
+            let ticks = stream.time().ok().map(|t| t.ticks());
+            let Some(mut buffer) = stream.dequeue_buffer() else { return };
+            let requested = buffer.requested() as usize;
+            let Some(data) = buffer.datas_mut().first_mut() else { return };
+            let Some(bytes) = data.data() else { return };
+            let max_frames = bytes.len() / 4;
+            let frames = if requested > 0 { requested.min(max_frames) } else { max_frames.min(1024) };
+            if let Some(ratio) = rt.core.cycle(ticks, &mut bytes[..frames * 4]) {
+                // SAFETY: PipeWire keeps the area it passed to io_changed valid until it
+                // passes another (or null), and only this callback writes it.
+                if let Some(rm) = unsafe { rt.rate_match.load(Ordering::Acquire).as_mut() } {
+                    rm.rate = 1.0 / ratio;
+                    rm.flags |= spa::sys::SPA_IO_RATE_MATCH_FLAG_ACTIVE;
+                }
+            }
+            let chunk = data.chunk_mut();
+            *chunk.offset_mut() = 0;
+            *chunk.stride_mut() = 4;
+            *chunk.size_mut() = (frames * 4) as u32;
+        })
+        .register()
+        .map_err(|e| format!("cannot listen on the microphone's stream: {e}"))?;
+    let pod = format_pod(SampleFormat::F32, &[spa::sys::SPA_AUDIO_CHANNEL_MONO])?;
+    let mut params = [spa::pod::Pod::from_bytes(&pod).ok_or("bad format pod")?];
+    stream
+        .connect(
+            spa::utils::Direction::Output,
+            None,
+            pw::stream::StreamFlags::MAP_BUFFERS | pw::stream::StreamFlags::RT_PROCESS,
+            &mut params,
+        )
+        .map_err(|e| format!("cannot connect the microphone's stream: {e}"))?;
+    log::info!("melange: created the microphone {name} (\"{description}\")");
+    Ok(MicSource { _listener: listener, _stream: stream })
 }
 
 /// Which of the two sinks [`ensure_sinks`] makes.
@@ -561,6 +690,11 @@ fn reconcile(state: &Rc<RefCell<State>>) {
             }
         }
         s.unlinked_since.retain(|id, _| !linked.contains(id));
+        let recording = s.mic_id.is_some_and(|mic| s.links.values().any(|(out, _)| *out == mic));
+        if recording != s.mic_wanted {
+            s.mic_wanted = recording;
+            s.link.want_mic(recording);
+        }
         for id in linked {
             if s.taps.contains_key(&id) {
                 continue;
@@ -639,7 +773,7 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
         .register()
         .map_err(|e| format!("cannot listen on the tap stream: {e}"))?;
 
-    let pod = format_pod(sample)?;
+    let pod = format_pod(sample, &POSITIONS)?;
     let mut params = [spa::pod::Pod::from_bytes(&pod).ok_or("bad format pod")?];
     stream
         .connect(
@@ -686,18 +820,20 @@ fn latency_pod(ns: i64) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("cannot build the latency pod: {e:?}"))
 }
 
-/// The EnumFormat a tap offers: the sink's layout at [`TAP_RATE`], in the codec's
-/// input sample format.
-fn format_pod(sample: SampleFormat) -> Result<Vec<u8>, String> {
+/// An EnumFormat at [`TAP_RATE`] in `positions`: the sink's layout and the codec's
+/// input sample format for a tap, mono f32 for the microphone.
+fn format_pod(sample: SampleFormat, positions: &[u32]) -> Result<Vec<u8>, String> {
     let mut info = spa::param::audio::AudioInfoRaw::new();
     info.set_format(match sample {
         SampleFormat::F32 => spa::param::audio::AudioFormat::F32LE,
         SampleFormat::S16Le => spa::param::audio::AudioFormat::S16LE,
     });
     info.set_rate(TAP_RATE);
-    info.set_channels(POSITIONS.len() as u32);
+    info.set_channels(positions.len() as u32);
     let mut position = [0u32; spa::sys::SPA_AUDIO_MAX_CHANNELS as usize];
-    position[..POSITIONS.len()].copy_from_slice(&POSITIONS);
+    for (slot, p) in position.iter_mut().zip(positions) {
+        *slot = *p;
+    }
     info.set_position(position);
     let obj = spa::pod::Object {
         type_: spa::utils::SpaTypes::ObjectParamFormat.as_raw(),

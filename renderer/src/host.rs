@@ -15,11 +15,13 @@ use melange_shim::clock;
 use melange_shim::codec::{validate, StreamDecoder};
 use melange_transport::frame::HEADER_LEN;
 use melange_transport::message::{
-    codec_bits, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamOpen, MEDIA_HEADER_LEN,
+    codec_bits, Capabilities, CaptureDemand, CaptureDevice, Codec, MediaKind, MediaPacket, Role, StreamOpen,
+    MEDIA_HEADER_LEN,
 };
 use melange_transport::port::{Link, LinkEvent, Waker};
 use melange_transport::session::{Event, Session, SessionConfig};
 
+use crate::mic::{MicCapture, MicSpec, MIC_RATE};
 use crate::output::{Output, StreamDesc, StreamSink};
 
 /// Streams a guest may have open at once.
@@ -65,7 +67,14 @@ pub struct HostConfig {
     pub idle_timeout: Duration,
     /// Prints one line of figures per stream every second on stdout (`--stats`).
     pub stats: bool,
+    /// The source the guest's virtual microphone records from (`--mic`).
+    pub mic: MicSpec,
 }
+
+/// The id of the microphone stream the host sends (host streams have ids of their own).
+pub const MIC_STREAM: u32 = 1;
+/// Packet durations the guest may ask of the microphone, in microseconds.
+const MIC_FRAME_US: [u32; 4] = [2_500, 5_000, 10_000, 20_000];
 
 /// How often `--stats` prints.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
@@ -208,6 +217,8 @@ pub struct Host {
     last_connect_error: Option<String>,
     /// When `--stats` last printed.
     stats_at: Instant,
+    /// The microphone while the guest records from it.
+    mic: Option<MicCapture>,
 }
 
 impl std::fmt::Debug for Host {
@@ -230,6 +241,7 @@ impl Host {
             bad_input: RateLimitedLog::default(),
             last_connect_error: None,
             stats_at: Instant::now(),
+            mic: None,
         }
     }
 
@@ -242,12 +254,16 @@ impl Host {
         );
         let mut buf = vec![0u8; 64 * 1024];
         while !stop.load(Ordering::Relaxed) {
+            let mic_due = self.pump_mic();
             self.flush(link);
-            let timeout = self
+            let mut timeout = self
                 .session
                 .as_ref()
                 .and_then(Session::poll_timeout)
                 .map_or(Duration::from_secs(1), |t| t.saturating_duration_since(Instant::now()));
+            if let Some(at) = mic_due {
+                timeout = timeout.min(Duration::from_nanos(at.saturating_sub(clock::monotonic_ns())));
+            }
             let want_write = self.session.as_ref().is_some_and(|s| !s.pending_output().is_empty());
             match link.wait(want_write, Some(timeout), Some(waker))? {
                 LinkEvent::Connected => {
@@ -407,6 +423,7 @@ impl Host {
                 Event::StreamOpened { stream, open } => self.open_stream(now, stream, open),
                 Event::StreamClosed { stream, reason } => self.close_stream(stream, &reason),
                 Event::Media { stream, packet } => self.on_media(now, stream, &packet),
+                Event::CaptureDemand(demand) => self.on_capture_demand(demand),
                 Event::PeerRestarted => {
                     log::info!("melange-host: the guest side restarted; starting a new session");
                     self.close_all("guest restarted");
@@ -740,6 +757,73 @@ impl Host {
         for id in ids {
             self.close_stream(id, reason);
         }
+        self.close_mic(reason);
+    }
+
+    fn on_capture_demand(&mut self, demand: CaptureDemand) {
+        match demand.device {
+            CaptureDevice::Microphone if demand.active => self.open_mic(demand.frame_us),
+            CaptureDevice::Microphone => self.close_mic("the guest stopped recording"),
+        }
+    }
+
+    /// Opens the microphone for the guest and announces its stream; on failure the
+    /// guest's virtual microphone stays silent, and the log says why.
+    fn open_mic(&mut self, frame_us: u32) {
+        if self.mic.is_some() || self.session.is_none() {
+            return;
+        }
+        if self.config.mic == MicSpec::None {
+            log::info!("melange-host: a guest app records from its microphone; with --mic none it hears silence");
+            return;
+        }
+        let frame_us = if MIC_FRAME_US.contains(&frame_us) { frame_us } else { 10_000 };
+        let frame_samples = MIC_RATE / 1000 * frame_us / 1000;
+        let mic = match MicCapture::open(&self.config.mic, frame_samples) {
+            Ok(mic) => mic,
+            Err(e) => {
+                log::warn!("melange-host: cannot open the microphone for the guest ({e}); it hears silence");
+                return;
+            }
+        };
+        let Some(s) = &mut self.session else { return };
+        match s.open_stream(MIC_STREAM, &crate::mic::stream_open(frame_samples)) {
+            Ok(()) => {
+                log::info!(
+                    "melange-host: microphone opened for the guest: {}, Opus {} kbit/s mono, {} ms packets",
+                    self.config.mic,
+                    crate::mic::MIC_BITRATE / 1000,
+                    f64::from(frame_us) / 1000.0
+                );
+                self.mic = Some(mic);
+            }
+            Err(e) => log::warn!("melange-host: cannot announce the microphone to the guest: {e}"),
+        }
+    }
+
+    fn close_mic(&mut self, why: &str) {
+        if self.mic.take().is_some() {
+            if let Some(s) = &mut self.session {
+                s.close_stream(MIC_STREAM, why);
+            }
+            log::info!("melange-host: microphone closed ({why})");
+        }
+    }
+
+    /// Sends what the microphone captured, in whole packets; returns when the next one
+    /// is due (`CLOCK_MONOTONIC` ns) while it is open.
+    fn pump_mic(&mut self) -> Option<u64> {
+        let (Some(mic), Some(s)) = (&mut self.mic, &mut self.session) else { return None };
+        while let Some(packet) = mic.next_packet() {
+            match packet {
+                Ok(p) => {
+                    // Dropped oldest first by the session if the port falls behind.
+                    let _ = s.send_media(MIC_STREAM, &p);
+                }
+                Err(e) => self.bad_input.warn("microphone", format_args!("encode failed: {e}")),
+            }
+        }
+        Some(mic.wake_at(clock::monotonic_ns()))
     }
 }
 
@@ -796,6 +880,7 @@ mod tests {
             report: None,
             idle_timeout: Duration::from_secs(30),
             stats: false,
+            mic: MicSpec::None,
         };
         let mut host = Host::new(config, Box::new(WavOutput::new(&dir).unwrap()));
         let t0 = Instant::now();
@@ -866,7 +951,13 @@ mod tests {
     #[test]
     fn render_delay_is_reported_to_the_guest_when_it_changes() {
         let delay = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(20_000_000));
-        let config = HostConfig { latency: None, report: None, idle_timeout: Duration::from_secs(30), stats: false };
+        let config = HostConfig {
+            latency: None,
+            report: None,
+            idle_timeout: Duration::from_secs(30),
+            stats: false,
+            mic: MicSpec::None,
+        };
         let mut host = Host::new(config, Box::new(FixedDelay(delay.clone())));
         let t0 = Instant::now();
         let mut guest = connect(&mut host, t0);

@@ -2,6 +2,8 @@
 //!
 //! - [`host`]: the session loop: handshake, one decoder and sink per guest stream,
 //!   gap concealment, per-stream statistics.
+//! - [`mic`]: the user's microphone for the guest, captured only while a guest app
+//!   records from its virtual microphone.
 //! - [`output`]: where audio goes: the host's PipeWire (one playback stream per guest
 //!   app, with the jitter buffer in its real-time callback), WAV files, or nowhere.
 //!
@@ -14,4 +16,5 @@
 #![deny(unsafe_code)]
 
 pub mod host;
+pub mod mic;
 pub mod output;

@@ -45,6 +45,11 @@ struct Cli {
     /// render delay, jitter-buffer fill, drift, lost and dropped packets, underruns.
     #[arg(long)]
     stats: bool,
+    /// The source the guest's virtual microphone records from: default (the host's
+    /// default source), none, or a source's node.name. Opened only while a guest app
+    /// records, closed as soon as none does.
+    #[arg(long, value_name = "default|none|NAME", default_value = "default")]
+    mic: melange_renderer::mic::MicSpec,
     /// Run even as root. melange-host needs no privileges: run it as the user whose
     /// PipeWire plays the sound.
     #[arg(long)]
@@ -120,6 +125,7 @@ fn run(cli: Cli) -> Result<(), String> {
         report: cli.report,
         idle_timeout: Duration::from_secs(cli.idle_timeout),
         stats: cli.stats,
+        mic: cli.mic,
     };
     let mut host = Host::new(config, output);
     host.run(&mut link, &waker, &STOP).map_err(|e| format!("port error on {}: {e}", link.describe()))?;

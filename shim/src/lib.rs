@@ -3,7 +3,8 @@
 //! - Guest side: the [`tap`] ring that the real-time capture callback writes, the
 //!   per-stream [`tap::TapEncoder`] (packetizer), and the [`link`] manager (one I/O
 //!   thread, reconnect, bounded queues), and the [`congestion`] control of Opus's
-//!   bitrate when the port cannot keep up.
+//!   bitrate when the port cannot keep up; the [`mic`] receiver that feeds the virtual
+//!   microphone with the host's.
 //! - The [`latency`] the guest tells its apps, from the parts each side measures.
 //! - Both sides: [`codec`] (Opus through the system libopus, PCM), the jitter buffer's
 //!   [`playout`] decision and [`drift`] control, joined in the real-time [`render`]
@@ -24,6 +25,7 @@ pub mod congestion;
 pub mod drift;
 pub mod latency;
 pub mod link;
+pub mod mic;
 #[allow(unsafe_code)]
 pub mod opus;
 pub mod playout;

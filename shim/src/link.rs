@@ -31,6 +31,7 @@ use melange_transport::session::{Event, Session, SessionConfig};
 use crate::clock;
 use crate::congestion::{BitrateLadder, Step};
 use crate::latency::LatencyEstimate;
+use crate::mic::{MicFeed, MicReceiver};
 use crate::tap::TapEncoder;
 
 /// Most media queued for the port, in time at the rate media is made; beyond it the
@@ -80,6 +81,8 @@ pub struct LinkStats {
 /// of it, so a stream's open, media and close arrive in the order they were sent: a
 /// close never overtakes the stream's last packets.
 enum StreamItem {
+    /// Whether a guest app records from the virtual microphone now.
+    MicWanted(bool),
     Open(u32, StreamOpen),
     Tap(u32, StreamOpen, Box<TapEncoder>),
     Media(u32, MediaPacket),
@@ -99,6 +102,7 @@ pub struct LinkHandle {
 impl std::fmt::Debug for StreamItem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            StreamItem::MicWanted(w) => write!(f, "MicWanted({w})"),
             StreamItem::Open(id, _) => write!(f, "Open({id})"),
             StreamItem::Tap(id, _, _) => write!(f, "Tap({id})"),
             StreamItem::Media(id, p) => write!(f, "Media({id}, {})", p.seq),
@@ -126,6 +130,12 @@ impl LinkHandle {
         let _ = self.items.send(StreamItem::Tap(id, open, Box::new(encoder)));
         self.waker.wake();
         id
+    }
+
+    /// Tells the host whether a guest app records from the virtual microphone now.
+    pub fn want_mic(&self, wanted: bool) {
+        let _ = self.items.send(StreamItem::MicWanted(wanted));
+        self.waker.wake();
     }
 
     /// Wakes the I/O thread (after a tap's writer went away).
@@ -160,12 +170,14 @@ impl LinkHandle {
 }
 
 /// Settings of the guest link.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LinkConfig {
     /// Where the host is.
     pub port: PortSpec,
     /// Software name sent in the handshake.
     pub software: String,
+    /// The virtual microphone's render ring, if the guest has one.
+    pub mic: Option<MicFeed>,
 }
 
 /// The running I/O thread.
@@ -178,7 +190,7 @@ pub struct LinkManager {
 impl LinkManager {
     /// Opens the port and starts the I/O thread. Fails only if the port spec itself
     /// is unusable; an absent host is waited for.
-    pub fn spawn(config: LinkConfig) -> io::Result<Self> {
+    pub fn spawn(mut config: LinkConfig) -> io::Result<Self> {
         let link = Link::open(&config.port)?;
         let (items_tx, items_rx) = crossbeam_channel::bounded(STREAM_QUEUE);
         let shutdown = Arc::new(AtomicBool::new(false));
@@ -191,9 +203,11 @@ impl LinkManager {
             next_id: Arc::new(AtomicU32::new(1)),
             stats: stats.clone(),
         };
+        let mic = config.mic.take().map(MicReceiver::new);
         let mut io = IoThread {
             link,
             config,
+            mic,
             items: items_rx,
             shutdown,
             waker,
@@ -242,6 +256,8 @@ impl Drop for LinkManager {
 struct IoThread {
     link: Link,
     config: LinkConfig,
+    /// The virtual microphone's feed, if the guest has one.
+    mic: Option<MicReceiver>,
     items: Receiver<StreamItem>,
     shutdown: Arc<AtomicBool>,
     waker: Arc<Waker>,
@@ -388,6 +404,22 @@ impl IoThread {
         }
         self.announced.clear();
         self.stats.connected.store(false, Ordering::Relaxed);
+        if let Some(mic) = &mut self.mic {
+            mic.end_session();
+        }
+    }
+
+    /// Tells the host whether the virtual microphone is wanted, if a host is there (a
+    /// new session is told at its start).
+    fn send_mic_demand(&mut self) {
+        let (Some(mic), Some(s)) = (&self.mic, &mut self.session) else { return };
+        let demand = mic.demand();
+        if s.is_established() && s.demand_capture(demand).is_ok() {
+            log::info!(
+                "melange link: {} the host's microphone",
+                if demand.active { "a guest app records: asking for" } else { "no guest app records: releasing" }
+            );
+        }
     }
 
     fn read(&mut self, buf: &mut [u8]) {
@@ -428,6 +460,9 @@ impl IoThread {
                     self.stats.connected.store(true, Ordering::Relaxed);
                     // Streams start with what the taps capture from now on.
                     self.skip_sources();
+                    if self.mic.as_ref().is_some_and(MicReceiver::wanted) {
+                        self.send_mic_demand();
+                    }
                     let ids: Vec<u32> = self.streams.keys().copied().collect();
                     for id in ids {
                         self.announce(id);
@@ -449,15 +484,44 @@ impl IoThread {
                     self.session = None;
                     self.announced.clear();
                     self.stats.connected.store(false, Ordering::Relaxed);
+                    if let Some(mic) = &mut self.mic {
+                        mic.end_session();
+                    }
                     self.link.disconnect();
                     return;
                 }
                 Event::Error(e) => log::debug!("melange link: skipped bad input from host: {e}"),
-                // The host opens no streams towards the guest in this version.
-                Event::StreamOpened { stream, .. } => {
-                    log::debug!("melange link: ignoring host stream {stream}");
+                // The only stream a host opens is the microphone.
+                Event::StreamOpened { stream, open } => {
+                    let taken = match &mut self.mic {
+                        Some(mic) => mic.open(stream, &open),
+                        None => Err("this guest has no virtual microphone".into()),
+                    };
+                    match taken {
+                        Ok(()) => log::info!(
+                            "melange link: the host's microphone arrives as stream {stream}, {}",
+                            open.codec.name()
+                        ),
+                        Err(reason) => {
+                            log::warn!("melange link: refusing host stream {stream}: {reason}");
+                            if let Some(s) = &mut self.session {
+                                s.reject_stream(stream, &reason);
+                            }
+                        }
+                    }
                 }
-                Event::StreamClosed { .. } | Event::Media { .. } | Event::PeerRestarted => {}
+                Event::Media { stream, packet } => {
+                    if let Some(mic) = &mut self.mic {
+                        mic.media(stream, &packet);
+                    }
+                }
+                Event::StreamClosed { stream, reason } => {
+                    if self.mic.as_mut().is_some_and(|m| m.close(stream)) {
+                        log::info!("melange link: the host's microphone stopped ({reason})");
+                    }
+                }
+                // Host-side requests; a guest never gets them from a well-behaved host.
+                Event::CaptureDemand(_) | Event::PeerRestarted => {}
             }
         }
     }
@@ -640,6 +704,11 @@ impl IoThread {
                 return false;
             }
             match self.items.try_recv() {
+                Ok(StreamItem::MicWanted(wanted)) => {
+                    if self.mic.as_mut().is_some_and(|m| m.set_wanted(wanted)) {
+                        self.send_mic_demand();
+                    }
+                }
                 Ok(StreamItem::Open(id, open)) => {
                     self.streams.insert(id, open);
                     self.announce(id);
@@ -703,7 +772,8 @@ mod tests {
         let path = std::env::temp_dir().join(format!("melange-link-order-{}.sock", std::process::id()));
         let mut listener = Link::listen(&path).unwrap();
         let manager =
-            LinkManager::spawn(LinkConfig { port: PortSpec::Unix(path.clone()), software: "test".into() }).unwrap();
+            LinkManager::spawn(LinkConfig { port: PortSpec::Unix(path.clone()), software: "test".into(), mic: None })
+                .unwrap();
         let handle = manager.handle();
 
         let caps = Capabilities { codecs: codec_bits::PCM_S16LE, max_streams: 8 };

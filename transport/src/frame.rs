@@ -51,6 +51,9 @@ pub enum FrameKind {
     /// Receiver to sender, about a stream it plays: how long its audio takes from
     /// arriving to being heard, so the sender can tell its apps the whole latency.
     StreamLatency,
+    /// Guest to host: whether an app in the guest records from a capture device the
+    /// host provides (the virtual microphone), so the host opens the real one only then.
+    CaptureDemand,
     /// A kind this build does not know (from a newer peer).
     Unknown(u8),
 }
@@ -68,6 +71,7 @@ impl FrameKind {
             FrameKind::StreamClose => 0x11,
             FrameKind::StreamReject => 0x12,
             FrameKind::StreamLatency => 0x13,
+            FrameKind::CaptureDemand => 0x14,
             FrameKind::Media => 0x20,
             FrameKind::Unknown(b) => b,
         }
@@ -85,6 +89,7 @@ impl FrameKind {
             0x11 => FrameKind::StreamClose,
             0x12 => FrameKind::StreamReject,
             0x13 => FrameKind::StreamLatency,
+            0x14 => FrameKind::CaptureDemand,
             0x20 => FrameKind::Media,
             other => FrameKind::Unknown(other),
         }

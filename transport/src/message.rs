@@ -206,6 +206,27 @@ pub struct StreamLatency {
     pub render_ns: u64,
 }
 
+/// A capture device the host provides to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CaptureDevice {
+    /// The user's microphone, as the guest's virtual source.
+    Microphone,
+}
+
+/// Whether the guest wants a capture device now (frame kind `CaptureDemand`, stream 0).
+/// Sent on every change and again at the start of each session; the host opens the
+/// device while it is wanted and sends its audio as a stream of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureDemand {
+    /// Which device.
+    pub device: CaptureDevice,
+    /// True while at least one guest app records from it.
+    pub active: bool,
+    /// Packet duration the guest wants, in microseconds (10 000; 5 000 or 2 500 in its
+    /// low-latency mode).
+    pub frame_us: u32,
+}
+
 /// Bytes of the binary media header inside a media frame's payload.
 pub const MEDIA_HEADER_LEN: usize = 16;
 /// Largest encoded payload of one media packet.

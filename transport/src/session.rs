@@ -21,8 +21,8 @@ use crate::frame::{
     encode_frame, Frame, FrameDecoder, FrameError, FrameKind, Header, FLAG_CRITICAL, FRAME_VERSION, MAX_PAYLOAD,
 };
 use crate::message::{
-    decode_control, encode_control, Capabilities, Heartbeat, Hello, MediaPacket, MessageError, Reason, Role, StreamEnd,
-    StreamLatency, StreamOpen, Welcome, MEDIA_HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
+    decode_control, encode_control, Capabilities, CaptureDemand, Heartbeat, Hello, MediaPacket, MessageError, Reason,
+    Role, StreamEnd, StreamLatency, StreamOpen, Welcome, MEDIA_HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use crate::outq::OutQueue;
 
@@ -136,6 +136,8 @@ pub enum Event {
         /// The packet.
         packet: MediaPacket,
     },
+    /// The guest wants a capture device opened, or no longer (host side only).
+    CaptureDemand(CaptureDemand),
     /// The peer reported how long a stream we send takes from arrival to being heard.
     StreamLatency {
         /// Stream id.
@@ -494,6 +496,14 @@ impl Session {
         self.send_control(FrameKind::StreamLatency, stream, "stream-latency", &StreamLatency { render_ns });
     }
 
+    /// Tells the host whether the guest wants a capture device now (guest side).
+    /// Non-critical: a host that does not know the frame kind skips it.
+    pub fn demand_capture(&mut self, demand: CaptureDemand) -> Result<(), SessionError> {
+        self.require_established()?;
+        self.send_control(FrameKind::CaptureDemand, 0, "capture-demand", &demand);
+        Ok(())
+    }
+
     /// Queues one media packet of an open outgoing stream.
     pub fn send_media(&mut self, stream: u32, packet: &MediaPacket) -> Result<(), SessionError> {
         self.require_established()?;
@@ -666,6 +676,12 @@ impl Session {
                     Ok(l) => {
                         self.events.push_back(Event::StreamLatency { stream: header.stream, render_ns: l.render_ns })
                     }
+                    Err(e) => self.events.push_back(Event::Error(e.into())),
+                }
+            }
+            (FrameKind::CaptureDemand, State::Established) if self.config.role == Role::Host => {
+                match decode_control::<CaptureDemand>("capture-demand", &payload) {
+                    Ok(d) => self.events.push_back(Event::CaptureDemand(d)),
                     Err(e) => self.events.push_back(Event::Error(e.into())),
                 }
             }
@@ -912,6 +928,22 @@ mod tests {
         h.consume_output(late.len());
         g.handle_input(now, &late);
         assert!(matches!(&events(&mut g)[..], [Event::Error(SessionError::UnknownStream(5))]));
+    }
+
+    #[test]
+    fn the_guest_asks_for_the_microphone_and_only_the_host_hears_it() {
+        use crate::message::CaptureDevice;
+        let now = Instant::now();
+        let (mut g, mut h) = established(now);
+        let on = CaptureDemand { device: CaptureDevice::Microphone, active: true, frame_us: 10_000 };
+        g.demand_capture(on).unwrap();
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        assert_eq!(events(&mut h), [Event::CaptureDemand(on)]);
+        // The other way it is not the protocol: an error event, the session goes on.
+        h.demand_capture(on).unwrap();
+        shuttle(now, &mut h, &mut g, usize::MAX);
+        assert!(matches!(&events(&mut g)[..], [Event::Error(SessionError::Unexpected { .. })]));
+        assert!(g.is_established() && h.is_established());
     }
 
     #[test]

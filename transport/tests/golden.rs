@@ -6,8 +6,8 @@
 
 use melange_transport::frame::{encode_frame, FrameDecoder, FrameKind};
 use melange_transport::message::{
-    encode_control, AppInfo, AudioFormat, Capabilities, Codec, Heartbeat, Hello, MediaKind, MediaPacket, Reason, Role,
-    StreamEnd, StreamLatency, StreamOpen, Welcome,
+    encode_control, AppInfo, AudioFormat, Capabilities, CaptureDemand, CaptureDevice, Codec, Heartbeat, Hello,
+    MediaKind, MediaPacket, Reason, Role, StreamEnd, StreamLatency, StreamOpen, Welcome,
 };
 
 fn hex(bytes: &[u8]) -> String {
@@ -60,7 +60,7 @@ fn every_frame_kind_is_pinned() {
             .encode_into(&mut p);
         p
     };
-    let cases: [(&str, FrameKind, u32, Vec<u8>, &str); 10] = [
+    let cases: [(&str, FrameKind, u32, Vec<u8>, &str); 11] = [
         (
             "hello",
             FrameKind::Hello,
@@ -127,6 +127,17 @@ fn every_frame_kind_is_pinned() {
             7,
             encode_control("stream-latency", &StreamLatency { render_ns: 12_500_000 }).unwrap(),
             "4d4c4e4701130000070000000400990ea0f8fa05",
+        ),
+        (
+            "capture-demand",
+            FrameKind::CaptureDemand,
+            0,
+            encode_control(
+                "capture-demand",
+                &CaptureDemand { device: CaptureDevice::Microphone, active: true, frame_us: 10_000 },
+            )
+            .unwrap(),
+            "4d4c4e470114000000000000040073770001904e",
         ),
         ("media", FrameKind::Media, 7, media, "4d4c4e47012000000700000012000a7e040302018877665544332211e0010000aabb"),
     ];

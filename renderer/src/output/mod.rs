@@ -14,6 +14,7 @@ use thiserror::Error;
 
 pub use self::null::NullOutput;
 
+pub(crate) use self::pipewire::format_pod;
 pub use self::pipewire::PipeWireOutput;
 pub use self::wav::{WavOutput, WavWriter};
 

@@ -1,0 +1,195 @@
+//! The guest's end of the user's microphone: what the link's I/O thread does for the
+//! virtual source.
+//!
+//! The module counts the guest apps recording from its virtual microphone and tells
+//! the link whether any does ([`MicReceiver::set_wanted`]); the link tells the host
+//! (`CaptureDemand`), at every change and at the start of every session. The host
+//! answers with a stream of its own, mono at 48 kHz; [`MicReceiver`] decodes it into
+//! the virtual source's render ring ([`crate::render`]), whose real-time callback plays
+//! it on the guest's clock with its own jitter buffer and drift control. Without that
+//! stream (no host, no microphone, `--mic none`) the ring stays empty and the source
+//! plays silence.
+//!
+//! Sans-IO: tested with packets made by the same encoder the host uses.
+
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rtrb::Producer;
+
+use crate::codec::StreamDecoder;
+use crate::render::RenderStats;
+use melange_transport::message::{CaptureDemand, CaptureDevice, MediaKind, MediaPacket, StreamOpen};
+
+/// The microphone's rate and channels, as the virtual source offers them.
+pub const MIC_RATE: u32 = 48_000;
+/// See [`MIC_RATE`].
+pub const MIC_CHANNELS: u8 = 1;
+
+/// The feeding end of the virtual source's render ring.
+#[derive(Debug)]
+pub struct MicFeed {
+    /// Decoded samples go here.
+    pub producer: Producer<f32>,
+    /// The render core's counters and flags ([`RenderStats::restart`] for a new stream).
+    pub stats: Arc<RenderStats>,
+    /// Packet duration to ask the host for, microseconds.
+    pub frame_us: u32,
+}
+
+/// The microphone stream's state on the guest's I/O thread. See the module docs.
+#[derive(Debug)]
+pub struct MicReceiver {
+    feed: MicFeed,
+    wanted: bool,
+    stream: Option<(u32, StreamDecoder)>,
+    scratch: Vec<f32>,
+    /// Packets that failed to decode, and samples the ring had no room for.
+    bad_packets: u64,
+    overflow_samples: u64,
+}
+
+impl MicReceiver {
+    /// Feeds `feed`; nothing is wanted until [`MicReceiver::set_wanted`].
+    pub fn new(feed: MicFeed) -> Self {
+        Self { feed, wanted: false, stream: None, scratch: Vec::new(), bad_packets: 0, overflow_samples: 0 }
+    }
+
+    /// What to tell the host now.
+    pub fn demand(&self) -> CaptureDemand {
+        CaptureDemand { device: CaptureDevice::Microphone, active: self.wanted, frame_us: self.feed.frame_us }
+    }
+
+    /// Whether any guest app records now; true if that changed.
+    pub fn set_wanted(&mut self, wanted: bool) -> bool {
+        std::mem::replace(&mut self.wanted, wanted) != wanted
+    }
+
+    /// True while a guest app records.
+    pub fn wanted(&self) -> bool {
+        self.wanted
+    }
+
+    /// Takes the stream the host opened if it is a microphone the source can play;
+    /// otherwise says why, for the stream-reject.
+    pub fn open(&mut self, stream: u32, open: &StreamOpen) -> Result<(), String> {
+        let MediaKind::Audio(format) = &open.media;
+        if format.rate != MIC_RATE || format.channels != MIC_CHANNELS {
+            return Err(format!(
+                "the guest's microphone takes {MIC_CHANNELS} channel at {MIC_RATE} Hz, not {} at {} Hz",
+                format.channels, format.rate
+            ));
+        }
+        let decoder = StreamDecoder::new(format, &open.codec, open.frame_samples).map_err(|e| e.to_string())?;
+        self.stream = Some((stream, decoder));
+        self.feed.stats.restart.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Decodes a packet of the microphone stream into the ring; false if `stream` is
+    /// not the microphone.
+    pub fn media(&mut self, stream: u32, packet: &MediaPacket) -> bool {
+        let Some((id, decoder)) = &mut self.stream else { return false };
+        if *id != stream {
+            return false;
+        }
+        self.scratch.clear();
+        if decoder.decode(&packet.data, packet.duration as usize, &mut self.scratch).is_err() {
+            self.bad_packets += 1;
+            return true;
+        }
+        let n = self.scratch.len().min(self.feed.producer.slots());
+        if let Ok(chunk) = self.feed.producer.write_chunk_uninit(n) {
+            chunk.fill_from_iter(self.scratch[..n].iter().copied());
+        }
+        self.overflow_samples += (self.scratch.len() - n) as u64;
+        true
+    }
+
+    /// The host ended `stream`; true if it was the microphone. What is buffered plays
+    /// out, then the source is silent.
+    pub fn close(&mut self, stream: u32) -> bool {
+        let ours = self.stream.as_ref().is_some_and(|(id, _)| *id == stream);
+        if ours {
+            self.stream = None;
+        }
+        ours
+    }
+
+    /// The session ended: its stream with it.
+    pub fn end_session(&mut self) {
+        self.stream = None;
+    }
+
+    /// True while the host sends the microphone.
+    pub fn is_streaming(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    /// Packets that failed to decode and samples dropped for want of room, so far.
+    pub fn losses(&self) -> (u64, u64) {
+        (self.bad_packets, self.overflow_samples)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::FrameEncoder;
+    use crate::opus::Application;
+    use crate::render::{render_ring, RenderConfig};
+    use melange_transport::message::{AppInfo, AudioFormat, Codec};
+
+    fn format() -> AudioFormat {
+        AudioFormat { rate: 48_000, channels: 1, positions: vec![2] }
+    }
+
+    fn open(format: AudioFormat) -> StreamOpen {
+        StreamOpen {
+            media: MediaKind::Audio(format),
+            codec: Codec::Opus { bitrate: 32_000 },
+            frame_samples: 480,
+            app: AppInfo::default(),
+        }
+    }
+
+    #[test]
+    fn the_hosts_microphone_is_decoded_into_the_source_and_played() {
+        let config = RenderConfig { rate: 48_000, channels: 1, latency_frames: 960, trim: false, quantum: 256 };
+        let (producer, mut core) = render_ring(config, 24_000);
+        let feed = MicFeed { producer, stats: core.stats().clone(), frame_us: 10_000 };
+        let mut mic = MicReceiver::new(feed);
+        assert!(!mic.demand().active);
+        assert!(mic.set_wanted(true) && !mic.set_wanted(true));
+        assert_eq!(mic.demand(), CaptureDemand { device: CaptureDevice::Microphone, active: true, frame_us: 10_000 });
+
+        assert!(mic.open(3, &open(AudioFormat { rate: 48_000, channels: 2, positions: vec![3, 4] })).is_err());
+        mic.open(3, &open(format())).unwrap();
+        let mut enc = FrameEncoder::new(&format(), &Codec::Opus { bitrate: 32_000 }, 480, Application::Voip).unwrap();
+        // 400 Hz at half scale, 200 ms.
+        let tone: Vec<f32> =
+            (0..9600).map(|i| 0.5 * (i as f32 * 400.0 * std::f32::consts::TAU / 48_000.0).sin()).collect();
+        for (seq, frame) in tone.chunks(480).enumerate() {
+            let bytes: Vec<u8> = frame.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let mut data = Vec::new();
+            enc.encode(&bytes, &mut data).unwrap();
+            let packet = MediaPacket { seq: seq as u32, pts_ns: 0, duration: 480, data };
+            assert!(mic.media(3, &packet));
+            assert!(!mic.media(4, &packet), "another stream is not the microphone");
+        }
+        let mut played = Vec::new();
+        let mut out = vec![0u8; 256 * 4];
+        for c in 0..30 {
+            core.cycle(Some(c * 256), &mut out);
+            played.extend(out.chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])));
+        }
+        // Past the encoder's lookahead and the start: the tone's level (-9 dBFS RMS).
+        let body = &played[2400..7000];
+        let rms = (body.iter().map(|v| v * v).sum::<f32>() / body.len() as f32).sqrt();
+        assert!((20.0 * rms.log10() - 20.0 * (0.5f32 / 2f32.sqrt()).log10()).abs() < 1.0, "rms {rms}");
+        assert_eq!(mic.losses(), (0, 0));
+        assert!(mic.close(3) && !mic.is_streaming());
+    }
+}

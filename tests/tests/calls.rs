@@ -1,0 +1,166 @@
+//! Calls: the user's microphone in the guest, on real daemons. The host's PipeWire has
+//! a source playing a known tone; a guest app records from the virtual microphone.
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use melange_tests::{audio, scratch, start_guest, start_host, wait_until, GuestCodec, PipeWire, Proc};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The tone the host's source plays: 1 kHz, mono, 0.25 of full scale.
+const TONE_AMP: f64 = 0.25;
+
+/// A source node `name` in the host's session that plays a 1 kHz tone for `seconds`:
+/// pw-play's stream offered as an `Audio/Source`, which only runs while something
+/// records from it, as a microphone does.
+fn tone_source(pw: &PipeWire, dir: &Path, name: &str, seconds: f64) -> Child {
+    let file = dir.join("mic-tone.wav");
+    audio::write_wav_s16(&file, 48000, 1, &audio::to_s16(&audio::tone(1000.0, 48000, seconds, TONE_AMP), 1));
+    let props =
+        format!("{{ media.class=Audio/Source node.name={name} node.description={name} priority.session=1500 }}");
+    let child = pw.command("pw-play").args(["-P", &props]).arg(&file).spawn().expect("pw-play starts");
+    wait_until(Duration::from_secs(10), || pw.node_props(name)).unwrap_or_else(|| panic!("source {name} appears"));
+    child
+}
+
+/// melange-host listening on `sock`, playing into the host session, with `extra` args.
+fn host(pw: &PipeWire, dir: &Path, sock: &Path, extra: &[&str]) -> Proc {
+    let listen = format!("unix:{}", sock.display());
+    let args: Vec<&str> =
+        ["--listen", &listen, "--output", "pipewire"].into_iter().chain(extra.iter().copied()).collect();
+    let mut host = start_host(&args, Some(pw), dir);
+    host.wait_for_log("waiting for a guest", Duration::from_secs(10));
+    host
+}
+
+/// The guest module, connected to `sock` (waits for the host only if `connected`), with
+/// its microphone in the guest's graph.
+fn guest(pw: &PipeWire, dir: &Path, sock: &Path, connected: bool) -> Proc {
+    let mut guest =
+        start_guest(pw, &format!("unix:{}", sock.display()), GuestCodec::Opus(128_000), dir.join("guest.log"));
+    if connected {
+        guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+    }
+    wait_until(Duration::from_secs(10), || pw.node_props("melange.mic")).expect("the guest's microphone appears");
+    guest
+}
+
+/// pw-record in the guest, mono, until stopped: from the default source, or from the
+/// virtual microphone by name.
+fn record(pw: &PipeWire, dir: &Path, name: &str, by_name: bool) -> (Proc, PathBuf) {
+    let path = dir.join(name);
+    let mut cmd = pw.command("pw-record");
+    if by_name {
+        cmd.args(["--target", "melange.mic"]);
+    }
+    cmd.args(["--channels", "1", "--rate", "48000"]).arg(&path);
+    (Proc::spawn(cmd, dir.join(format!("{name}.log"))).stop_with_sigint(), path)
+}
+
+/// True while the host's graph has melange-host's capture stream.
+fn host_captures(pw: &PipeWire) -> bool {
+    pw.node_props("melange.mic").is_some()
+}
+
+/// A guest app records from the default source, the virtual microphone, for 4 s: the
+/// host opens its capture stream only then and closes it within a second of the app
+/// stopping, and the app hears the host's tone at its level (Opus, within 1 dB) and
+/// frequency.
+#[test]
+fn a_guest_app_hears_the_hosts_microphone_which_is_open_only_while_it_records() {
+    let _serial = serial();
+    let dir = scratch("mic-tone");
+    let sock = dir.join("port.sock");
+    let host_pw = PipeWire::start(&dir.join("host"));
+    host_pw.add_null_sink("speakers");
+    let mut source = tone_source(&host_pw, &dir, "test-mic", 30.0);
+    let mut host = host(&host_pw, &dir, &sock, &[]);
+    let guest_pw = PipeWire::start(&dir.join("guest"));
+    let mut guest = guest(&guest_pw, &dir, &sock, true);
+    std::thread::sleep(Duration::from_secs(1));
+    let closed_before = !host_captures(&host_pw);
+
+    // From the default source: the virtual microphone is the guest's default.
+    let (mut rec, path) = record(&guest_pw, &dir, "recorded.wav", false);
+    let started = Instant::now();
+    let opened = wait_until(Duration::from_secs(5), || host_captures(&host_pw).then(|| started.elapsed()));
+    std::thread::sleep(Duration::from_secs(4));
+    rec.stop();
+    let stopped = Instant::now();
+    let closed = wait_until(Duration::from_secs(5), || (!host_captures(&host_pw)).then(|| stopped.elapsed()));
+    let _ = source.kill();
+    let _ = source.wait();
+    guest.stop();
+    host.stop();
+
+    let out = audio::read_wav(&path).expect("pw-record wrote a WAV");
+    let x = out.channel(0);
+    let first = x.iter().position(|v| v.abs() > 0.05).map(|i| i as f64 * 1000.0 / f64::from(out.rate));
+    eprintln!(
+        "capture opened on the host {opened:?} after the guest app started recording, closed {closed:?} after it \
+         stopped; the tone's first sample is {first:?} ms into the recording"
+    );
+    assert!(closed_before, "the host captured before any guest app recorded");
+    assert!(opened.is_some(), "the host never opened its microphone:\n{}", host.log_text());
+    let closed = closed.unwrap_or_else(|| panic!("the host kept its microphone open:\n{}", host.log_text()));
+    assert!(closed <= Duration::from_secs(1), "the host closed its microphone {closed:?} after the app stopped");
+    let body = audio::middle(audio::active(&x, 0.01), 0.8);
+    assert!(body.len() as f64 >= 2.5 * f64::from(out.rate), "only {} samples of tone", body.len());
+    let f = audio::median_frequency(body, out.rate);
+    assert!((f - 1000.0).abs() < 2.5, "recorded {f} Hz");
+    let level = audio::rms_db(body);
+    let want = 20.0 * (TONE_AMP / 2f64.sqrt()).log10();
+    assert!((level - want).abs() < 1.0, "recorded {level:.2} dBFS, the host's microphone had {want:.2}");
+    let log = host.log_text();
+    assert!(log.contains("microphone opened") && log.contains("microphone closed"), "{log}");
+}
+
+/// With `--mic none`, and then with no host at all, a guest app recording from the
+/// virtual microphone gets silence, in time and without an error, and the host never
+/// opens a capture stream.
+#[test]
+fn without_a_microphone_or_a_host_the_guest_records_silence() {
+    let _serial = serial();
+    let dir = scratch("mic-none");
+    let sock = dir.join("port.sock");
+    let host_pw = PipeWire::start(&dir.join("host"));
+    host_pw.add_null_sink("speakers");
+    let mut source = tone_source(&host_pw, &dir, "test-mic", 30.0);
+    let mut host = host(&host_pw, &dir, &sock, &["--mic", "none"]);
+    let guest_pw = PipeWire::start(&dir.join("guest"));
+    let mut guest = guest(&guest_pw, &dir, &sock, true);
+
+    let (mut rec, none_path) = record(&guest_pw, &dir, "mic-none.wav", true);
+    let mut captured = false;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        captured |= host_captures(&host_pw);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    rec.stop();
+    host.stop();
+    let (mut rec, absent_path) = record(&guest_pw, &dir, "no-host.wav", true);
+    std::thread::sleep(Duration::from_secs(3));
+    rec.stop();
+    let _ = source.kill();
+    let _ = source.wait();
+    guest.stop();
+
+    assert!(!captured, "the host opened a capture stream with --mic none");
+    assert!(host.log_text().contains("--mic none"), "{}", host.log_text());
+    for path in [none_path, absent_path] {
+        let out = audio::read_wav(&path).expect("pw-record wrote a WAV");
+        let x = out.channel(0);
+        let peak = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        eprintln!("{}: {:.2} s, peak {peak}", path.display(), out.seconds());
+        assert!(out.seconds() >= 2.0, "{}: only {:.2} s recorded", path.display(), out.seconds());
+        assert!(peak == 0.0, "{}: not silence (peak {peak})", path.display());
+    }
+}
