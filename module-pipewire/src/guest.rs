@@ -17,7 +17,7 @@ use melange_shim::link::{LinkConfig, LinkHandle, LinkManager, LinkStats};
 use melange_shim::mic::{MicFeed, MIC_RATE};
 use melange_shim::render::{jitter_margin_frames, render_ring, RenderConfig, RenderCore};
 use melange_shim::tap::{tap_ring, TapEncoder, TapStats, TapWriter};
-use melange_transport::message::{AppInfo, AudioFormat, MediaKind, StreamOpen};
+use melange_transport::message::{AppInfo, AudioFormat, MediaKind, StreamOpen, Volume};
 use pipewire as pw;
 use pw::core::CoreBox;
 use pw::properties::properties;
@@ -165,9 +165,11 @@ struct State {
     config: Config,
     core: &'static CoreBox<'static>,
     link: LinkHandle,
-    /// The redirect sink: passive, this process's own (see [`ensure_sinks`]).
+    /// The redirect sink: passive, this process's own (see [`ensure_sinks`]), and the
+    /// watch on its volume.
     sink_id: Option<u32>,
     sink_proxy: Option<pw::node::Node>,
+    sink_listener: Option<pw::node::NodeListener>,
     /// The standby sink: lingering, for when this process is not running.
     standby_id: Option<u32>,
     standby_proxy: Option<pw::node::Node>,
@@ -255,6 +257,7 @@ impl Guest {
             link: link.handle(),
             sink_id: None,
             sink_proxy: None,
+            sink_listener: None,
             standby_id: None,
             standby_proxy: None,
             synced: false,
@@ -329,6 +332,10 @@ impl Guest {
         let latency_timer = main_loop.add_timer(move |_| {
             if let Some(state) = weak.upgrade() {
                 ticks.set(ticks.get().wrapping_add(1));
+                if let Some(volume) = state.borrow().link.take_host_volume() {
+                    log::info!("melange: the host set the volume; putting it on the redirect sink");
+                    apply_host_volume(&state.borrow(), &volume);
+                }
                 for tap in state.borrow_mut().taps.values_mut() {
                     tap.publish_latency();
                     if ticks.get() % COUNTER_TICKS == 0 {
@@ -368,6 +375,7 @@ impl Guest {
             s.taps.clear();
             s.apps.clear();
             s.mic.take();
+            s.sink_listener.take();
             s.sink_proxy.take();
             s.standby_proxy.take();
         }
@@ -542,6 +550,7 @@ fn ensure_sinks(state: &Rc<RefCell<State>>) {
         let name = s.config.sink_name.clone();
         let description = s.config.sink_description.clone();
         s.sink_proxy = create_sink(&s, &name, &description, SinkKind::Redirect);
+        s.sink_listener = s.sink_proxy.as_ref().map(|p| watch_volume(p, s.link.clone()));
     }
     if let Some(core) = s.mic_core.take() {
         match create_mic(&s, core) {
@@ -615,6 +624,67 @@ fn create_mic(s: &State, core: RenderCore) -> Result<MicSource, String> {
         .map_err(|e| format!("cannot connect the microphone's stream: {e}"))?;
     log::info!("melange: created the microphone {name} (\"{description}\")");
     Ok(MicSource { _listener: listener, _stream: stream })
+}
+
+/// Tells the link the redirect sink's volume and mute whenever they change: the taps
+/// take the apps' audio before the sink, so the host applies them (and the link sends
+/// nothing while muted).
+fn watch_volume(sink: &pw::node::Node, link: LinkHandle) -> pw::node::NodeListener {
+    let listener = sink
+        .add_listener_local()
+        .param(move |_seq, id, _index, _next, param| {
+            if id == spa::param::ParamType::Props {
+                if let Some(volume) = param.and_then(parse_volume) {
+                    link.set_volume(volume);
+                }
+            }
+        })
+        .register();
+    sink.subscribe_params(&[spa::param::ParamType::Props]);
+    listener
+}
+
+/// `channelVolumes` and `mute` from a node's Props, if it has them.
+fn parse_volume(pod: &spa::pod::Pod) -> Option<Volume> {
+    use spa::pod::{Value, ValueArray};
+    let (_, value) = spa::pod::deserialize::PodDeserializer::deserialize_any_from(pod.as_bytes()).ok()?;
+    let Value::Object(obj) = value else { return None };
+    let mut channels = None;
+    let mut mute = None;
+    for p in obj.properties {
+        match (p.key, p.value) {
+            (spa::sys::SPA_PROP_channelVolumes, Value::ValueArray(ValueArray::Float(v))) if !v.is_empty() => {
+                channels = Some(v)
+            }
+            (spa::sys::SPA_PROP_mute, Value::Bool(m)) => mute = Some(m),
+            _ => {}
+        }
+    }
+    Some(Volume { channels: channels?, mute: mute.unwrap_or(false) })
+}
+
+/// Puts the volume the host asked for on the redirect sink; its change comes back
+/// through [`watch_volume`] and goes to the host as the guest's.
+fn apply_host_volume(s: &State, volume: &Volume) {
+    use spa::pod::{Property, Value, ValueArray};
+    let Some(sink) = &s.sink_proxy else { return };
+    let obj = spa::pod::Object {
+        type_: spa::utils::SpaTypes::ObjectParamProps.as_raw(),
+        id: spa::param::ParamType::Props.as_raw(),
+        properties: vec![
+            Property::new(
+                spa::sys::SPA_PROP_channelVolumes,
+                Value::ValueArray(ValueArray::Float(volume.gains(POSITIONS.len()))),
+            ),
+            Property::new(spa::sys::SPA_PROP_mute, Value::Bool(volume.mute)),
+        ],
+    };
+    let pod = spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &Value::Object(obj))
+        .map(|(c, _)| c.into_inner());
+    match pod.as_deref().ok().and_then(spa::pod::Pod::from_bytes) {
+        Some(pod) => sink.set_param(spa::param::ParamType::Props, 0, pod),
+        None => log::warn!("melange: cannot build the volume the host asked for"),
+    }
 }
 
 /// Which of the two sinks [`ensure_sinks`] makes.

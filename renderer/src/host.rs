@@ -15,7 +15,7 @@ use melange_shim::clock;
 use melange_shim::codec::{validate, StreamDecoder};
 use melange_transport::frame::HEADER_LEN;
 use melange_transport::message::{
-    codec_bits, Capabilities, CaptureDemand, CaptureDevice, Codec, MediaKind, MediaPacket, Role, StreamOpen,
+    codec_bits, Capabilities, CaptureDemand, CaptureDevice, Codec, MediaKind, MediaPacket, Role, StreamOpen, Volume,
     MEDIA_HEADER_LEN,
 };
 use melange_transport::port::{Link, LinkEvent, Waker};
@@ -219,6 +219,8 @@ pub struct Host {
     stats_at: Instant,
     /// The microphone while the guest records from it.
     mic: Option<MicCapture>,
+    /// The guest's output volume, applied to every stream (see [`Volume`]).
+    volume: Volume,
 }
 
 impl std::fmt::Debug for Host {
@@ -242,6 +244,7 @@ impl Host {
             last_connect_error: None,
             stats_at: Instant::now(),
             mic: None,
+            volume: Volume::unity(),
         }
     }
 
@@ -318,6 +321,8 @@ impl Host {
     fn start_session(&mut self) {
         self.close_all("new connection");
         self.sessions += 1;
+        // The guest says its volume at the start of each session.
+        self.volume = Volume::unity();
         let (now, now_ns) = clock::now_pair();
         let mut cfg = SessionConfig::new(
             Role::Host,
@@ -383,6 +388,13 @@ impl Host {
                 s.handle_timeout(now);
             }
         }
+        if let Some(volume) = self.output.take_user_volume().filter(|v| !v.same_as(&self.volume)) {
+            log::info!("melange-host: volume set on the host: {}; the guest follows", volume);
+            if let Some(s) = &mut self.session {
+                let _ = s.send_volume(&volume);
+            }
+            self.apply_volume(volume);
+        }
         let idle = self.config.idle_timeout;
         for (id, s) in &mut self.streams {
             if s.sink.is_some() && now.saturating_duration_since(s.last_media) >= idle {
@@ -424,6 +436,10 @@ impl Host {
                 Event::StreamClosed { stream, reason } => self.close_stream(stream, &reason),
                 Event::Media { stream, packet } => self.on_media(now, stream, &packet),
                 Event::CaptureDemand(demand) => self.on_capture_demand(demand),
+                Event::Volume(volume) => {
+                    log::info!("melange-host: the guest's volume is now {}", volume);
+                    self.apply_volume(volume);
+                }
                 Event::PeerRestarted => {
                     log::info!("melange-host: the guest side restarted; starting a new session");
                     self.close_all("guest restarted");
@@ -474,7 +490,8 @@ impl Host {
                     format: format.clone(),
                     open: open.clone(),
                 };
-                let sink = self.output.open(&desc).map_err(|e| e.to_string())?;
+                let mut sink = self.output.open(&desc).map_err(|e| e.to_string())?;
+                sink.set_volume(&self.volume);
                 Ok((desc, decoder, sink))
             });
         match result {
@@ -554,7 +571,8 @@ impl Host {
             }
             s.desc.part += 1;
             match self.output.open(&s.desc) {
-                Ok(sink) => {
+                Ok(mut sink) => {
+                    sink.set_volume(&self.volume);
                     log::info!("melange-host: stream {stream} plays again -> {}", sink.describe());
                     s.output = sink.describe();
                     s.sink = Some(sink);
@@ -758,6 +776,14 @@ impl Host {
             self.close_stream(id, reason);
         }
         self.close_mic(reason);
+    }
+
+    /// Puts the guest's volume on every stream's output.
+    fn apply_volume(&mut self, volume: Volume) {
+        for sink in self.streams.values_mut().filter_map(|s| s.sink.as_mut()) {
+            sink.set_volume(&volume);
+        }
+        self.volume = volume;
     }
 
     fn on_capture_demand(&mut self, demand: CaptureDemand) {

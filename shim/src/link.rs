@@ -19,12 +19,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use melange_transport::message::{codec_bits, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamOpen};
+use melange_transport::message::{codec_bits, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamOpen, Volume};
 use melange_transport::port::{Link, LinkEvent, PortSpec, Waker};
 use melange_transport::session::{Event, Session, SessionConfig};
 
@@ -83,6 +83,8 @@ pub struct LinkStats {
 enum StreamItem {
     /// Whether a guest app records from the virtual microphone now.
     MicWanted(bool),
+    /// The redirect sink's volume changed.
+    Volume(Volume),
     Open(u32, StreamOpen),
     Tap(u32, StreamOpen, Box<TapEncoder>),
     Media(u32, MediaPacket),
@@ -97,12 +99,15 @@ pub struct LinkHandle {
     waker: Arc<Waker>,
     next_id: Arc<AtomicU32>,
     stats: Arc<LinkStats>,
+    /// What the host last asked the redirect sink's volume to be, until taken.
+    host_volume: Arc<Mutex<Option<Volume>>>,
 }
 
 impl std::fmt::Debug for StreamItem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StreamItem::MicWanted(w) => write!(f, "MicWanted({w})"),
+            StreamItem::Volume(v) => write!(f, "Volume({v:?})"),
             StreamItem::Open(id, _) => write!(f, "Open({id})"),
             StreamItem::Tap(id, _, _) => write!(f, "Tap({id})"),
             StreamItem::Media(id, p) => write!(f, "Media({id}, {})", p.seq),
@@ -136,6 +141,18 @@ impl LinkHandle {
     pub fn want_mic(&self, wanted: bool) {
         let _ = self.items.send(StreamItem::MicWanted(wanted));
         self.waker.wake();
+    }
+
+    /// Tells the host the redirect sink's volume and mute: it applies them to every
+    /// stream, and while muted nothing is sent at all.
+    pub fn set_volume(&self, volume: Volume) {
+        let _ = self.items.send(StreamItem::Volume(volume));
+        self.waker.wake();
+    }
+
+    /// A volume the user set on the host since the last call, for the redirect sink.
+    pub fn take_host_volume(&self) -> Option<Volume> {
+        self.host_volume.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Wakes the I/O thread (after a tap's writer went away).
@@ -202,12 +219,15 @@ impl LinkManager {
             waker: waker.clone(),
             next_id: Arc::new(AtomicU32::new(1)),
             stats: stats.clone(),
+            host_volume: Arc::default(),
         };
         let mic = config.mic.take().map(MicReceiver::new);
         let mut io = IoThread {
             link,
             config,
             mic,
+            volume: Volume::unity(),
+            host_volume: handle.host_volume.clone(),
             items: items_rx,
             shutdown,
             waker,
@@ -258,6 +278,10 @@ struct IoThread {
     config: LinkConfig,
     /// The virtual microphone's feed, if the guest has one.
     mic: Option<MicReceiver>,
+    /// The redirect sink's volume; nothing is sent while it is muted.
+    volume: Volume,
+    /// Where a volume the host asks for waits for the module (see [`LinkHandle`]).
+    host_volume: Arc<Mutex<Option<Volume>>>,
     items: Receiver<StreamItem>,
     shutdown: Arc<AtomicBool>,
     waker: Arc<Waker>,
@@ -409,6 +433,14 @@ impl IoThread {
         }
     }
 
+    /// Tells the host the redirect sink's volume, if a host is there (a new session is
+    /// told at its start).
+    fn send_volume(&mut self) {
+        if let Some(s) = self.session.as_mut().filter(|s| s.is_established()) {
+            let _ = s.send_volume(&self.volume);
+        }
+    }
+
     /// Tells the host whether the virtual microphone is wanted, if a host is there (a
     /// new session is told at its start).
     fn send_mic_demand(&mut self) {
@@ -460,6 +492,7 @@ impl IoThread {
                     self.stats.connected.store(true, Ordering::Relaxed);
                     // Streams start with what the taps capture from now on.
                     self.skip_sources();
+                    self.send_volume();
                     if self.mic.as_ref().is_some_and(MicReceiver::wanted) {
                         self.send_mic_demand();
                     }
@@ -520,6 +553,12 @@ impl IoThread {
                         log::info!("melange link: the host's microphone stopped ({reason})");
                     }
                 }
+                Event::Volume(volume) => {
+                    log::info!("melange link: the host sets the volume to {volume}");
+                    // The module puts it on the redirect sink, whose change comes back
+                    // here as StreamItem::Volume.
+                    *self.host_volume.lock().unwrap_or_else(|e| e.into_inner()) = Some(volume);
+                }
                 // Host-side requests; a guest never gets them from a well-behaved host.
                 Event::CaptureDemand(_) | Event::PeerRestarted => {}
             }
@@ -555,9 +594,10 @@ impl IoThread {
         }
     }
 
-    /// True while a host takes media: a session is established.
+    /// True while a host takes media: a session is established and the redirect sink
+    /// is not muted (muting sends nothing, not encoded silence).
     fn sending(&self) -> bool {
-        self.session.as_ref().is_some_and(Session::is_established)
+        !self.volume.mute && self.session.as_ref().is_some_and(Session::is_established)
     }
 
     /// Encodes every whole packet waiting in the taps and closes the streams of taps
@@ -704,6 +744,17 @@ impl IoThread {
                 return false;
             }
             match self.items.try_recv() {
+                Ok(StreamItem::Volume(volume)) => {
+                    if !volume.same_as(&self.volume) {
+                        let unmuted = self.volume.mute && !volume.mute;
+                        self.volume = volume;
+                        if unmuted {
+                            // What waited while muted is not sent late.
+                            self.skip_sources();
+                        }
+                        self.send_volume();
+                    }
+                }
                 Ok(StreamItem::MicWanted(wanted)) => {
                     if self.mic.as_mut().is_some_and(|m| m.set_wanted(wanted)) {
                         self.send_mic_demand();

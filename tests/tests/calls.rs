@@ -6,7 +6,7 @@ use std::process::Child;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use melange_tests::{audio, scratch, start_guest, start_host, wait_until, GuestCodec, PipeWire, Proc};
+use melange_tests::{audio, scratch, start_guest, start_host, wait_until, GuestCodec, PipeWire, Proc, Redirected};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -163,4 +163,126 @@ fn without_a_microphone_or_a_host_the_guest_records_silence() {
         assert!(out.seconds() >= 2.0, "{}: only {:.2} s recorded", path.display(), out.seconds());
         assert!(peak == 0.0, "{}: not silence (peak {peak})", path.display());
     }
+}
+
+/// The global id of the node called `name`, for wpctl.
+fn node_id(pw: &PipeWire, name: &str) -> String {
+    let ids: Vec<String> = pw
+        .dump()
+        .into_iter()
+        .filter(|o| o["type"] == "PipeWire:Interface:Node" && o["info"]["props"]["node.name"] == name)
+        .map(|o| o["id"].to_string())
+        .collect();
+    ids.into_iter().next().unwrap_or_else(|| panic!("no node {name}"))
+}
+
+/// `wpctl get-volume ID`: the volume as wpctl shows it (cubic, 1.0 full) and whether muted.
+fn wpctl_volume(pw: &PipeWire, id: &str) -> (f64, bool) {
+    let out = pw.run("wpctl", &["get-volume", id]);
+    let v = out.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(-1.0);
+    (v, out.contains("MUTED"))
+}
+
+/// The level of the 1 kHz tone the host plays for guest stream 1 over `seconds`,
+/// recorded from its playback stream; `None` if silent.
+fn host_level(rig: &Redirected, dir: &Path, name: &str, seconds: f64) -> Option<f64> {
+    let path = dir.join(name);
+    let mut cmd = rig.host_pw.command("pw-record");
+    cmd.args(["--target", "melange.s1.stream1"]).arg(&path);
+    let mut rec = Proc::spawn(cmd, dir.join(format!("{name}.log"))).stop_with_sigint();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    rec.stop();
+    let out = audio::read_wav(&path).expect("pw-record wrote a WAV");
+    let x = out.channel(0);
+    let body = audio::middle(audio::active(&x, 0.001), 0.8);
+    (body.len() > 4800).then(|| audio::rms_db(body))
+}
+
+/// The guest's sink volume at 50 % (wpctl's cubic scale: -18 dB) and muted, an app's
+/// own volume at 50 %, each heard as such on the host; the host's stream shows the
+/// guest's volume, nothing is sent while muted, and a volume set on the host's
+/// stream shows up on the guest's sink.
+#[test]
+fn volume_and_mute_in_the_guest_are_heard_on_the_host_and_the_host_changes_the_guests() {
+    let _serial = serial();
+    let dir = scratch("volume");
+    let mut rig = Redirected::start(&dir, GuestCodec::Opus(128_000));
+    let tone = dir.join("tone.wav");
+    audio::write_wav_s16(&tone, 48000, 2, &audio::to_s16(&audio::tone(1000.0, 48000, 40.0, TONE_AMP), 2));
+    let mut app = rig.guest_pw.command("pw-play").arg(&tone).spawn().expect("pw-play starts");
+    rig.host.wait_for_log("stream 1 opened", Duration::from_secs(10));
+    let stream = wait_until(Duration::from_secs(10), || {
+        rig.host_pw.node_props("melange.s1.stream1").map(|_| node_id(&rig.host_pw, "melange.s1.stream1"))
+    })
+    .expect("the host's stream appears");
+    let full = 20.0 * (TONE_AMP / 2f64.sqrt()).log10();
+    let sink = "@DEFAULT_AUDIO_SINK@";
+
+    std::thread::sleep(Duration::from_millis(500));
+    let at_full = host_level(&rig, &dir, "full.wav", 1.5);
+    rig.guest_pw.run("wpctl", &["set-volume", sink, "0.5"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let shown = wpctl_volume(&rig.host_pw, &stream);
+    let at_half = host_level(&rig, &dir, "half.wav", 1.5);
+
+    rig.guest_pw.run("wpctl", &["set-mute", sink, "1"]);
+    // The tap's counters are put on its node once a second: count from one put after
+    // the mute.
+    std::thread::sleep(Duration::from_millis(1500));
+    let sent = |pw: &PipeWire| {
+        pw.nodes_where(|p| p["node.name"].as_str().is_some_and(|n| n.starts_with("melange.tap.")))
+            .first()
+            .and_then(|p| {
+                p["melange.packets.sent"].as_u64().or_else(|| p["melange.packets.sent"].as_str()?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let sent_before = sent(&rig.guest_pw);
+    let shown_muted = wpctl_volume(&rig.host_pw, &stream);
+    let muted = host_level(&rig, &dir, "muted.wav", 2.0);
+    let sent_muted = sent(&rig.guest_pw) - sent_before;
+
+    rig.guest_pw.run("wpctl", &["set-mute", sink, "0"]);
+    rig.guest_pw.run("wpctl", &["set-volume", sink, "1.0"]);
+    let app_node = rig
+        .guest_pw
+        .dump()
+        .into_iter()
+        .find(|o| {
+            o["type"] == "PipeWire:Interface:Node"
+                && o["info"]["props"]["media.class"] == "Stream/Output/Audio"
+                && o["info"]["props"]["application.name"] == "pw-play"
+        })
+        .map(|o| o["id"].to_string())
+        .expect("pw-play's node");
+    rig.guest_pw.run("wpctl", &["set-volume", &app_node, "0.5"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let app_half = host_level(&rig, &dir, "app-half.wav", 1.5);
+
+    rig.host_pw.run("wpctl", &["set-volume", &stream, "0.7"]);
+    let followed = wait_until(Duration::from_secs(3), || {
+        let (v, _) = wpctl_volume(&rig.guest_pw, sink);
+        ((v - 0.7).abs() < 0.011).then_some(v)
+    });
+    let guest_sink = wpctl_volume(&rig.guest_pw, sink);
+    let _ = app.kill();
+    let _ = app.wait();
+    rig.guest.stop();
+    rig.host.stop();
+
+    eprintln!(
+        "host heard {at_full:?} dBFS at full volume, {at_half:?} at 50 % (shown there as {shown:?}), {muted:?} muted \
+         ({sent_muted} packets sent while muted, shown as {shown_muted:?}), {app_half:?} with the app at 50 %; \
+         the guest's sink after the host set 0.70: {guest_sink:?}"
+    );
+    let half = full + 60.0 * 0.5f64.log10();
+    let near = |got: Option<f64>, want: f64| got.is_some_and(|g| (g - want).abs() < 1.0);
+    assert!(near(at_full, full), "at full volume the host heard {at_full:?} dBFS, sent {full:.2}");
+    assert!(near(at_half, half), "at 50 % the host heard {at_half:?} dBFS, want {half:.2}");
+    assert!((shown.0 - 0.5).abs() < 0.011 && !shown.1, "the host's stream shows {shown:?}, the guest has 0.50");
+    assert!(muted.is_none(), "muted, the host heard {muted:?} dBFS");
+    assert!(shown_muted.1, "the host's stream does not show the guest's mute");
+    assert!(sent_muted <= 2, "{sent_muted} packets were sent while muted");
+    assert!(near(app_half, half), "with the app at 50 % the host heard {app_half:?} dBFS, want {half:.2}");
+    assert!(followed.is_some(), "the guest's sink did not follow the host's 0.70: {guest_sink:?}");
 }

@@ -54,6 +54,9 @@ pub enum FrameKind {
     /// Guest to host: whether an app in the guest records from a capture device the
     /// host provides (the virtual microphone), so the host opens the real one only then.
     CaptureDemand,
+    /// Either way: the volume and mute of the guest's redirect sink, which applies to
+    /// every stream the guest sends; from the host, a change the user made there.
+    Volume,
     /// A kind this build does not know (from a newer peer).
     Unknown(u8),
 }
@@ -72,6 +75,7 @@ impl FrameKind {
             FrameKind::StreamReject => 0x12,
             FrameKind::StreamLatency => 0x13,
             FrameKind::CaptureDemand => 0x14,
+            FrameKind::Volume => 0x15,
             FrameKind::Media => 0x20,
             FrameKind::Unknown(b) => b,
         }
@@ -90,6 +94,7 @@ impl FrameKind {
             0x12 => FrameKind::StreamReject,
             0x13 => FrameKind::StreamLatency,
             0x14 => FrameKind::CaptureDemand,
+            0x15 => FrameKind::Volume,
             0x20 => FrameKind::Media,
             other => FrameKind::Unknown(other),
         }

@@ -227,6 +227,59 @@ pub struct CaptureDemand {
     pub frame_us: u32,
 }
 
+/// The guest's output volume (frame kind `Volume`, stream 0): its redirect sink's, which
+/// applies to every stream the guest sends (each app's own volume is applied in the
+/// guest before its tap). Sent by the guest at each change and at a session's start;
+/// sent by the host when the user changed a guest stream's volume there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Linear gain per channel, as PipeWire's `channelVolumes` (1.0: unchanged). A
+    /// receiver applies the mean to layouts with another channel count.
+    pub channels: Vec<f32>,
+    /// Muted: the guest sends no media at all while it is.
+    pub mute: bool,
+}
+
+impl Volume {
+    /// Full volume, not muted.
+    pub fn unity() -> Self {
+        Volume { channels: vec![1.0], mute: false }
+    }
+
+    /// The gains for `n` channels: these if there are as many, else their mean for
+    /// each; never negative or non-finite.
+    pub fn gains(&self, n: usize) -> Vec<f32> {
+        let clean = |v: f32| if v.is_finite() { v.clamp(0.0, 16.0) } else { 1.0 };
+        if self.channels.len() == n {
+            return self.channels.iter().copied().map(clean).collect();
+        }
+        let mean = if self.channels.is_empty() {
+            1.0
+        } else {
+            self.channels.iter().copied().map(clean).sum::<f32>() / self.channels.len() as f32
+        };
+        vec![mean; n]
+    }
+
+    /// True when `other` is the same volume to within what a user can hear (0.1 %).
+    pub fn same_as(&self, other: &Volume) -> bool {
+        self.mute == other.mute
+            && self.channels.len() == other.channels.len()
+            && self.channels.iter().zip(&other.channels).all(|(a, b)| (a - b).abs() <= 0.001 * a.abs().max(b.abs()))
+    }
+}
+
+/// "50 %", as desktops show a volume (the cube root of the linear gain), or "muted".
+impl std::fmt::Display for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.mute {
+            return f.write_str("muted");
+        }
+        let gain = self.gains(1).first().copied().unwrap_or(1.0);
+        write!(f, "{:.0} %", f64::from(gain).cbrt() * 100.0)
+    }
+}
+
 /// Bytes of the binary media header inside a media frame's payload.
 pub const MEDIA_HEADER_LEN: usize = 16;
 /// Largest encoded payload of one media packet.

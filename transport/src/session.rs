@@ -22,7 +22,7 @@ use crate::frame::{
 };
 use crate::message::{
     decode_control, encode_control, Capabilities, CaptureDemand, Heartbeat, Hello, MediaPacket, MessageError, Reason,
-    Role, StreamEnd, StreamLatency, StreamOpen, Welcome, MEDIA_HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
+    Role, StreamEnd, StreamLatency, StreamOpen, Volume, Welcome, MEDIA_HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use crate::outq::OutQueue;
 
@@ -138,6 +138,8 @@ pub enum Event {
     },
     /// The guest wants a capture device opened, or no longer (host side only).
     CaptureDemand(CaptureDemand),
+    /// The peer's view of the guest's output volume changed.
+    Volume(Volume),
     /// The peer reported how long a stream we send takes from arrival to being heard.
     StreamLatency {
         /// Stream id.
@@ -504,6 +506,13 @@ impl Session {
         Ok(())
     }
 
+    /// Tells the peer the guest's output volume (see [`Volume`]).
+    pub fn send_volume(&mut self, volume: &Volume) -> Result<(), SessionError> {
+        self.require_established()?;
+        self.send_control(FrameKind::Volume, 0, "volume", volume);
+        Ok(())
+    }
+
     /// Queues one media packet of an open outgoing stream.
     pub fn send_media(&mut self, stream: u32, packet: &MediaPacket) -> Result<(), SessionError> {
         self.require_established()?;
@@ -685,6 +694,10 @@ impl Session {
                     Err(e) => self.events.push_back(Event::Error(e.into())),
                 }
             }
+            (FrameKind::Volume, State::Established) => match decode_control::<Volume>("volume", &payload) {
+                Ok(v) => self.events.push_back(Event::Volume(v)),
+                Err(e) => self.events.push_back(Event::Error(e.into())),
+            },
             (FrameKind::Media, State::Established) => {
                 if !self.incoming.contains(&header.stream) {
                     self.events.push_back(Event::Error(SessionError::UnknownStream(header.stream)));
@@ -944,6 +957,21 @@ mod tests {
         shuttle(now, &mut h, &mut g, usize::MAX);
         assert!(matches!(&events(&mut g)[..], [Event::Error(SessionError::Unexpected { .. })]));
         assert!(g.is_established() && h.is_established());
+    }
+
+    #[test]
+    fn the_volume_goes_both_ways() {
+        let now = Instant::now();
+        let (mut g, mut h) = established(now);
+        let half = Volume { channels: vec![0.125, 0.125], mute: false };
+        assert_eq!(half.to_string(), "50 %", "as desktops show it: the cube root");
+        g.send_volume(&half).unwrap();
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        assert_eq!(events(&mut h), [Event::Volume(half.clone())]);
+        let muted = Volume { mute: true, ..half };
+        h.send_volume(&muted).unwrap();
+        shuttle(now, &mut h, &mut g, usize::MAX);
+        assert_eq!(events(&mut g), [Event::Volume(muted)]);
     }
 
     #[test]

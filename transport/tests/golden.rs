@@ -7,7 +7,7 @@
 use melange_transport::frame::{encode_frame, FrameDecoder, FrameKind};
 use melange_transport::message::{
     encode_control, AppInfo, AudioFormat, Capabilities, CaptureDemand, CaptureDevice, Codec, Heartbeat, Hello,
-    MediaKind, MediaPacket, Reason, Role, StreamEnd, StreamLatency, StreamOpen, Welcome,
+    MediaKind, MediaPacket, Reason, Role, StreamEnd, StreamLatency, StreamOpen, Volume, Welcome,
 };
 
 fn hex(bytes: &[u8]) -> String {
@@ -60,7 +60,7 @@ fn every_frame_kind_is_pinned() {
             .encode_into(&mut p);
         p
     };
-    let cases: [(&str, FrameKind, u32, Vec<u8>, &str); 11] = [
+    let cases: [(&str, FrameKind, u32, Vec<u8>, &str); 12] = [
         (
             "hello",
             FrameKind::Hello,
@@ -138,6 +138,13 @@ fn every_frame_kind_is_pinned() {
             )
             .unwrap(),
             "4d4c4e470114000000000000040073770001904e",
+        ),
+        (
+            "volume",
+            FrameKind::Volume,
+            0,
+            encode_control("volume", &Volume { channels: vec![0.5, 1.0], mute: true }).unwrap(),
+            "4d4c4e4701150000000000000a005fbf020000003f0000803f01",
         ),
         ("media", FrameKind::Media, 7, media, "4d4c4e47012000000700000012000a7e040302018877665544332211e0010000aabb"),
     ];

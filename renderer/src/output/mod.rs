@@ -9,7 +9,7 @@ mod wav;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use melange_transport::message::{AudioFormat, StreamOpen};
+use melange_transport::message::{AudioFormat, StreamOpen, Volume};
 use thiserror::Error;
 
 pub use self::null::NullOutput;
@@ -102,6 +102,11 @@ pub trait Output {
     fn open(&mut self, desc: &StreamDesc) -> Result<Box<dyn StreamSink>, OutputError>;
     /// Where the sound goes, for the startup log.
     fn describe(&self) -> String;
+    /// A volume or mute the user set on one of the streams on the host since the last
+    /// call (the guest's volume applies to all of them: see [`Volume`]).
+    fn take_user_volume(&mut self) -> Option<Volume> {
+        None
+    }
 }
 
 /// One guest stream's destination.
@@ -130,6 +135,9 @@ pub trait StreamSink {
     fn drift_ppm(&self) -> Option<f64> {
         None
     }
+    /// Applies the guest's output volume: on the host's mixer where there is one (so the
+    /// user sees it there), to the samples in files.
+    fn set_volume(&mut self, _volume: &Volume) {}
     /// Finishes the stream (drains or finalises files). Called exactly once.
     fn close(&mut self) -> Result<(), OutputError>;
     /// Where this stream goes, for the log.

@@ -15,12 +15,12 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use melange_shim::render::{RenderConfig, RenderCore, RenderStats};
-use melange_transport::message::AudioFormat;
+use melange_transport::message::{AudioFormat, Volume};
 use pipewire as pw;
 use pw::spa;
 use rtrb::Producer;
@@ -66,6 +66,10 @@ enum Command {
     Close {
         key: u64,
     },
+    Volume {
+        key: u64,
+        volume: Volume,
+    },
     Quit,
 }
 
@@ -74,6 +78,8 @@ pub struct PipeWireOutput {
     commands: pw::channel::Sender<Command>,
     thread: Option<JoinHandle<()>>,
     next_key: u64,
+    /// The last volume the user set on one of our streams (the PipeWire thread puts it).
+    user_volume: Arc<Mutex<Option<Volume>>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -81,6 +87,7 @@ impl std::fmt::Debug for Command {
         match self {
             Command::Open { key, .. } => write!(f, "Open({key})"),
             Command::Close { key } => write!(f, "Close({key})"),
+            Command::Volume { key, .. } => write!(f, "Volume({key})"),
             Command::Quit => f.write_str("Quit"),
         }
     }
@@ -97,12 +104,14 @@ impl PipeWireOutput {
     pub fn connect() -> Result<Self, OutputError> {
         let (tx, rx) = pw::channel::channel::<Command>();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let user_volume: Arc<Mutex<Option<Volume>>> = Arc::default();
+        let reported = user_volume.clone();
         let thread = std::thread::Builder::new()
             .name("melange-pipewire".into())
-            .spawn(move || run(rx, ready_tx))
+            .spawn(move || run(rx, ready_tx, reported))
             .map_err(|e| OutputError::PipeWire(e.to_string()))?;
         match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => Ok(Self { commands: tx, thread: Some(thread), next_key: 1 }),
+            Ok(Ok(())) => Ok(Self { commands: tx, thread: Some(thread), next_key: 1, user_volume }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(OutputError::PipeWireUnavailable(e))
@@ -194,6 +203,10 @@ impl Output for PipeWireOutput {
     fn describe(&self) -> String {
         "the host's PipeWire (one playback stream per guest stream)".into()
     }
+
+    fn take_user_volume(&mut self) -> Option<Volume> {
+        self.user_volume.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 struct PipeWireSink {
@@ -239,6 +252,10 @@ impl StreamSink for PipeWireSink {
         self.overflows
     }
 
+    fn set_volume(&mut self, volume: &Volume) {
+        let _ = self.commands.send(Command::Volume { key: self.key, volume: volume.clone() });
+    }
+
     fn drift_ppm(&self) -> Option<f64> {
         Some(self.stats.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0)
     }
@@ -280,6 +297,8 @@ struct Live {
     // Declared first: the listener (and its ring end) goes before the stream.
     _listener: pw::stream::StreamListener<RtData>,
     stream: pw::stream::StreamRc,
+    /// The volume last put on the stream, by the guest or by the user.
+    volume: Rc<RefCell<Volume>>,
     shared: Arc<Shared>,
     stats: Arc<RenderStats>,
     closing_since: Option<Instant>,
@@ -291,7 +310,11 @@ impl Drop for Live {
     }
 }
 
-fn run(rx: pw::channel::Receiver<Command>, ready: crossbeam_channel::Sender<Result<(), String>>) {
+fn run(
+    rx: pw::channel::Receiver<Command>,
+    ready: crossbeam_channel::Sender<Result<(), String>>,
+    user_volume: Arc<Mutex<Option<Volume>>>,
+) {
     pw::init();
     let setup = || -> Result<_, String> {
         let main_loop = pw::main_loop::MainLoopRc::new(None).map_err(|e| e.to_string())?;
@@ -353,14 +376,29 @@ fn run(rx: pw::channel::Receiver<Command>, ready: crossbeam_channel::Sender<Resu
             Command::Open { key, name, props, format, rt, reply } => {
                 let (shared, stats) = (rt.shared.clone(), rt.core.stats().clone());
                 let result = match connection.borrow().as_ref() {
-                    Some(c) => open_stream(&c.core, &name, props, &format, *rt).map(|(stream, listener)| {
-                        streams
-                            .borrow_mut()
-                            .insert(key, Live { _listener: listener, stream, shared, stats, closing_since: None });
-                    }),
+                    Some(c) => {
+                        let volume = Rc::new(RefCell::new(Volume {
+                            channels: vec![1.0; usize::from(format.channels)],
+                            mute: false,
+                        }));
+                        let watch = VolumeWatch { applied: volume.clone(), report: user_volume.clone() };
+                        open_stream(&c.core, &name, props, &format, *rt, watch).map(|(stream, listener)| {
+                            streams.borrow_mut().insert(
+                                key,
+                                Live { _listener: listener, stream, volume, shared, stats, closing_since: None },
+                            );
+                        })
+                    }
                     None => Err("the host's PipeWire is gone; reconnecting".into()),
                 };
                 let _ = reply.send(result);
+            }
+            Command::Volume { key, volume } => {
+                if let Some(live) = streams.borrow().get(&key) {
+                    let gains = volume.gains(live.volume.borrow().channels.len());
+                    *live.volume.borrow_mut() = Volume { channels: gains.clone(), mute: volume.mute };
+                    set_volume(&live.stream, gains, volume.mute);
+                }
             }
             Command::Close { key } => {
                 if let Some(live) = streams.borrow_mut().get_mut(&key) {
@@ -404,12 +442,60 @@ impl Connection {
     }
 }
 
+/// What a stream's `control_info` needs to tell a change the user made from one we made.
+struct VolumeWatch {
+    applied: Rc<RefCell<Volume>>,
+    report: Arc<Mutex<Option<Volume>>>,
+}
+
+impl VolumeWatch {
+    /// The stream reports a control's value: a value other than the one last applied
+    /// is the user's.
+    fn control(&self, id: u32, values: &[f32]) {
+        let mut applied = self.applied.borrow_mut();
+        let seen = match id {
+            spa::sys::SPA_PROP_channelVolumes if !values.is_empty() => {
+                Volume { channels: values.to_vec(), mute: applied.mute }
+            }
+            spa::sys::SPA_PROP_mute if !values.is_empty() => {
+                Volume { channels: applied.channels.clone(), mute: values[0] > 0.5 }
+            }
+            _ => return,
+        };
+        if !seen.same_as(&applied) {
+            *self.report.lock().unwrap_or_else(|e| e.into_inner()) = Some(seen.clone());
+            *applied = seen;
+        }
+    }
+}
+
+/// Puts a volume on a stream: `channelVolumes` and `mute`, in one call.
+fn set_volume(stream: &pw::stream::StreamRc, mut gains: Vec<f32>, mute: bool) {
+    let mut mute = if mute { 1.0f32 } else { 0.0 };
+    // SAFETY: a live stream; each (id, count, values) triple points at `count` floats
+    // that outlive the call, and the list ends with 0 as pw_stream_set_control wants
+    // (pipewire-rs's set_control omits it).
+    unsafe {
+        pw::sys::pw_stream_set_control(
+            stream.as_raw_ptr(),
+            spa::sys::SPA_PROP_channelVolumes,
+            gains.len() as u32,
+            gains.as_mut_ptr(),
+            spa::sys::SPA_PROP_mute,
+            1u32,
+            &mut mute as *mut f32,
+            0u32,
+        );
+    }
+}
+
 fn open_stream(
     core: &pw::core::CoreRc,
     name: &str,
     props: Vec<(&'static str, String)>,
     format: &AudioFormat,
     rt: RtData,
+    watch: VolumeWatch,
 ) -> Result<(pw::stream::StreamRc, pw::stream::StreamListener<RtData>), String> {
     let mut properties = pw::properties::PropertiesBox::new();
     for (k, v) in &props {
@@ -419,6 +505,14 @@ fn open_stream(
     let io_shared = rt.shared.clone();
     let listener = stream
         .add_local_listener_with_user_data(rt)
+        .control_info(move |_, _, id, control| {
+            // SAFETY: PipeWire passes a valid control whose `values` holds `n_values`
+            // floats for the duration of the call (or null).
+            let values = unsafe { control.as_ref() }
+                .filter(|c| !c.values.is_null())
+                .map_or(&[][..], |c| unsafe { std::slice::from_raw_parts(c.values, c.n_values as usize) });
+            watch.control(id, values);
+        })
         .io_changed(move |_, _, id, area, _| {
             // May run on another thread than `process`: hand the pointer over atomically.
             if id == spa::sys::SPA_IO_RateMatch {

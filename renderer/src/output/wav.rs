@@ -10,6 +10,8 @@ use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use melange_transport::message::Volume;
+
 use super::{Output, OutputError, StreamDesc, StreamSink};
 
 const HEADER_REFRESH: Duration = Duration::from_secs(1);
@@ -60,6 +62,8 @@ pub struct WavWriter {
     data_bytes: u64,
     last_header: Instant,
     scratch: Vec<u8>,
+    /// The guest's volume per channel (muted: 0).
+    gains: Vec<f32>,
     closed: bool,
 }
 
@@ -77,6 +81,7 @@ impl WavWriter {
             data_bytes: 0,
             last_header: Instant::now(),
             scratch: Vec::new(),
+            gains: vec![1.0; usize::from(channels)],
             closed: false,
         };
         w.write_header().map_err(io)?;
@@ -116,13 +121,14 @@ impl WavWriter {
 
     fn append(&mut self, samples: &[f32]) -> std::io::Result<()> {
         self.scratch.clear();
+        let gains = self.gains.iter().copied().cycle();
+        let scaled = samples.iter().zip(gains).map(|(v, g)| if g == 1.0 { *v } else { v * g });
         if self.s16 {
-            // Exact inverse of the decoder's s16 / 32768.
-            self.scratch.extend(
-                samples.iter().flat_map(|v| ((v * 32768.0).round().clamp(-32768.0, 32767.0) as i16).to_le_bytes()),
-            );
+            // Exact inverse of the decoder's s16 / 32768 (at full volume).
+            self.scratch
+                .extend(scaled.flat_map(|v| ((v * 32768.0).round().clamp(-32768.0, 32767.0) as i16).to_le_bytes()));
         } else {
-            self.scratch.extend(samples.iter().flat_map(|v| v.to_le_bytes()));
+            self.scratch.extend(scaled.flat_map(|v| v.to_le_bytes()));
         }
         self.file.write_all(&self.scratch)?;
         self.data_bytes += self.scratch.len() as u64;
@@ -139,6 +145,11 @@ impl StreamSink for WavWriter {
         if let Err(e) = self.append(samples) {
             log::error!("{}: write failed: {e}", self.path.display());
         }
+    }
+
+    fn set_volume(&mut self, volume: &Volume) {
+        self.gains =
+            if volume.mute { vec![0.0; usize::from(self.channels)] } else { volume.gains(usize::from(self.channels)) };
     }
 
     fn buffered_frames(&self) -> usize {
