@@ -549,8 +549,10 @@ impl IoThread {
                     }
                 }
                 Event::StreamClosed { stream, reason } => {
-                    if self.mic.as_mut().is_some_and(|m| m.close(stream)) {
-                        log::info!("melange link: the host's microphone stopped ({reason})");
+                    if let Some(mic) = &mut self.mic {
+                        if mic.close(stream) {
+                            log::info!("melange link: the host's microphone stopped ({reason}); {}", mic.describe());
+                        }
                     }
                 }
                 Event::Volume(volume) => {

@@ -128,6 +128,21 @@ impl MicReceiver {
         self.stream.is_some()
     }
 
+    /// How the source played so far, for the log: underruns, frames played and
+    /// silent, drift in ppm, frames buffered now.
+    pub fn describe(&self) -> String {
+        let st = &self.feed.stats;
+        format!(
+            "{} underruns, {} frames played, {} silent, {} skipped, drift {:.0} ppm, {} frames buffered",
+            st.underruns.load(Ordering::Relaxed),
+            st.played_frames.load(Ordering::Relaxed),
+            st.silence_frames.load(Ordering::Relaxed),
+            st.skipped_frames.load(Ordering::Relaxed),
+            st.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0,
+            self.feed.producer.buffer().capacity() - self.feed.producer.slots(),
+        )
+    }
+
     /// Packets that failed to decode and samples dropped for want of room, so far.
     pub fn losses(&self) -> (u64, u64) {
         (self.bad_packets, self.overflow_samples)

@@ -6,7 +6,9 @@ use std::process::Child;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use melange_tests::{audio, scratch, start_guest, start_host, wait_until, GuestCodec, PipeWire, Proc, Redirected};
+use melange_tests::{
+    audio, scratch, start_guest, start_guest_with, start_host, wait_until, GuestCodec, PipeWire, Proc, Redirected,
+};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -285,4 +287,108 @@ fn volume_and_mute_in_the_guest_are_heard_on_the_host_and_the_host_changes_the_g
     assert!(sent_muted <= 2, "{sent_muted} packets were sent while muted");
     assert!(near(app_half, half), "with the app at 50 % the host heard {app_half:?} dBFS, want {half:.2}");
     assert!(followed.is_some(), "the guest's sink did not follow the host's 0.70: {guest_sink:?}");
+}
+
+/// The ports of node `name` in direction `-o` (output) or `-i` (input), as pw-link
+/// names them, in order.
+fn ports(pw: &PipeWire, dir: &str, name: &str) -> Vec<String> {
+    let prefix = format!("{name}:");
+    pw.run("pw-link", &[dir]).lines().map(str::trim).filter(|l| l.starts_with(&prefix)).map(str::to_owned).collect()
+}
+
+/// One call's round trip in `mode`: a guest app plays a click train, the host plays it
+/// on its speakers, a loopback on the host feeds the speakers back into a source, and
+/// melange-host sends that source to the guest's microphone. One recorder in the guest
+/// takes what the app played (the redirect sink's monitor) on its left channel and what
+/// came back (the microphone) on its right, so both are on one clock. Returns the
+/// delays, in ms, of the clicks that came back.
+fn round_trip(mode: &str) -> (Vec<f64>, usize) {
+    let dir = scratch(&format!("round-trip-{mode}"));
+    let sock = dir.join("port.sock");
+    let host_pw = PipeWire::start(&dir.join("host"));
+    host_pw.add_null_sink("speakers");
+    let mut lo = host_pw.command("pw-loopback");
+    lo.args([
+        "--capture-props",
+        "{ node.name=loop.in stream.capture.sink=true target.object=speakers node.latency=64/48000 }",
+        "--playback-props",
+        "{ node.name=loop-mic media.class=Audio/Source node.latency=64/48000 }",
+    ]);
+    let mut lo = Proc::spawn(lo, dir.join("pw-loopback.log"));
+    wait_until(Duration::from_secs(10), || host_pw.node_props("loop-mic")).expect("the loopback's source appears");
+    let mut host = host(&host_pw, &dir, &sock, &["--mic", "loop-mic"]);
+    let guest_pw = PipeWire::start(&dir.join("guest"));
+    let url = format!("unix:{}", sock.display());
+    let mut guest =
+        start_guest_with(&guest_pw, &url, GuestCodec::Opus(128_000), &["--mode", mode], dir.join("guest.log"));
+    guest.wait_for_log("connected to melange-host", Duration::from_secs(10));
+    wait_until(Duration::from_secs(10), || guest_pw.node_props("melange.mic")).expect("the guest's microphone");
+
+    // The recorder links nowhere by itself; its left input takes the sink's monitor,
+    // its right the microphone.
+    let path = dir.join("round-trip.wav");
+    let mut rec = guest_pw.command("pw-record");
+    rec.args(["-P", "{ node.name=rt.rec node.autoconnect=false }", "--channels", "2", "--rate", "48000"]).arg(&path);
+    let mut rec = Proc::spawn(rec, dir.join("pw-record.log")).stop_with_sigint();
+    let inputs =
+        wait_until(Duration::from_secs(10), || Some(ports(&guest_pw, "-i", "rt.rec")).filter(|p| p.len() == 2))
+            .expect("the recorder's ports");
+    let monitor = ports(&guest_pw, "-o", "melange").into_iter().find(|p| p.contains("monitor_FL")).expect("monitor");
+    let mic = ports(&guest_pw, "-o", "melange.mic").into_iter().next().expect("the microphone's port");
+    guest_pw.run("pw-link", &[&monitor, &inputs[0]]);
+    guest_pw.run("pw-link", &[&mic, &inputs[1]]);
+    host.wait_for_log("microphone opened", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(500));
+
+    let clicks = dir.join("clicks.wav");
+    let train = audio::click_train(48000, 6.0);
+    let stereo: Vec<f32> = train.iter().flat_map(|v| [*v, *v]).collect();
+    audio::write_wav_f32(&clicks, 48000, 2, &stereo);
+    let played = guest_pw.command("pw-play").arg(&clicks).status().expect("pw-play runs");
+    std::thread::sleep(Duration::from_millis(500));
+    rec.stop();
+    guest.stop();
+    host.stop();
+    lo.stop();
+    assert!(played.success(), "pw-play failed");
+
+    let out = audio::read_wav(&path).expect("pw-record wrote a WAV");
+    let (sent, back) = (out.channel(0), out.channel(1));
+    // Each click's peak, and the loudest sample of what came back in the 250 ms after
+    // it: Opus at 32 kbit/s keeps the click the loudest thing by far, but not its
+    // shape, so an onset threshold would also fire on the chirp around it.
+    let peak = |x: &[f32], from: usize, len: usize| {
+        let end = (from + len).min(x.len());
+        (from..end).max_by(|a, b| x[*a].abs().total_cmp(&x[*b].abs()))
+    };
+    let window = out.rate as usize / 4;
+    let sent_at = audio::click_onsets(&sent, out.rate);
+    let delays: Vec<f64> = sent_at
+        .iter()
+        .filter_map(|s| {
+            let click = peak(&sent, *s, out.rate as usize / 100)?;
+            let echo = peak(&back, click, window).filter(|e| back[*e].abs() > 0.5)?;
+            Some((echo - click) as f64 * 1000.0 / f64::from(out.rate))
+        })
+        .collect();
+    (delays, sent_at.len())
+}
+
+/// A call's round trip in normal and in low-latency mode (see [`round_trip`]): every
+/// click but perhaps the first comes back, at a steady delay; the delays are reported.
+#[test]
+fn a_click_played_in_the_guest_comes_back_through_the_hosts_microphone() {
+    let _serial = serial();
+    let mut report = Vec::new();
+    for mode in ["normal", "low-latency"] {
+        let (mut delays, clicks) = round_trip(mode);
+        assert!(clicks >= 10, "{mode}: only {clicks} clicks played");
+        assert!(delays.len() + 1 >= clicks, "{mode}: {} of {clicks} clicks came back", delays.len());
+        delays.sort_by(f64::total_cmp);
+        let (p50, max) = (delays[delays.len() / 2], delays[delays.len() - 1]);
+        report.push(format!("{mode}: p50 {p50:.1} ms, max {max:.1} ms over {} clicks", delays.len()));
+        // Steady: the jitter buffers trim and drift control moves it by a few ms, no more.
+        assert!(max - delays[0] < 20.0, "{mode}: the delay wandered over {delays:.1?} ms");
+    }
+    eprintln!("round trip, guest app to host speakers and back through the host's microphone: {}", report.join("; "));
 }
