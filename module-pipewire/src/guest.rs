@@ -15,7 +15,7 @@ use std::time::Duration;
 use melange_shim::codec::{input_format, SampleFormat};
 use melange_shim::link::{LinkConfig, LinkHandle, LinkManager, LinkStats};
 use melange_shim::mic::{MicFeed, MIC_RATE};
-use melange_shim::render::{jitter_margin_frames, render_ring, RenderConfig, RenderCore};
+use melange_shim::render::{jitter_margin_frames, render_ring, RenderConfig, RenderCore, RenderStats};
 use melange_shim::tap::{tap_ring, TapEncoder, TapStats, TapWriter};
 use melange_transport::message::{AppInfo, AudioFormat, MediaKind, StreamOpen, Volume};
 use pipewire as pw;
@@ -53,7 +53,31 @@ const MIC_RING: Duration = Duration::from_millis(500);
 struct MicSource {
     // Declared before `stream`: the listener (and its render core) must go first.
     _listener: pw::stream::StreamListener<MicRt>,
-    _stream: pw::stream::StreamBox<'static>,
+    stream: pw::stream::StreamBox<'static>,
+    stats: Arc<RenderStats>,
+    published: Vec<(&'static str, String)>,
+    /// The fill sum and cycle count at the last put.
+    fill_mark: (u64, u64),
+}
+
+impl MicSource {
+    /// Puts the jitter buffer's figures on the source's node as `melange.*` properties:
+    /// its mean fill since the last put, the drift, underruns and silence so far.
+    fn publish_counters(&mut self) {
+        let s = &self.stats;
+        let (sum, cycles) = (s.fill_sum_frames.load(Ordering::Relaxed), s.cycles.load(Ordering::Relaxed));
+        let (last_sum, last_cycles) = std::mem::replace(&mut self.fill_mark, (sum, cycles));
+        let fill = (cycles > last_cycles)
+            .then(|| (sum - last_sum) as f64 / (cycles - last_cycles) as f64 * 1000.0 / f64::from(MIC_RATE))
+            .map_or("n/a".to_string(), |ms| format!("{ms:.1}"));
+        let counters = vec![
+            ("melange.fill.ms", fill),
+            ("melange.drift.ppm", format!("{:.0}", s.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0)),
+            ("melange.underruns", s.underruns.load(Ordering::Relaxed).to_string()),
+            ("melange.silence.frames", s.silence_frames.load(Ordering::Relaxed).to_string()),
+        ];
+        update_properties(&self.stream, counters, &mut self.published);
+    }
 }
 
 /// What the microphone's real-time callback owns.
@@ -134,18 +158,27 @@ impl Tap {
             ("melange.bitrate.steps.down", load(&link.bitrate_steps_down)),
             ("melange.bitrate.steps.up", load(&link.bitrate_steps_up)),
         ];
-        if counters == self.published_counters {
-            return;
-        }
-        let mut props = pw::properties::PropertiesBox::new();
-        for (k, v) in &counters {
-            props.insert(*k, v.as_str());
-        }
-        // SAFETY: both pointers are valid for the call; PipeWire copies the dict.
-        let rc = unsafe { pw::sys::pw_stream_update_properties(self.stream.as_raw_ptr(), &(*props.as_raw_ptr()).dict) };
-        if rc >= 0 {
-            self.published_counters = counters;
-        }
+        update_properties(&self.stream, counters, &mut self.published_counters);
+    }
+}
+
+/// Puts `props` on a stream's node unless they are what was last put there.
+fn update_properties(
+    stream: &pw::stream::Stream,
+    props: Vec<(&'static str, String)>,
+    published: &mut Vec<(&'static str, String)>,
+) {
+    if props == *published {
+        return;
+    }
+    let mut dict = pw::properties::PropertiesBox::new();
+    for (k, v) in &props {
+        dict.insert(*k, v.as_str());
+    }
+    // SAFETY: both pointers are valid for the call; PipeWire copies the dict.
+    let rc = unsafe { pw::sys::pw_stream_update_properties(stream.as_raw_ptr(), &(*dict.as_raw_ptr()).dict) };
+    if rc >= 0 {
+        *published = props;
     }
 }
 
@@ -336,6 +369,11 @@ impl Guest {
                 if let Some(volume) = state.borrow().link.take_host_volume() {
                     log::info!("melange: the host set the volume; putting it on the redirect sink");
                     apply_host_volume(&state.borrow(), &volume);
+                }
+                if ticks.get() % COUNTER_TICKS == 0 {
+                    if let Some(mic) = &mut state.borrow_mut().mic {
+                        mic.publish_counters();
+                    }
                 }
                 for tap in state.borrow_mut().taps.values_mut() {
                     tap.publish_latency();
@@ -579,6 +617,7 @@ fn create_mic(s: &State, core: RenderCore) -> Result<MicSource, String> {
     };
     let stream = pw::stream::StreamBox::new(s.core, "melange-mic", props)
         .map_err(|e| format!("cannot create the microphone's stream: {e}"))?;
+    let stats = core.stats().clone();
     let rate_match = Arc::new(AtomicPtr::new(std::ptr::null_mut()));
     let io_rate_match = rate_match.clone();
     let listener = stream
@@ -624,7 +663,7 @@ fn create_mic(s: &State, core: RenderCore) -> Result<MicSource, String> {
         )
         .map_err(|e| format!("cannot connect the microphone's stream: {e}"))?;
     log::info!("melange: created the microphone {name} (\"{description}\")");
-    Ok(MicSource { _listener: listener, _stream: stream })
+    Ok(MicSource { _listener: listener, stream, stats, published: Vec::new(), fill_mark: (0, 0) })
 }
 
 /// Tells the link the redirect sink's volume and mute whenever they change: the taps

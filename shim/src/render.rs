@@ -66,6 +66,9 @@ pub struct RenderStats {
     pub skipped_frames: AtomicU64,
     /// Cycles run.
     pub cycles: AtomicU64,
+    /// Frames in the ring at the start of each cycle, summed: with [`RenderStats::cycles`]
+    /// the jitter buffer's mean fill over any interval.
+    pub fill_sum_frames: AtomicU64,
     /// The drift controller's last estimate, in ppm x 1000.
     pub drift_ppb: AtomicI64,
     /// When the callback reads the ring next (`CLOCK_MONOTONIC` ns; 0 before the first
@@ -156,6 +159,7 @@ impl RenderCore {
                 self.stats.skipped_frames.fetch_add(skip as u64, Ordering::Relaxed);
             }
         }
+        self.stats.fill_sum_frames.fetch_add(buffered as u64, Ordering::Relaxed);
         let mut ratio = None;
         let take = if self.stats.draining.load(Ordering::Relaxed) {
             if buffered == 0 {

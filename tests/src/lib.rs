@@ -9,7 +9,7 @@
 pub mod audio;
 mod scripted;
 
-pub use scripted::ScriptedGuest;
+pub use scripted::{ScriptedGuest, ScriptedHost};
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,8 +1,9 @@
 //! An in-process guest on a unix socket that speaks the protocol well or badly on
-//! purpose: the hostile-guest test and the drift test drive melange-host with it.
+//! purpose: the hostile-guest test and the drift test drive melange-host with it. And an
+//! in-process host that the guest module connects to, for the microphone's drift test.
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use melange_transport::message::{
     codec_bits, encode_control, AppInfo, AudioFormat, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamEnd,
     StreamOpen,
 };
-use melange_transport::session::{Session, SessionConfig};
+use melange_transport::session::{Event, Session, SessionConfig};
 
 /// See the module docs. Panics (failing the test) when the host stops reading.
 #[derive(Debug)]
@@ -78,5 +79,70 @@ impl ScriptedGuest {
         let mut payload = Vec::new();
         MediaPacket { seq, pts_ns, duration, data }.encode_into(&mut payload);
         self.frame(FrameKind::Media, 0, stream, &payload);
+    }
+}
+
+/// A host that takes one guest connection and speaks the protocol through a real
+/// [`Session`]: heartbeats and all, so the guest keeps the session.
+#[derive(Debug)]
+pub struct ScriptedHost {
+    sock: UnixStream,
+    session: Session,
+    events: Vec<Event>,
+}
+
+impl ScriptedHost {
+    /// Waits for the guest on `listener` and completes the handshake.
+    pub fn accept(listener: &UnixListener) -> ScriptedHost {
+        let (sock, _) = listener.accept().expect("the guest connects");
+        sock.set_nonblocking(true).expect("non-blocking");
+        let caps = Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: 64 };
+        let session = Session::new(SessionConfig::new(Role::Host, "scripted host", caps), Instant::now());
+        let mut h = ScriptedHost { sock, session, events: Vec::new() };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !h.session.is_established() {
+            assert!(Instant::now() < deadline, "no handshake with the guest");
+            h.pump();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        h
+    }
+
+    /// Reads what the guest sent, runs the session's timers and writes what it has;
+    /// events are kept for [`ScriptedHost::take_events`].
+    pub fn pump(&mut self) {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match self.sock.read(&mut buf) {
+                Ok(0) => panic!("the guest hung up"),
+                Ok(n) => self.session.handle_input(Instant::now(), &buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("reading from the guest: {e}"),
+            }
+        }
+        let now = Instant::now();
+        if self.session.poll_timeout().is_some_and(|t| t <= now) {
+            self.session.handle_timeout(now);
+        }
+        while let Some(e) = self.session.poll_event() {
+            self.events.push(e);
+        }
+        while !self.session.pending_output().is_empty() {
+            match self.sock.write(self.session.pending_output()) {
+                Ok(n) => self.session.consume_output(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => panic!("writing to the guest: {e}"),
+            }
+        }
+    }
+
+    /// The events since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// The session, to open streams and send media with.
+    pub fn session(&mut self) -> &mut Session {
+        &mut self.session
     }
 }

@@ -1,4 +1,6 @@
-//! Drift control end to end: a guest whose clock runs 500 ppm fast (an in-process guest
+//! Drift control end to end, both ways.
+//!
+//! Host playback: a guest whose clock runs 500 ppm fast (an in-process guest
 //! pacing its packets 500 ppm faster than real time) plays into melange-host's PipeWire
 //! output in a host session running at its nominal rate. Without drift control the
 //! jitter buffer would grow by 10 ms over 20 s; with it the fill must hold within 2 ms
@@ -9,8 +11,13 @@
 
 use std::time::{Duration, Instant};
 
-use melange_tests::{audio, reports, scratch, start_host, wait_until, PipeWire, ScriptedGuest};
-use melange_transport::message::Codec;
+use melange_tests::{
+    audio, reports, scratch, start_guest, start_host, wait_until, GuestCodec, PipeWire, ScriptedGuest, ScriptedHost,
+};
+use melange_transport::message::{
+    AppInfo, AudioFormat, CaptureDemand, CaptureDevice, Codec, MediaKind, MediaPacket, StreamOpen,
+};
+use melange_transport::session::Event;
 
 #[test]
 fn host_playback_holds_its_fill_against_a_guest_clock_500_ppm_fast() {
@@ -52,4 +59,78 @@ fn host_playback_holds_its_fill_against_a_guest_clock_500_ppm_fast() {
     assert!((drift - PPM).abs() < 250.0, "measured {drift:.0} ppm for a guest {PPM} ppm fast");
     assert!((last - second_10).abs() <= 2.0, "the fill moved from {second_10:.1} ms to {last:.1} ms");
     assert!(report["underruns"].as_u64().unwrap_or(99) <= 1, "underruns: {}", report["underruns"]);
+}
+
+/// The guest's microphone, the other way: an in-process host whose clock runs 500 ppm
+/// fast sends the microphone to the guest module while a guest app records. The
+/// virtual source's jitter buffer must hold its fill within 2 ms from second 10 to
+/// the end, measure the drift, and not underrun (its figures are on the source's node).
+#[test]
+fn the_guests_microphone_holds_its_fill_against_a_host_clock_500_ppm_fast() {
+    const PPM: f64 = 500.0;
+    const SECONDS: u32 = 20;
+    let dir = scratch("mic-drift");
+    let sock = dir.join("port.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("listen");
+    let pw = PipeWire::start(&dir.join("guest"));
+    let mut guest = start_guest(&pw, &format!("unix:{}", sock.display()), GuestCodec::Pcm, dir.join("guest.log"));
+    let mut host = ScriptedHost::accept(&listener);
+    wait_until(Duration::from_secs(10), || pw.node_props("melange.mic")).expect("the guest's microphone");
+    let mut rec = pw.command("pw-record");
+    rec.args(["--target", "melange.mic"]).arg(dir.join("mic.wav"));
+    let mut rec = rec.spawn().expect("pw-record starts");
+    let asked = wait_until(Duration::from_secs(10), || {
+        host.pump();
+        host.take_events().into_iter().find_map(|e| match e {
+            Event::CaptureDemand(CaptureDemand { device: CaptureDevice::Microphone, active: true, .. }) => Some(()),
+            _ => None,
+        })
+    });
+    assert!(asked.is_some(), "the guest never asked for the microphone:\n{}", guest.log_text());
+    let open = StreamOpen {
+        media: MediaKind::Audio(AudioFormat { rate: 48000, channels: 1, positions: vec![2] }),
+        codec: Codec::PcmS16Le,
+        frame_samples: 480,
+        app: AppInfo { name: "Microphone".into(), ..AppInfo::default() },
+    };
+    host.session().open_stream(1, &open).expect("opens");
+    let tone = audio::to_s16(&audio::tone(997.0, 48000, f64::from(SECONDS), 0.2), 1);
+    let fill = |pw: &PipeWire| {
+        let p = pw.node_props("melange.mic")?;
+        let v = |k: &str| p[k].as_f64().or_else(|| p[k].as_str()?.parse().ok());
+        Some((v("melange.fill.ms")?, v("melange.drift.ppm")?, v("melange.underruns")?))
+    };
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || {
+        for (seq, chunk) in tone.chunks(480).enumerate() {
+            // Packet n is due at n * 10 ms of host time, which is 500 ppm faster.
+            let due = start + Duration::from_secs_f64(seq as f64 * 0.010 / (1.0 + PPM * 1e-6));
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let data = chunk.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let packet = MediaPacket { seq: seq as u32, pts_ns: seq as u64 * 10_000_000, duration: 480, data };
+            host.session().send_media(1, &packet).expect("sends");
+            host.pump();
+        }
+        host
+    });
+    // The module puts its figures on the node once a second.
+    std::thread::sleep(Duration::from_secs(10));
+    let at_10 = fill(&pw);
+    std::thread::sleep((start + Duration::from_secs(u64::from(SECONDS) - 1)).saturating_duration_since(Instant::now()));
+    let at_end = fill(&pw);
+    let mut host = sender.join().expect("the sender");
+    host.session().close_stream(1, "done");
+    host.pump();
+    let _ = rec.kill();
+    let _ = rec.wait();
+    guest.stop();
+
+    eprintln!("the guest's microphone: (fill ms, drift ppm, underruns) {at_10:?} at second 10, {at_end:?} at the end");
+    let (f10, _, _) = at_10.expect("figures at second 10");
+    let (fend, drift, underruns) = at_end.expect("figures at the end");
+    assert!((drift - PPM).abs() < 250.0, "measured {drift:.0} ppm for a host {PPM} ppm fast");
+    assert!((fend - f10).abs() <= 2.0, "the fill moved from {f10:.1} ms to {fend:.1} ms");
+    assert!(underruns <= 1.0, "{underruns} underruns");
 }
