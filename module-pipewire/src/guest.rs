@@ -72,6 +72,10 @@ impl MicSource {
             .map_or("n/a".to_string(), |ms| format!("{ms:.1}"));
         let counters = vec![
             ("melange.fill.ms", fill),
+            (
+                "melange.target.ms",
+                format!("{:.1}", s.target_frames.load(Ordering::Relaxed) as f64 * 1000.0 / f64::from(MIC_RATE)),
+            ),
             ("melange.drift.ppm", format!("{:.0}", s.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0)),
             ("melange.underruns", s.underruns.load(Ordering::Relaxed).to_string()),
             ("melange.silence.frames", s.silence_frames.load(Ordering::Relaxed).to_string()),

@@ -71,6 +71,8 @@ pub struct RenderStats {
     pub fill_sum_frames: AtomicU64,
     /// The drift controller's last estimate, in ppm x 1000.
     pub drift_ppb: AtomicI64,
+    /// The fill drift control holds, in frames (its set point).
+    pub target_frames: AtomicU64,
     /// When the callback reads the ring next (`CLOCK_MONOTONIC` ns; 0 before the first
     /// cycle), and how long what it writes takes to be heard: the stream's delay to the
     /// device plus what its resampler holds. Set by the caller ([`RenderCore::timing`]).
@@ -176,6 +178,7 @@ impl RenderCore {
             if self.playout.is_playing() {
                 ratio = Some(self.drift.update(buffered as f64));
                 self.stats.drift_ppb.store((self.drift.drift_ppm() * 1000.0) as i64, Ordering::Relaxed);
+                self.stats.target_frames.store(self.drift.target().max(0.0) as u64, Ordering::Relaxed);
             }
             take
         };

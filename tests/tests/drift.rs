@@ -63,8 +63,9 @@ fn host_playback_holds_its_fill_against_a_guest_clock_500_ppm_fast() {
 
 /// The guest's microphone, the other way: an in-process host whose clock runs 500 ppm
 /// fast sends the microphone to the guest module while a guest app records. The
-/// virtual source's jitter buffer must hold its fill within 2 ms from second 10 to
-/// the end, measure the drift, and not underrun (its figures are on the source's node).
+/// virtual source's jitter buffer must hold its fill within 2 ms of its target at
+/// second 10 and at the end, measure the drift, and not underrun (its figures are on
+/// the source's node).
 #[test]
 fn the_guests_microphone_holds_its_fill_against_a_host_clock_500_ppm_fast() {
     const PPM: f64 = 500.0;
@@ -98,7 +99,7 @@ fn the_guests_microphone_holds_its_fill_against_a_host_clock_500_ppm_fast() {
     let fill = |pw: &PipeWire| {
         let p = pw.node_props("melange.mic")?;
         let v = |k: &str| p[k].as_f64().or_else(|| p[k].as_str()?.parse().ok());
-        Some((v("melange.fill.ms")?, v("melange.drift.ppm")?, v("melange.underruns")?))
+        Some((v("melange.fill.ms")?, v("melange.target.ms")?, v("melange.drift.ppm")?, v("melange.underruns")?))
     };
     let start = Instant::now();
     let sender = std::thread::spawn(move || {
@@ -127,10 +128,16 @@ fn the_guests_microphone_holds_its_fill_against_a_host_clock_500_ppm_fast() {
     let _ = rec.wait();
     guest.stop();
 
-    eprintln!("the guest's microphone: (fill ms, drift ppm, underruns) {at_10:?} at second 10, {at_end:?} at the end");
-    let (f10, _, _) = at_10.expect("figures at second 10");
-    let (fend, drift, underruns) = at_end.expect("figures at the end");
+    eprintln!(
+        "the guest's microphone: (fill ms, target ms, drift ppm, underruns) {at_10:?} at second 10, {at_end:?} at \
+         the end"
+    );
+    let (f10, t10, _, _) = at_10.expect("figures at second 10");
+    let (fend, tend, drift, underruns) = at_end.expect("figures at the end");
     assert!((drift - PPM).abs() < 250.0, "measured {drift:.0} ppm for a host {PPM} ppm fast");
-    assert!((fend - f10).abs() <= 2.0, "the fill moved from {f10:.1} ms to {fend:.1} ms");
+    // The target itself may rise after a late packet (a deeper dip of the fill); what
+    // drift control owes is the fill at the target.
+    assert!((f10 - t10).abs() <= 2.0, "at second 10 the fill was {f10:.1} ms for a target of {t10:.1} ms");
+    assert!((fend - tend).abs() <= 2.0, "at the end the fill was {fend:.1} ms for a target of {tend:.1} ms");
     assert!(underruns <= 1.0, "{underruns} underruns");
 }
