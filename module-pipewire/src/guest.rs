@@ -47,6 +47,9 @@ const MOVE_GRACE: Duration = Duration::from_millis(300);
 
 /// Decoded microphone audio the virtual source's ring holds at most.
 const MIC_RING: Duration = Duration::from_millis(500);
+/// A burst of the microphone beyond this over its target is skipped
+/// ([`RenderConfig::max_excess_ms`]).
+const MIC_MAX_EXCESS_MS: u32 = 60;
 
 /// The virtual microphone: an `Audio/Source` stream of this process that plays what
 /// the host's microphone sends, silence without it.
@@ -78,6 +81,7 @@ impl MicSource {
             ),
             ("melange.drift.ppm", format!("{:.0}", s.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0)),
             ("melange.underruns", s.underruns.load(Ordering::Relaxed).to_string()),
+            ("melange.latency.cuts", s.latency_cuts.load(Ordering::Relaxed).to_string()),
             ("melange.silence.frames", s.silence_frames.load(Ordering::Relaxed).to_string()),
         ];
         update_properties(&self.stream, counters, &mut self.published);
@@ -278,6 +282,7 @@ impl Guest {
                 latency_frames: mic_frames + config.tap_quantum as usize + jitter_margin_frames(MIC_RATE, 0) as usize,
                 trim: true,
                 quantum: config.tap_quantum,
+                max_excess_ms: Some(MIC_MAX_EXCESS_MS),
             },
             MIC_RATE as usize * MIC_RING.as_millis() as usize / 1000,
         );

@@ -142,6 +142,11 @@ impl DriftController {
         self.set_point
     }
 
+    /// True once the set point is learned (the first half second after priming).
+    pub fn settled(&self) -> bool {
+        self.learned.2 >= self.learn_cycles
+    }
+
     /// Feeds the frames buffered at the start of an output cycle; returns the input
     /// frames to consume per output frame (above 1 drains a buffer that is too full).
     pub fn update(&mut self, buffered_frames: f64) -> f64 {

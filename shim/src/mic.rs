@@ -133,11 +133,13 @@ impl MicReceiver {
     pub fn describe(&self) -> String {
         let st = &self.feed.stats;
         format!(
-            "{} underruns, {} frames played, {} silent, {} skipped, drift {:.0} ppm, {} frames buffered",
+            "{} underruns, {} frames played, {} silent, {} skipped ({} cuts back to the target), drift {:.0} ppm, {} \
+             frames buffered",
             st.underruns.load(Ordering::Relaxed),
             st.played_frames.load(Ordering::Relaxed),
             st.silence_frames.load(Ordering::Relaxed),
             st.skipped_frames.load(Ordering::Relaxed),
+            st.latency_cuts.load(Ordering::Relaxed),
             st.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0,
             self.feed.producer.buffer().capacity() - self.feed.producer.slots(),
         )
@@ -172,7 +174,14 @@ mod tests {
 
     #[test]
     fn the_hosts_microphone_is_decoded_into_the_source_and_played() {
-        let config = RenderConfig { rate: 48_000, channels: 1, latency_frames: 960, trim: false, quantum: 256 };
+        let config = RenderConfig {
+            rate: 48_000,
+            channels: 1,
+            latency_frames: 960,
+            trim: false,
+            quantum: 256,
+            max_excess_ms: None,
+        };
         let (producer, mut core) = render_ring(config, 24_000);
         let feed = MicFeed { producer, stats: core.stats().clone(), frame_us: 10_000 };
         let mut mic = MicReceiver::new(feed);

@@ -45,6 +45,13 @@ pub struct RenderConfig {
     pub trim: bool,
     /// The output's cycle in sample frames.
     pub quantum: u32,
+    /// Most a settled buffer may hold beyond the fill drift control holds, in ms, if
+    /// anything beyond is to be skipped. Drift control drains an excess at 1 ms a
+    /// second at most; a burst (a far graph that stalled and caught up, a port that
+    /// held bytes back) would stay as latency. The microphone cuts it (60 ms: in a call
+    /// a glitch now beats a delay that stays); playback keeps it and tells the apps
+    /// (`None`), so that picture and sound stay together.
+    pub max_excess_ms: Option<u32>,
 }
 
 impl RenderConfig {
@@ -62,8 +69,11 @@ pub struct RenderStats {
     pub played_frames: AtomicU64,
     /// See [`RenderStats::played_frames`].
     pub silence_frames: AtomicU64,
-    /// Frames skipped because the output ran cycles without the callback.
+    /// Frames skipped because the output ran cycles without the callback, or because
+    /// the buffer held more than [`RenderConfig::max_excess_ms`] beyond its target.
     pub skipped_frames: AtomicU64,
+    /// Times the buffer was cut back to its target ([`RenderConfig::max_excess_ms`]).
+    pub latency_cuts: AtomicU64,
     /// Cycles run.
     pub cycles: AtomicU64,
     /// Frames in the ring at the start of each cycle, summed: with [`RenderStats::cycles`]
@@ -161,9 +171,21 @@ impl RenderCore {
                 self.stats.skipped_frames.fetch_add(skip as u64, Ordering::Relaxed);
             }
         }
+        let draining = self.stats.draining.load(Ordering::Relaxed);
+        let limit =
+            self.config.max_excess_ms.map(|ms| self.drift.target() as usize + (self.config.rate * ms / 1000) as usize);
+        if !draining && self.playout.is_playing() && self.drift.settled() && limit.is_some_and(|l| buffered > l) {
+            let skip = buffered - self.drift.target() as usize;
+            if let Ok(chunk) = self.consumer.read_chunk(skip * channels) {
+                chunk.commit_all();
+                buffered -= skip;
+                self.stats.skipped_frames.fetch_add(skip as u64, Ordering::Relaxed);
+                self.stats.latency_cuts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.stats.fill_sum_frames.fetch_add(buffered as u64, Ordering::Relaxed);
         let mut ratio = None;
-        let take = if self.stats.draining.load(Ordering::Relaxed) {
+        let take = if draining {
             if buffered == 0 {
                 self.stats.drained.store(true, Ordering::Relaxed);
             }
@@ -213,7 +235,14 @@ mod tests {
     use super::*;
 
     fn config() -> RenderConfig {
-        RenderConfig { rate: 48_000, channels: 1, latency_frames: 480, trim: false, quantum: 256 }
+        RenderConfig {
+            rate: 48_000,
+            channels: 1,
+            latency_frames: 480,
+            trim: false,
+            quantum: 256,
+            max_excess_ms: Some(60),
+        }
     }
 
     fn samples(out: &[u8]) -> Vec<f32> {
@@ -235,6 +264,35 @@ mod tests {
         assert!(core.cycle(Some(256), &mut out).is_some());
         assert_eq!(samples(&out), (0..256).map(|v| v as f32).collect::<Vec<_>>());
         assert_eq!(core.stats().silence_frames.load(Ordering::Relaxed), 256);
+    }
+
+    #[test]
+    fn a_burst_far_beyond_the_target_is_cut_back_to_it() {
+        let (mut tx, mut core) = render_ring(config(), 48_000);
+        let mut out = vec![0u8; 256 * 4];
+        // Steady: 256 in, 256 out per cycle, until drift control has learned its set point.
+        for v in 0..512 {
+            tx.push(v as f32).unwrap();
+        }
+        let mut next = 512;
+        for c in 0..200u64 {
+            for _ in 0..256 {
+                tx.push(next as f32).unwrap();
+                next += 1;
+            }
+            core.cycle(Some(c * 256), &mut out);
+        }
+        assert_eq!(core.stats().latency_cuts.load(Ordering::Relaxed), 0, "no cut while steady");
+        // A 100 ms burst: cut back to the target, the oldest first.
+        for _ in 0..4800 {
+            tx.push(next as f32).unwrap();
+            next += 1;
+        }
+        core.cycle(Some(200 * 256), &mut out);
+        assert_eq!(core.stats().latency_cuts.load(Ordering::Relaxed), 1);
+        let first = samples(&out)[0];
+        let target = core.drift.target();
+        assert!((f64::from(next as u32) - f64::from(first) - target).abs() < 2.0, "{first} for {next} at {target}");
     }
 
     #[test]

@@ -139,6 +139,7 @@ impl Output for PipeWireOutput {
             latency_frames: desc.latency_frames,
             trim: desc.latency_auto,
             quantum: desc.quantum,
+            max_excess_ms: None,
         };
         let (producer, core) =
             melange_shim::render::render_ring(config, desc.format.rate as usize * RING.as_millis() as usize / 1000);
