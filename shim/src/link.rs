@@ -420,17 +420,22 @@ impl IoThread {
     }
 
     fn end_session(&mut self, reason: &str) {
-        self.keep_session_drops();
-        if self.session.take().is_some() {
+        if self.forget_session() {
             log::warn!("melange link: host disconnected ({reason}); reconnecting");
         } else {
             self.status(reason.to_string());
         }
+    }
+
+    /// Drops the session and what belongs to it; true if there was one.
+    fn forget_session(&mut self) -> bool {
+        self.keep_session_drops();
         self.announced.clear();
         self.stats.connected.store(false, Ordering::Relaxed);
         if let Some(mic) = &mut self.mic {
             mic.end_session();
         }
+        self.session.take().is_some()
     }
 
     /// Tells the host the redirect sink's volume, if a host is there (a new session is
@@ -513,13 +518,7 @@ impl IoThread {
                 }
                 Event::Closed(reason) => {
                     log::warn!("melange link: session closed: {reason}");
-                    self.keep_session_drops();
-                    self.session = None;
-                    self.announced.clear();
-                    self.stats.connected.store(false, Ordering::Relaxed);
-                    if let Some(mic) = &mut self.mic {
-                        mic.end_session();
-                    }
+                    self.forget_session();
                     self.link.disconnect();
                     return;
                 }
