@@ -663,6 +663,7 @@ impl Host {
     fn close_stream(&mut self, stream: u32, reason: &str) {
         let Some(mut s) = self.streams.remove(&stream) else { return };
         let drift_ppm = s.sink.as_ref().and_then(|k| k.drift_ppm());
+        let clock_ppm = s.sink.as_ref().and_then(|k| k.clock_ppm());
         let (underruns, overflows) = match s.sink.take() {
             Some(mut sink) => {
                 if let Err(e) = sink.close() {
@@ -712,6 +713,7 @@ impl Host {
                 "bad_packets": s.decode_errors,
                 "underruns": underruns,
                 "drift_ppm": drift_ppm,
+                "output_clock_ppm": clock_ppm,
                 "fill_ms_second_2": s.fill_second_2,
                 "fill_ms_second_10": s.fill_second_10,
                 "fill_ms_last_second": s.fill_last,

@@ -89,6 +89,12 @@ pub struct RenderStats {
     pub next_read_ns: AtomicU64,
     /// See [`RenderStats::next_read_ns`].
     pub output_delay_ns: AtomicU64,
+    /// The output's position (in ns of its own clock) and `CLOCK_MONOTONIC` at the first
+    /// and the last cycle: how fast the output's graph really ran
+    /// ([`RenderStats::clock_ppm`]).
+    pub clock_first: [AtomicU64; 2],
+    /// See [`RenderStats::clock_first`].
+    pub clock_last: [AtomicU64; 2],
     /// Set by the owner: play out what is buffered, then stop ([`RenderStats::drained`]).
     pub draining: AtomicBool,
     /// Set by the callback once a draining stream has played everything.
@@ -96,6 +102,18 @@ pub struct RenderStats {
     /// Set by the owner when a new stream starts feeding the ring: the callback primes
     /// again from scratch, with the configured target and a fresh drift estimate.
     pub restart: AtomicBool,
+}
+
+impl RenderStats {
+    /// How much faster than `CLOCK_MONOTONIC` the output's graph ran since its first
+    /// cycle, in ppm: a graph whose timer fired late without making up for it runs
+    /// slow, and drift control then measures that too. `None` before a second passed.
+    pub fn clock_ppm(&self) -> Option<f64> {
+        let load = |a: &[AtomicU64; 2]| (a[0].load(Ordering::Relaxed), a[1].load(Ordering::Relaxed));
+        let ((p0, t0), (p1, t1)) = (load(&self.clock_first), load(&self.clock_last));
+        let elapsed = t1.checked_sub(t0).filter(|e| *e >= 1_000_000_000)?;
+        Some((p1.saturating_sub(p0) as f64 / elapsed as f64 - 1.0) * 1e6)
+    }
 }
 
 /// The callback's half of a rendering stream. See the module docs.
@@ -222,8 +240,16 @@ impl RenderCore {
     }
 
     /// Records the output's timing after a cycle of `frames` that started at `now_ns`:
-    /// `delay_ns` from the cycle's start to being heard.
-    pub fn timing(&self, now_ns: u64, frames: usize, delay_ns: u64) {
+    /// `delay_ns` from the cycle's start to being heard, and the output's position then
+    /// in ns of its own clock.
+    pub fn timing(&self, now_ns: u64, position_ns: u64, frames: usize, delay_ns: u64) {
+        let st = &self.stats;
+        if st.clock_first[1].load(Ordering::Relaxed) == 0 {
+            st.clock_first[0].store(position_ns, Ordering::Relaxed);
+            st.clock_first[1].store(now_ns, Ordering::Relaxed);
+        }
+        st.clock_last[0].store(position_ns, Ordering::Relaxed);
+        st.clock_last[1].store(now_ns, Ordering::Relaxed);
         self.stats.output_delay_ns.store(delay_ns, Ordering::Relaxed);
         let next = now_ns as f64 + frames as f64 * 1e9 / f64::from(self.config.rate.max(1));
         self.stats.next_read_ns.store(next as u64, Ordering::Relaxed);

@@ -135,6 +135,11 @@ pub trait StreamSink {
     fn drift_ppm(&self) -> Option<f64> {
         None
     }
+    /// How much faster than `CLOCK_MONOTONIC` the output's graph ran, in ppm, where it
+    /// has one (a busy machine can make it run slow).
+    fn clock_ppm(&self) -> Option<f64> {
+        None
+    }
     /// Applies the guest's output volume: on the host's mixer where there is one (so the
     /// user sees it there), to the samples in files.
     fn set_volume(&mut self, _volume: &Volume) {}

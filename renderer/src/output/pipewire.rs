@@ -261,6 +261,10 @@ impl StreamSink for PipeWireSink {
         Some(self.stats.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0)
     }
 
+    fn clock_ppm(&self) -> Option<f64> {
+        self.stats.clock_ppm()
+    }
+
     fn is_lost(&self) -> bool {
         self.shared.lost.load(Ordering::Relaxed)
     }
@@ -541,7 +545,11 @@ fn open_stream(
                 }
             }
             if let Some(t) = time.filter(|t| t.now() > 0) {
-                d.core.timing(u64::try_from(t.now()).unwrap_or(0), frames, output_delay_ns(&t, d.core.rate()));
+                let r = t.rate();
+                let position_ns =
+                    if r.denom > 0 { t.ticks() as f64 * 1e9 * f64::from(r.num) / f64::from(r.denom) } else { 0.0 };
+                let now_ns = u64::try_from(t.now()).unwrap_or(0);
+                d.core.timing(now_ns, position_ns as u64, frames, output_delay_ns(&t, d.core.rate()));
             }
             let chunk = data.chunk_mut();
             *chunk.offset_mut() = 0;
