@@ -389,7 +389,9 @@ fn a_click_played_in_the_guest_comes_back_through_the_hosts_microphone() {
         delays.sort_by(f64::total_cmp);
         let (p50, max) = (delays[delays.len() / 2], delays[delays.len() - 1]);
         report.push(format!("{mode}: p50 {p50:.1} ms, max {max:.1} ms over {} clicks", delays.len()));
-        assert!(max - delays[0] < 80.0, "{mode}: the delay wandered over {delays:.1?} ms");
+        // Bounded: on a loaded machine the guest's graph may run slow and the buffer
+        // grow, until a cut at 60 ms over its target (whose own rise is bounded too).
+        assert!(max - delays[0] < 100.0, "{mode}: the delay wandered over {delays:.1?} ms");
     }
     eprintln!("round trip, guest app to host speakers and back through the host's microphone: {}", report.join("; "));
 }
