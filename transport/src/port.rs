@@ -497,7 +497,8 @@ fn describe_virtio_error(name: &str, path: &Path, e: &io::Error) -> String {
             path.display()
         ),
         io::ErrorKind::PermissionDenied => format!(
-            "no permission on {}: install the melange udev rule or add the user to the port's group",
+            "no permission on {}: install the melange-guest package (its udev rule 70-melange.rules gives the \
+             user at the seat the port) or add the user to the port's group",
             path.display()
         ),
         _ if e.raw_os_error() == Some(libc::EBUSY) => {
@@ -627,6 +628,26 @@ mod tests {
         let w = Waker::new().unwrap();
         w.wake();
         assert_eq!(a.wait(false, Some(Duration::from_secs(5)), Some(&w)).unwrap(), LinkEvent::Woken);
+    }
+
+    #[test]
+    fn each_setup_mistake_is_one_line_with_its_fix() {
+        let err = |kind| io::Error::from(kind);
+        let path = Path::new("/run/melange/vm1.sock");
+        let missing = describe_connect_error(path, &err(io::ErrorKind::NotFound));
+        assert!(missing.contains("/run/melange/vm1.sock does not exist") && missing.contains("running"), "{missing}");
+        let refused = describe_connect_error(path, &err(io::ErrorKind::ConnectionRefused));
+        assert!(refused.contains("nobody listens on /run/melange/vm1.sock"), "{refused}");
+        let denied = describe_connect_error(path, &err(io::ErrorKind::PermissionDenied));
+        assert!(denied.contains("no permission to connect to /run/melange/vm1.sock"), "{denied}");
+        let port = Path::new("/dev/virtio-ports/org.melange.media.0");
+        let no_access = describe_virtio_error("org.melange.media.0", port, &err(io::ErrorKind::PermissionDenied));
+        assert!(no_access.contains("70-melange.rules") && no_access.contains("melange-guest"), "{no_access}");
+        let busy = describe_virtio_error("org.melange.media.0", port, &io::Error::from_raw_os_error(libc::EBUSY));
+        assert!(busy.contains("busy") && busy.contains("only one"), "{busy}");
+        for text in [missing, refused, denied, no_access, busy] {
+            assert!(!text.contains('\n'), "not one line: {text}");
+        }
     }
 
     #[test]
