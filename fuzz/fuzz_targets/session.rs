@@ -22,17 +22,20 @@ fn frame(out: &mut Vec<u8>, kind: FrameKind, stream: u32, payload: &[u8]) {
     let _ = encode_frame(out, kind, 0, stream, payload);
 }
 
+/// A host as the fuzzer drives it: a fixed target, no files, no microphone.
+fn new_host() -> Host {
+    let config = HostConfig {
+        latency: Some(Duration::from_millis(30)),
+        report: None,
+        idle_timeout: Duration::from_secs(30),
+        stats: false,
+        mic: melange_renderer::mic::MicSpec::None,
+    };
+    Host::new(config, Box::new(NullOutput))
+}
+
 fuzz_target!(|data: &[u8]| {
-    let mut host = Host::new(
-        HostConfig {
-            latency: Some(Duration::from_millis(30)),
-            report: None,
-            idle_timeout: Duration::from_secs(30),
-            stats: false,
-            mic: melange_renderer::mic::MicSpec::None,
-        },
-        Box::new(NullOutput),
-    );
+    let mut host = new_host();
     let t0 = Instant::now();
     let mut now = t0 + Duration::from_secs(1000);
     let mut ops = data;
@@ -110,16 +113,7 @@ fuzz_target!(|data: &[u8]| {
         for part in [&wire[..split], &wire[split..]] {
             if !host.receive(now, part) {
                 // Session closed: a new connection starts the next one.
-                host = Host::new(
-                    HostConfig {
-                        latency: Some(Duration::from_millis(30)),
-                        report: None,
-                        idle_timeout: Duration::from_secs(30),
-                        stats: false,
-                        mic: melange_renderer::mic::MicSpec::None,
-                    },
-                    Box::new(NullOutput),
-                );
+                host = new_host();
             }
         }
         let _ = host.take_output();
