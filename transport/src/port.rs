@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `virtio:NAME` | `/dev/virtio-ports/NAME`, opened once, non-blocking; `POLLHUP` means "host absent", `POLLOUT` without it means "host present" |
 //! | `unix:PATH` | connects, retrying with backoff (100 ms doubling to 250 ms) |
-//! | listening `unix:PATH` | binds (mode 0600), accepts; a new connection replaces the current one |
+//! | listening `unix:PATH` | binds (mode 0600, 0660 under a umask with group write), accepts; a new connection replaces the current one |
 //! | `stdio` | stdin/stdout; end of input ends the link for good |
 //! | [`Link::pair`] | two connected ends in memory, for tests |
 
@@ -184,8 +184,8 @@ impl Link {
         Ok(Link { kind, stream: None, present: false, pending: None })
     }
 
-    /// Binds a listening unix socket at `path` (mode 0600; a stale socket file is
-    /// replaced) and accepts connections on it.
+    /// Binds a listening unix socket at `path` (mode 0600, or 0660 where the umask
+    /// leaves group write; a stale socket file is replaced) and accepts connections on it.
     pub fn listen(path: &Path) -> io::Result<Link> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.exists() {
@@ -203,7 +203,11 @@ impl Link {
             std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        // Connecting takes write permission: the owner's, and the group's where the umask
+        // leaves group write (the system unit's UMask=0007 lets QEMU in by its group).
+        let group_writable = std::fs::metadata(path)?.permissions().mode() & 0o020 != 0;
+        let mode = if group_writable { 0o660 } else { 0o600 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
         listener.set_nonblocking(true)?;
         Ok(Link { kind: Kind::Listen { path: path.into(), listener }, stream: None, present: false, pending: None })
     }
@@ -609,7 +613,7 @@ mod tests {
         assert!(c.last_error().unwrap().contains("does not exist"));
         let mut l = Link::listen(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
+        assert!(mode == 0o600 || mode == 0o660, "others may connect: {mode:o}");
         let deadline = Instant::now() + Duration::from_secs(5);
         while c.wait(false, Some(Duration::from_millis(50)), None).unwrap() != LinkEvent::Connected {
             assert!(Instant::now() < deadline);
