@@ -97,11 +97,12 @@ fn melange_host_says_what_is_wrong_with_its_socket_and_carries_on() {
     let mut host = Proc::spawn(cmd, dir.join("host.log")).stop_with_sigint();
 
     // No socket yet: the VM is not running.
-    let missing = format!("{} does not exist yet (is the VM or melange-host running?)", sock.display());
+    let missing = format!("{} does not exist yet: start the VM", sock.display());
     host.wait_for_log(&missing, Duration::from_secs(10));
     // A socket file nobody listens on: a VM that died and left it behind.
     drop(UnixListener::bind(&sock).unwrap());
-    let refused = format!("nobody listens on {}", sock.display());
+    let refused =
+        format!("nobody listens on {}: what made it (the VM or melange-host --listen) is gone", sock.display());
     host.wait_for_log(&refused, Duration::from_secs(10));
     // The VM comes: melange-host connects without being restarted.
     std::fs::remove_file(&sock).unwrap();

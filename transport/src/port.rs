@@ -484,11 +484,18 @@ impl Drop for Link {
 
 fn describe_connect_error(path: &Path, e: &io::Error) -> String {
     match e.kind() {
-        io::ErrorKind::NotFound => {
-            format!("{} does not exist yet (is the VM or melange-host running?)", path.display())
-        }
-        io::ErrorKind::ConnectionRefused => format!("nobody listens on {}", path.display()),
-        io::ErrorKind::PermissionDenied => format!("no permission to connect to {}", path.display()),
+        io::ErrorKind::NotFound => format!(
+            "{} does not exist yet: start the VM (or melange-host --listen), and check that its socket path is this one",
+            path.display()
+        ),
+        io::ErrorKind::ConnectionRefused => format!(
+            "nobody listens on {}: what made it (the VM or melange-host --listen) is gone; start it again",
+            path.display()
+        ),
+        io::ErrorKind::PermissionDenied => format!(
+            "no permission to connect to {}: run as the socket's owner, or as a member of its group",
+            path.display()
+        ),
         _ => format!("cannot connect to {}: {e}", path.display()),
     }
 }
@@ -639,11 +646,20 @@ mod tests {
         let err = |kind| io::Error::from(kind);
         let path = Path::new("/run/melange/vm1.sock");
         let missing = describe_connect_error(path, &err(io::ErrorKind::NotFound));
-        assert!(missing.contains("/run/melange/vm1.sock does not exist") && missing.contains("running"), "{missing}");
+        assert!(
+            missing.contains("/run/melange/vm1.sock does not exist") && missing.contains("start the VM"),
+            "{missing}"
+        );
         let refused = describe_connect_error(path, &err(io::ErrorKind::ConnectionRefused));
-        assert!(refused.contains("nobody listens on /run/melange/vm1.sock"), "{refused}");
+        assert!(
+            refused.contains("nobody listens on /run/melange/vm1.sock") && refused.contains("start it"),
+            "{refused}"
+        );
         let denied = describe_connect_error(path, &err(io::ErrorKind::PermissionDenied));
-        assert!(denied.contains("no permission to connect to /run/melange/vm1.sock"), "{denied}");
+        assert!(
+            denied.contains("no permission to connect to /run/melange/vm1.sock") && denied.contains("group"),
+            "{denied}"
+        );
         let port = Path::new("/dev/virtio-ports/org.melange.media.0");
         let no_access = describe_virtio_error("org.melange.media.0", port, &err(io::ErrorKind::PermissionDenied));
         assert!(no_access.contains("70-melange.rules") && no_access.contains("melange-guest"), "{no_access}");
