@@ -71,6 +71,16 @@ pub struct HostConfig {
     pub mic: MicSpec,
 }
 
+/// The microphone's capture, and whether the guest was told of its stream (once open).
+struct Mic {
+    capture: MicCapture,
+    frame_samples: u32,
+    announced: bool,
+}
+
+/// How often the session thread looks whether the microphone has opened.
+const MIC_OPEN_POLL: Duration = Duration::from_millis(5);
+
 /// The id of the microphone stream the host sends (host streams have ids of their own).
 pub const MIC_STREAM: u32 = 1;
 /// Packet durations the guest may ask of the microphone, in microseconds.
@@ -218,7 +228,7 @@ pub struct Host {
     /// When `--stats` last printed.
     stats_at: Instant,
     /// The microphone while the guest records from it.
-    mic: Option<MicCapture>,
+    mic: Option<Mic>,
     /// The guest's output volume, applied to every stream (see [`Volume`]).
     volume: Volume,
 }
@@ -795,8 +805,9 @@ impl Host {
         }
     }
 
-    /// Opens the microphone for the guest and announces its stream; on failure the
-    /// guest's virtual microphone stays silent, and the log says why.
+    /// Starts opening the microphone for the guest; [`Host::pump_mic`] announces its
+    /// stream once PipeWire has opened it. On failure the guest's virtual microphone
+    /// stays silent, and the log says why.
     fn open_mic(&mut self, frame_us: u32) {
         if self.mic.is_some() || self.session.is_none() {
             return;
@@ -807,41 +818,64 @@ impl Host {
         }
         let frame_us = if MIC_FRAME_US.contains(&frame_us) { frame_us } else { 10_000 };
         let frame_samples = MIC_RATE / 1000 * frame_us / 1000;
-        let mic = match MicCapture::open(&self.config.mic, frame_samples) {
-            Ok(mic) => mic,
-            Err(e) => {
-                log::warn!("melange-host: cannot open the microphone for the guest ({e}); it hears silence");
-                return;
-            }
+        match MicCapture::open(&self.config.mic, frame_samples) {
+            Ok(mic) => self.mic = Some(Mic { capture: mic, frame_samples, announced: false }),
+            Err(e) => log::warn!("melange-host: cannot open the microphone for the guest ({e}); it hears silence"),
+        }
+    }
+
+    /// Announces the microphone's stream to the guest once its capture is open; false
+    /// (and the microphone dropped) if it cannot be had.
+    fn announce_mic(&mut self) -> bool {
+        let (Some(mic), Some(s)) = (&mut self.mic, &mut self.session) else { return false };
+        let result = match mic.capture.poll_open() {
+            Ok(false) => return false,
+            Ok(true) => s
+                .open_stream(MIC_STREAM, &crate::mic::stream_open(mic.frame_samples))
+                .map_err(|e| format!("cannot announce the microphone to the guest: {e}")),
+            Err(e) => Err(format!("cannot open the microphone for the guest ({e}); it hears silence")),
         };
-        let Some(s) = &mut self.session else { return };
-        match s.open_stream(MIC_STREAM, &crate::mic::stream_open(frame_samples)) {
+        match result {
             Ok(()) => {
+                mic.announced = true;
                 log::info!(
                     "melange-host: microphone opened for the guest: {}, Opus {} kbit/s mono, {} ms packets",
                     self.config.mic,
                     crate::mic::MIC_BITRATE / 1000,
-                    f64::from(frame_us) / 1000.0
+                    f64::from(mic.frame_samples) * 1000.0 / f64::from(MIC_RATE)
                 );
-                self.mic = Some(mic);
+                true
             }
-            Err(e) => log::warn!("melange-host: cannot announce the microphone to the guest: {e}"),
+            Err(e) => {
+                log::warn!("melange-host: {e}");
+                self.mic = None;
+                false
+            }
         }
     }
 
     fn close_mic(&mut self, why: &str) {
-        if self.mic.take().is_some() {
-            if let Some(s) = &mut self.session {
-                s.close_stream(MIC_STREAM, why);
+        match self.mic.take() {
+            Some(mic) if mic.announced => {
+                if let Some(s) = &mut self.session {
+                    s.close_stream(MIC_STREAM, why);
+                }
+                log::info!("melange-host: microphone closed ({why})");
             }
-            log::info!("melange-host: microphone closed ({why})");
+            Some(_) => log::info!("melange-host: microphone no longer wanted while opening ({why})"),
+            None => {}
         }
     }
 
     /// Sends what the microphone captured, in whole packets; returns when the next one
     /// is due (`CLOCK_MONOTONIC` ns) while it is open.
     fn pump_mic(&mut self) -> Option<u64> {
+        if self.mic.as_ref().is_some_and(|m| !m.announced) && !self.announce_mic() {
+            // Still opening: look again soon (the capture thread answers in some 40 ms).
+            return self.mic.is_some().then(|| clock::monotonic_ns() + MIC_OPEN_POLL.as_nanos() as u64);
+        }
         let (Some(mic), Some(s)) = (&mut self.mic, &mut self.session) else { return None };
+        let mic = &mut mic.capture;
         while let Some(packet) = mic.next_packet() {
             match packet {
                 Ok(p) => {

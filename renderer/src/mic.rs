@@ -12,7 +12,7 @@
 
 use std::str::FromStr;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use melange_shim::codec::CodecError;
 use melange_shim::opus::Application;
@@ -78,11 +78,13 @@ fn format() -> AudioFormat {
     AudioFormat { rate: MIC_RATE, channels: 1, positions: vec![spa::sys::SPA_AUDIO_CHANNEL_MONO] }
 }
 
-/// An open capture stream and its encoder. Dropping it closes the stream.
+/// A capture stream, opening or open, and its encoder. Dropping it closes the stream.
 pub struct MicCapture {
     encoder: TapEncoder,
     quit: pw::channel::Sender<()>,
     thread: Option<JoinHandle<()>>,
+    /// The capture thread's word on opening, until it came.
+    opening: Option<(crossbeam_channel::Receiver<Result<(), String>>, Instant)>,
 }
 
 impl std::fmt::Debug for MicCapture {
@@ -92,7 +94,9 @@ impl std::fmt::Debug for MicCapture {
 }
 
 impl MicCapture {
-    /// Opens `spec` (not [`MicSpec::None`]) in packets of `frame_samples`.
+    /// Starts opening `spec` (not [`MicSpec::None`]) in packets of `frame_samples` on a
+    /// thread of its own, without waiting for PipeWire: [`MicCapture::poll_open`] says
+    /// when the stream is open.
     pub fn open(spec: &MicSpec, frame_samples: u32) -> Result<Self, String> {
         let target = match spec {
             MicSpec::None => return Err("no microphone (--mic none)".into()),
@@ -109,17 +113,25 @@ impl MicCapture {
             .name("melange-mic".into())
             .spawn(move || run(target, frame_samples, writer, quit_rx, ready_tx))
             .map_err(|e| format!("cannot start the microphone's thread: {e}"))?;
-        let mut mic = Self { encoder, quit: quit_tx, thread: Some(thread) };
-        match ready_rx.recv_timeout(OPEN_TIMEOUT) {
-            Ok(Ok(())) => Ok(mic),
-            Ok(Err(e)) => {
-                mic.stop();
-                Err(e)
+        Ok(Self { encoder, quit: quit_tx, thread: Some(thread), opening: Some((ready_rx, Instant::now())) })
+    }
+
+    /// Whether the capture stream is open: `Ok(false)` while the host's PipeWire has not
+    /// answered (at most [`OPEN_TIMEOUT`]), `Ok(true)` from when it has, `Err` if opening
+    /// failed (the capture is then useless and should be dropped).
+    pub fn poll_open(&mut self) -> Result<bool, String> {
+        let Some((ready, since)) = &self.opening else { return Ok(true) };
+        match ready.try_recv() {
+            Ok(Ok(())) => {
+                self.opening = None;
+                Ok(true)
             }
-            Err(_) => {
-                mic.stop();
+            Ok(Err(e)) => Err(e),
+            Err(crossbeam_channel::TryRecvError::Empty) if since.elapsed() < OPEN_TIMEOUT => Ok(false),
+            Err(crossbeam_channel::TryRecvError::Empty) => {
                 Err(format!("the host's PipeWire did not answer within {OPEN_TIMEOUT:?}"))
             }
+            Err(crossbeam_channel::TryRecvError::Disconnected) => Err("the microphone's thread ended".into()),
         }
     }
 
