@@ -662,14 +662,8 @@ fn create_mic(s: &State, core: RenderCore) -> Result<MicSource, String> {
         .register()
         .map_err(|e| format!("cannot listen on the microphone's stream: {e}"))?;
     let pod = format_pod(SampleFormat::F32, &[spa::sys::SPA_AUDIO_CHANNEL_MONO])?;
-    let mut params = [spa::pod::Pod::from_bytes(&pod).ok_or("bad format pod")?];
-    stream
-        .connect(
-            spa::utils::Direction::Output,
-            None,
-            pw::stream::StreamFlags::MAP_BUFFERS | pw::stream::StreamFlags::RT_PROCESS,
-            &mut params,
-        )
+    // Not autoconnected: a source that recording apps are linked to.
+    melange_pw::connect(&stream, spa::utils::Direction::Output, &pod, false)
         .map_err(|e| format!("cannot connect the microphone's stream: {e}"))?;
     log::info!("melange: created the microphone {name} (\"{description}\")");
     Ok(MicSource { _listener: listener, stream, stats, published: Vec::new(), fill_mark: (0, 0) })
@@ -878,31 +872,12 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
         .map_err(|e| format!("cannot create the tap stream: {e}"))?;
     let listener = stream
         .add_local_listener_with_user_data(writer)
-        .process(|stream, writer| {
-            // Real-time: read the graph clock, copy, nothing else.
-            let pts = stream.time().map_or(0, |t| u64::try_from(t.now()).unwrap_or(0));
-            let Some(mut buffer) = stream.dequeue_buffer() else { return };
-            let Some(data) = buffer.datas_mut().first_mut() else { return };
-            let (offset, size) = (data.chunk().offset() as usize, data.chunk().size() as usize);
-            if let Some(bytes) = data.data() {
-                let end = offset.saturating_add(size).min(bytes.len());
-                writer.push(&bytes[offset.min(end)..end], pts);
-            }
-        })
+        .process(melange_pw::capture_into)
         .register()
         .map_err(|e| format!("cannot listen on the tap stream: {e}"))?;
 
     let pod = format_pod(sample, &POSITIONS)?;
-    let mut params = [spa::pod::Pod::from_bytes(&pod).ok_or("bad format pod")?];
-    stream
-        .connect(
-            spa::utils::Direction::Input,
-            None,
-            pw::stream::StreamFlags::AUTOCONNECT
-                | pw::stream::StreamFlags::MAP_BUFFERS
-                | pw::stream::StreamFlags::RT_PROCESS,
-            &mut params,
-        )
+    melange_pw::connect(&stream, spa::utils::Direction::Input, &pod, true)
         .map_err(|e| format!("cannot connect the tap stream: {e}"))?;
     Ok(Tap {
         stream_id,
@@ -942,24 +917,9 @@ fn latency_pod(ns: i64) -> Result<Vec<u8>, String> {
 /// An EnumFormat at [`TAP_RATE`] in `positions`: the sink's layout and the codec's
 /// input sample format for a tap, mono f32 for the microphone.
 fn format_pod(sample: SampleFormat, positions: &[u32]) -> Result<Vec<u8>, String> {
-    let mut info = spa::param::audio::AudioInfoRaw::new();
-    info.set_format(match sample {
+    let format = match sample {
         SampleFormat::F32 => spa::param::audio::AudioFormat::F32LE,
         SampleFormat::S16Le => spa::param::audio::AudioFormat::S16LE,
-    });
-    info.set_rate(TAP_RATE);
-    info.set_channels(positions.len() as u32);
-    let mut position = [0u32; spa::sys::SPA_AUDIO_MAX_CHANNELS as usize];
-    for (slot, p) in position.iter_mut().zip(positions) {
-        *slot = *p;
-    }
-    info.set_position(position);
-    let obj = spa::pod::Object {
-        type_: spa::utils::SpaTypes::ObjectParamFormat.as_raw(),
-        id: spa::param::ParamType::EnumFormat.as_raw(),
-        properties: info.into(),
     };
-    spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &spa::pod::Value::Object(obj))
-        .map(|(c, _)| c.into_inner())
-        .map_err(|e| format!("cannot build the format pod: {e:?}"))
+    melange_pw::format_pod(format, TAP_RATE, positions)
 }

@@ -230,31 +230,11 @@ fn open_stream(
     let stream = pw::stream::StreamRc::new(core.clone(), "melange-mic", props).map_err(|e| e.to_string())?;
     let listener = stream
         .add_local_listener_with_user_data(writer)
-        .process(|stream, writer| {
-            // Real-time: read the graph clock, copy, nothing else.
-            let pts = stream.time().map_or(0, |t| u64::try_from(t.now()).unwrap_or(0));
-            let Some(mut buffer) = stream.dequeue_buffer() else { return };
-            let Some(data) = buffer.datas_mut().first_mut() else { return };
-            let (offset, size) = (data.chunk().offset() as usize, data.chunk().size() as usize);
-            if let Some(bytes) = data.data() {
-                let end = offset.saturating_add(size).min(bytes.len());
-                writer.push(&bytes[offset.min(end)..end], pts);
-            }
-        })
+        .process(melange_pw::capture_into)
         .register()
         .map_err(|e| e.to_string())?;
     let pod = crate::output::format_pod(&format())?;
-    let mut params = [spa::pod::Pod::from_bytes(&pod).ok_or("bad format pod")?];
-    stream
-        .connect(
-            spa::utils::Direction::Input,
-            None,
-            pw::stream::StreamFlags::AUTOCONNECT
-                | pw::stream::StreamFlags::MAP_BUFFERS
-                | pw::stream::StreamFlags::RT_PROCESS,
-            &mut params,
-        )
-        .map_err(|e| e.to_string())?;
+    melange_pw::connect(&stream, spa::utils::Direction::Input, &pod, true)?;
     Ok((listener, stream))
 }
 

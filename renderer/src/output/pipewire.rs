@@ -560,17 +560,7 @@ fn open_stream(
         .map_err(|e| e.to_string())?;
 
     let pod = format_pod(format)?;
-    let mut params = [spa::pod::Pod::from_bytes(&pod).ok_or("bad format pod")?];
-    stream
-        .connect(
-            spa::utils::Direction::Output,
-            None,
-            pw::stream::StreamFlags::AUTOCONNECT
-                | pw::stream::StreamFlags::MAP_BUFFERS
-                | pw::stream::StreamFlags::RT_PROCESS,
-            &mut params,
-        )
-        .map_err(|e| e.to_string())?;
+    melange_pw::connect(&stream, spa::utils::Direction::Output, &pod, true)?;
     Ok((stream, listener))
 }
 
@@ -584,22 +574,5 @@ fn output_delay_ns(t: &pw::stream::Time, rate: u32) -> u64 {
 
 /// The EnumFormat of a stream of interleaved f32 in `format`'s layout.
 pub(crate) fn format_pod(format: &AudioFormat) -> Result<Vec<u8>, String> {
-    let mut info = spa::param::audio::AudioInfoRaw::new();
-    info.set_format(spa::param::audio::AudioFormat::F32LE);
-    info.set_rate(format.rate);
-    info.set_channels(u32::from(format.channels));
-    let mut position = [0u32; spa::sys::SPA_AUDIO_MAX_CHANNELS as usize];
-    for (slot, p) in position.iter_mut().zip(&format.positions) {
-        *slot = *p;
-    }
-    info.set_position(position);
-    let obj = spa::pod::Object {
-        type_: spa::utils::SpaTypes::ObjectParamFormat.as_raw(),
-        id: spa::param::ParamType::EnumFormat.as_raw(),
-        properties: info.into(),
-    };
-    Ok(spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &spa::pod::Value::Object(obj))
-        .map_err(|e| format!("{e:?}"))?
-        .0
-        .into_inner())
+    melange_pw::format_pod(spa::param::audio::AudioFormat::F32LE, format.rate, &format.positions)
 }

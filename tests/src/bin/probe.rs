@@ -102,22 +102,8 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn format_pod() -> Result<Vec<u8>, String> {
-    let mut info = spa::param::audio::AudioInfoRaw::new();
-    info.set_format(spa::param::audio::AudioFormat::F32LE);
-    info.set_rate(RATE);
-    info.set_channels(CHANNELS as u32);
-    let mut position = [0u32; spa::sys::SPA_AUDIO_MAX_CHANNELS as usize];
-    position[0] = spa::sys::SPA_AUDIO_CHANNEL_FL;
-    position[1] = spa::sys::SPA_AUDIO_CHANNEL_FR;
-    info.set_position(position);
-    let obj = spa::pod::Object {
-        type_: spa::utils::SpaTypes::ObjectParamFormat.as_raw(),
-        id: spa::param::ParamType::EnumFormat.as_raw(),
-        properties: info.into(),
-    };
-    spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &spa::pod::Value::Object(obj))
-        .map(|(c, _)| c.into_inner())
-        .map_err(|e| format!("{e:?}"))
+    let positions = [spa::sys::SPA_AUDIO_CHANNEL_FL, spa::sys::SPA_AUDIO_CHANNEL_FR];
+    melange_pw::format_pod(spa::param::audio::AudioFormat::F32LE, RATE, &positions[..CHANNELS])
 }
 
 struct Rt {
@@ -224,18 +210,8 @@ fn run(args: &Args) -> Result<(), String> {
         .register()
         .map_err(|e| e.to_string())?;
     let pod = format_pod()?;
-    let mut params = [spa::pod::Pod::from_bytes(&pod).ok_or("bad pod")?];
     let direction = if play { spa::utils::Direction::Output } else { spa::utils::Direction::Input };
-    stream
-        .connect(
-            direction,
-            None,
-            pw::stream::StreamFlags::AUTOCONNECT
-                | pw::stream::StreamFlags::MAP_BUFFERS
-                | pw::stream::StreamFlags::RT_PROCESS,
-            &mut params,
-        )
-        .map_err(|e| e.to_string())?;
+    melange_pw::connect(&stream, direction, &pod, true)?;
 
     // Stop when the signal has played out (play) or after --seconds (record).
     let deadline = std::time::Instant::now() + Duration::from_secs_f64(args.seconds + if play { 5.0 } else { 0.0 });
