@@ -89,8 +89,9 @@ fn clicks_through(api: &str) -> Vec<Click> {
     std::thread::sleep(STALL_AT.saturating_sub(started.elapsed()));
     relay.stall(STALL);
 
-    let done = wait_until(Duration::from_secs_f64(SECONDS + 15.0), || heard.exists().then_some(()));
-    assert!(done.is_some(), "the recorder wrote nothing:\n{}", rec.log_text());
+    let done =
+        wait_until(Duration::from_secs_f64(SECONDS + 15.0), || (heard.exists() && played.exists()).then_some(()));
+    assert!(done.is_some(), "the recorder or the app wrote nothing:\n{}\n{}", rec.log_text(), app.log_text());
     let _ = (app.stop(), rec.stop());
     guest.stop();
     host.stop();
@@ -111,8 +112,8 @@ fn pulse_baseline_ms() -> f64 {
     app.args(["play", "--api", "pulse", "--target", "local", "--seconds", "6", "--out"]).arg(&played);
     let mut app = Proc::spawn(app, dir.join("app.log"));
     let mut rec = record(&pw, "melange-probe", 7.0, &heard, dir.join("record.log"));
-    let done = wait_until(Duration::from_secs(20), || heard.exists().then_some(()));
-    assert!(done.is_some(), "the recorder wrote nothing:\n{}", rec.log_text());
+    let done = wait_until(Duration::from_secs(20), || (heard.exists() && played.exists()).then_some(()));
+    assert!(done.is_some(), "the recorder or the app wrote nothing:\n{}\n{}", rec.log_text(), app.log_text());
     let _ = (app.stop(), rec.stop());
     let clicks: Vec<Click> = pair(&played, &heard).into_iter().filter(|c| c.at_s >= 1.0).collect();
     assert!(clicks.len() >= 6, "only {} clicks came through:\n{}", clicks.len(), table(&clicks));

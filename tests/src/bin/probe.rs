@@ -25,7 +25,6 @@
 //! The real-time callbacks only copy into preallocated wait-free rings.
 
 use std::cell::Cell;
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::rc::Rc;
@@ -242,7 +241,10 @@ fn run(args: &Args) -> Result<(), String> {
             (audio::click_onsets(&x, RATE), x)
         }
     };
-    let mut out = std::fs::File::create(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    if let Some(wav) = &args.wav {
+        audio::write_wav_f32(wav, RATE, 1, &recording);
+    }
+    let mut out = String::new();
     for onset in onsets {
         // The cycle that held the onset: the last stamp at or before it.
         let i = stamps.partition_point(|s| s.frame <= onset as u64);
@@ -256,12 +258,17 @@ fn run(args: &Args) -> Result<(), String> {
         } else {
             serde_json::json!({ "onset_ns": t })
         };
-        writeln!(out, "{line}").map_err(|e| e.to_string())?;
+        out.push_str(&format!("{line}\n"));
     }
-    if let Some(wav) = &args.wav {
-        audio::write_wav_f32(wav, RATE, 1, &recording);
-    }
-    Ok(())
+    write_whole(&args.out, &out)
+}
+
+/// Writes `text` to `path` whole: the tests take the file's appearance as the end of
+/// the run, so it must never be seen half written.
+fn write_whole(path: &std::path::Path, text: &str) -> Result<(), String> {
+    let part = path.with_extension("part");
+    std::fs::write(&part, text).map_err(|e| format!("{}: {e}", part.display()))?;
+    std::fs::rename(&part, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The PulseAudio client API (libpulse), as much of it as `play --api pulse` uses.
@@ -517,14 +524,14 @@ fn play_pulse(args: &Args) -> Result<(), String> {
     // SAFETY: as above.
     pulse.wait(unsafe { pa::pa_stream_drain(stream, std::ptr::null(), std::ptr::null_mut()) })?;
     drop(pulse);
-    let mut out = std::fs::File::create(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let mut out = String::new();
     for onset in audio::click_onsets(&signal, RATE) {
         let Some(&(t, latency, sink, written)) = writes.get(onset / chunk) else { continue };
         let onset_ns = t + ((onset - written) as f64 * 1e9 / f64::from(RATE)) as i64;
         let line = serde_json::json!({ "onset_ns": onset_ns, "delay_ns": latency, "sink_delay_ns": sink });
-        writeln!(out, "{line}").map_err(|e| e.to_string())?;
+        out.push_str(&format!("{line}\n"));
     }
-    Ok(())
+    write_whole(&args.out, &out)
 }
 
 fn main() -> ExitCode {
