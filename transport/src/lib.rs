@@ -4,6 +4,7 @@
 //! - [`message`]: control messages (serde + postcard) and the binary media packet.
 //! - [`session`]: a sans-IO state machine for one connection (handshake, heartbeat,
 //!   streams). No sockets and no clock inside.
+//! - [`text`]: the one sanitizer for every string a peer sends.
 //! - [`port`]: the I/O edge: `virtio:NAME`, `unix:PATH` (connect, retrying), a listening
 //!   unix socket, stdio, and an in-memory pair for tests.
 //!
@@ -21,6 +22,7 @@ mod outq;
 #[allow(unsafe_code)]
 pub mod port;
 pub mod session;
+pub mod text;
 
 pub use frame::{FrameDecoder, FrameError, FrameKind, MAX_FRAME};
 pub use message::{AppInfo, AudioFormat, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamOpen};

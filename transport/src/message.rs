@@ -177,6 +177,15 @@ pub struct AppInfo {
     pub media_name: String,
 }
 
+impl AppInfo {
+    /// Makes every field safe to print and to pass on ([`crate::text::sanitize`]).
+    pub fn sanitize(&mut self) {
+        for field in [&mut self.name, &mut self.role, &mut self.binary, &mut self.icon_name, &mut self.media_name] {
+            crate::text::sanitize_in_place(field);
+        }
+    }
+}
+
 /// Announces a stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamOpen {
@@ -241,15 +250,20 @@ pub struct Volume {
 }
 
 impl Volume {
+    /// The highest gain applied: 150 % on a desktop's volume slider (which shows the
+    /// cube root of the gain, as [`Volume`]'s `Display` does), 3.375 or +10.6 dB, where
+    /// PulseAudio's and GNOME's sliders end. A peer asking for more gets this.
+    pub const MAX_GAIN: f32 = 3.375;
+
     /// Full volume, not muted.
     pub fn unity() -> Self {
         Volume { channels: vec![1.0], mute: false }
     }
 
     /// The gains for `n` channels: these if there are as many, else their mean for
-    /// each; never negative or non-finite.
+    /// each; never negative or non-finite, never above [`Volume::MAX_GAIN`].
     pub fn gains(&self, n: usize) -> Vec<f32> {
-        let clean = |v: f32| if v.is_finite() { v.clamp(0.0, 16.0) } else { 1.0 };
+        let clean = |v: f32| if v.is_finite() { v.clamp(0.0, Self::MAX_GAIN) } else { 1.0 };
         if self.channels.len() == n {
             return self.channels.iter().copied().map(clean).collect();
         }
@@ -423,6 +437,17 @@ mod tests {
         };
         let bytes = encode_control("hello", &hello).unwrap();
         assert_eq!(bytes, [1, 1, 0, 1, b'm', 0xAC, 0x02, 1, b'c', 3, 64]);
+    }
+
+    #[test]
+    fn a_volume_is_capped_at_what_a_desktop_slider_allows() {
+        let loud = Volume { channels: vec![15.85, 15.85], mute: false }; // +24 dB
+        assert_eq!(loud.gains(2), [Volume::MAX_GAIN; 2]);
+        assert_eq!(loud.gains(1), [Volume::MAX_GAIN]);
+        assert_eq!(loud.to_string(), "150 %");
+        let odd = Volume { channels: vec![f32::NAN, -1.0, f32::INFINITY, 0.5], mute: false };
+        assert_eq!(odd.gains(4), [1.0, 0.0, 1.0, 0.5]);
+        assert_eq!(Volume { channels: vec![0.125], mute: false }.to_string(), "50 %");
     }
 
     #[test]

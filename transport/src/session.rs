@@ -25,6 +25,7 @@ use crate::message::{
     Role, StreamEnd, StreamLatency, StreamOpen, Volume, Welcome, MEDIA_HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use crate::outq::OutQueue;
+use crate::text::sanitize;
 
 /// Longest plausible round trip; longer samples are ignored.
 const MAX_RTT_SAMPLE: Duration = Duration::from_secs(5);
@@ -644,12 +645,14 @@ impl Session {
             (FrameKind::Hello, _) if self.config.role == Role::Host => self.on_hello(now, &payload),
             (FrameKind::Welcome, State::Handshake) if self.config.role == Role::Guest => self.on_welcome(&payload),
             (FrameKind::Refuse, State::Handshake) => {
-                let text = decode_control::<Reason>("refuse", &payload).map_or_else(|e| e.to_string(), |r| r.text);
+                let text =
+                    decode_control::<Reason>("refuse", &payload).map_or_else(|e| e.to_string(), |r| sanitize(&r.text));
                 self.state = State::Closed;
                 self.events.push_back(Event::Closed(CloseReason::Refused(text)));
             }
             (FrameKind::Goodbye, _) => {
-                let text = decode_control::<Reason>("goodbye", &payload).map_or_else(|e| e.to_string(), |r| r.text);
+                let text =
+                    decode_control::<Reason>("goodbye", &payload).map_or_else(|e| e.to_string(), |r| sanitize(&r.text));
                 self.state = State::Closed;
                 self.events.push_back(Event::Closed(CloseReason::Goodbye(text)));
             }
@@ -663,8 +666,8 @@ impl Session {
                     self.events.push_back(Event::Error(SessionError::UnknownStream(header.stream)));
                     return;
                 }
-                let reason =
-                    decode_control::<StreamEnd>("stream-close", &payload).map_or_else(|e| e.to_string(), |r| r.reason);
+                let reason = decode_control::<StreamEnd>("stream-close", &payload)
+                    .map_or_else(|e| e.to_string(), |r| sanitize(&r.reason));
                 self.events.push_back(Event::StreamClosed { stream: header.stream, reason });
             }
             (FrameKind::StreamReject, State::Established) => {
@@ -672,8 +675,8 @@ impl Session {
                     self.events.push_back(Event::Error(SessionError::UnknownStream(header.stream)));
                     return;
                 }
-                let reason =
-                    decode_control::<StreamEnd>("stream-reject", &payload).map_or_else(|e| e.to_string(), |r| r.reason);
+                let reason = decode_control::<StreamEnd>("stream-reject", &payload)
+                    .map_or_else(|e| e.to_string(), |r| sanitize(&r.reason));
                 self.events.push_back(Event::StreamRejected { stream: header.stream, reason });
             }
             (FrameKind::StreamLatency, State::Established) => {
@@ -764,9 +767,9 @@ impl Session {
         self.next_heartbeat = now + self.config.heartbeat_interval;
         self.establish(PeerInfo {
             version,
-            software: hello.software,
+            software: sanitize(&hello.software),
             epoch: hello.epoch,
-            clock_id: hello.clock_id,
+            clock_id: sanitize(&hello.clock_id),
             capabilities: hello.capabilities,
         });
     }
@@ -775,9 +778,9 @@ impl Session {
         match decode_control::<Welcome>("welcome", payload) {
             Ok(w) if (PROTOCOL_MIN..=PROTOCOL_MAX).contains(&w.version) => self.establish(PeerInfo {
                 version: w.version,
-                software: w.software,
+                software: sanitize(&w.software),
                 epoch: w.epoch,
-                clock_id: w.clock_id,
+                clock_id: sanitize(&w.clock_id),
                 capabilities: w.capabilities,
             }),
             Ok(w) => self.close(CloseReason::VersionMismatch { peer_min: w.version, peer_max: w.version }),
@@ -818,7 +821,8 @@ impl Session {
             return;
         }
         match decode_control::<StreamOpen>("stream-open", payload) {
-            Ok(open) => {
+            Ok(mut open) => {
+                open.app.sanitize();
                 self.incoming.insert(stream);
                 self.events.push_back(Event::StreamOpened { stream, open });
             }
@@ -920,6 +924,46 @@ mod tests {
             matches!(&ev[3], Event::Media { stream: 5, packet } if packet.seq == 2 && packet.data == vec![2u8; 1920])
         );
         assert!(matches!(&ev[4], Event::StreamClosed { stream: 5, reason } if reason == "app stopped"));
+    }
+
+    /// Every string the peer sends reaches the edge sanitized: its software name, an
+    /// app's fields, close and goodbye reasons.
+    #[test]
+    fn every_peer_string_arrives_sanitized() {
+        use crate::text::{sanitize, MAX_PEER_TEXT};
+        let forged = format!("x\r\nERROR melange-host: forged\u{1b}]0;title\u{7}\u{1b}[2J\0{}", "y".repeat(1000));
+        let clean = |t: &str| t == sanitize(&forged) && t.chars().count() == MAX_PEER_TEXT && !t.contains('\n');
+        let now = Instant::now();
+        let (mut g, mut h) = pair(now);
+        g.config.software = forged.clone();
+        g.out.clear();
+        g.send_hello();
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        let ev = events(&mut h);
+        assert!(matches!(&ev[..], [Event::Established(p)] if clean(&p.software)), "{ev:?}");
+        shuttle(now, &mut h, &mut g, usize::MAX);
+        events(&mut g);
+        let mut o = open();
+        o.app = AppInfo {
+            name: forged.clone(),
+            role: forged.clone(),
+            binary: forged.clone(),
+            icon_name: forged.clone(),
+            media_name: forged.clone(),
+        };
+        g.open_stream(5, &o).unwrap();
+        g.close_stream(5, &forged);
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        let ev = events(&mut h);
+        let Event::StreamOpened { open: got, .. } = &ev[0] else { panic!("{ev:?}") };
+        for f in [&got.app.name, &got.app.role, &got.app.binary, &got.app.icon_name, &got.app.media_name] {
+            assert!(clean(f), "{f:?}");
+        }
+        assert!(matches!(&ev[1], Event::StreamClosed { reason, .. } if clean(reason)), "{ev:?}");
+        h.send_control(FrameKind::Goodbye, 0, "goodbye", &Reason { text: forged.clone() });
+        shuttle(now, &mut h, &mut g, usize::MAX);
+        let ev = events(&mut g);
+        assert!(matches!(ev.last(), Some(Event::Closed(CloseReason::Goodbye(t))) if clean(t)), "{ev:?}");
     }
 
     #[test]
