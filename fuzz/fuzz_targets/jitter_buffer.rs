@@ -8,7 +8,7 @@ use melange_shim::playout::Playout;
 fuzz_target!(|data: &[u8]| {
     let Some((first, rest)) = data.split_first() else { return };
     let initial = usize::from(*first) * 64 + 1;
-    let mut p = Playout::new(initial);
+    let mut p = Playout::new(initial, 4800);
     for pair in rest.chunks_exact(4) {
         let buffered = usize::from(u16::from_le_bytes([pair[0], pair[1]]));
         let wanted = usize::from(u16::from_le_bytes([pair[2], pair[3]]));

@@ -26,10 +26,8 @@ fn frame(out: &mut Vec<u8>, kind: FrameKind, stream: u32, payload: &[u8]) {
 fn new_host() -> Host {
     let config = HostConfig {
         latency: Some(Duration::from_millis(30)),
-        report: None,
-        idle_timeout: Duration::from_secs(30),
-        stats: false,
         mic: melange_renderer::mic::MicSpec::None,
+        ..HostConfig::default()
     };
     Host::new(config, Box::new(NullOutput))
 }

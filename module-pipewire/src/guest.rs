@@ -15,7 +15,7 @@ use std::time::Duration;
 use melange_shim::codec::{input_format, SampleFormat};
 use melange_shim::link::{LinkConfig, LinkHandle, LinkManager, LinkStats};
 use melange_shim::mic::{MicFeed, MIC_RATE};
-use melange_shim::render::{jitter_margin_frames, render_ring, RenderConfig, RenderCore, RenderStats};
+use melange_shim::render::{jitter_margin_frames, render_ring, OutputClock, RenderConfig, RenderCore, RenderStats};
 use melange_shim::tap::{tap_ring, TapEncoder, TapStats, TapWriter};
 use melange_transport::message::{AppInfo, AudioFormat, MediaKind, StreamOpen, Volume};
 use pipewire as pw;
@@ -47,9 +47,6 @@ const MOVE_GRACE: Duration = Duration::from_millis(300);
 
 /// Decoded microphone audio the virtual source's ring holds at most.
 const MIC_RING: Duration = Duration::from_millis(500);
-/// A burst of the microphone beyond this over its target is skipped
-/// ([`RenderConfig::max_excess_ms`]).
-const MIC_MAX_EXCESS_MS: u32 = 60;
 
 /// The virtual microphone: an `Audio/Source` stream of this process that plays what
 /// the host's microphone sends, silence without it.
@@ -282,7 +279,7 @@ impl Guest {
                 latency_frames: mic_frames + config.tap_quantum as usize + jitter_margin_frames(MIC_RATE, 0) as usize,
                 trim: true,
                 quantum: config.tap_quantum,
-                max_excess_ms: Some(MIC_MAX_EXCESS_MS),
+                packet_frames: mic_frames as u32,
             },
             MIC_RATE as usize * MIC_RING.as_millis() as usize / 1000,
         );
@@ -639,14 +636,17 @@ fn create_mic(s: &State, core: RenderCore) -> Result<MicSource, String> {
         })
         .process(|stream, rt| {
             // Real-time: the render core fills the buffer; nothing else.
-            let ticks = stream.time().ok().map(|t| t.ticks());
+            let clock = stream
+                .time()
+                .ok()
+                .map(|t| OutputClock { ticks: t.ticks(), now_ns: u64::try_from(t.now()).unwrap_or(0) });
             let Some(mut buffer) = stream.dequeue_buffer() else { return };
             let requested = buffer.requested() as usize;
             let Some(data) = buffer.datas_mut().first_mut() else { return };
             let Some(bytes) = data.data() else { return };
             let max_frames = bytes.len() / 4;
             let frames = if requested > 0 { requested.min(max_frames) } else { max_frames.min(1024) };
-            if let Some(ratio) = rt.core.cycle(ticks, &mut bytes[..frames * 4]) {
+            if let Some(ratio) = rt.core.cycle(clock, &mut bytes[..frames * 4]) {
                 // SAFETY: PipeWire keeps the area it passed to io_changed valid until it
                 // passes another (or null), and only this callback writes it.
                 if let Some(rm) = unsafe { rt.rate_match.load(Ordering::Acquire).as_mut() } {

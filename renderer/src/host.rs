@@ -1,9 +1,14 @@
 //! The host side of a session: streams in, decoded audio out.
 //!
 //! [`Host`] owns the protocol session for the current connection and one
-//! [`HostStream`] per guest stream. It is driven by [`Host::run`], a poll loop over the
-//! [`Link`]; everything it logs is one line per connect, disconnect, stream open and
-//! close, plus rate-limited lines for bad input.
+//! [`HostStream`] per guest stream. Its core is sans-IO: [`Host::receive`] and
+//! [`Host::tick`] take the time as an argument; [`Host::run`] is the poll loop over a
+//! [`Link`] that feeds them. Each received stream goes through a [`Receiver`] (order,
+//! concealment, the real-time budget, decoding) into its output's sink.
+//!
+//! Everything the guest can make it log goes through [`GuestLog`]: within a byte
+//! budget, bad input at most once per kind every 5 s, and guest strings sanitized by
+//! the session before they get here.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -12,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use melange_shim::clock;
-use melange_shim::codec::{validate, StreamDecoder};
+use melange_shim::receive::{Dropped, Receiver};
 use melange_transport::frame::HEADER_LEN;
 use melange_transport::message::{
     codec_bits, Capabilities, CaptureDemand, CaptureDevice, Codec, MediaKind, MediaPacket, Role, StreamOpen, Volume,
@@ -21,15 +26,13 @@ use melange_transport::message::{
 use melange_transport::port::{Link, LinkEvent, Waker};
 use melange_transport::session::{Event, Session, SessionConfig};
 
+use crate::guest_log::{GuestLog, Level};
 use crate::mic::{MicCapture, MicSpec, MIC_RATE};
 use crate::output::{Output, StreamDesc, StreamSink};
+use crate::stats::StreamStats;
 
 /// Streams a guest may have open at once.
 pub const MAX_STREAMS: u16 = 64;
-/// Longest gap (in ms of audio) filled with concealment; longer gaps are skipped.
-const MAX_CONCEAL_MS: u64 = 100;
-/// Latency samples kept per stream for the percentiles (about 30 min at 10 ms).
-const MAX_LATENCY_SAMPLES: usize = 200_000;
 
 /// The output quantum for a stream, at 48 kHz: 128 frames for packets of 10 ms and
 /// more, 64 below (low-latency mode); scaled to the stream's rate. A sample must be
@@ -54,7 +57,7 @@ pub fn auto_latency_frames(frame_samples: u32, rate: u32) -> usize {
         + melange_shim::render::jitter_margin_frames(rate, 0) as usize
 }
 
-/// Settings of the host.
+/// Settings of the host. [`HostConfig::default`] is melange-host's defaults.
 #[derive(Debug, Clone)]
 pub struct HostConfig {
     /// Jitter-buffer target; `None` derives it from each stream's packet duration
@@ -71,13 +74,45 @@ pub struct HostConfig {
     pub mic: MicSpec,
 }
 
-/// The microphone's capture, and whether the guest was told of its stream (once open).
-struct Mic {
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self { latency: None, report: None, idle_timeout: Duration::from_secs(30), stats: false, mic: MicSpec::Default }
+    }
+}
+
+/// The microphone's capture, while the guest wants it (and [`MIC_HOLD`] after), and
+/// whether the guest was told of its stream (once open).
+struct MicOpen {
     capture: MicCapture,
     frame_samples: u32,
     announced: bool,
 }
 
+/// The guest's demand for the microphone, with hysteresis: a capture the guest no
+/// longer wants is held open for [`MIC_HOLD`] (sending nothing) in case it wants it
+/// again, and a capture that closed opens again [`MIC_REOPEN`] later at the soonest. A
+/// guest toggling its demand as fast as it can opens the user's microphone once, not
+/// fifty times a second; the microphone stays open at most [`MIC_HOLD`] after the last
+/// app stopped recording.
+struct Mic {
+    open: Option<MicOpen>,
+    wanted: bool,
+    frame_us: u32,
+    /// When a capture no longer wanted closes.
+    release_at: Option<Instant>,
+    /// No capture opens before this.
+    next_open: Option<Instant>,
+    /// The guest asked while `--mic none` (said once per session).
+    said_none: bool,
+}
+
+/// How long a capture the guest no longer wants stays open, silent: short enough that
+/// the host's microphone indicator goes off well within a second of the last app
+/// stopping.
+pub const MIC_HOLD: Duration = Duration::from_millis(500);
+/// How long after an open or a close the microphone may open again: with
+/// [`MIC_HOLD`], at most one open a second whatever the guest does.
+pub const MIC_REOPEN: Duration = Duration::from_millis(500);
 /// How often the session thread looks whether the microphone has opened.
 const MIC_OPEN_POLL: Duration = Duration::from_millis(5);
 
@@ -92,126 +127,70 @@ const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// One guest stream being rendered.
 struct HostStream {
     desc: StreamDesc,
-    decoder: StreamDecoder,
+    receiver: Receiver,
     /// The output; `None` while the stream is idle (see [`HostConfig::idle_timeout`]).
     sink: Option<Box<dyn StreamSink>>,
     /// Where the output went (the last part), for the report.
     output: String,
     last_media: Instant,
-    /// Underruns and overflows of output parts already closed.
-    closed_underruns: u64,
-    closed_overflows: u64,
+    /// Figures of output parts already closed.
+    closed: SinkTotals,
     /// Packets dropped because no output could be opened, and when to try again.
     dropped_packets: u64,
     reopen_at: Instant,
-    next_seq: Option<u32>,
-    packets: u64,
-    wire_bytes: u64,
-    frames: u64,
-    lost_packets: u64,
-    decode_errors: u64,
-    /// Frames decoded from real packets, and frames made up by concealment: the
-    /// second may never exceed the first, so sequence gaps cannot amplify a flood.
-    decoded_frames: u64,
-    concealed_frames: u64,
-    opened: Instant,
-    /// Output fill (frames) as packets arrive, per second; its mean in the stream's
-    /// second and tenth second and in the last full second (ms).
-    fill: WindowMean,
-    fill_second_2: Option<f64>,
-    fill_second_10: Option<f64>,
-    fill_last: Option<f64>,
-    seconds_seen: u32,
-    /// Render delay (ns) each packet meets, per [`RENDER_WINDOW`]; the last mean, and
-    /// the last one reported to the guest.
-    render: WindowMean,
-    render_last: Option<u64>,
-    render_reported: Option<u64>,
-    latencies_ms: Vec<f32>,
-    /// Wire bytes and latency samples at the last `--stats` line.
-    stats_bytes: u64,
-    stats_latencies: usize,
+    /// Whether the log said that this stream runs ahead of real time.
+    said_over_budget: bool,
+    stats: StreamStats,
     scratch: Vec<f32>,
 }
 
-/// The mean of a value over consecutive windows of time.
-#[derive(Debug, Clone, Copy)]
-struct WindowMean {
-    length: Duration,
-    start: Instant,
-    sum: f64,
-    count: u32,
+/// What a sink counted, summed over a stream's output parts.
+#[derive(Debug, Clone, Copy, Default)]
+struct SinkTotals {
+    underruns: u64,
+    overflows: u64,
+    cuts: u64,
+    cut_frames: u64,
 }
 
-impl WindowMean {
-    fn new(length: Duration, start: Instant) -> Self {
-        Self { length, start, sum: 0.0, count: 0 }
+impl SinkTotals {
+    fn of(sink: &dyn StreamSink) -> Self {
+        let (cuts, cut_frames) = sink.latency_cuts();
+        Self { underruns: sink.underruns(), overflows: sink.overflows(), cuts, cut_frames }
     }
 
-    /// Adds a sample taken at `now`; returns the mean of the window it closed, if any.
-    fn add(&mut self, now: Instant, value: f64) -> Option<f64> {
-        let closed = (now.saturating_duration_since(self.start) >= self.length && self.count > 0)
-            .then(|| self.sum / f64::from(self.count));
-        if closed.is_some() {
-            *self = Self::new(self.length, now);
+    fn plus(self, o: Self) -> Self {
+        Self {
+            underruns: self.underruns + o.underruns,
+            overflows: self.overflows + o.overflows,
+            cuts: self.cuts + o.cuts,
+            cut_frames: self.cut_frames + o.cut_frames,
         }
-        self.sum += value;
-        self.count += 1;
-        closed
     }
 }
 
-/// The render delay is averaged over windows this long before it is reported: long
-/// enough to even out where packets land in the output's cycle, short enough that a
-/// change reaches the guest's apps within a second. At most two reports a second per
-/// stream keep 64 streams under the peer's control-frame limit.
-const RENDER_WINDOW: Duration = Duration::from_millis(500);
-/// A render delay that moved by more than this since the last report is reported again.
-const RENDER_REPORT_STEP_NS: u64 = 1_000_000;
+impl HostStream {
+    /// Totals over the closed parts and the open one.
+    fn totals(&self) -> SinkTotals {
+        self.sink.as_deref().map_or(self.closed, |k| self.closed.plus(SinkTotals::of(k)))
+    }
+
+    /// Closes the open output part, if any, adding its figures to the totals.
+    fn release(&mut self) -> Result<(), crate::output::OutputError> {
+        let Some(mut sink) = self.sink.take() else { return Ok(()) };
+        let result = sink.close();
+        self.closed = self.closed.plus(SinkTotals::of(sink.as_ref()));
+        result
+    }
+}
 
 /// An output that cannot be opened is tried again after this; packets meanwhile are
 /// dropped and counted.
 const REOPEN_RETRY: Duration = Duration::from_millis(500);
 
-/// Longest guest-supplied string kept (app name, role, ...), in characters.
-const MAX_GUEST_STRING: usize = 128;
-
-/// A guest-supplied string without control characters (NUL among them), cut to
-/// [`MAX_GUEST_STRING`] characters.
-fn sanitize(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).take(MAX_GUEST_STRING).collect()
-}
-
-/// Logs bad input at most once per [`BAD_INPUT_LOG_INTERVAL`] per kind of problem,
-/// counting what it suppressed, so a hostile guest cannot flood the log.
-#[derive(Debug, Default)]
-struct RateLimitedLog {
-    /// Kind -> (last logged, suppressed since).
-    kinds: BTreeMap<&'static str, (Instant, u64)>,
-}
-
-/// How often each kind of bad-input message may be logged.
-const BAD_INPUT_LOG_INTERVAL: Duration = Duration::from_secs(5);
-
-impl RateLimitedLog {
-    fn warn(&mut self, kind: &'static str, text: std::fmt::Arguments<'_>) {
-        let now = Instant::now();
-        match self.kinds.get_mut(kind) {
-            Some((last, suppressed)) if now.saturating_duration_since(*last) < BAD_INPUT_LOG_INTERVAL => {
-                *suppressed += 1;
-            }
-            Some((last, suppressed)) => {
-                log::warn!("melange-host: {kind}: {text} ({suppressed} more since the last report)");
-                *last = now;
-                *suppressed = 0;
-            }
-            None => {
-                log::warn!("melange-host: {kind}: {text}");
-                self.kinds.insert(kind, (now, 0));
-            }
-        }
-    }
-}
+/// Reads from the port in one go at most, before timers and signals get a look: a
+/// guest that floods the port cannot keep the loop from stopping.
+const READ_BATCH: usize = 32;
 
 /// The host's state across connections.
 pub struct Host {
@@ -221,14 +200,15 @@ pub struct Host {
     sessions: u64,
     streams: BTreeMap<u32, HostStream>,
     clock_id: String,
+    /// An instant and `CLOCK_MONOTONIC` at the same moment, to turn one into the other.
+    clock: (Instant, u64),
     same_clock: bool,
-    bad_input: RateLimitedLog,
+    log: GuestLog,
     /// The connect error last logged, so a retrying connect logs each problem once.
     last_connect_error: Option<String>,
     /// When `--stats` last printed.
     stats_at: Instant,
-    /// The microphone while the guest records from it.
-    mic: Option<Mic>,
+    mic: Mic,
     /// The guest's output volume, applied to every stream (see [`Volume`]).
     volume: Volume,
 }
@@ -242,6 +222,7 @@ impl std::fmt::Debug for Host {
 impl Host {
     /// A host rendering into `output`.
     pub fn new(config: HostConfig, output: Box<dyn Output>) -> Self {
+        let clock = clock::now_pair();
         Self {
             config,
             output,
@@ -249,13 +230,26 @@ impl Host {
             sessions: 0,
             streams: BTreeMap::new(),
             clock_id: clock::clock_id(),
+            clock,
             same_clock: false,
-            bad_input: RateLimitedLog::default(),
+            log: GuestLog::new(clock.0),
             last_connect_error: None,
-            stats_at: Instant::now(),
-            mic: None,
+            stats_at: clock.0,
+            mic: Mic {
+                open: None,
+                wanted: false,
+                frame_us: 10_000,
+                release_at: None,
+                next_open: None,
+                said_none: false,
+            },
             volume: Volume::unity(),
         }
+    }
+
+    /// `now` on `CLOCK_MONOTONIC`, in nanoseconds.
+    fn mono_ns(&self, now: Instant) -> u64 {
+        clock::instant_to_ns(now, self.clock)
     }
 
     /// Runs until `stop` is set (then wakes through `waker`) or the link ends for good.
@@ -267,48 +261,24 @@ impl Host {
         );
         let mut buf = vec![0u8; 64 * 1024];
         while !stop.load(Ordering::Relaxed) {
-            let mic_due = self.pump_mic();
+            let now = Instant::now();
+            let mic_due = self.pump_mic(now);
             self.flush(link);
-            let mut timeout = self
-                .session
-                .as_ref()
-                .and_then(Session::poll_timeout)
-                .map_or(Duration::from_secs(1), |t| t.saturating_duration_since(Instant::now()));
+            let mut wake =
+                self.session.as_ref().and_then(Session::poll_timeout).unwrap_or(now + Duration::from_secs(1));
             if let Some(at) = mic_due {
-                timeout = timeout.min(Duration::from_nanos(at.saturating_sub(clock::monotonic_ns())));
+                wake = wake.min(at);
             }
             let want_write = self.session.as_ref().is_some_and(|s| !s.pending_output().is_empty());
-            match link.wait(want_write, Some(timeout), Some(waker))? {
+            match link.wait(want_write, Some(wake.saturating_duration_since(now)), Some(waker))? {
                 LinkEvent::Connected => {
                     log::info!("melange-host: connected on {}; waiting for the guest's hello", link.describe());
-                    self.start_session();
+                    self.start_session(Instant::now());
                 }
-                LinkEvent::Disconnected(reason) => self.end_session(&format!("guest disconnected ({reason})")),
-                // A session whose peer went silent too long ends before its bytes
-                // are read: after a stall (this process stopped, the machine
-                // suspended) they are stale, and the guest has moved on to a new
-                // session.
-                LinkEvent::Readable if !self.tick(Instant::now()) => link.disconnect(),
-                LinkEvent::Readable => loop {
-                    match link.read(&mut buf)? {
-                        Some(0) => {
-                            self.end_session("guest disconnected (end of stream)");
-                            break;
-                        }
-                        // Checked again for every read: the process may have been
-                        // stopped between two reads, or between a read and its handling.
-                        Some(_) if !self.tick(Instant::now()) => {
-                            link.disconnect();
-                            break;
-                        }
-                        Some(n) => {
-                            if !self.receive(Instant::now(), &buf[..n]) {
-                                link.disconnect();
-                            }
-                        }
-                        None => break,
-                    }
-                },
+                LinkEvent::Disconnected(reason) => {
+                    self.end_session(Instant::now(), &format!("guest disconnected ({reason})"))
+                }
+                LinkEvent::Readable => self.read(link, &mut buf, stop)?,
                 LinkEvent::Woken | LinkEvent::Writable | LinkEvent::Timeout => {}
             }
             if !self.tick(Instant::now()) {
@@ -328,31 +298,64 @@ impl Host {
         Ok(())
     }
 
-    fn start_session(&mut self) {
-        self.close_all("new connection");
+    /// Reads what the port has, at most [`READ_BATCH`] reads, and handles it.
+    ///
+    /// A session whose peer went silent too long ends before its bytes are read: after
+    /// a stall (this process stopped, the machine suspended) they are stale, and the
+    /// guest has moved on to a new session. That is checked before every read: the
+    /// process may have been stopped between two reads, or between a read and its
+    /// handling.
+    fn read(&mut self, link: &mut Link, buf: &mut [u8], stop: &AtomicBool) -> std::io::Result<()> {
+        for _ in 0..READ_BATCH {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            if !self.tick(Instant::now()) {
+                link.disconnect();
+                return Ok(());
+            }
+            match link.read(buf)? {
+                Some(0) => {
+                    self.end_session(Instant::now(), "guest disconnected (end of stream)");
+                    return Ok(());
+                }
+                Some(n) => {
+                    if !self.receive(Instant::now(), &buf[..n]) {
+                        link.disconnect();
+                        return Ok(());
+                    }
+                }
+                None => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    fn start_session(&mut self, now: Instant) {
+        self.close_all(now, "new connection");
         self.sessions += 1;
         // The guest says its volume at the start of each session.
         self.volume = Volume::unity();
-        let (now, now_ns) = clock::now_pair();
         let mut cfg = SessionConfig::new(
             Role::Host,
             format!("melange-host {}", env!("CARGO_PKG_VERSION")),
             Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: MAX_STREAMS },
         );
         cfg.clock_id = self.clock_id.clone();
-        cfg.origin_ns = now_ns;
+        cfg.origin_ns = self.mono_ns(now);
         self.session = Some(Session::new(cfg, now));
     }
 
-    fn end_session(&mut self, why: &str) {
+    fn end_session(&mut self, now: Instant, why: &str) {
         if self.session.take().is_some() {
-            log::info!("melange-host: {why}");
+            self.log.line(now, Level::Info, format_args!("{why}"));
         }
-        self.close_all("guest disconnected");
+        self.close_all(now, "guest disconnected");
     }
 
     fn shutdown(&mut self, link: &mut Link) {
-        self.close_all("host shutting down");
+        let now = Instant::now();
+        self.close_all(now, "host shutting down");
         if let Some(s) = &mut self.session {
             s.close(melange_transport::session::CloseReason::Local("host shutting down".into()));
         }
@@ -376,7 +379,7 @@ impl Host {
     /// should be dropped. The sans-IO entry point: [`Host::run`] and the fuzzers use it.
     pub fn receive(&mut self, now: Instant, bytes: &[u8]) -> bool {
         if self.session.is_none() {
-            self.start_session();
+            self.start_session(now);
         }
         if let Some(s) = &mut self.session {
             s.handle_input(now, bytes);
@@ -385,8 +388,8 @@ impl Host {
     }
 
     /// Runs timers: session heartbeats and timeouts, idle streams releasing their
-    /// outputs, `--stats`. Returns false when the session has closed. Sans-IO, like
-    /// [`Host::receive`].
+    /// outputs, the microphone's hysteresis, `--stats`, the log's summary. Returns
+    /// false when the session has closed. Sans-IO, like [`Host::receive`].
     pub fn tick(&mut self, now: Instant) -> bool {
         if self.config.stats && now.saturating_duration_since(self.stats_at) >= STATS_INTERVAL {
             let elapsed = now.saturating_duration_since(self.stats_at).as_secs_f64();
@@ -406,16 +409,21 @@ impl Host {
             self.apply_volume(volume);
         }
         let idle = self.config.idle_timeout;
+        let mut released = Vec::new();
         for (id, s) in &mut self.streams {
             if s.sink.is_some() && now.saturating_duration_since(s.last_media) >= idle {
-                if let Some(mut sink) = s.sink.take() {
-                    let _ = sink.close();
-                    s.closed_underruns += sink.underruns();
-                    s.closed_overflows += sink.overflows();
-                }
-                log::info!("melange-host: stream {id} idle for {idle:?}: output released until it plays again");
+                let _ = s.release();
+                released.push(*id);
             }
         }
+        for id in released {
+            self.log.line(
+                now,
+                Level::Info,
+                format_args!("stream {id} idle for {idle:?}: output released until it plays again"),
+            );
+        }
+        self.log.tick(now);
         self.handle_events(now)
     }
 
@@ -427,65 +435,73 @@ impl Host {
         out
     }
 
-    /// Processes session events; false once the session has closed.
+    /// Processes session events; false once the session has closed. The media of one
+    /// stream that arrived together are received together ([`Host::on_media`]).
     fn handle_events(&mut self, now: Instant) -> bool {
-        loop {
-            let Some(event) = self.session.as_mut().and_then(Session::poll_event) else { return true };
+        let mut burst: Vec<MediaPacket> = Vec::new();
+        let mut burst_stream = 0;
+        while let Some(event) = self.session.as_mut().and_then(Session::poll_event) {
+            if let Event::Media { stream, packet } = event {
+                if stream != burst_stream {
+                    self.on_media(now, burst_stream, &mut burst);
+                    burst_stream = stream;
+                }
+                burst.push(packet);
+                continue;
+            }
+            self.on_media(now, burst_stream, &mut burst);
             match event {
                 Event::Established(peer) => {
                     self.same_clock = !peer.clock_id.is_empty() && peer.clock_id == self.clock_id;
-                    log::info!(
-                        "melange-host: guest connected: {} (protocol v{}, session {:#x}{})",
-                        peer.software,
-                        peer.version,
-                        peer.epoch,
-                        if self.same_clock { ", same clock as the host" } else { "" }
+                    self.log.line(
+                        now,
+                        Level::Info,
+                        format_args!(
+                            "guest connected: {} (protocol v{}, session {:#x}{})",
+                            peer.software,
+                            peer.version,
+                            peer.epoch,
+                            if self.same_clock { ", same clock as the host" } else { "" }
+                        ),
                     );
                 }
                 Event::StreamOpened { stream, open } => self.open_stream(now, stream, open),
-                Event::StreamClosed { stream, reason } => self.close_stream(stream, &reason),
-                Event::Media { stream, packet } => self.on_media(now, stream, &packet),
-                Event::CaptureDemand(demand) => self.on_capture_demand(demand),
+                Event::StreamClosed { stream, reason } => self.close_stream(now, stream, &reason),
+                Event::Media { .. } => {}
+                Event::CaptureDemand(demand) => self.on_capture_demand(now, demand),
                 Event::Volume(volume) => {
-                    log::info!("melange-host: the guest's volume is now {}", volume);
+                    self.log.line(now, Level::Info, format_args!("the guest's volume is now {volume}"));
                     self.apply_volume(volume);
                 }
                 Event::PeerRestarted => {
-                    log::info!("melange-host: the guest side restarted; starting a new session");
-                    self.close_all("guest restarted");
+                    self.log.line(now, Level::Info, format_args!("the guest side restarted; starting a new session"));
+                    self.close_all(now, "guest restarted");
                 }
                 Event::StreamRejected { stream, reason } => {
-                    log::warn!("melange-host: guest refused stream {stream}: {reason}")
+                    self.log.line(now, Level::Warn, format_args!("guest refused stream {stream}: {reason}"));
                 }
                 // Reports about streams the host sends; it sends none in this version.
                 Event::StreamLatency { .. } => {}
-                Event::Error(e) => self.bad_input.warn(e.kind(), format_args!("skipped bad input from the guest: {e}")),
+                Event::Error(e) => {
+                    self.log.bad_input(now, e.kind(), format_args!("skipped bad input from the guest: {e}"));
+                }
                 Event::Closed(reason) => {
-                    log::warn!("melange-host: session closed: {reason}");
+                    self.log.line(now, Level::Warn, format_args!("session closed: {reason}"));
                     self.session = None;
-                    self.close_all("session closed");
+                    self.close_all(now, "session closed");
                     return false;
                 }
             }
         }
+        self.on_media(now, burst_stream, &mut burst);
+        true
     }
 
-    fn open_stream(&mut self, now: Instant, stream: u32, mut open: StreamOpen) {
-        // Guest strings end up in PipeWire properties, logs and file names.
-        for field in [
-            &mut open.app.name,
-            &mut open.app.role,
-            &mut open.app.binary,
-            &mut open.app.icon_name,
-            &mut open.app.media_name,
-        ] {
-            *field = sanitize(field);
-        }
+    fn open_stream(&mut self, now: Instant, stream: u32, open: StreamOpen) {
+        // Guest strings arrive sanitized (the session does it for every peer string).
         let MediaKind::Audio(format) = open.media.clone();
-        let result = validate(&format, &open.codec, open.frame_samples)
-            .and_then(|()| StreamDecoder::new(&format, &open.codec, open.frame_samples))
-            .map_err(|e| e.to_string())
-            .and_then(|decoder| {
+        let result = Receiver::new(&format, &open.codec, open.frame_samples, now).map_err(|e| e.to_string()).and_then(
+            |receiver| {
                 let desc = StreamDesc {
                     stream,
                     session: self.sessions,
@@ -502,60 +518,46 @@ impl Host {
                 };
                 let mut sink = self.output.open(&desc).map_err(|e| e.to_string())?;
                 sink.set_volume(&self.volume);
-                Ok((desc, decoder, sink))
-            });
+                Ok((desc, receiver, sink))
+            },
+        );
         match result {
-            Ok((desc, decoder, sink)) => {
+            Ok((desc, receiver, sink)) => {
                 let output = sink.describe();
-                log::info!(
-                    "melange-host: stream {stream} opened: \"{}\" (role {}, binary {}), {} {} Hz {} ch, {} ms packets -> {}",
-                    open.app.name,
-                    if open.app.role.is_empty() { "none" } else { &open.app.role },
-                    if open.app.binary.is_empty() { "unknown" } else { &open.app.binary },
-                    open.codec.name(),
-                    format.rate,
-                    format.channels,
-                    f64::from(open.frame_samples) * 1000.0 / f64::from(format.rate),
-                    sink.describe()
+                self.log.line(
+                    now,
+                    Level::Info,
+                    format_args!(
+                        "stream {stream} opened: \"{}\" (role {}, binary {}), {} {} Hz {} ch, {} ms packets -> {}",
+                        open.app.name,
+                        if open.app.role.is_empty() { "none" } else { &open.app.role },
+                        if open.app.binary.is_empty() { "unknown" } else { &open.app.binary },
+                        open.codec.name(),
+                        format.rate,
+                        format.channels,
+                        f64::from(open.frame_samples) * 1000.0 / f64::from(format.rate),
+                        output
+                    ),
                 );
                 self.streams.insert(
                     stream,
                     HostStream {
                         desc,
-                        decoder,
+                        receiver,
                         sink: Some(sink),
                         output,
                         last_media: now,
-                        closed_underruns: 0,
-                        closed_overflows: 0,
+                        closed: SinkTotals::default(),
                         dropped_packets: 0,
                         reopen_at: now,
-                        next_seq: None,
-                        packets: 0,
-                        wire_bytes: 0,
-                        frames: 0,
-                        lost_packets: 0,
-                        decode_errors: 0,
-                        decoded_frames: 0,
-                        concealed_frames: 0,
-                        opened: Instant::now(),
-                        fill: WindowMean::new(Duration::from_secs(1), now),
-                        fill_second_2: None,
-                        fill_second_10: None,
-                        fill_last: None,
-                        seconds_seen: 0,
-                        render: WindowMean::new(RENDER_WINDOW, now),
-                        render_last: None,
-                        render_reported: None,
-                        latencies_ms: Vec::new(),
-                        stats_bytes: 0,
-                        stats_latencies: 0,
+                        said_over_budget: false,
+                        stats: StreamStats::new(now),
                         scratch: Vec::with_capacity(open.frame_samples as usize * usize::from(format.channels)),
                     },
                 );
             }
             Err(e) => {
-                log::warn!("melange-host: refusing stream {stream} (\"{}\"): {e}", open.app.name);
+                self.log.line(now, Level::Warn, format_args!("refusing stream {stream} (\"{}\"): {e}", open.app.name));
                 if let Some(s) = &mut self.session {
                     s.reject_stream(stream, &e);
                 }
@@ -563,16 +565,48 @@ impl Host {
         }
     }
 
-    fn on_media(&mut self, now: Instant, stream: u32, packet: &MediaPacket) {
+    /// Plays packets of `stream` that arrived together at `now` (and empties `burst`):
+    /// of those beyond the stream's real-time budget the oldest are dropped undecoded,
+    /// the rest played in order.
+    fn on_media(&mut self, now: Instant, stream: u32, burst: &mut Vec<MediaPacket>) {
+        if burst.is_empty() {
+            return;
+        }
+        let over = self.streams.get_mut(&stream).map_or(0, |s| s.receiver.over_budget_prefix(now, burst));
+        for (i, packet) in burst.iter().enumerate() {
+            self.on_packet(now, stream, packet, i < over);
+        }
+        burst.clear();
+    }
+
+    /// Plays one packet, or drops it as `over_budget`.
+    fn on_packet(&mut self, now: Instant, stream: u32, packet: &MediaPacket, over_budget: bool) {
+        let now_ns = self.mono_ns(now);
         let Some(s) = self.streams.get_mut(&stream) else { return };
         s.last_media = now;
-        if s.sink.as_ref().is_some_and(|k| k.is_lost()) {
-            if let Some(mut sink) = s.sink.take() {
-                let _ = sink.close();
-                s.closed_underruns += sink.underruns();
-                s.closed_overflows += sink.overflows();
+        s.stats.wire_bytes += (HEADER_LEN + MEDIA_HEADER_LEN + packet.data.len()) as u64;
+        if over_budget {
+            s.receiver.drop_over_budget(packet);
+            if !std::mem::replace(&mut s.said_over_budget, true) {
+                self.log.line(
+                    now,
+                    Level::Warn,
+                    format_args!(
+                        "stream {stream} (\"{}\") delivers audio faster than real time; what is beyond it is \
+                         dropped undecoded (counted as over_budget)",
+                        s.desc.open.app.name
+                    ),
+                );
             }
-            log::warn!("melange-host: stream {stream}: its output went away (the host's PipeWire?); opening it again");
+            return;
+        }
+        if s.sink.as_ref().is_some_and(|k| k.is_lost()) {
+            let _ = s.release();
+            self.log.line(
+                now,
+                Level::Warn,
+                format_args!("stream {stream}: its output went away (the host's PipeWire?); opening it again"),
+            );
         }
         if s.sink.is_none() {
             if now < s.reopen_at {
@@ -583,125 +617,95 @@ impl Host {
             match self.output.open(&s.desc) {
                 Ok(mut sink) => {
                     sink.set_volume(&self.volume);
-                    log::info!("melange-host: stream {stream} plays again -> {}", sink.describe());
                     s.output = sink.describe();
+                    self.log.line(now, Level::Info, format_args!("stream {stream} plays again -> {}", s.output));
                     s.sink = Some(sink);
                 }
                 Err(e) => {
-                    self.bad_input.warn("output", format_args!("stream {stream}: cannot reopen the output: {e}"));
+                    self.log.bad_input(now, "output", format_args!("stream {stream}: cannot reopen the output: {e}"));
                     s.reopen_at = now + REOPEN_RETRY;
                     s.dropped_packets += 1;
                     return;
                 }
             }
         }
-        let rate = u64::from(s.desc.format.rate);
-        s.packets += 1;
-        s.wire_bytes += (HEADER_LEN + MEDIA_HEADER_LEN + packet.data.len()) as u64;
-        // At most 120 ms per packet (Opus's longest frame); never trust the count further.
-        if packet.duration == 0 || u64::from(packet.duration) * 1000 > rate * 120 {
-            s.decode_errors += 1;
-            self.bad_input
-                .warn("bad packet", format_args!("stream {stream}: packet with bad duration {}", packet.duration));
-            return;
-        }
-        let duration = packet.duration as usize;
         s.scratch.clear();
-        if let Some(expected) = s.next_seq {
-            let gap = packet.seq.wrapping_sub(expected);
-            if gap >= 0x8000_0000 {
-                // Older than what we played: a duplicate or reordered packet.
+        match s.receiver.receive(now, packet, &mut s.scratch) {
+            Ok(()) | Err(Dropped::Late) => {}
+            Err(Dropped::OverBudget) => {
+                if !std::mem::replace(&mut s.said_over_budget, true) {
+                    self.log.line(
+                        now,
+                        Level::Warn,
+                        format_args!(
+                            "stream {stream} (\"{}\") delivers audio faster than real time; what is beyond it is \
+                             dropped undecoded (counted as over_budget)",
+                            s.desc.open.app.name
+                        ),
+                    );
+                }
                 return;
             }
-            if gap > 0 {
-                s.lost_packets += u64::from(gap);
-                let lost_frames = u64::from(gap) * u64::from(s.desc.open.frame_samples);
-                if lost_frames * 1000 <= rate * MAX_CONCEAL_MS && s.concealed_frames + lost_frames <= s.decoded_frames {
-                    s.decoder.conceal(lost_frames as usize, &mut s.scratch);
-                    s.concealed_frames += lost_frames;
-                }
+            Err(e @ (Dropped::Bad(_) | Dropped::BadDuration(_))) => {
+                self.log.bad_input(now, "bad packet", format_args!("stream {stream}: {e}"));
             }
         }
-        s.next_seq = Some(packet.seq.wrapping_add(1));
-        let before = s.scratch.len();
-        if let Err(e) = s.decoder.decode(&packet.data, duration, &mut s.scratch) {
-            s.decode_errors += 1;
-            self.bad_input.warn("bad packet", format_args!("stream {stream}: {e}"));
-            if s.concealed_frames + duration as u64 <= s.decoded_frames {
-                s.decoder.conceal(duration, &mut s.scratch);
-                s.concealed_frames += duration as u64;
-            }
-        } else {
-            s.decoded_frames += ((s.scratch.len() - before) / usize::from(s.desc.format.channels)) as u64;
+        if s.scratch.is_empty() {
+            return;
         }
-        s.frames += (s.scratch.len() / usize::from(s.desc.format.channels)) as u64;
-        let now_ns = clock::monotonic_ns();
+        let rate = f64::from(s.desc.format.rate);
         // What this packet's first sample meets: everything buffered ahead of it.
         let render_ns = s.sink.as_ref().map_or(0, |k| k.render_delay_ns(now_ns));
         if let Some(sink) = &mut s.sink {
             sink.write(&s.scratch);
         }
-        let fill = s.sink.as_ref().map_or(0, |k| k.buffered_frames()) as f64;
-        if let Some(mean) = s.fill.add(now, fill) {
-            let mean_ms = mean * 1000.0 / rate as f64;
-            s.seconds_seen += 1;
-            match s.seconds_seen {
-                2 => s.fill_second_2 = Some(mean_ms),
-                10 => s.fill_second_10 = Some(mean_ms),
-                _ => {}
-            }
-            s.fill_last = Some(mean_ms);
-        }
-        if let Some(mean) = s.render.add(now, render_ns as f64) {
-            let render = mean as u64;
-            s.render_last = Some(render);
-            if s.render_reported.map_or(true, |r| r.abs_diff(render) > RENDER_REPORT_STEP_NS) {
-                if let Some(session) = &mut self.session {
-                    session.report_latency(stream, render);
-                }
-                s.render_reported = Some(render);
+        let fill_ms = s.sink.as_ref().map_or(0, |k| k.buffered_frames()) as f64 * 1000.0 / rate;
+        if let Some(render) = s.stats.packet(now, fill_ms, render_ns) {
+            if let Some(session) = &mut self.session {
+                session.report_latency(stream, render);
             }
         }
-        if self.same_clock && s.latencies_ms.len() < MAX_LATENCY_SAMPLES {
+        if self.same_clock {
             // pts is when the first sample would have played in the guest; a packet cut
             // from late in a large graph cycle arrives before that, so this can be < 0.
             let transit_ms = (i128::from(now_ns) - i128::from(packet.pts_ns)) as f64 / 1e6;
-            s.latencies_ms.push((transit_ms + render_ns as f64 / 1e6) as f32);
+            s.stats.latency(transit_ms + render_ns as f64 / 1e6);
         }
     }
 
-    fn close_stream(&mut self, stream: u32, reason: &str) {
+    fn close_stream(&mut self, now: Instant, stream: u32, reason: &str) {
         let Some(mut s) = self.streams.remove(&stream) else { return };
         let drift_ppm = s.sink.as_ref().and_then(|k| k.drift_ppm());
         let clock_ppm = s.sink.as_ref().and_then(|k| k.clock_ppm());
-        let (underruns, overflows) = match s.sink.take() {
-            Some(mut sink) => {
-                if let Err(e) = sink.close() {
-                    log::error!("melange-host: stream {stream}: {e}");
-                }
-                (s.closed_underruns + sink.underruns(), s.closed_overflows + sink.overflows())
-            }
-            None => (s.closed_underruns, s.closed_overflows),
-        };
-        let seconds = s.opened.elapsed().as_secs_f64();
-        let media_seconds = s.frames as f64 / f64::from(s.desc.format.rate);
-        let mut lat = std::mem::take(&mut s.latencies_ms);
-        lat.sort_by(f32::total_cmp);
-        let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p).round() as usize).map(|v| f64::from(*v));
-        let (p50, p99) = (pct(0.5), pct(0.99));
-        let wire_rate = if media_seconds > 0.0 { s.wire_bytes as f64 / media_seconds } else { 0.0 };
+        if let Err(e) = s.release() {
+            self.log.line(now, Level::Warn, format_args!("stream {stream}: {e}"));
+        }
+        let totals = s.closed;
+        let counts = *s.receiver.counts();
+        let rate = f64::from(s.desc.format.rate);
+        let seconds = now.saturating_duration_since(s.stats.opened).as_secs_f64();
+        let media_seconds = counts.frames() as f64 / rate;
+        let (p50, p99) = (s.stats.latency.percentile(0.5), s.stats.latency.percentile(0.99));
+        let wire_rate = if media_seconds > 0.0 { s.stats.wire_bytes as f64 / media_seconds } else { 0.0 };
         let fmt_ms = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1} ms"));
-        log::info!(
-            "melange-host: stream {stream} closed ({reason}): \"{}\", {media_seconds:.2} s of audio, {} packets, {:.1} kB/s on the wire, \
-             latency p50 {} p99 {}, {} lost, {} bad, {} underruns",
-            s.desc.open.app.name,
-            s.packets,
-            wire_rate / 1000.0,
-            fmt_ms(p50),
-            fmt_ms(p99),
-            s.lost_packets,
-            s.decode_errors,
-            underruns
+        self.log.line(
+            now,
+            Level::Info,
+            format_args!(
+                "stream {stream} closed ({reason}): \"{}\", {media_seconds:.2} s of audio, {} packets, {:.1} kB/s on \
+                 the wire, latency p50 {} p99 {}, {} lost, {} bad, {} beyond real time, {} underruns, {:.0} ms of \
+                 backlog cut",
+                s.desc.open.app.name,
+                counts.packets,
+                wire_rate / 1000.0,
+                fmt_ms(p50),
+                fmt_ms(p99),
+                counts.lost,
+                counts.bad,
+                counts.over_budget,
+                totals.underruns,
+                totals.cut_frames as f64 * 1000.0 / rate,
+            ),
         );
         if let Some(path) = &self.config.report {
             let line = serde_json::json!({
@@ -714,21 +718,27 @@ impl Host {
                 "output": s.output,
                 "seconds": seconds,
                 "media_seconds": media_seconds,
-                "packets": s.packets,
-                "wire_bytes": s.wire_bytes,
+                "packets": counts.packets,
+                "wire_bytes": s.stats.wire_bytes,
                 "wire_bytes_per_s": wire_rate,
                 "latency_ms_p50": p50,
                 "latency_ms_p99": p99,
-                "lost_packets": s.lost_packets,
-                "bad_packets": s.decode_errors,
-                "underruns": underruns,
+                "lost_packets": counts.lost,
+                "late_packets": counts.late,
+                "bad_packets": counts.bad,
+                "over_budget_packets": counts.over_budget,
+                "over_budget_ms": counts.over_budget_frames as f64 * 1000.0 / rate,
+                "concealed_ms": counts.concealed_frames as f64 * 1000.0 / rate,
+                "underruns": totals.underruns,
+                "latency_cuts": totals.cuts,
+                "cut_ms": totals.cut_frames as f64 * 1000.0 / rate,
                 "drift_ppm": drift_ppm,
                 "output_clock_ppm": clock_ppm,
-                "fill_ms_second_2": s.fill_second_2,
-                "fill_ms_second_10": s.fill_second_10,
-                "fill_ms_last_second": s.fill_last,
-                "render_ms_last": s.render_last.map(|ns| ns as f64 / 1e6),
-                "overflow_samples": overflows,
+                "fill_ms_second_2": s.stats.fill_second_2,
+                "fill_ms_second_10": s.stats.fill_second_10,
+                "fill_ms_last_second": s.stats.fill_last,
+                "render_ms_last": s.stats.render_last.map(|ns| ns as f64 / 1e6),
+                "overflow_samples": totals.overflows,
                 "dropped_packets": s.dropped_packets,
             });
             let written = std::fs::OpenOptions::new()
@@ -749,45 +759,52 @@ impl Host {
         use std::io::Write as _;
         let mut out = std::io::stdout().lock();
         for (id, s) in &mut self.streams {
-            let kbps = (s.wire_bytes - s.stats_bytes) as f64 * 8.0 / 1000.0 / elapsed_s.max(1e-3);
-            s.stats_bytes = s.wire_bytes;
-            let mut recent: Vec<f32> = s.latencies_ms[s.stats_latencies.min(s.latencies_ms.len())..].to_vec();
-            s.stats_latencies = s.latencies_ms.len();
-            recent.sort_by(f32::total_cmp);
-            let latency = recent.get(recent.len() / 2).map_or("n/a".to_string(), |v| format!("{v:.1}"));
+            let (kbps, latency) = s.stats.take_interval(elapsed_s);
             let ms = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1}"));
-            let (fill, drift, underruns) = match &s.sink {
+            let rate = f64::from(s.desc.format.rate);
+            let (fill, target, drift) = match &s.sink {
                 Some(k) => (
-                    Some(k.buffered_frames() as f64 * 1000.0 / f64::from(s.desc.format.rate)),
+                    Some(k.buffered_frames() as f64 * 1000.0 / rate),
+                    k.target_frames().map(|f| f as f64 * 1000.0 / rate),
                     k.drift_ppm(),
-                    s.closed_underruns + k.underruns(),
                 ),
-                None => (None, None, s.closed_underruns),
+                None => (None, None, None),
             };
+            let totals = s.totals();
+            let counts = s.receiver.counts();
             let _ = writeln!(
                 out,
-                "stats session={} stream={id} app={:?} codec={} kbps={kbps:.1} latency_ms={latency} render_ms={} \
-                 fill_ms={} drift_ppm={} lost={} dropped={} bad={} underruns={underruns}",
+                "stats session={} stream={id} app={:?} codec={} kbps={kbps:.1} latency_ms={} render_ms={} \
+                 fill_ms={} target_ms={} drift_ppm={} lost={} dropped={} bad={} over_budget={} cut_ms={:.0} \
+                 underruns={}",
                 s.desc.session,
                 s.desc.open.app.name,
                 s.desc.open.codec.name(),
-                ms(s.render_last.map(|ns| ns as f64 / 1e6)),
+                ms(latency.map(f64::from)),
+                ms(s.stats.render_last.map(|ns| ns as f64 / 1e6)),
                 ms(fill),
+                ms(target),
                 drift.map_or("n/a".to_string(), |d| format!("{d:.0}")),
-                s.lost_packets,
+                counts.lost,
                 s.dropped_packets,
-                s.decode_errors,
+                counts.bad,
+                counts.over_budget,
+                totals.cut_frames as f64 * 1000.0 / rate,
+                totals.underruns,
             );
         }
         let _ = out.flush();
     }
 
-    fn close_all(&mut self, reason: &str) {
+    fn close_all(&mut self, now: Instant, reason: &str) {
         let ids: Vec<u32> = self.streams.keys().copied().collect();
         for id in ids {
-            self.close_stream(id, reason);
+            self.close_stream(now, id, reason);
         }
-        self.close_mic(reason);
+        self.close_mic(now, reason);
+        self.mic.wanted = false;
+        self.mic.release_at = None;
+        self.mic.said_none = false;
     }
 
     /// Puts the guest's volume on every stream's output.
@@ -798,36 +815,59 @@ impl Host {
         self.volume = volume;
     }
 
-    fn on_capture_demand(&mut self, demand: CaptureDemand) {
+    fn on_capture_demand(&mut self, now: Instant, demand: CaptureDemand) {
         match demand.device {
-            CaptureDevice::Microphone if demand.active => self.open_mic(demand.frame_us),
-            CaptureDevice::Microphone => self.close_mic("the guest stopped recording"),
+            CaptureDevice::Microphone if demand.active => {
+                self.mic.wanted = true;
+                self.mic.release_at = None;
+                if MIC_FRAME_US.contains(&demand.frame_us) {
+                    self.mic.frame_us = demand.frame_us;
+                }
+            }
+            CaptureDevice::Microphone => {
+                self.mic.wanted = false;
+                if self.mic.open.is_some() && self.mic.release_at.is_none() {
+                    self.mic.release_at = Some(now + MIC_HOLD);
+                }
+            }
         }
+        self.pump_mic(now);
     }
 
     /// Starts opening the microphone for the guest; [`Host::pump_mic`] announces its
     /// stream once PipeWire has opened it. On failure the guest's virtual microphone
     /// stays silent, and the log says why.
-    fn open_mic(&mut self, frame_us: u32) {
-        if self.mic.is_some() || self.session.is_none() {
-            return;
-        }
+    fn open_mic(&mut self, now: Instant) {
         if self.config.mic == MicSpec::None {
-            log::info!("melange-host: a guest app records from its microphone; with --mic none it hears silence");
+            if !std::mem::replace(&mut self.mic.said_none, true) {
+                self.log.line(
+                    now,
+                    Level::Info,
+                    format_args!("a guest app records from its microphone; with --mic none it hears silence"),
+                );
+            }
             return;
         }
-        let frame_us = if MIC_FRAME_US.contains(&frame_us) { frame_us } else { 10_000 };
-        let frame_samples = MIC_RATE / 1000 * frame_us / 1000;
+        let frame_samples = MIC_RATE / 1000 * self.mic.frame_us / 1000;
+        // Whatever happens, not again before MIC_REOPEN: a microphone that fails to
+        // open is not tried fifty times a second either.
+        self.mic.next_open = Some(now + MIC_REOPEN);
         match MicCapture::open(&self.config.mic, frame_samples) {
-            Ok(mic) => self.mic = Some(Mic { capture: mic, frame_samples, announced: false }),
-            Err(e) => log::warn!("melange-host: cannot open the microphone for the guest ({e}); it hears silence"),
+            Ok(capture) => self.mic.open = Some(MicOpen { capture, frame_samples, announced: false }),
+            Err(e) => {
+                self.log.line(
+                    now,
+                    Level::Warn,
+                    format_args!("cannot open the microphone for the guest ({e}); it hears silence"),
+                );
+            }
         }
     }
 
     /// Announces the microphone's stream to the guest once its capture is open; false
     /// (and the microphone dropped) if it cannot be had.
-    fn announce_mic(&mut self) -> bool {
-        let (Some(mic), Some(s)) = (&mut self.mic, &mut self.session) else { return false };
+    fn announce_mic(&mut self, now: Instant) -> bool {
+        let (Some(mic), Some(s)) = (&mut self.mic.open, &mut self.session) else { return false };
         let result = match mic.capture.poll_open() {
             Ok(false) => return false,
             Ok(true) => s
@@ -838,54 +878,83 @@ impl Host {
         match result {
             Ok(()) => {
                 mic.announced = true;
-                log::info!(
-                    "melange-host: microphone opened for the guest: {}, Opus {} kbit/s mono, {} ms packets",
-                    self.config.mic,
-                    crate::mic::MIC_BITRATE / 1000,
-                    f64::from(mic.frame_samples) * 1000.0 / f64::from(MIC_RATE)
+                let packet_ms = f64::from(mic.frame_samples) * 1000.0 / f64::from(MIC_RATE);
+                self.log.line(
+                    now,
+                    Level::Info,
+                    format_args!(
+                        "microphone opened for the guest: {}, Opus {} kbit/s mono, {packet_ms} ms packets",
+                        self.config.mic,
+                        crate::mic::MIC_BITRATE / 1000,
+                    ),
                 );
                 true
             }
             Err(e) => {
-                log::warn!("melange-host: {e}");
-                self.mic = None;
+                self.log.line(now, Level::Warn, format_args!("{e}"));
+                self.mic.open = None;
                 false
             }
         }
     }
 
-    fn close_mic(&mut self, why: &str) {
-        match self.mic.take() {
+    fn close_mic(&mut self, now: Instant, why: &str) {
+        self.mic.release_at = None;
+        match self.mic.open.take() {
             Some(mic) if mic.announced => {
                 if let Some(s) = &mut self.session {
                     s.close_stream(MIC_STREAM, why);
                 }
-                log::info!("melange-host: microphone closed ({why})");
+                self.log.line(now, Level::Info, format_args!("microphone closed ({why})"));
             }
-            Some(_) => log::info!("melange-host: microphone no longer wanted while opening ({why})"),
-            None => {}
+            Some(_) => {
+                self.log.line(now, Level::Info, format_args!("microphone no longer wanted while opening ({why})"));
+            }
+            None => return,
         }
+        self.mic.next_open = Some(now + MIC_REOPEN);
     }
 
-    /// Sends what the microphone captured, in whole packets; returns when the next one
-    /// is due (`CLOCK_MONOTONIC` ns) while it is open.
-    fn pump_mic(&mut self) -> Option<u64> {
-        if self.mic.as_ref().is_some_and(|m| !m.announced) && !self.announce_mic() {
-            // Still opening: look again soon (the capture thread answers in some 40 ms).
-            return self.mic.is_some().then(|| clock::monotonic_ns() + MIC_OPEN_POLL.as_nanos() as u64);
+    /// The microphone's timers and packets: closes a capture whose hold ran out, opens
+    /// one the guest wants (once [`MIC_REOPEN`] allows), announces it once open, and
+    /// sends what it captured in whole packets while the guest wants it (drops it while
+    /// held). Returns when to look again.
+    fn pump_mic(&mut self, now: Instant) -> Option<Instant> {
+        if self.mic.release_at.is_some_and(|at| at <= now) {
+            self.close_mic(now, "the guest stopped recording");
         }
-        let (Some(mic), Some(s)) = (&mut self.mic, &mut self.session) else { return None };
-        let mic = &mut mic.capture;
-        while let Some(packet) = mic.next_packet() {
-            match packet {
-                Ok(p) => {
-                    // Dropped oldest first by the session if the port falls behind.
-                    let _ = s.send_media(MIC_STREAM, &p);
-                }
-                Err(e) => self.bad_input.warn("microphone", format_args!("encode failed: {e}")),
+        if self.mic.wanted && self.mic.open.is_none() && self.session.is_some() {
+            match self.mic.next_open {
+                Some(at) if at > now => return Some(at),
+                _ => self.open_mic(now),
             }
         }
-        Some(mic.wake_at(clock::monotonic_ns()))
+        let release = self.mic.release_at;
+        let earliest = |t: Instant| Some(release.map_or(t, |r| r.min(t)));
+        if self.mic.open.as_ref().is_some_and(|m| !m.announced) && !self.announce_mic(now) {
+            // Still opening: look again soon (the capture thread answers in some 40 ms).
+            return if self.mic.open.is_some() { earliest(now + MIC_OPEN_POLL) } else { release };
+        }
+        let now_ns = self.mono_ns(now);
+        let (Some(mic), Some(s)) = (&mut self.mic.open, &mut self.session) else { return release };
+        let capture = &mut mic.capture;
+        if !self.mic.wanted {
+            capture.skip_waiting();
+            return earliest(now + Duration::from_millis(100));
+        }
+        let mut failed = None;
+        while let Some(packet) = capture.next_packet() {
+            match packet {
+                // Dropped oldest first by the session if the port falls behind.
+                Ok(p) => drop(s.send_media(MIC_STREAM, &p)),
+                Err(e) => failed = Some(e),
+            }
+        }
+        let due_ns = capture.wake_at(now_ns);
+        if let Some(e) = failed {
+            self.log.bad_input(now, "microphone", format_args!("encode failed: {e}"));
+        }
+        earliest(now + Duration::from_nanos(due_ns.saturating_sub(now_ns)))
     }
 }
 
@@ -937,14 +1006,9 @@ mod tests {
     fn an_idle_stream_releases_its_output_and_reopens_when_it_plays_again() {
         let dir = std::env::temp_dir().join(format!("melange-idle-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let config = HostConfig {
-            latency: Some(Duration::from_millis(30)),
-            report: None,
-            idle_timeout: Duration::from_secs(30),
-            stats: false,
-            mic: MicSpec::None,
-        };
-        let mut host = Host::new(config, Box::new(WavOutput::new(&dir).unwrap()));
+        let config =
+            HostConfig { latency: Some(Duration::from_millis(30)), mic: MicSpec::None, ..HostConfig::default() };
+        let mut host = Host::new(config, Box::new(WavOutput::new(&dir, 1 << 30).unwrap()));
         let t0 = Instant::now();
         let mut guest = connect(&mut host, t0);
         guest.open_stream(1, &mono_pcm("app")).unwrap();
@@ -1013,13 +1077,7 @@ mod tests {
     #[test]
     fn render_delay_is_reported_to_the_guest_when_it_changes() {
         let delay = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(20_000_000));
-        let config = HostConfig {
-            latency: None,
-            report: None,
-            idle_timeout: Duration::from_secs(30),
-            stats: false,
-            mic: MicSpec::None,
-        };
+        let config = HostConfig { mic: MicSpec::None, ..HostConfig::default() };
         let mut host = Host::new(config, Box::new(FixedDelay(delay.clone())));
         let t0 = Instant::now();
         let mut guest = connect(&mut host, t0);
@@ -1047,10 +1105,106 @@ mod tests {
         assert!((150..=210).contains(&reports[1].0), "the change came after packet {}", reports[1].0);
     }
 
+    /// An output that counts the frames written to it, per stream.
+    #[derive(Default, Clone)]
+    struct Counting(std::sync::Arc<std::sync::Mutex<BTreeMap<u32, usize>>>);
+    struct CountingSink(std::sync::Arc<std::sync::Mutex<BTreeMap<u32, usize>>>, u32, usize);
+
+    impl Output for Counting {
+        fn open(&mut self, desc: &StreamDesc) -> Result<Box<dyn StreamSink>, crate::output::OutputError> {
+            Ok(Box::new(CountingSink(self.0.clone(), desc.stream, usize::from(desc.format.channels))))
+        }
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+    }
+
+    impl StreamSink for CountingSink {
+        fn write(&mut self, samples: &[f32]) {
+            *self.0.lock().unwrap().entry(self.1).or_default() += samples.len() / self.2;
+        }
+        fn buffered_frames(&self) -> usize {
+            0
+        }
+        fn underruns(&self) -> u64 {
+            0
+        }
+        fn overflows(&self) -> u64 {
+            0
+        }
+        fn close(&mut self) -> Result<(), crate::output::OutputError> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+    }
+
+    /// 2-byte Opus packets that each decode to 120 ms, as fast as the guest can send
+    /// them, next to a genuine stream: the flood gets real time and no more, and the
+    /// genuine stream every frame it sent.
     #[test]
-    fn guest_strings_lose_control_characters_and_length() {
-        assert_eq!(sanitize("Fire\0fox\n"), "Firefox");
-        assert_eq!(sanitize(&"x".repeat(1000)).len(), 128);
-        assert_eq!(sanitize("Équipe (guest)"), "Équipe (guest)");
+    fn a_stream_cannot_deliver_more_than_real_time() {
+        let counting = Counting::default();
+        let config = HostConfig { mic: MicSpec::None, ..HostConfig::default() };
+        let mut host = Host::new(config, Box::new(counting.clone()));
+        let t0 = Instant::now();
+        let mut guest = connect(&mut host, t0);
+        guest.open_stream(1, &mono_pcm("genuine")).unwrap();
+        let opus = StreamOpen {
+            media: MediaKind::Audio(AudioFormat { rate: 48000, channels: 2, positions: vec![3, 4] }),
+            codec: Codec::Opus { bitrate: 64_000 },
+            frame_samples: 480,
+            app: AppInfo { name: "flood".into(), ..Default::default() },
+        };
+        guest.open_stream(2, &opus).unwrap();
+        // TOC 0xFB: CELT fullband 20 ms frames, code 3 (a count follows): 6 empty
+        // frames, 120 ms from 2 bytes.
+        let amplifier = vec![0xFB, 0x06];
+        let mut seq = 0u32;
+        let seconds = 10u64;
+        for ms in 0..seconds * 1000 {
+            let now = t0 + Duration::from_millis(ms);
+            if ms % 10 == 0 {
+                let p = MediaPacket { seq: (ms / 10) as u32, pts_ns: 0, duration: 480, data: vec![1; 960] };
+                guest.send_media(1, &p).unwrap();
+            }
+            for _ in 0..5 {
+                let p = MediaPacket { seq, pts_ns: 0, duration: 5760, data: amplifier.clone() };
+                let _ = guest.send_media(2, &p);
+                seq += 1;
+            }
+            pump(&mut host, &mut guest, now);
+            if ms % 1000 == 0 {
+                guest.handle_timeout(now);
+                assert!(host.tick(now));
+            }
+        }
+        let frames = counting.0.lock().unwrap().clone();
+        let limit = 48_000.0
+            * (seconds as f64 * (1.0 + melange_shim::receive::PACE_SLACK)
+                + melange_shim::receive::PACE_BURST.as_secs_f64());
+        assert!((frames[&2] as f64) <= limit, "the flood wrote {} frames in {seconds} s", frames[&2]);
+        assert!(frames[&2] as f64 >= 48_000.0 * (seconds as f64 - 1.0), "real time is allowed: {}", frames[&2]);
+        assert_eq!(frames[&1], seconds as usize * 48_000, "the genuine stream lost audio");
+        assert!(host.streams[&2].receiver.counts().over_budget > 40_000);
+    }
+
+    /// Demand for the microphone toggled fifty times a second with `--mic none`: said
+    /// once, and no capture is ever made.
+    #[test]
+    fn a_toggling_guest_is_told_once_that_there_is_no_microphone() {
+        let config = HostConfig { mic: MicSpec::None, ..HostConfig::default() };
+        let mut host = Host::new(config, Box::new(Counting::default()));
+        let t0 = Instant::now();
+        let mut guest = connect(&mut host, t0);
+        for i in 0..100u64 {
+            let now = t0 + Duration::from_millis(20 * i);
+            let demand = CaptureDemand { device: CaptureDevice::Microphone, active: i % 2 == 0, frame_us: 10_000 };
+            let _ = guest.demand_capture(demand);
+            pump(&mut host, &mut guest, now);
+            assert!(host.mic.open.is_none());
+        }
+        assert!(host.mic.said_none);
     }
 }

@@ -4,6 +4,8 @@
 //!   gap concealment, per-stream statistics.
 //! - [`mic`]: the user's microphone for the guest, captured only while a guest app
 //!   records from its virtual microphone.
+//! - [`guest_log`]: what the guest can make it log, within a budget.
+//! - [`stats`]: each stream's figures, bounded in memory.
 //! - [`output`]: where audio goes: the host's PipeWire (one playback stream per guest
 //!   app, with the jitter buffer in its real-time callback), WAV files, or nowhere.
 //!
@@ -15,6 +17,8 @@
 // Unsafe code only where PipeWire hands us its rate-match area (output::pipewire).
 #![deny(unsafe_code)]
 
+pub mod guest_log;
 pub mod host;
 pub mod mic;
 pub mod output;
+pub mod stats;

@@ -140,6 +140,12 @@ impl MicCapture {
         self.encoder.next_packet()
     }
 
+    /// Drops what was captured and not yet sent, unencoded (while the guest does not
+    /// want it); the guest sees the gap as lost packets.
+    pub fn skip_waiting(&mut self) {
+        self.encoder.skip_waiting();
+    }
+
     /// When the next packet is due, in `CLOCK_MONOTONIC` ns (see [`TapEncoder::wake_at`]).
     pub fn wake_at(&self, now_ns: u64) -> u64 {
         self.encoder.wake_at(now_ns)

@@ -19,6 +19,17 @@ pub const MAX_CHANNELS: u8 = 8;
 /// Rates a stream may have.
 pub const RATES: [u32; 7] = [8000, 12000, 16000, 24000, 32000, 44100, 48000];
 
+/// SPA channel positions a stream may name (`SPA_AUDIO_CHANNEL_*`): MONO for a
+/// single channel, the named positions FL (3) to BRC (37), and AUX0 to AUX63; each at
+/// most once. Anything else reached PipeWire as given before.
+pub fn valid_positions(positions: &[u32]) -> bool {
+    const MONO: u32 = 2;
+    const NAMED: std::ops::RangeInclusive<u32> = 3..=37;
+    const AUX: std::ops::RangeInclusive<u32> = 0x1000..=0x103f;
+    let known = |p: &u32| (*p == MONO && positions.len() == 1) || NAMED.contains(p) || AUX.contains(p);
+    positions.iter().all(known) && positions.iter().enumerate().all(|(i, p)| !positions[..i].contains(p))
+}
+
 /// Sample format the tap must deliver for a codec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SampleFormat {
@@ -74,6 +85,12 @@ pub fn validate(format: &AudioFormat, codec: &Codec, frame_samples: u32) -> Resu
             "{} channel positions for {} channels",
             format.positions.len(),
             format.channels
+        )));
+    }
+    if !valid_positions(&format.positions) {
+        return Err(CodecError::Unsupported(format!(
+            "channel positions {:?} (each a known SPA position, none twice)",
+            format.positions
         )));
     }
     let ok_duration = FRAME_DURATIONS_US
@@ -336,5 +353,25 @@ mod tests {
         assert!(validate(&AudioFormat { rate: 44100, ..ok.clone() }, &Codec::Opus { bitrate: 64_000 }, 441).is_err());
         assert!(validate(&AudioFormat { rate: 44100, ..ok.clone() }, &Codec::PcmS16Le, 441).is_ok());
         assert!(validate(&ok, &Codec::Opus { bitrate: 1 }, 480).is_err());
+    }
+
+    #[test]
+    fn channel_positions_are_known_and_distinct() {
+        let with = |positions: Vec<u32>| AudioFormat { rate: 48000, channels: positions.len() as u8, positions };
+        for good in [vec![2], vec![3], vec![3, 4], vec![3, 4, 5, 6, 7, 8], vec![0x1000, 0x1001], vec![37, 0x103f]] {
+            assert!(validate(&with(good.clone()), &Codec::PcmS16Le, 480).is_ok(), "{good:?}");
+        }
+        for bad in [
+            vec![0xFFFF_FFFF, 0xFFFF_FFFF],
+            vec![3, 3],
+            vec![0],
+            vec![1],
+            vec![2, 3],
+            vec![38],
+            vec![0x1040],
+            vec![0x10000],
+        ] {
+            assert!(validate(&with(bad.clone()), &Codec::PcmS16Le, 480).is_err(), "{bad:?}");
+        }
     }
 }

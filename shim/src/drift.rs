@@ -142,6 +142,23 @@ impl DriftController {
         self.set_point
     }
 
+    /// How far the fill dips below its mean in the normal run of arrivals, in frames:
+    /// the deepest dip seen since the set point was last learned.
+    pub fn deepest_dip(&self) -> f64 {
+        self.deepest_dip
+    }
+
+    /// The buffer dropped `frames` outside the normal flow (audio cut as stale, or
+    /// skipped for cycles the output missed): the fill's average follows at once, so
+    /// the drop is no dip, and a set point still being learned is learned again from
+    /// what is left.
+    pub fn skipped(&mut self, frames: f64) {
+        self.mean_fill -= frames;
+        if !self.settled() {
+            self.learned = (0.0, f64::MAX, 0);
+        }
+    }
+
     /// True once the set point is learned (the first half second after priming).
     pub fn settled(&self) -> bool {
         self.learned.2 >= self.learn_cycles

@@ -8,7 +8,8 @@
 //! - The [`latency`] the guest tells its apps, from the parts each side measures.
 //! - Both sides: [`codec`] (Opus through the system libopus, PCM), the jitter buffer's
 //!   [`playout`] decision and [`drift`] control, joined in the real-time [`render`]
-//!   core of every stream that plays, and the [`clock`].
+//!   core of every stream that plays; the [`receive`] end of every stream (order,
+//!   concealment, the real-time budget, decoding); and the [`clock`].
 //!
 //! The renderer depends on this crate for the shared pieces; nothing here depends on
 //! PipeWire or on the renderer.
@@ -29,5 +30,6 @@ pub mod mic;
 #[allow(unsafe_code)]
 pub mod opus;
 pub mod playout;
+pub mod receive;
 pub mod render;
 pub mod tap;

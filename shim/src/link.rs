@@ -481,8 +481,20 @@ impl IoThread {
     }
 
     fn handle_events(&mut self) {
-        loop {
-            let Some(event) = self.session.as_mut().and_then(Session::poll_event) else { return };
+        // The microphone's packets of one read are received together, so that of a
+        // backlog the oldest are the ones beyond the real-time budget.
+        let mut mic_burst: Vec<MediaPacket> = Vec::new();
+        let mut mic_stream = 0;
+        while let Some(event) = self.session.as_mut().and_then(Session::poll_event) {
+            if let Event::Media { stream, packet } = event {
+                if stream != mic_stream {
+                    self.receive_mic(mic_stream, &mut mic_burst);
+                    mic_stream = stream;
+                }
+                mic_burst.push(packet);
+                continue;
+            }
+            self.receive_mic(mic_stream, &mut mic_burst);
             match event {
                 Event::Established(peer) => {
                     log::info!(
@@ -526,7 +538,7 @@ impl IoThread {
                 // The only stream a host opens is the microphone.
                 Event::StreamOpened { stream, open } => {
                     let taken = match &mut self.mic {
-                        Some(mic) => mic.open(stream, &open),
+                        Some(mic) => mic.open(Instant::now(), stream, &open),
                         None => Err("this guest has no virtual microphone".into()),
                     };
                     match taken {
@@ -542,11 +554,7 @@ impl IoThread {
                         }
                     }
                 }
-                Event::Media { stream, packet } => {
-                    if let Some(mic) = &mut self.mic {
-                        mic.media(stream, &packet);
-                    }
-                }
+                Event::Media { .. } => {}
                 Event::StreamClosed { stream, reason } => {
                     if let Some(mic) = &mut self.mic {
                         if mic.close(stream) {
@@ -564,6 +572,15 @@ impl IoThread {
                 Event::CaptureDemand(_) | Event::PeerRestarted => {}
             }
         }
+        self.receive_mic(mic_stream, &mut mic_burst);
+    }
+
+    /// Hands the microphone the packets of `stream` that arrived together.
+    fn receive_mic(&mut self, stream: u32, burst: &mut Vec<MediaPacket>) {
+        if let (Some(mic), false) = (&mut self.mic, burst.is_empty()) {
+            mic.media(Instant::now(), stream, burst);
+        }
+        burst.clear();
     }
 
     fn announce(&mut self, id: u32) {

@@ -4,8 +4,9 @@
 //! The module counts the guest apps recording from its virtual microphone and tells
 //! the link whether any does ([`MicReceiver::set_wanted`]); the link tells the host
 //! (`CaptureDemand`), at every change and at the start of every session. The host
-//! answers with a stream of its own, mono at 48 kHz; [`MicReceiver`] decodes it into
-//! the virtual source's render ring ([`crate::render`]), whose real-time callback plays
+//! answers with a stream of its own, mono at 48 kHz; [`MicReceiver`] receives it as
+//! every stream is received ([`Receiver`]: order, loss concealment, real-time budget)
+//! into the virtual source's render ring ([`crate::render`]), whose real-time callback plays
 //! it on the guest's clock with its own jitter buffer and drift control. Without that
 //! stream (no host, no microphone, `--mic none`) the ring stays empty and the source
 //! plays silence.
@@ -16,10 +17,11 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use rtrb::Producer;
 
-use crate::codec::StreamDecoder;
+use crate::receive::{ReceiveCounts, Receiver};
 use crate::render::RenderStats;
 use melange_transport::message::{CaptureDemand, CaptureDevice, MediaKind, MediaPacket, StreamOpen};
 
@@ -44,17 +46,16 @@ pub struct MicFeed {
 pub struct MicReceiver {
     feed: MicFeed,
     wanted: bool,
-    stream: Option<(u32, StreamDecoder)>,
+    stream: Option<(u32, Receiver)>,
     scratch: Vec<f32>,
-    /// Packets that failed to decode, and samples the ring had no room for.
-    bad_packets: u64,
+    /// Samples the ring had no room for.
     overflow_samples: u64,
 }
 
 impl MicReceiver {
     /// Feeds `feed`; nothing is wanted until [`MicReceiver::set_wanted`].
     pub fn new(feed: MicFeed) -> Self {
-        Self { feed, wanted: false, stream: None, scratch: Vec::new(), bad_packets: 0, overflow_samples: 0 }
+        Self { feed, wanted: false, stream: None, scratch: Vec::new(), overflow_samples: 0 }
     }
 
     /// What to tell the host now.
@@ -72,9 +73,9 @@ impl MicReceiver {
         self.wanted
     }
 
-    /// Takes the stream the host opened if it is a microphone the source can play;
-    /// otherwise says why, for the stream-reject.
-    pub fn open(&mut self, stream: u32, open: &StreamOpen) -> Result<(), String> {
+    /// Takes the stream the host opened at `now` if it is a microphone the source can
+    /// play; otherwise says why, for the stream-reject.
+    pub fn open(&mut self, now: Instant, stream: u32, open: &StreamOpen) -> Result<(), String> {
         let MediaKind::Audio(format) = &open.media;
         if format.rate != MIC_RATE || format.channels != MIC_CHANNELS {
             return Err(format!(
@@ -82,24 +83,24 @@ impl MicReceiver {
                 format.channels, format.rate
             ));
         }
-        let decoder = StreamDecoder::new(format, &open.codec, open.frame_samples).map_err(|e| e.to_string())?;
-        self.stream = Some((stream, decoder));
+        let receiver = Receiver::new(format, &open.codec, open.frame_samples, now).map_err(|e| e.to_string())?;
+        self.stream = Some((stream, receiver));
         self.feed.stats.restart.store(true, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Decodes a packet of the microphone stream into the ring; false if `stream` is
-    /// not the microphone.
-    pub fn media(&mut self, stream: u32, packet: &MediaPacket) -> bool {
-        let Some((id, decoder)) = &mut self.stream else { return false };
+    /// Receives packets of the microphone stream that arrived together at `now` into
+    /// the ring (with concealment for lost ones, the oldest dropped beyond the
+    /// real-time budget); false if `stream` is not the microphone.
+    pub fn media(&mut self, now: Instant, stream: u32, packets: &[MediaPacket]) -> bool {
+        let Some((id, receiver)) = &mut self.stream else { return false };
         if *id != stream {
             return false;
         }
         self.scratch.clear();
-        if decoder.decode(&packet.data, packet.duration as usize, &mut self.scratch).is_err() {
-            self.bad_packets += 1;
-            return true;
-        }
+        // Whatever it played (concealment included) goes to the ring; the counters
+        // say what was dropped and why.
+        receiver.receive_burst(now, packets, &mut self.scratch);
         let n = self.scratch.len().min(self.feed.producer.slots());
         if let Ok(chunk) = self.feed.producer.write_chunk_uninit(n) {
             chunk.fill_from_iter(self.scratch[..n].iter().copied());
@@ -128,13 +129,19 @@ impl MicReceiver {
         self.stream.is_some()
     }
 
-    /// How the source played so far, for the log: underruns, frames played and
-    /// silent, drift in ppm, frames buffered now.
+    /// How the source played so far, for the log: packets lost and concealed, dropped
+    /// for running ahead of real time, underruns, frames played and silent, drift in
+    /// ppm, frames buffered now.
     pub fn describe(&self) -> String {
         let st = &self.feed.stats;
+        let counts = self.counts();
         format!(
-            "{} underruns, {} frames played, {} silent, {} skipped ({} cuts back to the target), drift {:.0} ppm, {} \
-             frames buffered",
+            "{} packets lost ({} frames concealed), {} bad, {} beyond real time, {} underruns, {} frames played, {} \
+             silent, {} skipped ({} cuts back to the target), drift {:.0} ppm, {} frames buffered",
+            counts.lost,
+            counts.concealed_frames,
+            counts.bad,
+            counts.over_budget,
             st.underruns.load(Ordering::Relaxed),
             st.played_frames.load(Ordering::Relaxed),
             st.silence_frames.load(Ordering::Relaxed),
@@ -145,9 +152,14 @@ impl MicReceiver {
         )
     }
 
-    /// Packets that failed to decode and samples dropped for want of room, so far.
-    pub fn losses(&self) -> (u64, u64) {
-        (self.bad_packets, self.overflow_samples)
+    /// The current stream's receive counters (zero without one).
+    pub fn counts(&self) -> ReceiveCounts {
+        self.stream.as_ref().map(|(_, r)| *r.counts()).unwrap_or_default()
+    }
+
+    /// Samples dropped for want of room in the ring, so far.
+    pub fn overflow_samples(&self) -> u64 {
+        self.overflow_samples
     }
 }
 
@@ -156,7 +168,7 @@ mod tests {
     use super::*;
     use crate::codec::FrameEncoder;
     use crate::opus::Application;
-    use crate::render::{render_ring, RenderConfig};
+    use crate::render::{render_ring, OutputClock, RenderConfig};
     use melange_transport::message::{AppInfo, AudioFormat, Codec};
 
     fn format() -> AudioFormat {
@@ -180,7 +192,7 @@ mod tests {
             latency_frames: 960,
             trim: false,
             quantum: 256,
-            max_excess_ms: None,
+            packet_frames: 480,
         };
         let (producer, mut core) = render_ring(config, 24_000);
         let feed = MicFeed { producer, stats: core.stats().clone(), frame_us: 10_000 };
@@ -189,31 +201,42 @@ mod tests {
         assert!(mic.set_wanted(true) && !mic.set_wanted(true));
         assert_eq!(mic.demand(), CaptureDemand { device: CaptureDevice::Microphone, active: true, frame_us: 10_000 });
 
-        assert!(mic.open(3, &open(AudioFormat { rate: 48_000, channels: 2, positions: vec![3, 4] })).is_err());
-        mic.open(3, &open(format())).unwrap();
+        let t0 = Instant::now();
+        let stereo = AudioFormat { rate: 48_000, channels: 2, positions: vec![3, 4] };
+        assert!(mic.open(t0, 3, &open(stereo)).is_err());
+        mic.open(t0, 3, &open(format())).unwrap();
         let mut enc = FrameEncoder::new(&format(), &Codec::Opus { bitrate: 32_000 }, 480, Application::Voip).unwrap();
         // 400 Hz at half scale, 200 ms.
         let tone: Vec<f32> =
             (0..9600).map(|i| 0.5 * (i as f32 * 400.0 * std::f32::consts::TAU / 48_000.0).sin()).collect();
+        // The host's packets, one every 10 ms, each followed by the source's cycle of
+        // 480 frames.
+        let mut played = Vec::new();
+        let mut out = vec![0u8; 480 * 4];
         for (seq, frame) in tone.chunks(480).enumerate() {
             let bytes: Vec<u8> = frame.iter().flat_map(|v| v.to_le_bytes()).collect();
             let mut data = Vec::new();
             enc.encode(&bytes, &mut data).unwrap();
-            let packet = MediaPacket { seq: seq as u32, pts_ns: 0, duration: 480, data };
-            assert!(mic.media(3, &packet));
-            assert!(!mic.media(4, &packet), "another stream is not the microphone");
-        }
-        let mut played = Vec::new();
-        let mut out = vec![0u8; 256 * 4];
-        for c in 0..30 {
-            core.cycle(Some(c * 256), &mut out);
+            // Packet 7 is lost on the way: concealed, so the tone plays on in time.
+            if seq != 7 {
+                let packet = MediaPacket { seq: seq as u32, pts_ns: 0, duration: 480, data };
+                let now = t0 + std::time::Duration::from_millis(10 * seq as u64);
+                let packet = [packet];
+                assert!(mic.media(now, 3, &packet));
+                assert!(!mic.media(now, 4, &packet), "another stream is not the microphone");
+            }
+            let clock = OutputClock { ticks: seq as u64 * 480, now_ns: seq as u64 * 10_000_000 };
+            core.cycle(Some(clock), &mut out);
             played.extend(out.chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])));
         }
         // Past the encoder's lookahead and the start: the tone's level (-9 dBFS RMS).
         let body = &played[2400..7000];
         let rms = (body.iter().map(|v| v * v).sum::<f32>() / body.len() as f32).sqrt();
         assert!((20.0 * rms.log10() - 20.0 * (0.5f32 / 2f32.sqrt()).log10()).abs() < 1.0, "rms {rms}");
-        assert_eq!(mic.losses(), (0, 0));
+        let counts = mic.counts();
+        assert_eq!((counts.lost, counts.concealed_frames, counts.bad), (1, 480, 0));
+        assert_eq!(counts.frames(), 9600, "every packet's time played, the lost one's concealed");
+        assert_eq!(mic.overflow_samples(), 0);
         assert!(mic.close(3) && !mic.is_streaming());
     }
 }

@@ -9,6 +9,9 @@
 //! could not be filled), up to four times the configured target. Guest audio arrives in bursts (a
 //! guest graph cycle of 1024 frames is two or three 10 ms packets at once), and a target
 //! below burst size plus scheduling jitter would underrun again after every re-prime.
+//! An underrun whose silence outlasts [`OUTAGE_MS`] was no jitter but an outage (the
+//! sender, the port or this process stalled): the target goes back to where it was,
+//! and the underrun does not count as jitter ([`Playout::jitter_underruns`]).
 //! Drift control, which holds the fill at the target, is a later layer.
 //!
 //! [`MissedCycles`] notices output cycles the graph ran without the callback (a host
@@ -20,6 +23,8 @@
 
 /// Most the target grows to, as a multiple of the configured target.
 const MAX_GROWTH: usize = 4;
+/// Silence after an underrun beyond which it was an outage, not jitter, in ms.
+pub const OUTAGE_MS: u32 = 100;
 
 /// Per-stream playout state. Real-time safe: plain arithmetic.
 #[derive(Debug, Clone)]
@@ -28,31 +33,78 @@ pub struct Playout {
     max_target: usize,
     playing: bool,
     underruns: u64,
+    jitter_underruns: u64,
+    /// Silence served since the last underrun, frames, and the target before it raised
+    /// the target; `None` while playing or once judged an outage.
+    starved: Option<(usize, usize)>,
+    outage_frames: usize,
+    /// Where priming ends this time, if not at the target (after an outage).
+    prime_at: Option<usize>,
 }
 
 impl Playout {
-    /// Starts playing once `target_frames` sample frames are buffered.
-    pub fn new(target_frames: usize) -> Self {
+    /// Starts playing once `target_frames` sample frames are buffered; an underrun
+    /// whose silence lasts over `outage_frames` is an outage.
+    pub fn new(target_frames: usize, outage_frames: usize) -> Self {
         let target = target_frames.max(1);
-        Self { target, max_target: target * MAX_GROWTH, playing: false, underruns: 0 }
+        Self {
+            target,
+            max_target: target * MAX_GROWTH,
+            playing: false,
+            underruns: 0,
+            jitter_underruns: 0,
+            starved: None,
+            outage_frames,
+            prime_at: None,
+        }
+    }
+
+    /// [`OUTAGE_MS`] in frames at `rate`.
+    pub fn outage_frames(rate: u32) -> usize {
+        (u64::from(rate) * u64::from(OUTAGE_MS) / 1000) as usize
     }
 
     /// Frames to read from the ring this cycle, given what is buffered and what the
     /// output wants; the caller writes silence for the rest.
     pub fn plan(&mut self, buffered: usize, wanted: usize) -> usize {
         if !self.playing {
-            if buffered < self.target {
+            if buffered < self.prime_at.unwrap_or(self.target) {
+                if let Some((silence, before)) = &mut self.starved {
+                    *silence = silence.saturating_add(wanted);
+                    if *silence > self.outage_frames {
+                        self.target = *before;
+                        self.jitter_underruns -= 1;
+                        self.starved = None;
+                    }
+                }
                 return 0;
             }
             self.playing = true;
+            self.starved = None;
+            self.prime_at = None;
         }
         if buffered < wanted {
             self.underruns += 1;
+            self.jitter_underruns += 1;
             self.playing = false;
+            self.starved = Some((wanted - buffered, self.target));
             self.target = (self.target + wanted.max(self.target / 2)).min(self.max_target);
             return buffered;
         }
         wanted
+    }
+
+    /// The output or this process did not run for a while (an outage, not jitter):
+    /// prime again, this time to `prime_frames` (the fill drift control holds, which
+    /// may be below the target priming starts from). An underrun it caused is no
+    /// jitter, and the target goes back to what it was before it.
+    pub fn outage(&mut self, prime_frames: usize) {
+        if let Some((_, before)) = self.starved.take() {
+            self.target = before;
+            self.jitter_underruns -= 1;
+        }
+        self.playing = false;
+        self.prime_at = Some(prime_frames.clamp(1, self.target));
     }
 
     /// The current target in sample frames.
@@ -68,6 +120,12 @@ impl Playout {
     /// Underruns so far.
     pub fn underruns(&self) -> u64 {
         self.underruns
+    }
+
+    /// Underruns so far that were jitter, not outages (see [`OUTAGE_MS`]); the last one
+    /// counts as jitter until its silence has outlasted [`OUTAGE_MS`].
+    pub fn jitter_underruns(&self) -> u64 {
+        self.jitter_underruns
     }
 }
 
@@ -188,7 +246,7 @@ mod tests {
 
     #[test]
     fn primes_then_plays_then_reprimes_higher_after_an_underrun() {
-        let mut p = Playout::new(1440);
+        let mut p = Playout::new(1440, 4800);
         assert_eq!(p.plan(480, 256), 0);
         assert_eq!(p.plan(1439, 256), 0);
         assert_eq!(p.plan(1440, 256), 256);
@@ -228,8 +286,8 @@ mod tests {
 
     #[test]
     fn bursty_arrival_stops_underrunning_once_the_target_has_grown() {
-        let fixed = underruns_in_model(Playout { max_target: 1440, ..Playout::new(1440) });
-        let adaptive = underruns_in_model(Playout::new(1440));
+        let fixed = underruns_in_model(Playout { max_target: 1440, ..Playout::new(1440, 4800) });
+        let adaptive = underruns_in_model(Playout::new(1440, 4800));
         // The model's encoder gaps are unbounded (geometric), so no target is perfect:
         // growth must cut underruns, and stop at the steps it takes to reach its cap.
         assert!(fixed > adaptive, "adaptive {adaptive} underruns, fixed {fixed}");
@@ -237,8 +295,27 @@ mod tests {
     }
 
     #[test]
+    fn an_outage_primes_again_at_the_target_it_had() {
+        let mut p = Playout::new(1440, 4800);
+        assert_eq!(p.plan(1440, 256), 256);
+        // Jitter: silent for 2 cycles, then primed again at the raised target.
+        assert_eq!(p.plan(100, 256), 100);
+        assert_eq!((p.target(), p.jitter_underruns()), (2160, 1));
+        assert_eq!(p.plan(0, 256), 0);
+        assert_eq!(p.plan(2160, 256), 256);
+        assert_eq!((p.target(), p.jitter_underruns()), (2160, 1));
+        // An outage: silent past 4800 frames; the target is what it was before it.
+        assert_eq!(p.plan(10, 256), 10);
+        for _ in 0..19 {
+            assert_eq!(p.plan(0, 256), 0);
+        }
+        assert_eq!((p.target(), p.underruns(), p.jitter_underruns()), (2160, 2, 1));
+        assert_eq!(p.plan(2160, 256), 256);
+    }
+
+    #[test]
     fn growth_is_capped() {
-        let mut p = Playout::new(100);
+        let mut p = Playout::new(100, 4800);
         for _ in 0..100 {
             p.plan(1000, 1);
             p.plan(0, 256);

@@ -5,9 +5,10 @@
 //!
 //! Decoded samples reach the stream's real-time callback through an SPSC ring. Once per
 //! output cycle the callback hands [`RenderCore::cycle`] the buffer to fill: it skips
-//! what an overrun let pass ([`MissedCycles`]), decides with [`Playout`] whether to
-//! prime or play, fills the rest with silence, and feeds the ring's fill to the
-//! [`DriftController`], whose ratio the caller writes into its stream's rate match.
+//! what an overrun let pass ([`MissedCycles`]), cuts a backlog beyond the target
+//! ([`excess_margin_frames`]), decides with [`Playout`] whether to prime or play,
+//! fills the rest with silence, and feeds the ring's fill to the [`DriftController`],
+//! whose ratio the caller writes into its stream's rate match.
 //! Plain arithmetic and atomics: no allocation, lock, log or syscall.
 
 #![forbid(unsafe_code)]
@@ -18,7 +19,10 @@ use std::sync::Arc;
 use rtrb::{Consumer, Producer, RingBuffer};
 
 use crate::drift::DriftController;
-use crate::playout::{MissedCycles, Playout};
+use crate::playout::{MissedCycles, Playout, OUTAGE_MS};
+
+/// [`OUTAGE_MS`] in nanoseconds: a gap between two cycles that long is an outage.
+const OUTAGE_NS: u64 = OUTAGE_MS as u64 * 1_000_000;
 
 /// What a jitter buffer with a derived target keeps beyond the output cycle being played
 /// and the deepest recent dip of its fill: 3 ms (2 ms let a late guest cycle underrun in
@@ -45,14 +49,28 @@ pub struct RenderConfig {
     pub trim: bool,
     /// The output's cycle in sample frames.
     pub quantum: u32,
-    /// Most a settled buffer may hold beyond the fill drift control holds, in ms, if
-    /// anything beyond is to be skipped. Drift control drains an excess at 1 ms a
-    /// second at most; a burst (a far graph that stalled and caught up, a port that
-    /// held bytes back) would stay as latency. The microphone cuts it (60 ms: in a call
-    /// a glitch now beats a delay that stays); playback keeps it and tells the apps
-    /// (`None`), so that picture and sound stay together.
-    pub max_excess_ms: Option<u32>,
+    /// Sample frames in one packet of the stream: how much lands at once.
+    pub packet_frames: u32,
 }
+
+/// How far above its target a playing buffer may fill before the oldest audio beyond
+/// the target is dropped: two packets and 10 ms (30 ms for 10 ms packets, 15 ms for
+/// 2.5 ms ones), more than the bursts of a guest graph cycle and a late wake-up put
+/// there. More is a backlog: audio that waited while the sender, the port or this
+/// process stalled. Drift control would drain it at 1 ms a second (a 0.5 s backlog
+/// for 8 minutes); a call, a game, a UI sound and a video player that re-syncs all
+/// want the stream back at its target, so it is cut, oldest first, and counted.
+pub fn excess_margin_frames(rate: u32, packet_frames: u32) -> u32 {
+    2 * packet_frames + rate / 100
+}
+
+/// After a backlog was cut, the fill is averaged over this long, and what it holds
+/// above the target beyond [`TRIM_FLOOR_MS`] is cut as well: where the first cut lands
+/// against the arrival pattern is a guess (it keeps a dip's worth too many, to be sure
+/// not to underrun); drift control would take seconds to drain the difference.
+const TRIM_WINDOW_MS: u32 = 100;
+/// See [`TRIM_WINDOW_MS`].
+const TRIM_FLOOR_MS: u32 = 1;
 
 impl RenderConfig {
     fn margin(&self, underruns: u64) -> Option<u32> {
@@ -69,11 +87,13 @@ pub struct RenderStats {
     pub played_frames: AtomicU64,
     /// See [`RenderStats::played_frames`].
     pub silence_frames: AtomicU64,
-    /// Frames skipped because the output ran cycles without the callback, or because
-    /// the buffer held more than [`RenderConfig::max_excess_ms`] beyond its target.
+    /// Frames skipped because the output ran cycles without the callback, or cut as a
+    /// backlog beyond the target ([`excess_margin_frames`]).
     pub skipped_frames: AtomicU64,
-    /// Times the buffer was cut back to its target ([`RenderConfig::max_excess_ms`]).
+    /// Times a backlog was cut back to the target, and the frames cut.
     pub latency_cuts: AtomicU64,
+    /// See [`RenderStats::latency_cuts`].
+    pub cut_frames: AtomicU64,
     /// Cycles run.
     pub cycles: AtomicU64,
     /// Frames in the ring at the start of each cycle, summed: with [`RenderStats::cycles`]
@@ -116,6 +136,16 @@ impl RenderStats {
     }
 }
 
+/// Where the output is at the start of a cycle: its position in frames
+/// (`pw_time.ticks`) and the cycle's start on `CLOCK_MONOTONIC` (`pw_time.now`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputClock {
+    /// Position in frames.
+    pub ticks: u64,
+    /// Nanoseconds.
+    pub now_ns: u64,
+}
+
 /// The callback's half of a rendering stream. See the module docs.
 #[derive(Debug)]
 pub struct RenderCore {
@@ -125,6 +155,16 @@ pub struct RenderCore {
     drift: DriftController,
     config: RenderConfig,
     stats: Arc<RenderStats>,
+    /// After a cut: the fills summed over [`TRIM_WINDOW_MS`] so far, and the cycles
+    /// left in it.
+    trim: Option<(f64, u32)>,
+    /// Whether a backlog is cut: not before drift control first settled, nor after a
+    /// restart until then, so that what queued while the output started is played
+    /// (and drained by drift control), not cut from the start of a sound; from an
+    /// outage or underrun on, whatever else happened.
+    cuts_armed: bool,
+    /// When the last cycle started (`CLOCK_MONOTONIC` ns).
+    last_cycle_ns: Option<u64>,
 }
 
 /// A ring holding `capacity_frames`, its feeding end and the core that plays it.
@@ -139,11 +179,14 @@ impl RenderCore {
         let config = RenderConfig { channels: config.channels.max(1), ..config };
         Self {
             consumer,
-            playout: Playout::new(config.latency_frames),
+            playout: Playout::new(config.latency_frames, Playout::outage_frames(config.rate)),
             missed: MissedCycles::default(),
             drift: Self::drift_for(&config),
             config,
             stats: Arc::new(RenderStats::default()),
+            trim: None,
+            cuts_armed: false,
+            last_cycle_ns: None,
         }
     }
 
@@ -166,40 +209,49 @@ impl RenderCore {
         &self.stats
     }
 
-    /// Fills `out` (whole frames of native-endian f32, interleaved) for one cycle.
-    /// `ticks` is the output's position in frames (`pw_time.ticks`) where known.
-    /// Returns the ratio to resample by while playing: over 1 when the ring fills up
-    /// (consume faster), under 1 when it runs low.
-    pub fn cycle(&mut self, ticks: Option<u64>, out: &mut [u8]) -> Option<f64> {
+    /// Fills `out` (whole frames of native-endian f32, interleaved) for one cycle, at
+    /// `clock` where the output says it. Returns the ratio to resample by while
+    /// playing: over 1 when the ring fills up (consume faster), under 1 when it runs
+    /// low.
+    ///
+    /// A cycle that starts over [`OUTAGE_MS`] after the last one follows an outage:
+    /// this process (or the output) did not run. The buffer primes again to the fill
+    /// it held, the outage counted as no jitter, and what waited meanwhile beyond that
+    /// is cut, oldest first.
+    pub fn cycle(&mut self, clock: Option<OutputClock>, out: &mut [u8]) -> Option<f64> {
         let channels = self.config.channels;
         let frames = out.len() / (4 * channels);
         if self.stats.restart.swap(false, Ordering::Relaxed) {
-            self.playout = Playout::new(self.config.latency_frames);
+            self.playout = Playout::new(self.config.latency_frames, Playout::outage_frames(self.config.rate));
             self.drift = Self::drift_for(&self.config);
+            self.cuts_armed = false;
         }
+        self.cuts_armed |= self.drift.settled() || self.playout.underruns() > 0;
         let mut buffered = self.consumer.slots() / channels;
-        let missed = ticks.map_or(0, |t| self.missed.observe(t));
-        if missed > 0 && self.playout.is_playing() {
-            // The output ran a cycle without us (its graph overran): that audio was due,
-            // so skip it rather than play everything a cycle later.
-            let skip = ((missed as f64 * self.drift.ratio()).round() as usize).min(buffered.saturating_sub(frames));
-            if let Ok(chunk) = self.consumer.read_chunk(skip * channels) {
-                chunk.commit_all();
-                buffered -= skip;
-                self.stats.skipped_frames.fetch_add(skip as u64, Ordering::Relaxed);
+        if let Some(now_ns) = clock.map(|c| c.now_ns) {
+            let outage = self.last_cycle_ns.is_some_and(|last| now_ns.saturating_sub(last) > OUTAGE_NS);
+            self.last_cycle_ns = Some(now_ns);
+            if outage && self.playout.is_playing() {
+                self.cuts_armed = true;
+                // What is buffered is cut back to the target below, oldest first.
+                self.playout.outage(self.reference().0 as usize);
+                self.missed = MissedCycles::default();
             }
         }
+        let missed = clock.map_or(0, |c| self.missed.observe(c.ticks));
         let draining = self.stats.draining.load(Ordering::Relaxed);
-        let limit =
-            self.config.max_excess_ms.map(|ms| self.drift.target() as usize + (self.config.rate * ms / 1000) as usize);
-        if !draining && self.playout.is_playing() && self.drift.settled() && limit.is_some_and(|l| buffered > l) {
-            let skip = buffered - self.drift.target() as usize;
-            if let Ok(chunk) = self.consumer.read_chunk(skip * channels) {
-                chunk.commit_all();
-                buffered -= skip;
-                self.stats.skipped_frames.fetch_add(skip as u64, Ordering::Relaxed);
-                self.stats.latency_cuts.fetch_add(1, Ordering::Relaxed);
-            }
+        if !draining {
+            let cut = self.excess(buffered).min(buffered.saturating_sub(frames));
+            buffered -= self.cut(cut);
+        }
+        if missed > 0 && self.playout.is_playing() {
+            // The output ran a cycle without us (its graph overran): the audio due then
+            // is still here, above the target, so skip it rather than play everything a
+            // cycle later. What is not above the target never came (this whole process
+            // was stopped, input and all): nothing to skip.
+            let above = buffered.saturating_sub(self.reference().0 as usize);
+            let skip = ((missed as f64 * self.drift.ratio()).round() as usize).min(above);
+            buffered -= self.skip(skip.min(buffered.saturating_sub(frames)));
         }
         self.stats.fill_sum_frames.fetch_add(buffered as u64, Ordering::Relaxed);
         let mut ratio = None;
@@ -209,11 +261,15 @@ impl RenderCore {
             }
             buffered.min(frames)
         } else {
-            let before = self.playout.underruns();
+            let (underruns, was_playing) = (self.playout.underruns(), self.playout.is_playing());
             let take = self.playout.plan(buffered, frames);
-            if self.playout.underruns() != before {
+            if self.playout.underruns() != underruns {
                 self.stats.underruns.fetch_add(1, Ordering::Relaxed);
-                self.drift.relearn(self.config.margin(self.playout.underruns()));
+            }
+            if !was_playing && self.playout.is_playing() && self.playout.underruns() > 0 {
+                // Primed again after an underrun: learn the set point afresh, with the
+                // margin the jitter so far asks for (outages ask for none).
+                self.drift.relearn(self.config.margin(self.playout.jitter_underruns()));
             }
             if self.playout.is_playing() {
                 ratio = Some(self.drift.update(buffered as f64));
@@ -239,6 +295,81 @@ impl RenderCore {
         ratio
     }
 
+    /// Frames of backlog to cut now, oldest first. Once the fill passes the target by
+    /// [`excess_margin_frames`] and the deepest dip of the arrival pattern: all above
+    /// the target plus that dip (what the fill normally holds just after packets
+    /// land); then, over [`TRIM_WINDOW_MS`], what still keeps the mean fill above the
+    /// target. The target is drift control's set point once learned, the playout's
+    /// (priming) target before.
+    fn excess(&mut self, buffered: usize) -> usize {
+        if !self.cuts_armed {
+            return 0;
+        }
+        let margin = f64::from(excess_margin_frames(self.config.rate, self.config.packet_frames));
+        let (target, dip, settled) = self.reference();
+        if buffered as f64 > target + margin + dip {
+            self.trim = settled.then_some((0.0, self.trim_cycles()));
+            return (buffered as f64 - target - dip).max(0.0) as usize;
+        }
+        let Some((sum, left)) = &mut self.trim else { return 0 };
+        *sum += buffered as f64;
+        *left = left.saturating_sub(1);
+        if *left > 0 {
+            return 0;
+        }
+        let mean = *sum / f64::from(self.trim_cycles());
+        self.trim = None;
+        if !self.playout.is_playing() {
+            return 0;
+        }
+        let over = mean - target;
+        if over > f64::from(self.config.rate * TRIM_FLOOR_MS / 1000) {
+            over as usize
+        } else {
+            0
+        }
+    }
+
+    /// Output cycles in [`TRIM_WINDOW_MS`] (at least one).
+    fn trim_cycles(&self) -> u32 {
+        let cycles =
+            u64::from(self.config.rate) * u64::from(TRIM_WINDOW_MS) / 1000 / u64::from(self.config.quantum.max(1));
+        cycles.clamp(1, u64::from(u32::MAX)) as u32
+    }
+
+    /// The fill the buffer should hold now and how deep it normally dips below it, in
+    /// frames, and whether drift control has settled: its set point once settled, the
+    /// playout's target before.
+    fn reference(&self) -> (f64, f64, bool) {
+        if self.drift.settled() {
+            (self.drift.target(), self.drift.deepest_dip(), true)
+        } else {
+            (self.playout.target() as f64, 0.0, false)
+        }
+    }
+
+    /// Drops the `frames` oldest frames as stale, counted as a latency cut.
+    fn cut(&mut self, frames: usize) -> usize {
+        let cut = self.skip(frames);
+        if cut > 0 {
+            self.stats.latency_cuts.fetch_add(1, Ordering::Relaxed);
+            self.stats.cut_frames.fetch_add(cut as u64, Ordering::Relaxed);
+        }
+        cut
+    }
+
+    /// Drops the `frames` oldest frames of the ring; returns how many it dropped.
+    fn skip(&mut self, frames: usize) -> usize {
+        if frames == 0 {
+            return 0;
+        }
+        let Ok(chunk) = self.consumer.read_chunk(frames * self.config.channels) else { return 0 };
+        chunk.commit_all();
+        self.stats.skipped_frames.fetch_add(frames as u64, Ordering::Relaxed);
+        self.drift.skipped(frames as f64);
+        frames
+    }
+
     /// Records the output's timing after a cycle of `frames` that started at `now_ns`:
     /// `delay_ns` from the cycle's start to being heard, and the output's position then
     /// in ns of its own clock.
@@ -261,14 +392,12 @@ mod tests {
     use super::*;
 
     fn config() -> RenderConfig {
-        RenderConfig {
-            rate: 48_000,
-            channels: 1,
-            latency_frames: 480,
-            trim: false,
-            quantum: 256,
-            max_excess_ms: Some(60),
-        }
+        RenderConfig { rate: 48_000, channels: 1, latency_frames: 480, trim: false, quantum: 256, packet_frames: 480 }
+    }
+
+    /// The clock of an output at `ticks` frames of 48 kHz that started at 0.
+    fn at(ticks: u64) -> Option<OutputClock> {
+        Some(OutputClock { ticks, now_ns: ticks * 1_000_000_000 / 48_000 })
     }
 
     fn samples(out: &[u8]) -> Vec<f32> {
@@ -282,12 +411,12 @@ mod tests {
         for v in 0..300 {
             tx.push(v as f32).unwrap();
         }
-        assert_eq!(core.cycle(Some(0), &mut out), None, "priming under the target");
+        assert_eq!(core.cycle(at(0), &mut out), None, "priming under the target");
         assert!(samples(&out).iter().all(|v| *v == 0.0));
         for v in 300..600 {
             tx.push(v as f32).unwrap();
         }
-        assert!(core.cycle(Some(256), &mut out).is_some());
+        assert!(core.cycle(at(256), &mut out).is_some());
         assert_eq!(samples(&out), (0..256).map(|v| v as f32).collect::<Vec<_>>());
         assert_eq!(core.stats().silence_frames.load(Ordering::Relaxed), 256);
     }
@@ -306,7 +435,7 @@ mod tests {
                 tx.push(next as f32).unwrap();
                 next += 1;
             }
-            core.cycle(Some(c * 256), &mut out);
+            core.cycle(at(c * 256), &mut out);
         }
         assert_eq!(core.stats().latency_cuts.load(Ordering::Relaxed), 0, "no cut while steady");
         // A 100 ms burst: cut back to the target, the oldest first.
@@ -314,11 +443,214 @@ mod tests {
             tx.push(next as f32).unwrap();
             next += 1;
         }
-        core.cycle(Some(200 * 256), &mut out);
+        core.cycle(at(200 * 256), &mut out);
         assert_eq!(core.stats().latency_cuts.load(Ordering::Relaxed), 1);
         let first = samples(&out)[0];
         let target = core.drift.target();
         assert!((f64::from(next as u32) - f64::from(first) - target).abs() < 2.0, "{first} for {next} at {target}");
+    }
+
+    /// One stream on virtual clocks: 10 ms packets from a guest whose graph hands
+    /// them over every 256 frames, received through the real-time budget into a
+    /// 500 ms ring, played in 128-frame cycles with the auto target the host derives,
+    /// each cycle asking for as much input as the ratio it was given says (as the
+    /// output's resampler does). Between `stall` and `stall + length` seconds the
+    /// receiving process is stopped: nothing arrives, no cycle runs; the guest queues at
+    /// most 500 ms meanwhile. When it runs again, the output's callback runs before the
+    /// backlog is read if `output_first`. The mean fill (ms) of each 100 ms of the
+    /// output's time, the underruns and the drift measured at the end (ppm).
+    fn stalled_stream(stall: f64, length: f64, seconds: f64, output_first: bool) -> (Vec<(f64, f64)>, u64, f64) {
+        use crate::receive::Pacer;
+        use std::time::{Duration, Instant};
+        let (rate, quantum, packet) = (48_000u32, 128u32, 480u32);
+        let latency = packet + quantum + jitter_margin_frames(rate, 0);
+        let config = RenderConfig {
+            rate,
+            channels: 1,
+            latency_frames: latency as usize,
+            trim: true,
+            quantum,
+            packet_frames: packet,
+        };
+        let (mut tx, mut core) = render_ring(config, rate as usize / 2);
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(rate, t0);
+        let (cycle, guest_cycle) = (f64::from(quantum) / 48_000.0, 256.0 / 48_000.0);
+        let (mut t, mut next_cycle, mut made, mut handed) = (0.0f64, 0.0f64, 0u64, 0.0f64);
+        let mut queue = std::collections::VecDeque::new();
+        let (mut fills, mut window, mut ticks) = (Vec::new(), (0.0, 0u32, 0.1), 0u64);
+        let stalled = |t: f64| t >= stall && t < stall + length;
+        let (mut ratio, mut owed) = (1.0f64, 0.0f64);
+        let mut cycle_now = |core: &mut RenderCore, ticks: u64, ratio: &mut f64| {
+            owed += f64::from(quantum) * *ratio;
+            let frames = owed.floor() as usize;
+            owed -= frames as f64;
+            let mut out = vec![0u8; frames * 4];
+            if let Some(r) = core.cycle(at(ticks), &mut out) {
+                *ratio = r;
+            }
+        };
+        let mut resumed = false;
+        while t < seconds {
+            // The guest's graph: whole packets every guest cycle, queued (500 ms at most).
+            if t >= handed {
+                let due = ((t / 0.010) as u64).saturating_sub(made);
+                for _ in 0..due {
+                    queue.push_back(packet);
+                    made += 1;
+                }
+                while queue.len() > 50 {
+                    queue.pop_front();
+                }
+                handed += guest_cycle;
+            }
+            if !stalled(t) {
+                let now = t0 + Duration::from_secs_f64(t);
+                if t > stall && !resumed && output_first {
+                    ticks = (t / cycle).round() as u64 * u64::from(quantum);
+                    cycle_now(&mut core, ticks, &mut ratio);
+                    next_cycle = t + cycle;
+                }
+                resumed |= t > stall;
+                while let Some(frames) = queue.pop_front() {
+                    if pacer.take(now, u64::from(frames)) {
+                        let n = (frames as usize).min(tx.slots());
+                        if let Ok(chunk) = tx.write_chunk_uninit(n) {
+                            chunk.fill_from_iter(std::iter::repeat(0.5f32));
+                        }
+                    }
+                }
+                if t >= next_cycle {
+                    // The output's position moves on while the process is stopped.
+                    let played_ticks = (t / cycle).round() as u64 * u64::from(quantum);
+                    ticks = ticks.max(played_ticks);
+                    let fill = core.consumer.slots() as f64 / 48.0;
+                    cycle_now(&mut core, ticks, &mut ratio);
+                    next_cycle += cycle;
+                    window.0 += fill;
+                    window.1 += 1;
+                }
+            } else {
+                next_cycle = t;
+            }
+            if t >= window.2 {
+                if window.1 > 0 {
+                    fills.push((window.2, window.0 / f64::from(window.1)));
+                }
+                window = (0.0, 0, window.2 + 0.1);
+            }
+            t += 0.0005;
+        }
+        (fills, core.stats().underruns.load(Ordering::Relaxed), core.drift.drift_ppm())
+    }
+
+    #[test]
+    fn after_a_stall_the_stream_is_back_at_its_latency_within_a_second() {
+        for (length, output_first) in [0.2, 1.0, 3.0, 4.9].into_iter().flat_map(|l| [(l, false), (l, true)]) {
+            let (fills, underruns, drift) = stalled_stream(10.0, length, 25.0, output_first);
+            let before: Vec<f64> = fills.iter().filter(|(t, _)| (8.0..10.0).contains(t)).map(|f| f.1).collect();
+            let normal = before.iter().sum::<f64>() / before.len() as f64;
+            let resumed = 10.0 + length;
+            let worst =
+                fills.iter().filter(|(t, _)| *t >= resumed + 1.0).map(|(_, f)| (f - normal).abs()).fold(0.0, f64::max);
+            let peak = fills.iter().filter(|(t, _)| *t >= resumed).map(|f| f.1).fold(0.0, f64::max);
+            assert!(
+                worst < 3.0,
+                "{length} s stall: the fill was {normal:.1} ms before, off by {worst:.1} ms a second after (peak {peak:.1})"
+            );
+            assert!(underruns <= 2, "{length} s stall: {underruns} underruns");
+            assert!(drift.abs() < 100.0, "{length} s stall: drift control measures {drift:.0} ppm of none");
+        }
+    }
+
+    #[test]
+    fn what_queued_while_the_output_started_is_played_not_cut() {
+        let mut config = config();
+        config.trim = true;
+        let (mut tx, mut core) = render_ring(config, 24_000);
+        let mut out = vec![0u8; 256 * 4];
+        // 60 ms queued before the first cycle, then real time.
+        for v in 0..2880 {
+            tx.push(v as f32).unwrap();
+        }
+        let mut next = 2880;
+        let first = core.cycle(at(0), &mut out).map(|_| samples(&out)[0]);
+        assert_eq!(first, Some(0.0), "the first sample plays first");
+        for c in 1..2000u64 {
+            for _ in 0..256 {
+                tx.push(next as f32).unwrap();
+                next += 1;
+            }
+            core.cycle(at(c * 256), &mut out);
+        }
+        assert_eq!(core.stats().cut_frames.load(Ordering::Relaxed), 0);
+        assert!(core.drift.catching_up() || core.drift.target() < 2880.0, "drift control drains it");
+    }
+
+    #[test]
+    fn bursts_of_a_large_guest_cycle_are_never_cut() {
+        // 1024-frame guest cycles: two or three packets at once every 21 ms, for a minute.
+        let mut config = config();
+        config.trim = true;
+        config.quantum = 128;
+        let (mut tx, mut core) = render_ring(config, 24_000);
+        let mut out = vec![0u8; 128 * 4];
+        let (mut made, mut pushed) = (0u64, 0u64);
+        for c in 0..(60 * 48_000 / 128) as u64 {
+            let t = c * 128;
+            if t / 1024 * 1024 == t {
+                let due = t / 480 + 1;
+                while made < due {
+                    made += 1;
+                }
+                while pushed < made {
+                    for _ in 0..480 {
+                        let _ = tx.push(0.25);
+                    }
+                    pushed += 1;
+                }
+            }
+            core.cycle(at(t), &mut out);
+        }
+        assert_eq!(core.stats().latency_cuts.load(Ordering::Relaxed), 0);
+    }
+
+    proptest::proptest! {
+        /// Any mix of arrivals, cycle sizes, clock jumps (stalls, new clocks, time going
+        /// back) and restarts: the callback never panics, fills exactly the buffer it
+        /// is given, and plays only what was pushed, in order.
+        #[test]
+        fn the_callback_survives_any_arrivals_and_clocks(
+            ops in proptest::collection::vec((0usize..3000, 1usize..1024, 0u8..8, proptest::bool::ANY), 1..400)
+        ) {
+            let mut config = config();
+            config.trim = true;
+            config.quantum = 128;
+            let (mut tx, mut core) = render_ring(config, 12_000);
+            let (mut pushed, mut expected, mut ticks, mut now_ns) = (0u64, 0.0f32, 0u64, 0u64);
+            for (arrive, frames, jump, restart) in ops {
+                for _ in 0..arrive.min(tx.slots()) {
+                    pushed += 1;
+                    let _ = tx.push(pushed as f32);
+                }
+                if restart && jump == 7 {
+                    core.stats().restart.store(true, Ordering::Relaxed);
+                }
+                let step = frames as u64;
+                (ticks, now_ns) = match jump {
+                    0 => (ticks + step * 100, now_ns + step * 2_083_333),
+                    1 => (ticks.saturating_sub(5000), now_ns + 1_000_000),
+                    2 => (ticks + step, now_ns + 5_000_000_000),
+                    _ => (ticks + step, now_ns + step * 20_833),
+                };
+                let mut out = vec![0u8; frames * 4];
+                core.cycle(Some(OutputClock { ticks, now_ns }), &mut out);
+                for v in samples(&out).into_iter().filter(|v| *v != 0.0) {
+                    proptest::prop_assert!(v > expected && u64::from(v as u32) <= pushed, "{v} after {expected}");
+                    expected = v;
+                }
+            }
+        }
     }
 
     #[test]
@@ -330,13 +662,13 @@ mod tests {
         }
         // 256 and 256 played, then an underrun: 88 left for 256 wanted. The target grows.
         for c in 0..3 {
-            core.cycle(Some(c * 256), &mut out);
+            core.cycle(at(c * 256), &mut out);
         }
         assert_eq!(core.stats().underruns.load(Ordering::Relaxed), 1);
         for v in 0..480 {
             tx.push(v as f32).unwrap();
         }
         core.stats().restart.store(true, Ordering::Relaxed);
-        assert!(core.cycle(Some(768), &mut out).is_some(), "480 frames are the first target again");
+        assert!(core.cycle(at(768), &mut out).is_some(), "480 frames are the first target again");
     }
 }

@@ -49,7 +49,13 @@ fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() 
         rng
     };
     let big = vec![0x5Au8; MAX_PAYLOAD - 16];
+    // The genuine stream at real time (a stream may deliver no faster), the attacks
+    // between its packets as fast as they go.
+    let paced = Instant::now();
     for (seq, chunk) in sent.chunks(960).enumerate() {
+        if let Some(wait) = (paced + Duration::from_millis(10 * seq as u64)).checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
         let seq = seq as u32;
         let data: Vec<u8> = chunk.iter().flat_map(|s| s.to_le_bytes()).collect();
         g.media(1, seq, 1_000_000_000 + u64::from(seq) * 10_000_000, 480, data);

@@ -16,7 +16,7 @@ pub use self::null::NullOutput;
 
 pub(crate) use self::pipewire::format_pod;
 pub use self::pipewire::PipeWireOutput;
-pub use self::wav::{WavOutput, WavWriter};
+pub use self::wav::{WavOutput, WavWriter, DEFAULT_MAX_BYTES as DEFAULT_WAV_MAX_BYTES};
 
 /// `--output` as given on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +131,15 @@ pub trait StreamSink {
     fn is_lost(&self) -> bool {
         false
     }
+    /// The fill the jitter buffer holds (drift control's set point), where there is one.
+    fn target_frames(&self) -> Option<u64> {
+        None
+    }
+    /// Times a backlog beyond the target was cut, and the frames cut, where the output
+    /// has a jitter buffer.
+    fn latency_cuts(&self) -> (u64, u64) {
+        (0, 0)
+    }
     /// The clock difference drift control has measured, in ppm, where it runs.
     fn drift_ppm(&self) -> Option<f64> {
         None
@@ -149,11 +158,20 @@ pub trait StreamSink {
     fn describe(&self) -> String;
 }
 
+/// What an output may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputLimits {
+    /// Streams at once (a PipeWire stream still playing out after its close counts).
+    pub max_streams: usize,
+    /// Bytes all WAV files of a run may hold together (`--wav-max-bytes`).
+    pub wav_max_bytes: u64,
+}
+
 /// Makes the backend `spec` names.
-pub fn make_output(spec: &OutputSpec) -> Result<Box<dyn Output>, OutputError> {
+pub fn make_output(spec: &OutputSpec, limits: OutputLimits) -> Result<Box<dyn Output>, OutputError> {
     Ok(match spec {
-        OutputSpec::PipeWire => Box::new(PipeWireOutput::connect()?),
-        OutputSpec::Wav(dir) => Box::new(WavOutput::new(dir)?),
+        OutputSpec::PipeWire => Box::new(PipeWireOutput::connect(limits.max_streams)?),
+        OutputSpec::Wav(dir) => Box::new(WavOutput::new(dir, limits.wav_max_bytes)?),
         OutputSpec::Null => Box::new(NullOutput),
     })
 }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use melange_shim::render::{RenderConfig, RenderCore, RenderStats};
+use melange_shim::render::{OutputClock, RenderConfig, RenderCore, RenderStats};
 use melange_transport::message::{AudioFormat, Volume};
 use pipewire as pw;
 use pw::spa;
@@ -27,9 +27,17 @@ use rtrb::Producer;
 
 use super::{Output, OutputError, StreamDesc, StreamSink};
 
-/// Decoded audio a stream's ring holds at most: room for the largest jitter target
-/// (4 x --latency) and bursts, while 64 streams of 8 channels stay within memory limits.
-const RING: Duration = Duration::from_millis(500);
+/// Decoded audio a stream's ring holds: the largest target the playout may grow to
+/// (4 x the stream's target), the backlog the render core lets stand before cutting it,
+/// and two packets landing at once. With the automatic target and 10 ms packets that
+/// is 126 ms, so 64 streams of 8 channels hold 12 MiB at most; a fixed `--latency`
+/// grows it four times as fast.
+fn ring_frames(desc: &StreamDesc) -> usize {
+    let packet = desc.open.frame_samples as usize;
+    4 * desc.latency_frames
+        + melange_shim::render::excess_margin_frames(desc.format.rate, packet as u32) as usize
+        + 2 * packet
+}
 
 /// How often the PipeWire thread looks for streams that finished draining.
 const REAP_INTERVAL: Duration = Duration::from_millis(50);
@@ -101,14 +109,17 @@ impl std::fmt::Debug for PipeWireOutput {
 
 impl PipeWireOutput {
     /// Starts the PipeWire thread and connects; fails fast if PipeWire is not running.
-    pub fn connect() -> Result<Self, OutputError> {
+    /// At most `max_streams` playback streams exist at once, those still playing out
+    /// what they hold after a close included: opening one more cuts the oldest such
+    /// drain short.
+    pub fn connect(max_streams: usize) -> Result<Self, OutputError> {
         let (tx, rx) = pw::channel::channel::<Command>();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         let user_volume: Arc<Mutex<Option<Volume>>> = Arc::default();
         let reported = user_volume.clone();
         let thread = std::thread::Builder::new()
             .name("melange-pipewire".into())
-            .spawn(move || run(rx, ready_tx, reported))
+            .spawn(move || run(rx, ready_tx, reported, max_streams))
             .map_err(|e| OutputError::PipeWire(e.to_string()))?;
         match ready_rx.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(())) => Ok(Self { commands: tx, thread: Some(thread), next_key: 1, user_volume }),
@@ -139,10 +150,9 @@ impl Output for PipeWireOutput {
             latency_frames: desc.latency_frames,
             trim: desc.latency_auto,
             quantum: desc.quantum,
-            max_excess_ms: None,
+            packet_frames: desc.open.frame_samples,
         };
-        let (producer, core) =
-            melange_shim::render::render_ring(config, desc.format.rate as usize * RING.as_millis() as usize / 1000);
+        let (producer, core) = melange_shim::render::render_ring(config, ring_frames(desc));
         let stats = core.stats().clone();
         let shared = Arc::new(Shared::default());
         let key = self.next_key;
@@ -261,6 +271,14 @@ impl StreamSink for PipeWireSink {
         Some(self.stats.drift_ppb.load(Ordering::Relaxed) as f64 / 1000.0)
     }
 
+    fn target_frames(&self) -> Option<u64> {
+        Some(self.stats.target_frames.load(Ordering::Relaxed))
+    }
+
+    fn latency_cuts(&self) -> (u64, u64) {
+        (self.stats.latency_cuts.load(Ordering::Relaxed), self.stats.cut_frames.load(Ordering::Relaxed))
+    }
+
     fn clock_ppm(&self) -> Option<f64> {
         self.stats.clock_ppm()
     }
@@ -319,6 +337,7 @@ fn run(
     rx: pw::channel::Receiver<Command>,
     ready: crossbeam_channel::Sender<Result<(), String>>,
     user_volume: Arc<Mutex<Option<Volume>>>,
+    max_streams: usize,
 ) {
     pw::init();
     let setup = || -> Result<_, String> {
@@ -380,6 +399,7 @@ fn run(
         move |cmd| match cmd {
             Command::Open { key, name, props, format, rt, reply } => {
                 let (shared, stats) = (rt.shared.clone(), rt.core.stats().clone());
+                evict_drains(&mut streams.borrow_mut(), max_streams.saturating_sub(1));
                 let result = match connection.borrow().as_ref() {
                     Some(c) => {
                         let volume = Rc::new(RefCell::new(Volume {
@@ -421,6 +441,16 @@ fn run(
     let _ = ready.send(Ok(()));
     main_loop.run();
     streams.borrow_mut().clear();
+}
+
+/// Cuts the drains of the streams that closed longest ago until at most `keep` streams
+/// are left (or none is draining).
+fn evict_drains(streams: &mut BTreeMap<u64, Live>, keep: usize) {
+    while streams.len() > keep {
+        let oldest = streams.iter().filter_map(|(k, l)| Some((l.closing_since?, *k))).min();
+        let Some((_, key)) = oldest else { return };
+        streams.remove(&key);
+    }
 }
 
 /// A connection to the host's PipeWire and the listener that notices its loss.
@@ -534,7 +564,9 @@ fn open_stream(
             let Some(bytes) = data.data() else { return };
             let max_frames = bytes.len() / stride;
             let frames = if requested > 0 { requested.min(max_frames) } else { max_frames.min(1024) };
-            if let Some(ratio) = d.core.cycle(time.as_ref().map(|t| t.ticks()), &mut bytes[..frames * stride]) {
+            let clock =
+                time.as_ref().map(|t| OutputClock { ticks: t.ticks(), now_ns: u64::try_from(t.now()).unwrap_or(0) });
+            if let Some(ratio) = d.core.cycle(clock, &mut bytes[..frames * stride]) {
                 let rate_match = d.shared.rate_match.load(Ordering::Acquire);
                 // SAFETY: PipeWire keeps the area it passed to io_changed valid until it
                 // passes another (or null), and only this callback writes it.

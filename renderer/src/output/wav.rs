@@ -4,10 +4,26 @@
 //! streams as 32-bit float. The header is rewritten with the true sizes once a second
 //! and when the stream closes, so a file is valid at the latest when its stream closes
 //! or `melange-host` gets SIGINT/SIGTERM, and nearly complete even after a SIGKILL.
+//!
+//! What a guest can do to the directory is bounded:
+//! - A file is only ever created, never opened again: exclusively (`O_EXCL`), never
+//!   through a symlink, so an earlier recording (another run's, another stream's) is
+//!   never truncated or overwritten. Names are `s<SESSION>-stream<ID>[.<PART>]-<APP>.wav`,
+//!   and the session numbers of a run start after the highest one already in the
+//!   directory, so they stay unique across restarts; a name taken all the same (two
+//!   hosts in one directory) gets `~2`, `~3`, ... before `.wav`.
+//! - Each stream is written at most in real time: its receiver drops audio beyond it
+//!   ([`melange_shim::receive`]).
+//! - All streams together write at most `--wav-max-bytes` in one run; when that is
+//!   reached the files are finished as they are, one line says so, and further audio
+//!   is discarded.
 
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use melange_transport::message::Volume;
@@ -15,19 +31,71 @@ use melange_transport::message::Volume;
 use super::{Output, OutputError, StreamDesc, StreamSink};
 
 const HEADER_REFRESH: Duration = Duration::from_secs(1);
+/// Default of `--wav-max-bytes`: 1 GiB, 46 minutes of one stereo Opus stream (stored
+/// as float) or 3 hours of stereo PCM.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+/// Attempts at a free name (`~2`, `~3`, ...) before giving up on a stream's file.
+const NAME_ATTEMPTS: u32 = 100;
+
+/// What all the files of one run may hold together.
+#[derive(Debug)]
+struct Budget {
+    max_bytes: u64,
+    written: AtomicU64,
+    /// Set once the cap is reached (and said).
+    reached: AtomicBool,
+}
+
+impl Budget {
+    /// Takes `n` bytes; false once the cap is reached.
+    fn take(&self, n: u64) -> bool {
+        if self.reached.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.written.load(Ordering::Relaxed) + n > self.max_bytes {
+            if !self.reached.swap(true, Ordering::Relaxed) {
+                log::error!(
+                    "melange-host: the WAV files of this run reached --wav-max-bytes ({} bytes): they are finished as \
+                     they are and further audio is discarded; raise the limit or restart melange-host",
+                    self.max_bytes
+                );
+            }
+            return false;
+        }
+        self.written.fetch_add(n, Ordering::Relaxed);
+        true
+    }
+}
 
 /// Writes streams into a directory.
 #[derive(Debug)]
 pub struct WavOutput {
     dir: PathBuf,
+    /// The highest session number in the directory's names when this run started.
+    session_base: u64,
+    budget: Arc<Budget>,
 }
 
 impl WavOutput {
-    /// Creates `dir` if needed.
-    pub fn new(dir: &Path) -> Result<Self, OutputError> {
-        std::fs::create_dir_all(dir).map_err(|source| OutputError::Io { path: dir.into(), source })?;
-        Ok(Self { dir: dir.into() })
+    /// Creates `dir` if needed; all files of this run hold at most `max_bytes`.
+    pub fn new(dir: &Path, max_bytes: u64) -> Result<Self, OutputError> {
+        let io = |source| OutputError::Io { path: dir.into(), source };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let session_base = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|e| session_of(&e.ok()?.file_name().to_string_lossy()))
+            .max()
+            .unwrap_or(0);
+        let budget = Budget { max_bytes, written: AtomicU64::new(0), reached: AtomicBool::new(false) };
+        Ok(Self { dir: dir.into(), session_base, budget: Arc::new(budget) })
     }
+}
+
+/// The session number of a file name this output makes (`s12-stream3-app.wav`: 12).
+fn session_of(name: &str) -> Option<u64> {
+    let rest = name.strip_prefix('s')?;
+    let (n, rest) = rest.split_once('-')?;
+    (rest.starts_with("stream") && name.ends_with(".wav")).then(|| n.parse().ok())?
 }
 
 impl Output for WavOutput {
@@ -41,13 +109,29 @@ impl Output for WavOutput {
             .take(40)
             .collect();
         let part = if desc.part > 1 { format!(".{}", desc.part) } else { String::new() };
-        let path = self.dir.join(format!("s{}-stream{}{part}-{app}.wav", desc.session, desc.stream));
-        let writer = WavWriter::create(&path, desc.format.rate, desc.format.channels, desc.from_s16)?;
-        Ok(Box::new(writer))
+        let stem = format!("s{}-stream{}{part}-{app}", self.session_base + desc.session, desc.stream);
+        let mut last = None;
+        for attempt in 1..=NAME_ATTEMPTS {
+            let name = if attempt == 1 { format!("{stem}.wav") } else { format!("{stem}~{attempt}.wav") };
+            match WavWriter::create_new(&self.dir.join(name), desc.format.rate, desc.format.channels, desc.from_s16) {
+                Err(OutputError::Io { source, path }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                    last = Some(OutputError::Io { source, path });
+                }
+                Ok(mut writer) => {
+                    writer.budget = Some(self.budget.clone());
+                    return Ok(Box::new(writer));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| OutputError::Io {
+            path: self.dir.join(format!("{stem}.wav")),
+            source: std::io::ErrorKind::AlreadyExists.into(),
+        }))
     }
 
     fn describe(&self) -> String {
-        format!("WAV files in {}", self.dir.display())
+        format!("WAV files in {} (at most {} bytes)", self.dir.display(), self.budget.max_bytes)
     }
 }
 
@@ -65,13 +149,23 @@ pub struct WavWriter {
     /// The guest's volume per channel (muted: 0).
     gains: Vec<f32>,
     closed: bool,
+    /// The run's budget, where there is one; and whether writing failed (said once).
+    budget: Option<Arc<Budget>>,
+    failed: bool,
 }
 
 impl WavWriter {
-    /// Creates the file and writes a provisional header.
-    pub fn create(path: &Path, rate: u32, channels: u8, s16: bool) -> Result<Self, OutputError> {
+    /// Creates a new file (never one that exists, never through a symlink) and writes a
+    /// provisional header.
+    pub fn create_new(path: &Path, rate: u32, channels: u8, s16: bool) -> Result<Self, OutputError> {
         let io = |source| OutputError::Io { path: path.into(), source };
-        let file = File::create(path).map_err(io)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o640)
+            .open(path)
+            .map_err(io)?;
         let mut w = Self {
             path: path.into(),
             file: BufWriter::with_capacity(64 * 1024, file),
@@ -83,6 +177,8 @@ impl WavWriter {
             scratch: Vec::new(),
             gains: vec![1.0; usize::from(channels)],
             closed: false,
+            budget: None,
+            failed: false,
         };
         w.write_header().map_err(io)?;
         Ok(w)
@@ -120,6 +216,10 @@ impl WavWriter {
     }
 
     fn append(&mut self, samples: &[f32]) -> std::io::Result<()> {
+        let bytes = samples.len() as u64 * if self.s16 { 2 } else { 4 };
+        if self.budget.as_ref().is_some_and(|b| !b.take(bytes)) {
+            return Ok(());
+        }
         self.scratch.clear();
         let gains = self.gains.iter().copied().cycle();
         let scaled = samples.iter().zip(gains).map(|(v, g)| if g == 1.0 { *v } else { v * g });
@@ -142,8 +242,16 @@ impl WavWriter {
 
 impl StreamSink for WavWriter {
     fn write(&mut self, samples: &[f32]) {
+        if self.failed {
+            return;
+        }
         if let Err(e) = self.append(samples) {
-            log::error!("{}: write failed: {e}", self.path.display());
+            // A full disk fails every write from here on: say it once.
+            log::error!(
+                "melange-host: {}: write failed: {e}; the rest of this stream is not written",
+                self.path.display()
+            );
+            self.failed = true;
         }
     }
 
@@ -191,7 +299,8 @@ mod tests {
     #[test]
     fn writes_a_valid_s16_file() {
         let path = std::env::temp_dir().join(format!("melange-wav-test-{}.wav", std::process::id()));
-        let mut w = WavWriter::create(&path, 48000, 2, true).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mut w = WavWriter::create_new(&path, 48000, 2, true).unwrap();
         w.write(&[0.5, -0.5, 0.25, -1.0]);
         w.close().unwrap();
         let bytes = std::fs::read(&path).unwrap();
@@ -201,5 +310,83 @@ mod tests {
         let samples: Vec<i16> = bytes[44..].chunks(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect();
         assert_eq!(samples, [16384, -16384, 8192, -32768]);
         std::fs::remove_file(path).unwrap();
+    }
+
+    fn desc(session: u64, stream: u32, app: &str) -> StreamDesc {
+        use melange_transport::message::{AppInfo, AudioFormat, Codec, MediaKind, StreamOpen};
+        let format = AudioFormat { rate: 48_000, channels: 1, positions: vec![2] };
+        StreamDesc {
+            stream,
+            session,
+            open: StreamOpen {
+                media: MediaKind::Audio(format.clone()),
+                codec: Codec::PcmS16Le,
+                frame_samples: 480,
+                app: AppInfo { name: app.into(), ..Default::default() },
+            },
+            format,
+            from_s16: true,
+            latency_frames: 960,
+            latency_auto: false,
+            quantum: 128,
+            part: 1,
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("melange-wav-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_restarted_host_never_truncates_or_follows_what_is_there() {
+        let dir = scratch("restart");
+        // An earlier run's recording, and a symlink planted where a new name could go.
+        std::fs::write(dir.join("s1-stream1-app.wav"), b"earlier recording").unwrap();
+        std::fs::write(dir.join("victim"), b"not ours").unwrap();
+        std::os::unix::fs::symlink(dir.join("victim"), dir.join("s2-stream1-app.wav")).unwrap();
+        let mut out = WavOutput::new(&dir, DEFAULT_MAX_BYTES).unwrap();
+        let mut sink = out.open(&desc(1, 1, "app")).unwrap();
+        sink.write(&[0.5; 480]);
+        sink.close().unwrap();
+        assert_eq!(sink.describe(), dir.join("s3-stream1-app.wav").display().to_string());
+        assert_eq!(std::fs::read(dir.join("s1-stream1-app.wav")).unwrap(), b"earlier recording");
+        assert_eq!(std::fs::read(dir.join("victim")).unwrap(), b"not ours");
+        // A name taken all the same (another host in the directory, a link planted
+        // there) gets a suffix; nothing is written through the link.
+        std::fs::write(dir.join("s4-stream2-app.wav"), b"other host").unwrap();
+        let sink = out.open(&desc(2, 2, "app")).unwrap();
+        assert_eq!(sink.describe(), dir.join("s4-stream2-app~2.wav").display().to_string());
+        assert_eq!(std::fs::read(dir.join("s4-stream2-app.wav")).unwrap(), b"other host");
+        std::os::unix::fs::symlink(dir.join("victim"), dir.join("s4-stream3-app.wav")).unwrap();
+        let sink = out.open(&desc(2, 3, "app")).unwrap();
+        assert_eq!(sink.describe(), dir.join("s4-stream3-app~2.wav").display().to_string());
+        assert_eq!(std::fs::read(dir.join("victim")).unwrap(), b"not ours");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn all_files_together_stop_at_the_cap() {
+        let dir = scratch("cap");
+        let mut out = WavOutput::new(&dir, 10_000).unwrap();
+        let mut a = out.open(&desc(1, 1, "a")).unwrap();
+        let mut b = out.open(&desc(1, 2, "b")).unwrap();
+        for _ in 0..10 {
+            a.write(&[0.25; 480]);
+            b.write(&[0.25; 480]);
+        }
+        a.close().unwrap();
+        b.close().unwrap();
+        let sizes: u64 = ["s1-stream1-a.wav", "s1-stream2-b.wav"]
+            .iter()
+            .map(|n| std::fs::metadata(dir.join(n)).unwrap().len() - 44)
+            .sum();
+        assert!((10_000 - 960..=10_000).contains(&sizes), "{sizes} bytes of audio");
+        // Each file is whole: its header says what it holds.
+        let bytes = std::fs::read(dir.join("s1-stream1-a.wav")).unwrap();
+        assert_eq!(u64::from(u32::from_le_bytes(bytes[40..44].try_into().unwrap())), bytes.len() as u64 - 44);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

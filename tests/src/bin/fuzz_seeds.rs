@@ -143,7 +143,7 @@ fn run(root: &Path) -> std::io::Result<usize> {
     }
     // Jitter buffer: the (buffered, wanted) trace of bursty arrival into a 30 ms target.
     let mut trace = vec![22u8]; // 22 * 64 + 1 frames ~ 30 ms
-    let mut p = Playout::new(22 * 64 + 1);
+    let mut p = Playout::new(22 * 64 + 1, 4800);
     let mut buffered = 0usize;
     for cycle in 0..400 {
         if cycle % 4 == 0 {
