@@ -92,18 +92,57 @@ struct MicRt {
     rate_match: Arc<AtomicPtr<spa::sys::spa_io_rate_match>>,
 }
 
-/// An app playback stream seen in the registry.
+/// A node seen in the registry that may be an app: every node but our sinks and
+/// microphone. Which ones are apps is decided by what feeds the sinks ([`reconcile`]).
 struct AppNode {
     serial: String,
+    /// Whether it has a `media.class`: WirePlumber links a tap to such a node when the
+    /// tap names it as its target; to one without (a JACK client, `client.api = jack`)
+    /// the module links the tap itself ([`ManualLinks`]).
+    has_class: bool,
     info: Option<AppInfo>,
     _proxy: pw::node::Node,
     _listener: pw::node::NodeListener,
+}
+
+/// A port seen in the registry.
+struct PortInfo {
+    node: u32,
+    output: bool,
+    /// `audio.channel` (FL, FR, ...), or `port.name` where it has none.
+    channel: String,
+}
+
+/// A link seen in the registry: its nodes, and its ports where the registry says them.
+#[derive(Clone, Copy)]
+struct LinkInfo {
+    out_node: u32,
+    in_node: u32,
+    out_port: Option<u32>,
+    in_port: Option<u32>,
+}
+
+/// The links the module made for a tap whose app WirePlumber cannot link it to: each
+/// of the app's links into our sinks mirrored onto the tap's input port of the same
+/// channel.
+#[derive(Default)]
+struct ManualLinks {
+    /// The tap's own node, once the registry shows it.
+    node: Option<u32>,
+    /// (app's output port, tap's input port) made, and their proxies: dropping a proxy
+    /// destroys its link.
+    made: BTreeSet<(u32, u32)>,
+    proxies: Vec<pw::link::Link>,
 }
 
 /// One tap: a passive capture stream on one app's output. The link's I/O thread
 /// encodes what it captures.
 struct Tap {
     stream_id: u32,
+    /// The tap's `node.name`, `melange.tap.<app's object.serial>`.
+    node_name: String,
+    /// `Some` when the module links the tap itself (see [`AppNode::has_class`]).
+    manual: Option<ManualLinks>,
     // Declared before `stream`: the listener (and its TapWriter) must go first.
     listener: Option<pw::stream::StreamListener<TapWriter>>,
     stream: pw::stream::StreamBox<'static>,
@@ -213,8 +252,8 @@ struct State {
     standby_proxy: Option<pw::node::Node>,
     synced: bool,
     apps: BTreeMap<u32, AppNode>,
-    /// Link id -> (output node, input node).
-    links: BTreeMap<u32, (u32, u32)>,
+    links: BTreeMap<u32, LinkInfo>,
+    ports: BTreeMap<u32, PortInfo>,
     /// Every `Audio/Sink` node, ours or not.
     sinks: BTreeSet<u32>,
     taps: BTreeMap<u32, Tap>,
@@ -303,6 +342,7 @@ impl Guest {
             synced: false,
             apps: BTreeMap::new(),
             links: BTreeMap::new(),
+            ports: BTreeMap::new(),
             sinks: BTreeSet::new(),
             taps: BTreeMap::new(),
             unlinked_since: BTreeMap::new(),
@@ -472,6 +512,7 @@ fn on_global(
     global: &pw::registry::GlobalObject<&DictRef>,
 ) {
     let props = global.props;
+    let num = |k| dict_get(props, k).and_then(|v| v.parse::<u32>().ok());
     match global.type_ {
         ObjectType::Node => {
             let class = dict_get(props, "media.class").unwrap_or("");
@@ -480,9 +521,18 @@ fn on_global(
             if class == "Audio/Sink" {
                 s.sinks.insert(global.id);
             }
+            if let Some(tap) = s.taps.values_mut().find(|t| t.node_name == name) {
+                if let Some(manual) = &mut tap.manual {
+                    manual.node = Some(global.id);
+                }
+                drop(s);
+                reconcile(state);
+                return;
+            }
             if class == "Audio/Source" && name == s.config.mic_name() {
                 log::info!("melange: microphone {name} is node {}", global.id);
                 s.mic_id = Some(global.id);
+                return;
             }
             if class == "Audio/Sink" && (name == s.config.sink_name || name == s.config.standby_name()) {
                 if name == s.config.sink_name {
@@ -494,49 +544,62 @@ fn on_global(
                 }
                 drop(s);
                 reconcile(state);
-            } else if class == "Stream/Output/Audio" {
-                let Ok(proxy) = registry.bind::<pw::node::Node, _>(global) else { return };
-                let id = global.id;
-                let weak: Weak<RefCell<State>> = Rc::downgrade(state);
-                let listener = proxy
-                    .add_listener_local()
-                    .info(move |info| {
-                        let Some(state) = weak.upgrade() else { return };
-                        // Later info events carry an empty dict when props did not change.
-                        let props = info.props().filter(|p| p.iter().next().is_some());
-                        if props.is_none() {
-                            return;
-                        }
-                        let app = AppInfo {
-                            name: dict_get(props, "application.name")
-                                .or_else(|| dict_get(props, "node.name"))
-                                .unwrap_or("unknown")
-                                .to_string(),
-                            role: dict_get(props, "media.role").unwrap_or("").to_string(),
-                            binary: dict_get(props, "application.process.binary").unwrap_or("").to_string(),
-                            icon_name: dict_get(props, "application.icon-name").unwrap_or("").to_string(),
-                            media_name: dict_get(props, "media.name").unwrap_or("").to_string(),
-                        };
-                        let known = {
-                            let mut s = state.borrow_mut();
-                            let Some(node) = s.apps.get_mut(&id) else { return };
-                            let known = node.info.is_some();
-                            node.info = Some(app);
-                            known
-                        };
-                        if !known {
-                            reconcile(&state);
-                        }
-                    })
-                    .register();
-                let serial = dict_get(props, "object.serial").unwrap_or("").to_string();
-                s.apps.insert(id, AppNode { serial, info: None, _proxy: proxy, _listener: listener });
+                return;
             }
+            // Any other node may feed our sinks: an app of any API (PipeWire, Pulse,
+            // ALSA, JACK), a loopback, another sink's monitor. Its full properties come
+            // with its info.
+            let Ok(proxy) = registry.bind::<pw::node::Node, _>(global) else { return };
+            let id = global.id;
+            let weak: Weak<RefCell<State>> = Rc::downgrade(state);
+            let listener = proxy
+                .add_listener_local()
+                .info(move |info| {
+                    let Some(state) = weak.upgrade() else { return };
+                    // Later info events carry an empty dict when props did not change.
+                    let props = info.props().filter(|p| p.iter().next().is_some());
+                    if props.is_none() {
+                        return;
+                    }
+                    let app = AppInfo {
+                        name: dict_get(props, "application.name")
+                            .or_else(|| dict_get(props, "node.description"))
+                            .or_else(|| dict_get(props, "node.name"))
+                            .unwrap_or("unknown")
+                            .to_string(),
+                        role: dict_get(props, "media.role").unwrap_or("").to_string(),
+                        binary: dict_get(props, "application.process.binary").unwrap_or("").to_string(),
+                        icon_name: dict_get(props, "application.icon-name").unwrap_or("").to_string(),
+                        media_name: dict_get(props, "media.name").unwrap_or("").to_string(),
+                    };
+                    let known = {
+                        let mut s = state.borrow_mut();
+                        let Some(node) = s.apps.get_mut(&id) else { return };
+                        let known = node.info.is_some();
+                        node.info = Some(app);
+                        known
+                    };
+                    if !known {
+                        reconcile(&state);
+                    }
+                })
+                .register();
+            let serial = dict_get(props, "object.serial").unwrap_or("").to_string();
+            let has_class = !class.is_empty();
+            s.apps.insert(id, AppNode { serial, has_class, info: None, _proxy: proxy, _listener: listener });
+        }
+        ObjectType::Port => {
+            let Some(node) = num("node.id") else { return };
+            let output = dict_get(props, "port.direction") == Some("out");
+            let channel = dict_get(props, "audio.channel").or_else(|| dict_get(props, "port.name")).unwrap_or("");
+            state.borrow_mut().ports.insert(global.id, PortInfo { node, output, channel: channel.to_string() });
+            reconcile(state);
         }
         ObjectType::Link => {
-            let num = |k| dict_get(props, k).and_then(|v| v.parse::<u32>().ok());
-            if let (Some(out), Some(inp)) = (num("link.output.node"), num("link.input.node")) {
-                state.borrow_mut().links.insert(global.id, (out, inp));
+            if let (Some(out_node), Some(in_node)) = (num("link.output.node"), num("link.input.node")) {
+                let link =
+                    LinkInfo { out_node, in_node, out_port: num("link.output.port"), in_port: num("link.input.port") };
+                state.borrow_mut().links.insert(global.id, link);
                 reconcile(state);
             }
         }
@@ -564,8 +627,9 @@ fn on_global_remove(state: &Rc<RefCell<State>>, id: u32) {
         // Drop the tap outside the borrow: its Drop joins the encoder thread.
         let tap = s.taps.remove(&id);
         let app = s.apps.remove(&id);
-        let link = s.links.remove(&id);
-        (tap, app, link)
+        s.links.remove(&id);
+        s.ports.remove(&id);
+        (tap, app)
     };
     drop(removed);
     reconcile(state);
@@ -776,20 +840,27 @@ fn create_sink(s: &State, name: &str, description: &str, kind: SinkKind) -> Opti
     }
 }
 
-/// Opens taps for app streams linked to either sink and closes the taps of apps
-/// linked to another sink, or to none for longer than [`MOVE_GRACE`].
+/// Opens taps for the apps linked to either sink and closes the taps of apps linked
+/// to another sink, or to none for longer than [`MOVE_GRACE`]. An app is any node with
+/// an output port linked into one of our sinks that is not ours, whatever its API or
+/// `media.class`: what feeds the sink is what the user would hear.
 fn reconcile(state: &Rc<RefCell<State>>) {
     let mut stale = Vec::new();
     {
         let mut s = state.borrow_mut();
         let ours = [s.sink_id, s.standby_id];
-        let linked: BTreeSet<u32> =
-            s.links.values().filter(|(_, inp)| ours.contains(&Some(*inp))).map(|(out, _)| *out).collect();
+        let own = |id: u32| ours.contains(&Some(id)) || s.mic_id == Some(id);
+        let linked: BTreeSet<u32> = s
+            .links
+            .values()
+            .filter(|l| ours.contains(&Some(l.in_node)) && !own(l.out_node))
+            .map(|l| l.out_node)
+            .collect();
         let elsewhere: BTreeSet<u32> = s
             .links
             .values()
-            .filter(|(_, inp)| s.sinks.contains(inp) && !ours.contains(&Some(*inp)))
-            .map(|(out, _)| *out)
+            .filter(|l| s.sinks.contains(&l.in_node) && !ours.contains(&Some(l.in_node)))
+            .map(|l| l.out_node)
             .collect();
         let now = std::time::Instant::now();
         let tapped: Vec<u32> = s.taps.keys().copied().filter(|id| !linked.contains(id)).collect();
@@ -803,7 +874,7 @@ fn reconcile(state: &Rc<RefCell<State>>) {
             }
         }
         s.unlinked_since.retain(|id, _| !linked.contains(id));
-        let recording = s.mic_id.is_some_and(|mic| s.links.values().any(|(out, _)| *out == mic));
+        let recording = s.mic_id.is_some_and(|mic| s.links.values().any(|l| l.out_node == mic));
         if recording != s.mic_wanted {
             s.mic_wanted = recording;
             s.link.want_mic(recording);
@@ -814,19 +885,58 @@ fn reconcile(state: &Rc<RefCell<State>>) {
             }
             let Some(app) = s.apps.get(&id) else { continue };
             let Some(info) = app.info.clone() else { continue };
-            let serial = app.serial.clone();
-            match open_tap(&s, id, &serial, info) {
+            let (serial, manual) = (app.serial.clone(), !app.has_class);
+            match open_tap(&s, id, &serial, info, manual) {
                 Ok(tap) => {
                     s.taps.insert(id, tap);
                 }
                 Err(e) => log::error!("melange: cannot tap app node {id}: {e}"),
             }
         }
+        link_manual_taps(&mut s);
     }
     drop(stale);
 }
 
-fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, String> {
+/// Links each tap that WirePlumber cannot link ([`ManualLinks`]) as its app feeds our
+/// sinks: every link from one of the app's output ports into a sink's input port of
+/// channel C gets a twin from that output port into the tap's input port of channel C.
+fn link_manual_taps(s: &mut State) {
+    let ours = [s.sink_id, s.standby_id];
+    let mut wanted = Vec::new();
+    for (app, tap) in &s.taps {
+        let Some(tap_node) = tap.manual.as_ref().and_then(|m| m.node) else { continue };
+        for link in s.links.values().filter(|l| l.out_node == *app && ours.contains(&Some(l.in_node))) {
+            let (Some(out_port), Some(in_port)) = (link.out_port, link.in_port) else { continue };
+            let Some(channel) = s.ports.get(&in_port).map(|p| p.channel.as_str()) else { continue };
+            let tap_port = s.ports.iter().find(|(_, p)| p.node == tap_node && !p.output && p.channel == channel);
+            if let Some((tap_port, _)) = tap_port {
+                wanted.push((*app, tap_node, out_port, *tap_port));
+            }
+        }
+    }
+    for (app, tap_node, out_port, tap_port) in wanted {
+        let Some(manual) = s.taps.get_mut(&app).and_then(|t| t.manual.as_mut()) else { continue };
+        if !manual.made.insert((out_port, tap_port)) {
+            continue;
+        }
+        let props = properties! {
+            "link.output.node" => app.to_string().as_str(),
+            "link.output.port" => out_port.to_string().as_str(),
+            "link.input.node" => tap_node.to_string().as_str(),
+            "link.input.port" => tap_port.to_string().as_str(),
+            "object.linger" => "false",
+        };
+        match s.core.create_object::<pw::link::Link>("link-factory", &props) {
+            Ok(proxy) => manual.proxies.push(proxy),
+            Err(e) => log::error!("melange: cannot link port {out_port} of node {app} to its tap: {e}"),
+        }
+    }
+}
+
+/// Opens a tap on `app_id`: WirePlumber links it to the app (`target.object`), or,
+/// with `manual`, the module does ([`link_manual_taps`]).
+fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo, manual: bool) -> Result<Tap, String> {
     let codec = s.config.codec.clone();
     let sample = input_format(&codec);
     let format = AudioFormat { rate: TAP_RATE, channels: POSITIONS.len() as u8, positions: POSITIONS.to_vec() };
@@ -845,18 +955,19 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
         encoder,
     );
     log::info!(
-        "melange: tapping \"{name}\" (node {app_id}, serial {serial}) as stream {stream_id}, {} at {} Hz",
+        "melange: tapping \"{name}\" (node {app_id}, serial {serial}) as stream {stream_id}, {} at {} Hz{}",
         codec.name(),
-        TAP_RATE
+        TAP_RATE,
+        if manual { ", linked by the module (the node has no media.class)" } else { "" }
     );
 
-    let props = properties! {
+    let node_name = format!("melange.tap.{serial}");
+    let mut props = properties! {
         "media.type" => "Audio",
         "media.category" => "Capture",
-        "node.name" => format!("melange.tap.{serial}").as_str(),
+        "node.name" => node_name.as_str(),
         "node.description" => format!("Melange tap: {name}").as_str(),
         "application.name" => "Melange",
-        "target.object" => serial,
         // The guest graph's quantum while this app is redirected: part of the latency.
         "node.latency" => format!("{}/{TAP_RATE}", s.config.tap_quantum).as_str(),
         // Not passive: the tap is what lets an app on the (passive) redirect sink run.
@@ -868,6 +979,9 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
         "node.dont-fallback" => "true",
         "stream.capture.sink" => "false",
     };
+    if !manual {
+        props.insert("target.object", serial);
+    }
     let stream = pw::stream::StreamBox::new(s.core, &format!("melange-tap-{stream_id}"), props)
         .map_err(|e| format!("cannot create the tap stream: {e}"))?;
     let listener = stream
@@ -877,10 +991,12 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo) -> Result<Tap, S
         .map_err(|e| format!("cannot listen on the tap stream: {e}"))?;
 
     let pod = format_pod(sample, &POSITIONS)?;
-    melange_pw::connect(&stream, spa::utils::Direction::Input, &pod, true)
+    melange_pw::connect(&stream, spa::utils::Direction::Input, &pod, !manual)
         .map_err(|e| format!("cannot connect the tap stream: {e}"))?;
     Ok(Tap {
         stream_id,
+        node_name,
+        manual: manual.then(ManualLinks::default),
         listener: Some(listener),
         stream,
         link: s.link.clone(),

@@ -166,6 +166,36 @@ fn pcm_is_bit_exact_from_pipewire_pulse_and_alsa_apps() {
     }
 }
 
+/// A JACK app (`jack_simple_client` under `pw-jack`: 240 Hz left, 720 Hz right at 0.2)
+/// links its own ports to the default sink, and its node has no `media.class`: it is
+/// redirected all the same, as an app, each channel to its place, at its level.
+#[test]
+fn a_jack_app_is_redirected_like_any_other() {
+    let _serial = serial();
+    let mut rig = Rig::new("jack-app", GuestCodec::Pcm);
+    let mut app = rig.pw.command("pw-jack");
+    app.arg("jack_simple_client");
+    let mut app = Proc::spawn(app, rig.file("jack.log"));
+    let opened = wait_until(Duration::from_secs(10), || rig.host.log_text().contains("stream 1 opened").then_some(()));
+    assert!(opened.is_some(), "the JACK app was not redirected:\n{}\n{}", rig.guest.log_text(), app.log_text());
+    std::thread::sleep(Duration::from_secs(3));
+    app.stop();
+    let outputs = rig.outputs(1);
+    rig.stop();
+    let (name, out) = &outputs[0];
+    assert!(name.contains("jack_simple_client"), "the stream is named {name:?}");
+    for (channel, freq) in [(0, 240.0), (1, 720.0)] {
+        let x = out.channel(channel);
+        let body = audio::middle(audio::active(&x, 0.01), 0.8);
+        assert!(body.len() >= 2 * 48000, "{channel}: only {} samples of tone", body.len());
+        let f = audio::median_frequency(body, out.rate);
+        assert!((f - freq).abs() < 1.0, "channel {channel}: {f} Hz for {freq}");
+        let level = audio::rms_db(body);
+        let want = 20.0 * (0.2f64 / 2f64.sqrt()).log10();
+        assert!((level - want).abs() < 0.5, "channel {channel}: {level:.2} dBFS for {want:.2}");
+    }
+}
+
 /// Checks that `got` is `original`, bit for bit and in order, in step with the guest's
 /// graph clock. A busy machine may make the guest graph skip a cycle: the tap then puts
 /// in a cycle of silence, where the app's audio either goes on after it (the app was
