@@ -315,22 +315,29 @@ impl Redirected {
     /// Starts both sessions, melange-host and the guest module, and waits until the
     /// guest is connected.
     pub fn start(dir: &Path, codec: GuestCodec) -> Redirected {
-        Self::start_with(dir, codec, false).0
+        Self::start_with(dir, codec, false, &[]).0
+    }
+
+    /// As [`Redirected::start`], with more `melange-host` arguments (`--stats`, say).
+    pub fn start_with_host_args(dir: &Path, codec: GuestCodec, host_args: &[&str]) -> Redirected {
+        Self::start_with(dir, codec, false, host_args).0
     }
 
     /// As [`Redirected::start`], with the port running through a [`Relay`].
     pub fn start_relayed(dir: &Path, codec: GuestCodec) -> (Redirected, Relay) {
-        let (rig, relay) = Self::start_with(dir, codec, true);
+        let (rig, relay) = Self::start_with(dir, codec, true, &[]);
         (rig, relay.unwrap_or_else(|| unreachable!("asked for a relay")))
     }
 
-    fn start_with(dir: &Path, codec: GuestCodec, relayed: bool) -> (Redirected, Option<Relay>) {
+    fn start_with(dir: &Path, codec: GuestCodec, relayed: bool, host_args: &[&str]) -> (Redirected, Option<Relay>) {
         let host_pw = PipeWire::start(&dir.join("host"));
         host_pw.add_null_sink("speakers");
         let port = dir.join("port.sock");
         let host_port = if relayed { dir.join("host.sock") } else { port.clone() };
         let listen = format!("unix:{}", host_port.display());
-        let mut host = start_host(&["--listen", &listen, "--output", "pipewire"], Some(&host_pw), dir);
+        let args: Vec<&str> =
+            ["--listen", &listen, "--output", "pipewire"].into_iter().chain(host_args.iter().copied()).collect();
+        let mut host = start_host(&args, Some(&host_pw), dir);
         host.wait_for_log("waiting for a guest", Duration::from_secs(10));
         let relay = relayed.then(|| Relay::start(&port, host_port));
         let guest_pw = PipeWire::start(&dir.join("guest"));
@@ -422,6 +429,27 @@ fn copy_through(
         }
     }
     let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// Sends `signal` to `pid` (a child of the test, or one of its children).
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory preconditions; the pid is the test's own process.
+    unsafe { libc::kill(pid as i32, signal) };
+}
+
+/// The `--stats` lines of stream `stream` in a log, in order, as key-value maps.
+pub fn stats_lines(log: &Path, stream: u32) -> Vec<std::collections::BTreeMap<String, String>> {
+    let tag = format!(" stream={stream} ");
+    lines(log)
+        .iter()
+        .filter(|l| l.starts_with("stats ") && l.contains(&tag))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+                .collect()
+        })
+        .collect()
 }
 
 /// True when this process runs as root (CI does); melange-host then needs `--allow-root`.

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use melange_transport::frame::{encode_frame, FrameKind};
 use melange_transport::message::{
-    codec_bits, encode_control, AppInfo, AudioFormat, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamEnd,
-    StreamOpen,
+    codec_bits, encode_control, AppInfo, AudioFormat, Capabilities, CaptureDemand, CaptureDevice, Codec, MediaKind,
+    MediaPacket, Role, StreamEnd, StreamOpen, Volume,
 };
 use melange_transport::session::{Event, Session, SessionConfig};
 
@@ -26,11 +26,16 @@ pub struct ScriptedGuest {
 impl ScriptedGuest {
     /// Connects and completes the handshake.
     pub fn connect(path: &Path) -> ScriptedGuest {
+        Self::connect_as(path, "scripted guest")
+    }
+
+    /// Connects and completes the handshake, calling itself `software`.
+    pub fn connect_as(path: &Path, software: &str) -> ScriptedGuest {
         let sock = UnixStream::connect(path).expect("connect to melange-host");
         sock.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
         sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
         let caps = Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: 64 };
-        let session = Session::new(SessionConfig::new(Role::Guest, "scripted guest", caps), Instant::now());
+        let session = Session::new(SessionConfig::new(Role::Guest, software, caps), Instant::now());
         let mut g = ScriptedGuest { sock, session };
         let hello = g.session.pending_output().to_vec();
         g.session.consume_output(hello.len());
@@ -56,11 +61,20 @@ impl ScriptedGuest {
         self.raw(&out);
     }
 
-    /// Opens an audio stream (mono gets position MONO, stereo FL/FR).
+    /// Opens an audio stream (mono gets position MONO, stereo FL/FR, more channels
+    /// FL, FR, FC, LFE, ...).
     pub fn open(&mut self, stream: u32, rate: u32, channels: u8, codec: Codec, frame_samples: u32, name: &str) {
-        let positions = if channels == 2 { vec![3, 4] } else { vec![2] };
+        let positions = match channels {
+            1 => vec![2],
+            n => (3..3 + u32::from(n)).collect(),
+        };
+        self.open_with(stream, AudioFormat { rate, channels, positions }, codec, frame_samples, name);
+    }
+
+    /// Opens an audio stream of any layout, sound or not.
+    pub fn open_with(&mut self, stream: u32, format: AudioFormat, codec: Codec, frame_samples: u32, name: &str) {
         let open = StreamOpen {
-            media: MediaKind::Audio(AudioFormat { rate, channels, positions }),
+            media: MediaKind::Audio(format),
             codec,
             frame_samples,
             app: AppInfo { name: name.into(), ..Default::default() },
@@ -72,6 +86,17 @@ impl ScriptedGuest {
     pub fn close(&mut self, stream: u32, reason: &str) {
         let end = StreamEnd { reason: reason.into() };
         self.frame(FrameKind::StreamClose, 0, stream, &encode_control("stream-close", &end).expect("encodes"));
+    }
+
+    /// Says the guest's output volume.
+    pub fn volume(&mut self, volume: &Volume) {
+        self.frame(FrameKind::Volume, 0, 0, &encode_control("volume", volume).expect("encodes"));
+    }
+
+    /// Says whether a guest app records from the microphone (10 ms packets).
+    pub fn demand_mic(&mut self, active: bool) {
+        let demand = CaptureDemand { device: CaptureDevice::Microphone, active, frame_us: 10_000 };
+        self.frame(FrameKind::CaptureDemand, 0, 0, &encode_control("capture-demand", &demand).expect("encodes"));
     }
 
     /// Sends one media packet.
