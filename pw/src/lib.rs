@@ -31,17 +31,27 @@ pub fn format_pod(format: spa::param::audio::AudioFormat, rate: u32, positions: 
 }
 
 /// The `process` callback of a capture stream: takes the buffer the graph filled and
-/// pushes its bytes into `writer`, stamped with the graph clock's time of this cycle.
-/// Real-time: reads the clock, copies, nothing else (no allocation, lock, log or
-/// syscall; a full ring drops and counts inside the writer).
+/// pushes its bytes into `writer`, stamped with the graph clock's time of this cycle
+/// and its position. Real-time: reads the clock, copies, nothing else (no allocation,
+/// lock, log or syscall; a full ring drops and counts inside the writer).
 pub fn capture_into(stream: &pw::stream::Stream, writer: &mut TapWriter) {
-    let pts = stream.time().map_or(0, |t| u64::try_from(t.now()).unwrap_or(0));
+    let (pts, position) = stream.time().map_or((0, 0), |t| {
+        let now = u64::try_from(t.now()).unwrap_or(0);
+        let r = t.rate();
+        // The position in ns of the graph's clock; its time where the rate is unknown.
+        let position = if r.denom > 0 {
+            (u128::from(t.ticks()) * 1_000_000_000 * u128::from(r.num) / u128::from(r.denom)) as u64
+        } else {
+            now
+        };
+        (now, position)
+    });
     let Some(mut buffer) = stream.dequeue_buffer() else { return };
     let Some(data) = buffer.datas_mut().first_mut() else { return };
     let (offset, size) = (data.chunk().offset() as usize, data.chunk().size() as usize);
     if let Some(bytes) = data.data() {
         let end = offset.saturating_add(size).min(bytes.len());
-        writer.push(&bytes[offset.min(end)..end], pts);
+        writer.push(&bytes[offset.min(end)..end], pts, position);
     }
 }
 

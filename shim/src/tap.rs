@@ -5,6 +5,10 @@
 //! full the cycle is dropped whole (never a partial sample frame) and counted. A cycle
 //! the tap was not called for (a guest graph that overran) is filled with silence, so
 //! the bytes stay in step with the graph clock and every later packet keeps its time.
+//! A skipped cycle is told by the graph's position, which moves by exactly a cycle at
+//! each call that skipped none; not by the time the cycle started, which a wake-up late
+//! on a busy machine moves as well (the silence put in for those made a 1 kHz tone come
+//! out at 949 Hz after a restart under load).
 //! [`TapEncoder`] on the encoder thread cuts the bytes into codec frames, stamps each with
 //! its presentation time and encodes it into a [`MediaPacket`].
 
@@ -63,8 +67,9 @@ pub struct TapWriter {
     written: u64,
     frame_bytes: usize,
     ns_per_frame: f64,
-    /// Graph time the next cycle should start at (the last one's end); 0 before the first.
-    expected_pts_ns: u64,
+    /// Graph position (ns) the next cycle should start at (the last one's end); 0
+    /// before the first.
+    expected_position_ns: u64,
     stats: Arc<TapStats>,
 }
 
@@ -96,7 +101,7 @@ pub fn tap_ring(capacity_bytes: usize, frame_bytes: usize, rate: u32) -> (TapWri
             written: 0,
             frame_bytes: frame_bytes.max(1),
             ns_per_frame: 1e9 / f64::from(rate.max(1)),
-            expected_pts_ns: 0,
+            expected_position_ns: 0,
             stats: stats.clone(),
         },
         TapReader { data: data_rx, marks: marks_rx, read: 0, current: None, stats },
@@ -104,9 +109,10 @@ pub fn tap_ring(capacity_bytes: usize, frame_bytes: usize, rate: u32) -> (TapWri
 }
 
 impl TapWriter {
-    /// Copies one cycle of captured bytes stamped with the graph time of its first
-    /// sample. Real-time safe.
-    pub fn push(&mut self, bytes: &[u8], pts_ns: u64) {
+    /// Copies one cycle of captured bytes stamped with the time of its first sample
+    /// (`pw_time.now`), at the graph's position `position_ns` (`pw_time.ticks` in ns).
+    /// Real-time safe.
+    pub fn push(&mut self, bytes: &[u8], pts_ns: u64, position_ns: u64) {
         self.stats.cycles.fetch_add(1, Ordering::Relaxed);
         let whole = bytes.len() - bytes.len() % self.frame_bytes;
         if whole == 0 {
@@ -116,12 +122,12 @@ impl TapWriter {
         let cycle_ns = ((whole / self.frame_bytes) as f64 * self.ns_per_frame) as u64;
         self.stats.cycle_ns.store(cycle_ns, Ordering::Relaxed);
         self.stats.next_cycle_ns.store(pts_ns.saturating_add(cycle_ns), Ordering::Release);
-        let expected = std::mem::replace(&mut self.expected_pts_ns, pts_ns.saturating_add(cycle_ns));
-        let gap_ns = pts_ns.saturating_sub(expected);
+        let expected = std::mem::replace(&mut self.expected_position_ns, position_ns.saturating_add(cycle_ns));
+        let gap_ns = position_ns.saturating_sub(expected);
         if expected > 0 && gap_ns * 2 >= cycle_ns && gap_ns <= MAX_GAP_NS {
             let frames = (gap_ns as f64 / self.ns_per_frame).round() as u64;
             self.stats.gap_frames.fetch_add(frames, Ordering::Relaxed);
-            self.write(frames as usize * self.frame_bytes, expected, std::iter::repeat(0));
+            self.write(frames as usize * self.frame_bytes, pts_ns.saturating_sub(gap_ns), std::iter::repeat(0));
         }
         self.write(whole, pts_ns, bytes[..whole].iter().copied());
     }
@@ -367,7 +373,11 @@ mod tests {
         for c in 0..15u32 {
             let bytes: Vec<u8> = (0..256 * 4).map(|i| ((c * 1024 + i) % 251) as u8).collect();
             expected.extend_from_slice(&bytes);
-            w.push(&bytes, 1_000_000_000 + (f64::from(c) * cycle_ns) as u64);
+            w.push(
+                &bytes,
+                1_000_000_000 + (f64::from(c) * cycle_ns) as u64,
+                1_000_000_000 + (f64::from(c) * cycle_ns) as u64,
+            );
         }
         let mut got = Vec::new();
         let mut packets = Vec::new();
@@ -393,7 +403,7 @@ mod tests {
         let at = |c: u32| 1_000_000_000 + (f64::from(c) * cycle_ns) as u64;
         // Cycles 0..8 but for cycle 3; and a paused graph: cycle 1000 comes next.
         for c in (0..8).filter(|c| *c != 3).chain([1000, 1001]) {
-            w.push(&[(c % 200) as u8 + 1; 256 * 4], at(c));
+            w.push(&[(c % 200) as u8 + 1; 256 * 4], at(c), at(c));
         }
         assert_eq!(w.stats().gap_frames.load(Ordering::Relaxed), 256);
         let mut got = Vec::new();
@@ -412,19 +422,40 @@ mod tests {
     }
 
     #[test]
+    fn a_late_wake_up_is_no_skipped_cycle() {
+        let (mut w, r) = tap_ring(64 * 1024, 4, 48_000);
+        let mut enc = TapEncoder::new(r, &fmt(), &Codec::PcmS16Le, 480, Application::Audio).unwrap();
+        let cycle_ns = 256.0 * 1e9 / 48000.0;
+        let at = |c: u32| 1_000_000_000 + (f64::from(c) * cycle_ns) as u64;
+        // Every fourth cycle wakes 0.8 of a cycle late; the graph's position is regular.
+        for c in 0..40u32 {
+            let late = if c % 4 == 1 { (0.8 * cycle_ns) as u64 } else { 0 };
+            w.push(&[c as u8 + 1; 256 * 4], at(c) + late, at(c));
+        }
+        assert_eq!(w.stats().gap_frames.load(Ordering::Relaxed), 0);
+        let mut got = Vec::new();
+        while let Some(p) = enc.next_packet() {
+            got.extend_from_slice(&p.unwrap().data);
+        }
+        // 10 240 frames: 21 whole packets of 480, not one frame of silence among them.
+        assert_eq!(got.len(), 21 * 480 * 4);
+        assert!(got.chunks(1024).enumerate().all(|(c, x)| x.iter().all(|b| *b == c as u8 + 1)));
+    }
+
+    #[test]
     fn skipped_frames_are_not_encoded_and_later_packets_keep_their_time() {
         let (mut w, r) = tap_ring(64 * 1024, 4, 48_000);
         let mut enc = TapEncoder::new(r, &fmt(), &Codec::PcmS16Le, 480, Application::Audio).unwrap();
         let cycle_ns = 256.0 * 1e9 / 48000.0;
         let at = |c: u32| 1_000_000_000 + (f64::from(c) * cycle_ns) as u64;
         for c in 0..10 {
-            w.push(&[c as u8 + 1; 256 * 4], at(c));
+            w.push(&[c as u8 + 1; 256 * 4], at(c), at(c));
         }
         // 2560 frames: five whole packets go, 160 frames wait for the next.
         assert_eq!(enc.skip_waiting(), 5);
         assert_eq!(enc.skip_waiting(), 0);
         for c in 10..12 {
-            w.push(&[c as u8 + 1; 256 * 4], at(c));
+            w.push(&[c as u8 + 1; 256 * 4], at(c), at(c));
         }
         let p = enc.next_packet().expect("a whole frame").unwrap();
         assert_eq!(p.seq, 5);
@@ -438,10 +469,10 @@ mod tests {
     #[test]
     fn a_full_ring_drops_whole_cycles_and_counts_them() {
         let (mut w, r) = tap_ring(4096, 4, 48_000);
-        w.push(&[1u8; 4000], 0);
-        w.push(&[2u8; 400], 1);
+        w.push(&[1u8; 4000], 0, 0);
+        w.push(&[2u8; 400], 1, 1);
         assert_eq!(w.stats().overflow_bytes.load(Ordering::Relaxed), 400);
-        w.push(&[3u8; 7], 2); // a partial frame is cut to whole frames
+        w.push(&[3u8; 7], 2, 2); // a partial frame is cut to whole frames
         assert_eq!(r.available(), 4004);
     }
 
@@ -451,7 +482,7 @@ mod tests {
         let (mut w, r) = tap_ring(64 * 1024, 4, 48_000);
         let mut enc = TapEncoder::new(r, &fmt(), &Codec::PcmS16Le, 480, Application::Audio).unwrap();
         let bytes: Vec<u8> = (0..700 * 4).map(|i| (i % 251) as u8 | 1).collect();
-        w.push(&bytes, 1_000_000_000);
+        w.push(&bytes, 1_000_000_000, 1_000_000_000);
         let first = enc.next_packet().unwrap().unwrap();
         assert!(enc.next_packet().is_none(), "a partial frame waits while the tap lives");
         drop(w);
@@ -468,7 +499,7 @@ mod tests {
         let opus = Codec::Opus { bitrate: 64_000 };
         let mut enc = TapEncoder::new(r, &fmt(), &opus, 480, Application::RestrictedLowDelay).unwrap();
         assert!(enc.delay() > 0);
-        w.push(&[0u8; 480 * 8], 0);
+        w.push(&[0u8; 480 * 8], 0, 0);
         drop(w);
         assert!(enc.next_packet().unwrap().is_ok());
         assert!(enc.next_packet().unwrap().is_ok(), "the lookahead is flushed");
@@ -499,13 +530,13 @@ mod tests {
         // No cycle yet: poll every half frame.
         assert_eq!(enc.wake_at(1_000), 1_000 + half_frame);
         let cycle = (256.0 * 1e9 / 48_000.0) as u64;
-        w.push(&[0u8; 256 * 4], 10_000_000);
+        w.push(&[0u8; 256 * 4], 10_000_000, 10_000_000);
         // 224 frames missing: the next cycle brings them.
         assert_eq!(enc.wake_at(10_100_000), 10_000_000 + cycle + WAKE_MARGIN_NS);
         // Late: retry soon; long stopped: back to polling.
         assert_eq!(enc.wake_at(10_000_000 + cycle + 600_000), 10_000_000 + cycle + 600_000 + WAKE_RETRY_NS);
         assert_eq!(enc.wake_at(60_000_000), 60_000_000 + half_frame);
-        w.push(&[0u8; 256 * 4], 10_000_000 + cycle);
+        w.push(&[0u8; 256 * 4], 10_000_000 + cycle, 10_000_000 + cycle);
         assert_eq!(enc.wake_at(16_000_000), 16_000_000);
     }
 }
