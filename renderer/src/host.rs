@@ -151,12 +151,13 @@ struct SinkTotals {
     overflows: u64,
     cuts: u64,
     cut_frames: u64,
+    outages: u64,
 }
 
 impl SinkTotals {
     fn of(sink: &dyn StreamSink) -> Self {
         let (cuts, cut_frames) = sink.latency_cuts();
-        Self { underruns: sink.underruns(), overflows: sink.overflows(), cuts, cut_frames }
+        Self { underruns: sink.underruns(), overflows: sink.overflows(), cuts, cut_frames, outages: sink.outages() }
     }
 
     fn plus(self, o: Self) -> Self {
@@ -165,6 +166,7 @@ impl SinkTotals {
             overflows: self.overflows + o.overflows,
             cuts: self.cuts + o.cuts,
             cut_frames: self.cut_frames + o.cut_frames,
+            outages: self.outages + o.outages,
         }
     }
 }
@@ -731,6 +733,7 @@ impl Host {
                 "concealed_ms": counts.concealed_frames as f64 * 1000.0 / rate,
                 "underruns": totals.underruns,
                 "latency_cuts": totals.cuts,
+                "outages": totals.outages,
                 "cut_ms": totals.cut_frames as f64 * 1000.0 / rate,
                 "drift_ppm": drift_ppm,
                 "output_clock_ppm": clock_ppm,
@@ -775,8 +778,8 @@ impl Host {
             let _ = writeln!(
                 out,
                 "stats session={} stream={id} app={:?} codec={} kbps={kbps:.1} latency_ms={} render_ms={} \
-                 fill_ms={} target_ms={} drift_ppm={} lost={} dropped={} bad={} over_budget={} cut_ms={:.0} \
-                 underruns={}",
+                 fill_ms={} target_ms={} drift_ppm={} lost={} dropped={} bad={} over_budget={} cuts={} cut_ms={:.0} \
+                 outages={} underruns={}",
                 s.desc.session,
                 s.desc.open.app.name,
                 s.desc.open.codec.name(),
@@ -789,7 +792,9 @@ impl Host {
                 s.dropped_packets,
                 counts.bad,
                 counts.over_budget,
+                totals.cuts,
                 totals.cut_frames as f64 * 1000.0 / rate,
+                totals.outages,
                 totals.underruns,
             );
         }

@@ -64,11 +64,18 @@ pub fn excess_margin_frames(rate: u32, packet_frames: u32) -> u32 {
     2 * packet_frames + rate / 100
 }
 
-/// After a backlog was cut, the fill is averaged over this long, and what it holds
-/// above the target beyond [`TRIM_FLOOR_MS`] is cut as well: where the first cut lands
-/// against the arrival pattern is a guess (it keeps a dip's worth too many, to be sure
-/// not to underrun); drift control would take seconds to drain the difference.
-const TRIM_WINDOW_MS: u32 = 100;
+/// After a backlog was cut, or an outage, the fill's lowest point is watched over
+/// windows this long, [`TRIM_WINDOWS`] of them, and at the end of each whatever kept it
+/// above where the fill normally dips to (the target less the deepest dip) by more than
+/// [`TRIM_FLOOR_MS`] is cut as well: a backlog often arrives in pieces, each under the
+/// margin (through an 8 KiB socket buffer, 40 ms of PCM at a time), and where the
+/// first cut lands against the arrival pattern is a guess; drift control would take
+/// seconds to drain what is left. The lowest point, not the mean, does not depend on
+/// where in the arrival pattern the window ends.
+const TRIM_WINDOW_MS: u32 = 250;
+/// See [`TRIM_WINDOW_MS`]: two seconds in all, as long as the outage's grace (an
+/// underrun in it primes again without raising the target).
+const TRIM_WINDOWS: u32 = 8;
 /// See [`TRIM_WINDOW_MS`].
 const TRIM_FLOOR_MS: u32 = 1;
 
@@ -94,6 +101,8 @@ pub struct RenderStats {
     pub latency_cuts: AtomicU64,
     /// See [`RenderStats::latency_cuts`].
     pub cut_frames: AtomicU64,
+    /// Outages: cycles that started over [`OUTAGE_MS`] after the one before.
+    pub outages: AtomicU64,
     /// Cycles run.
     pub cycles: AtomicU64,
     /// Frames in the ring at the start of each cycle, summed: with [`RenderStats::cycles`]
@@ -146,6 +155,17 @@ pub struct OutputClock {
     pub now_ns: u64,
 }
 
+/// Trimming what a backlog left over the target, after a cut or an outage
+/// ([`TRIM_WINDOW_MS`]).
+#[derive(Debug, Clone, Copy)]
+struct Trim {
+    /// The lowest fill in the current window, and its cycles left.
+    min: usize,
+    left: u32,
+    /// Windows left after the current one.
+    windows: u32,
+}
+
 /// The callback's half of a rendering stream. See the module docs.
 #[derive(Debug)]
 pub struct RenderCore {
@@ -155,9 +175,14 @@ pub struct RenderCore {
     drift: DriftController,
     config: RenderConfig,
     stats: Arc<RenderStats>,
-    /// After a cut: the fills summed over [`TRIM_WINDOW_MS`] so far, and the cycles
-    /// left in it.
-    trim: Option<(f64, u32)>,
+    /// After a cut or an outage: see [`Trim`].
+    trim: Option<Trim>,
+    /// The jitter underruns the set point was last learned after.
+    learned_jitter: u64,
+    /// Cycles left in the two seconds after an outage, in which an underrun is part
+    /// of the outage (arrivals after a stall are irregular), not jitter to make room
+    /// for.
+    outage_grace: u32,
     /// Whether a backlog is cut: not before drift control first settled, nor after a
     /// restart until then, so that what queued while the output started is played
     /// (and drained by drift control), not cut from the start of a sound; from an
@@ -186,6 +211,8 @@ impl RenderCore {
             stats: Arc::new(RenderStats::default()),
             trim: None,
             cuts_armed: false,
+            outage_grace: 0,
+            learned_jitter: 0,
             last_cycle_ns: None,
         }
     }
@@ -225,14 +252,20 @@ impl RenderCore {
             self.playout = Playout::new(self.config.latency_frames, Playout::outage_frames(self.config.rate));
             self.drift = Self::drift_for(&self.config);
             self.cuts_armed = false;
+            self.learned_jitter = 0;
         }
         self.cuts_armed |= self.drift.settled() || self.playout.underruns() > 0;
         let mut buffered = self.consumer.slots() / channels;
         if let Some(now_ns) = clock.map(|c| c.now_ns) {
             let outage = self.last_cycle_ns.is_some_and(|last| now_ns.saturating_sub(last) > OUTAGE_NS);
             self.last_cycle_ns = Some(now_ns);
+            if outage {
+                self.stats.outages.fetch_add(1, Ordering::Relaxed);
+            }
             if outage && self.playout.is_playing() {
                 self.cuts_armed = true;
+                self.outage_grace = self.trim_cycles() * TRIM_WINDOWS;
+                self.arm_trim(self.drift.settled());
                 // What is buffered is cut back to the target below, oldest first.
                 self.playout.outage(self.reference().0 as usize);
                 self.missed = MissedCycles::default();
@@ -245,13 +278,11 @@ impl RenderCore {
             buffered -= self.cut(cut);
         }
         if missed > 0 && self.playout.is_playing() {
-            // The output ran a cycle without us (its graph overran): the audio due then
-            // is still here, above the target, so skip it rather than play everything a
-            // cycle later. What is not above the target never came (this whole process
-            // was stopped, input and all): nothing to skip.
-            let above = buffered.saturating_sub(self.reference().0 as usize);
-            let skip = ((missed as f64 * self.drift.ratio()).round() as usize).min(above);
-            buffered -= self.skip(skip.min(buffered.saturating_sub(frames)));
+            // The output ran a cycle without us (its graph overran): that audio was due,
+            // so skip it rather than play everything a cycle later. (When this whole
+            // process was stopped, input and all, the outage above started afresh.)
+            let skip = ((missed as f64 * self.drift.ratio()).round() as usize).min(buffered.saturating_sub(frames));
+            buffered -= self.skip(skip);
         }
         self.stats.fill_sum_frames.fetch_add(buffered as u64, Ordering::Relaxed);
         let mut ratio = None;
@@ -262,14 +293,20 @@ impl RenderCore {
             buffered.min(frames)
         } else {
             let (underruns, was_playing) = (self.playout.underruns(), self.playout.is_playing());
-            let take = self.playout.plan(buffered, frames);
+            let (take, jitter) = (self.playout.plan(buffered, frames), self.playout.jitter_underruns());
             if self.playout.underruns() != underruns {
                 self.stats.underruns.fetch_add(1, Ordering::Relaxed);
+                if self.outage_grace > 0 {
+                    self.playout.outage(self.reference().0 as usize);
+                }
             }
-            if !was_playing && self.playout.is_playing() && self.playout.underruns() > 0 {
-                // Primed again after an underrun: learn the set point afresh, with the
-                // margin the jitter so far asks for (outages ask for none).
-                self.drift.relearn(self.config.margin(self.playout.jitter_underruns()));
+            self.outage_grace = self.outage_grace.saturating_sub(1);
+            if !was_playing && self.playout.is_playing() && jitter > self.learned_jitter {
+                // Primed again after jitter: learn the set point afresh, with the margin
+                // the jitter so far asks for. (An outage leaves the set point as it was:
+                // the clocks and the arrival pattern did not change.)
+                self.learned_jitter = jitter;
+                self.drift.relearn(self.config.margin(jitter));
             }
             if self.playout.is_playing() {
                 ratio = Some(self.drift.update(buffered as f64));
@@ -298,9 +335,9 @@ impl RenderCore {
     /// Frames of backlog to cut now, oldest first. Once the fill passes the target by
     /// [`excess_margin_frames`] and the deepest dip of the arrival pattern: all above
     /// the target plus that dip (what the fill normally holds just after packets
-    /// land); then, over [`TRIM_WINDOW_MS`], what still keeps the mean fill above the
-    /// target. The target is drift control's set point once learned, the playout's
-    /// (priming) target before.
+    /// land); then, over [`TRIM_WINDOW_MS`], what still keeps the lowest fill above
+    /// where it normally dips to. The target is drift control's set point once
+    /// learned, the playout's (priming) target before.
     fn excess(&mut self, buffered: usize) -> usize {
         if !self.cuts_armed {
             return 0;
@@ -308,26 +345,39 @@ impl RenderCore {
         let margin = f64::from(excess_margin_frames(self.config.rate, self.config.packet_frames));
         let (target, dip, settled) = self.reference();
         if buffered as f64 > target + margin + dip {
-            self.trim = settled.then_some((0.0, self.trim_cycles()));
+            self.arm_trim(settled);
             return (buffered as f64 - target - dip).max(0.0) as usize;
         }
-        let Some((sum, left)) = &mut self.trim else { return 0 };
-        *sum += buffered as f64;
-        *left = left.saturating_sub(1);
-        if *left > 0 {
+        let cycles = self.trim_cycles();
+        let Some(trim) = &mut self.trim else { return 0 };
+        trim.min = trim.min.min(buffered);
+        trim.left = trim.left.saturating_sub(1);
+        if trim.left > 0 {
             return 0;
         }
-        let mean = *sum / f64::from(self.trim_cycles());
-        self.trim = None;
-        if !self.playout.is_playing() {
+        let min = trim.min;
+        if trim.windows == 0 {
+            self.trim = None;
+        } else {
+            *trim = Trim { min: usize::MAX, left: cycles, windows: trim.windows - 1 };
+        }
+        if !self.playout.is_playing() || !settled {
             return 0;
         }
-        let over = mean - target;
+        // Half a dip above where the fill normally dips to: arrivals after a stall are
+        // more irregular than before it, and an underrun then would glitch again.
+        let over = min as f64 - (target - dip / 2.0).max(0.0);
         if over > f64::from(self.config.rate * TRIM_FLOOR_MS / 1000) {
             over as usize
         } else {
             0
         }
+    }
+
+    /// Trims what a backlog leaves for the next second, where drift control has a set
+    /// point to trim to.
+    fn arm_trim(&mut self, settled: bool) {
+        self.trim = settled.then(|| Trim { min: usize::MAX, left: self.trim_cycles(), windows: TRIM_WINDOWS - 1 });
     }
 
     /// Output cycles in [`TRIM_WINDOW_MS`] (at least one).

