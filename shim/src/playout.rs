@@ -9,9 +9,10 @@
 //! could not be filled), up to four times the configured target. Guest audio arrives in bursts (a
 //! guest graph cycle of 1024 frames is two or three 10 ms packets at once), and a target
 //! below burst size plus scheduling jitter would underrun again after every re-prime.
-//! An underrun whose silence outlasts [`OUTAGE_MS`] was no jitter but an outage (the
-//! sender, the port or this process stalled): the target goes back to where it was,
-//! and the underrun does not count as jitter ([`Playout::jitter_underruns`]).
+//! An underrun whose silence outlasts [`OUTAGE_MS`] (and the two cycles priming takes
+//! at most) was no jitter but an outage (the sender, the port or this process stalled):
+//! the target goes back to where it was, and the underrun does not count as jitter
+//! ([`Playout::jitter_underruns`]).
 //! Drift control, which holds the fill at the target, is a later layer.
 //!
 //! [`MissedCycles`] notices output cycles the graph ran without the callback (a host
@@ -71,7 +72,9 @@ impl Playout {
             if buffered < self.prime_at.unwrap_or(self.target) {
                 if let Some((silence, before)) = &mut self.starved {
                     *silence = silence.saturating_add(wanted);
-                    if *silence > self.outage_frames {
+                    // Priming itself takes up to two cycles: with cycles of 2048 frames
+                    // those alone pass 100 ms.
+                    if *silence > self.outage_frames.saturating_add(2 * wanted) {
                         self.target = *before;
                         self.jitter_underruns -= 1;
                         self.starved = None;
@@ -304,13 +307,25 @@ mod tests {
         assert_eq!(p.plan(0, 256), 0);
         assert_eq!(p.plan(2160, 256), 256);
         assert_eq!((p.target(), p.jitter_underruns()), (2160, 1));
-        // An outage: silent past 4800 frames; the target is what it was before it.
+        // An outage: silent past 4800 frames and two cycles; the target is what it was.
         assert_eq!(p.plan(10, 256), 10);
-        for _ in 0..19 {
+        for _ in 0..21 {
             assert_eq!(p.plan(0, 256), 0);
         }
         assert_eq!((p.target(), p.underruns(), p.jitter_underruns()), (2160, 2, 1));
         assert_eq!(p.plan(2160, 256), 256);
+    }
+
+    #[test]
+    fn priming_through_long_cycles_is_no_outage() {
+        // The host's graph went to 2048-frame cycles: an underrun, then two cycles of
+        // silence while 2048 frames a cycle arrive. Jitter, not an outage.
+        let mut p = Playout::new(752, 4800);
+        assert_eq!(p.plan(800, 128), 128);
+        assert_eq!(p.plan(700, 2048), 700);
+        assert_eq!(p.plan(2048, 2048), 0);
+        assert_eq!(p.plan(4096, 2048), 2048);
+        assert_eq!((p.target(), p.jitter_underruns()), (2800, 1), "the target grew for the long cycles");
     }
 
     #[test]

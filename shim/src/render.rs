@@ -78,6 +78,21 @@ const TRIM_WINDOW_MS: u32 = 250;
 const TRIM_WINDOWS: u32 = 8;
 /// See [`TRIM_WINDOW_MS`].
 const TRIM_FLOOR_MS: u32 = 1;
+/// Most a stream's output may find queued when it starts before that is a backlog
+/// (a stream announced during a stall) rather than what came while it was opening
+/// (measured: up to 60 ms).
+const STARTUP_BACKLOG_MS: u32 = 100;
+
+/// The frames a stream's ring must hold: the largest target the playout may grow to
+/// (4 x `latency_frames`), the backlog the render core lets stand before it cuts
+/// ([`excess_margin_frames`] plus the deepest dip drift control remembers, 20 ms),
+/// and two packets landing at once. 133 ms for 10 ms packets at the automatic target.
+pub fn ring_frames(latency_frames: usize, packet_frames: u32, rate: u32) -> usize {
+    4 * latency_frames
+        + excess_margin_frames(rate, packet_frames) as usize
+        + (rate / 50) as usize
+        + 2 * packet_frames as usize
+}
 
 impl RenderConfig {
     fn margin(&self, underruns: u64) -> Option<u32> {
@@ -242,9 +257,10 @@ impl RenderCore {
     /// low.
     ///
     /// A cycle that starts over [`OUTAGE_MS`] after the last one follows an outage:
-    /// this process (or the output) did not run. The buffer primes again to the fill
-    /// it held, the outage counted as no jitter, and what waited meanwhile beyond that
-    /// is cut, oldest first.
+    /// this process (or the output) did not run. What the buffer holds then is that
+    /// old and is dropped (a stream's backlog, or what a virtual source held when it
+    /// was last used); the buffer primes again to the fill it held, the outage counted
+    /// as no jitter.
     pub fn cycle(&mut self, clock: Option<OutputClock>, out: &mut [u8]) -> Option<f64> {
         let channels = self.config.channels;
         let frames = out.len() / (4 * channels);
@@ -253,28 +269,30 @@ impl RenderCore {
             self.drift = Self::drift_for(&self.config);
             self.cuts_armed = false;
             self.learned_jitter = 0;
+            self.last_cycle_ns = None;
         }
         self.cuts_armed |= self.drift.settled() || self.playout.underruns() > 0;
         let mut buffered = self.consumer.slots() / channels;
+        let draining = self.stats.draining.load(Ordering::Relaxed);
         if let Some(now_ns) = clock.map(|c| c.now_ns) {
-            let outage = self.last_cycle_ns.is_some_and(|last| now_ns.saturating_sub(last) > OUTAGE_NS);
+            // Longer than the outage and the last cycle itself: a cycle of 2048 frames
+            // or more is no outage.
+            let cycle_ns = frames as u64 * 1_000_000_000 / u64::from(self.config.rate.max(1));
+            let gap = self.last_cycle_ns.map_or(0, |last| now_ns.saturating_sub(last));
             self.last_cycle_ns = Some(now_ns);
-            if outage {
+            if gap > OUTAGE_NS + cycle_ns && !draining {
                 self.stats.outages.fetch_add(1, Ordering::Relaxed);
-            }
-            if outage && self.playout.is_playing() {
+                buffered -= self.cut(buffered);
                 self.cuts_armed = true;
                 self.outage_grace = self.trim_cycles() * TRIM_WINDOWS;
                 self.arm_trim(self.drift.settled());
-                // What is buffered is cut back to the target below, oldest first.
                 self.playout.outage(self.reference().0 as usize);
                 self.missed = MissedCycles::default();
             }
         }
         let missed = clock.map_or(0, |c| self.missed.observe(c.ticks));
-        let draining = self.stats.draining.load(Ordering::Relaxed);
         if !draining {
-            let cut = self.excess(buffered).min(buffered.saturating_sub(frames));
+            let cut = self.excess(buffered, frames).min(buffered.saturating_sub(frames));
             buffered -= self.cut(cut);
         }
         if missed > 0 && self.playout.is_playing() {
@@ -338,11 +356,18 @@ impl RenderCore {
     /// land); then, over [`TRIM_WINDOW_MS`], what still keeps the lowest fill above
     /// where it normally dips to. The target is drift control's set point once
     /// learned, the playout's (priming) target before.
-    fn excess(&mut self, buffered: usize) -> usize {
+    fn excess(&mut self, buffered: usize, frames: usize) -> usize {
+        // The cycle being played is in the fill too: with cycles longer than the margin
+        // (a host graph at 2048 frames), a fill that covers one is no backlog.
+        let margin = f64::from(excess_margin_frames(self.config.rate, self.config.packet_frames)) + frames as f64;
         if !self.cuts_armed {
-            return 0;
+            // What queued while the output started is kept (it is the start of a
+            // sound), unless it is more than that can be: a stream announced during a
+            // stall, with its backlog.
+            let target = self.playout.target() as f64;
+            let most = target + f64::from(self.config.rate * STARTUP_BACKLOG_MS / 1000);
+            return if buffered as f64 > most { (buffered as f64 - target - margin).max(0.0) as usize } else { 0 };
         }
-        let margin = f64::from(excess_margin_frames(self.config.rate, self.config.packet_frames));
         let (target, dip, settled) = self.reference();
         if buffered as f64 > target + margin + dip {
             self.arm_trim(settled);
@@ -374,8 +399,8 @@ impl RenderCore {
         }
     }
 
-    /// Trims what a backlog leaves for the next second, where drift control has a set
-    /// point to trim to.
+    /// Trims what a backlog leaves for the next [`TRIM_WINDOWS`], where drift control
+    /// has a set point to trim to.
     fn arm_trim(&mut self, settled: bool) {
         self.trim = settled.then(|| Trim { min: usize::MAX, left: self.trim_cycles(), windows: TRIM_WINDOWS - 1 });
     }
@@ -524,7 +549,7 @@ mod tests {
         };
         let (mut tx, mut core) = render_ring(config, rate as usize / 2);
         let t0 = Instant::now();
-        let mut pacer = Pacer::new(rate, t0);
+        let mut pacer = Pacer::new(rate, t0, crate::receive::PACE_BURST);
         let (cycle, guest_cycle) = (f64::from(quantum) / 48_000.0, 256.0 / 48_000.0);
         let (mut t, mut next_cycle, mut made, mut handed) = (0.0f64, 0.0f64, 0u64, 0.0f64);
         let mut queue = std::collections::VecDeque::new();
@@ -635,6 +660,33 @@ mod tests {
         }
         assert_eq!(core.stats().cut_frames.load(Ordering::Relaxed), 0);
         assert!(core.drift.catching_up() || core.drift.target() < 2880.0, "drift control drains it");
+    }
+
+    #[test]
+    fn long_cycles_are_no_outage_but_a_pause_is_and_drops_what_waited() {
+        let mut config = config();
+        config.quantum = 8192;
+        let (mut tx, mut core) = render_ring(config, 48_000);
+        let mut out = vec![0u8; 8192 * 4];
+        // Cycles of 170 ms: no outage, however long over 100 ms they are.
+        for c in 0..20u64 {
+            for v in 0..8192 {
+                tx.push(v as f32).unwrap();
+            }
+            core.cycle(at(c * 8192), &mut out);
+        }
+        assert_eq!(core.stats().outages.load(Ordering::Relaxed), 0);
+        // A virtual source nobody recorded from for 2 s: what it held then is that old.
+        for v in 0..1000 {
+            tx.push(v as f32).unwrap();
+        }
+        let held = core.consumer.slots();
+        assert!(held > 0);
+        let resumed = 20 * 8192 + 96_000;
+        core.cycle(at(resumed), &mut out);
+        assert_eq!(core.stats().outages.load(Ordering::Relaxed), 1);
+        assert_eq!(core.stats().cut_frames.load(Ordering::Relaxed), held as u64, "dropped, not played");
+        assert!(samples(&out).iter().all(|v| *v == 0.0));
     }
 
     #[test]

@@ -27,18 +27,6 @@ use rtrb::Producer;
 
 use super::{Output, OutputError, StreamDesc, StreamSink};
 
-/// Decoded audio a stream's ring holds: the largest target the playout may grow to
-/// (4 x the stream's target), the backlog the render core lets stand before cutting it,
-/// and two packets landing at once. With the automatic target and 10 ms packets that
-/// is 126 ms, so 64 streams of 8 channels hold 12 MiB at most; a fixed `--latency`
-/// grows it four times as fast.
-fn ring_frames(desc: &StreamDesc) -> usize {
-    let packet = desc.open.frame_samples as usize;
-    4 * desc.latency_frames
-        + melange_shim::render::excess_margin_frames(desc.format.rate, packet as u32) as usize
-        + 2 * packet
-}
-
 /// How often the PipeWire thread looks for streams that finished draining.
 const REAP_INTERVAL: Duration = Duration::from_millis(50);
 /// A draining stream is destroyed after this even if its callback never ran.
@@ -152,7 +140,10 @@ impl Output for PipeWireOutput {
             quantum: desc.quantum,
             packet_frames: desc.open.frame_samples,
         };
-        let (producer, core) = melange_shim::render::render_ring(config, ring_frames(desc));
+        // 133 ms for 10 ms packets at the automatic target: 64 streams of 8 channels
+        // hold 13 MiB at most; a fixed --latency grows it four times as fast.
+        let ring = melange_shim::render::ring_frames(desc.latency_frames, desc.open.frame_samples, desc.format.rate);
+        let (producer, core) = melange_shim::render::render_ring(config, ring);
         let stats = core.stats().clone();
         let shared = Arc::new(Shared::default());
         let key = self.next_key;
