@@ -82,9 +82,15 @@ impl GuestLog {
                 false
             }
             Some((last, suppressed)) => {
-                let more = std::mem::take(suppressed);
+                let more = *suppressed;
                 *last = now;
-                self.line(now, Level::Warn, format_args!("{kind}: {text} ({more} more since the last report)"))
+                let logged =
+                    self.line(now, Level::Warn, format_args!("{kind}: {text} ({more} more since the last report)"));
+                if let Some((_, suppressed)) = self.kinds.get_mut(kind) {
+                    // Counted on if the byte budget held this one back too.
+                    *suppressed = if logged { 0 } else { more + 1 };
+                }
+                logged
             }
             None => {
                 self.kinds.insert(kind, (now, 0));

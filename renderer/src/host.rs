@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use melange_shim::clock;
-use melange_shim::receive::{Dropped, Receiver};
+use melange_shim::receive::{BurstPool, Dropped, Receiver};
 use melange_transport::frame::HEADER_LEN;
 use melange_transport::message::{
     codec_bits, Capabilities, CaptureDemand, CaptureDevice, Codec, MediaKind, MediaPacket, Role, StreamOpen, Volume,
@@ -172,6 +172,21 @@ impl SinkTotals {
 }
 
 impl HostStream {
+    /// Says, once per stream, that it runs ahead of real time.
+    fn say_over_budget(&mut self, now: Instant, stream: u32, log: &mut GuestLog) {
+        if !std::mem::replace(&mut self.said_over_budget, true) {
+            log.line(
+                now,
+                Level::Warn,
+                format_args!(
+                    "stream {stream} (\"{}\") delivers audio faster than real time; what is beyond it is dropped \
+                     undecoded (counted as over_budget)",
+                    self.desc.open.app.name
+                ),
+            );
+        }
+    }
+
     /// Totals over the closed parts and the open one.
     fn totals(&self) -> SinkTotals {
         self.sink.as_deref().map_or(self.closed, |k| self.closed.plus(SinkTotals::of(k)))
@@ -213,6 +228,8 @@ pub struct Host {
     mic: Mic,
     /// The guest's output volume, applied to every stream (see [`Volume`]).
     volume: Volume,
+    /// The starting bursts of the guest's streams, across sessions (see [`BurstPool`]).
+    bursts: BurstPool,
 }
 
 impl std::fmt::Debug for Host {
@@ -246,6 +263,7 @@ impl Host {
                 said_none: false,
             },
             volume: Volume::unity(),
+            bursts: BurstPool::new(clock.0),
         }
     }
 
@@ -437,21 +455,17 @@ impl Host {
         out
     }
 
-    /// Processes session events; false once the session has closed. The media of one
-    /// stream that arrived together are received together ([`Host::on_media`]).
+    /// Processes session events; false once the session has closed. The media of each
+    /// stream that arrived together (up to the next control event) are received
+    /// together ([`Host::on_media`]), however the streams' packets interleave.
     fn handle_events(&mut self, now: Instant) -> bool {
-        let mut burst: Vec<MediaPacket> = Vec::new();
-        let mut burst_stream = 0;
+        let mut bursts: BTreeMap<u32, Vec<MediaPacket>> = BTreeMap::new();
         while let Some(event) = self.session.as_mut().and_then(Session::poll_event) {
             if let Event::Media { stream, packet } = event {
-                if stream != burst_stream {
-                    self.on_media(now, burst_stream, &mut burst);
-                    burst_stream = stream;
-                }
-                burst.push(packet);
+                bursts.entry(stream).or_default().push(packet);
                 continue;
             }
-            self.on_media(now, burst_stream, &mut burst);
+            self.on_bursts(now, &mut bursts);
             match event {
                 Event::Established(peer) => {
                     self.same_clock = !peer.clock_id.is_empty() && peer.clock_id == self.clock_id;
@@ -495,15 +509,22 @@ impl Host {
                 }
             }
         }
-        self.on_media(now, burst_stream, &mut burst);
+        self.on_bursts(now, &mut bursts);
         true
+    }
+
+    fn on_bursts(&mut self, now: Instant, bursts: &mut BTreeMap<u32, Vec<MediaPacket>>) {
+        for (stream, burst) in std::mem::take(bursts) {
+            self.on_media(now, stream, &burst);
+        }
     }
 
     fn open_stream(&mut self, now: Instant, stream: u32, open: StreamOpen) {
         // Guest strings arrive sanitized (the session does it for every peer string).
         let MediaKind::Audio(format) = open.media.clone();
-        let result = Receiver::new(&format, &open.codec, open.frame_samples, now).map_err(|e| e.to_string()).and_then(
-            |receiver| {
+        let result = Receiver::new(&format, &open.codec, open.frame_samples, now, &mut self.bursts)
+            .map_err(|e| e.to_string())
+            .and_then(|receiver| {
                 let desc = StreamDesc {
                     stream,
                     session: self.sessions,
@@ -521,8 +542,7 @@ impl Host {
                 let mut sink = self.output.open(&desc).map_err(|e| e.to_string())?;
                 sink.set_volume(&self.volume);
                 Ok((desc, receiver, sink))
-            },
-        );
+            });
         match result {
             Ok((desc, receiver, sink)) => {
                 let output = sink.describe();
@@ -567,18 +587,14 @@ impl Host {
         }
     }
 
-    /// Plays packets of `stream` that arrived together at `now` (and empties `burst`):
-    /// of those beyond the stream's real-time budget the oldest are dropped undecoded,
-    /// the rest played in order.
-    fn on_media(&mut self, now: Instant, stream: u32, burst: &mut Vec<MediaPacket>) {
-        if burst.is_empty() {
-            return;
-        }
+    /// Plays packets of `stream` that arrived together at `now`: of those beyond the
+    /// stream's real-time budget the oldest are dropped undecoded, the rest played in
+    /// order.
+    fn on_media(&mut self, now: Instant, stream: u32, burst: &[MediaPacket]) {
         let over = self.streams.get_mut(&stream).map_or(0, |s| s.receiver.over_budget_prefix(now, burst));
         for (i, packet) in burst.iter().enumerate() {
             self.on_packet(now, stream, packet, i < over);
         }
-        burst.clear();
     }
 
     /// Plays one packet, or drops it as `over_budget`.
@@ -589,17 +605,7 @@ impl Host {
         s.stats.wire_bytes += (HEADER_LEN + MEDIA_HEADER_LEN + packet.data.len()) as u64;
         if over_budget {
             s.receiver.drop_over_budget(packet);
-            if !std::mem::replace(&mut s.said_over_budget, true) {
-                self.log.line(
-                    now,
-                    Level::Warn,
-                    format_args!(
-                        "stream {stream} (\"{}\") delivers audio faster than real time; what is beyond it is \
-                         dropped undecoded (counted as over_budget)",
-                        s.desc.open.app.name
-                    ),
-                );
-            }
+            s.say_over_budget(now, stream, &mut self.log);
             return;
         }
         if s.sink.as_ref().is_some_and(|k| k.is_lost()) {
@@ -635,17 +641,7 @@ impl Host {
         match s.receiver.receive(now, packet, &mut s.scratch) {
             Ok(()) | Err(Dropped::Late) => {}
             Err(Dropped::OverBudget) => {
-                if !std::mem::replace(&mut s.said_over_budget, true) {
-                    self.log.line(
-                        now,
-                        Level::Warn,
-                        format_args!(
-                            "stream {stream} (\"{}\") delivers audio faster than real time; what is beyond it is \
-                             dropped undecoded (counted as over_budget)",
-                            s.desc.open.app.name
-                        ),
-                    );
-                }
+                s.say_over_budget(now, stream, &mut self.log);
                 return;
             }
             Err(e @ (Dropped::Bad(_) | Dropped::BadDuration(_))) => {
@@ -936,7 +932,7 @@ impl Host {
         }
         let release = self.mic.release_at;
         let earliest = |t: Instant| Some(release.map_or(t, |r| r.min(t)));
-        if self.mic.open.as_ref().is_some_and(|m| !m.announced) && !self.announce_mic(now) {
+        if self.mic.wanted && self.mic.open.as_ref().is_some_and(|m| !m.announced) && !self.announce_mic(now) {
             // Still opening: look again soon (the capture thread answers in some 40 ms).
             return if self.mic.open.is_some() { earliest(now + MIC_OPEN_POLL) } else { release };
         }

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use rtrb::Producer;
 
-use crate::receive::{ReceiveCounts, Receiver};
+use crate::receive::{BurstPool, ReceiveCounts, Receiver};
 use crate::render::RenderStats;
 use melange_transport::message::{CaptureDemand, CaptureDevice, MediaKind, MediaPacket, StreamOpen};
 
@@ -47,6 +47,8 @@ pub struct MicReceiver {
     feed: MicFeed,
     wanted: bool,
     stream: Option<(u32, Receiver)>,
+    /// The starting bursts of the host's streams (see [`BurstPool`]).
+    pool: Option<BurstPool>,
     scratch: Vec<f32>,
     /// Samples the ring had no room for.
     overflow_samples: u64,
@@ -55,7 +57,7 @@ pub struct MicReceiver {
 impl MicReceiver {
     /// Feeds `feed`; nothing is wanted until [`MicReceiver::set_wanted`].
     pub fn new(feed: MicFeed) -> Self {
-        Self { feed, wanted: false, stream: None, scratch: Vec::new(), overflow_samples: 0 }
+        Self { feed, wanted: false, stream: None, pool: None, scratch: Vec::new(), overflow_samples: 0 }
     }
 
     /// What to tell the host now.
@@ -83,7 +85,8 @@ impl MicReceiver {
                 format.channels, format.rate
             ));
         }
-        let receiver = Receiver::new(format, &open.codec, open.frame_samples, now).map_err(|e| e.to_string())?;
+        let pool = self.pool.get_or_insert_with(|| BurstPool::new(now));
+        let receiver = Receiver::new(format, &open.codec, open.frame_samples, now, pool).map_err(|e| e.to_string())?;
         self.stream = Some((stream, receiver));
         self.feed.stats.restart.store(true, Ordering::Relaxed);
         Ok(())
@@ -110,7 +113,9 @@ impl MicReceiver {
     }
 
     /// The host ended `stream`; true if it was the microphone. What is buffered plays
-    /// out, then the source is silent.
+    /// out while an app records, then the source is silent; what is left when none does
+    /// is dropped when the source runs again after its pause (an outage to its render
+    /// core).
     pub fn close(&mut self, stream: u32) -> bool {
         let ours = self.stream.as_ref().is_some_and(|(id, _)| *id == stream);
         if ours {

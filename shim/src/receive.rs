@@ -37,6 +37,13 @@ pub const MAX_CONCEAL_MS: u64 = 100;
 /// core beyond its target is cut there; this bounds what a hostile sender can make the
 /// receiver decode, buffer and write.
 pub const PACE_BURST: Duration = Duration::from_secs(1);
+/// What a new stream's budget holds at least: two 10 ms packets, so that the first
+/// packets, which arrive with the stream's announcement, play. The rest of its
+/// [`PACE_BURST`] comes from its session's [`BurstPool`].
+pub const MIN_START: Duration = Duration::from_millis(20);
+/// What a session's [`BurstPool`] holds at most, and gains a second.
+pub const POOL_BURST: Duration = Duration::from_secs(2);
+
 /// How much faster than the receiver's clock a stream may run: the sender's clock may
 /// be fast by a few hundred ppm and timers wake late; 2 % covers both with room, and
 /// refills a budget a stall emptied within a minute.
@@ -105,10 +112,12 @@ pub struct Pacer {
 }
 
 impl Pacer {
-    /// A budget for a stream of `rate` frames a second, from `now`.
-    pub fn new(rate: u32, now: Instant) -> Self {
+    /// A budget for a stream of `rate` frames a second, from `now`, holding `burst` of
+    /// audio to start with (at most [`PACE_BURST`]).
+    pub fn new(rate: u32, now: Instant, burst: Duration) -> Self {
         let capacity = f64::from(rate) * PACE_BURST.as_secs_f64();
-        Self { rate: f64::from(rate) * (1.0 + PACE_SLACK), capacity, tokens: capacity, last: now }
+        let tokens = (f64::from(rate) * burst.as_secs_f64()).min(capacity);
+        Self { rate: f64::from(rate) * (1.0 + PACE_SLACK), capacity, tokens, last: now }
     }
 
     /// Takes `frames` from the budget at `now`; false (and nothing taken) if it has
@@ -136,6 +145,35 @@ impl Pacer {
     }
 }
 
+/// Where the starting bursts of a session's streams come from: [`POOL_BURST`] at most,
+/// refilled at one second a second. A stream's own budget refills only as time passes
+/// while it lives, so without this a peer opening, filling and closing streams at the
+/// control limit (100 a second) would get a full burst each time: a hundred times real
+/// time. With it, all the streams of a session together get at most real time more.
+#[derive(Debug, Clone)]
+pub struct BurstPool {
+    seconds: f64,
+    last: Instant,
+}
+
+impl BurstPool {
+    /// A full pool at `now`.
+    pub fn new(now: Instant) -> Self {
+        Self { seconds: POOL_BURST.as_secs_f64(), last: now }
+    }
+
+    /// The starting burst for a stream opened at `now`: [`MIN_START`] and what the pool
+    /// can give towards [`PACE_BURST`].
+    pub fn take(&mut self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.seconds = (self.seconds + elapsed).min(POOL_BURST.as_secs_f64());
+        let give = self.seconds.min(PACE_BURST.saturating_sub(MIN_START).as_secs_f64());
+        self.seconds -= give;
+        MIN_START + Duration::from_secs_f64(give)
+    }
+}
+
 /// The receiving end of one audio stream. See the module docs.
 #[derive(Debug)]
 pub struct Receiver {
@@ -149,15 +187,23 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// A receiver for a stream the peer opened at `now`; validates the layout first.
-    pub fn new(format: &AudioFormat, codec: &Codec, frame_samples: u32, now: Instant) -> Result<Self, CodecError> {
+    /// A receiver for a stream the peer opened at `now`, its starting burst from
+    /// `pool`; validates the layout first.
+    pub fn new(
+        format: &AudioFormat,
+        codec: &Codec,
+        frame_samples: u32,
+        now: Instant,
+        pool: &mut BurstPool,
+    ) -> Result<Self, CodecError> {
+        let decoder = StreamDecoder::new(format, codec, frame_samples)?;
         Ok(Self {
-            decoder: StreamDecoder::new(format, codec, frame_samples)?,
+            decoder,
             rate: format.rate,
             channels: usize::from(format.channels),
             frame_samples,
             next_seq: None,
-            pacer: Pacer::new(format.rate, now),
+            pacer: Pacer::new(format.rate, now, pool.take(now)),
             counts: ReceiveCounts::default(),
         })
     }
@@ -306,7 +352,7 @@ mod tests {
     #[test]
     fn a_stream_at_real_time_loses_nothing_for_an_hour_even_from_a_fast_clock() {
         let t0 = Instant::now();
-        let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0).unwrap();
+        let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0, &mut BurstPool::new(t0)).unwrap();
         // 10 ms packets from a clock 500 ppm fast, for an hour, arriving in bursts of three.
         let packets = (0..360_000u32).map(|seq| {
             let sent_us = u64::from(seq) * 10_000 * 1_000_000 / 1_000_500;
@@ -319,7 +365,7 @@ mod tests {
     #[test]
     fn audio_beyond_real_time_is_dropped_before_decoding() {
         let t0 = Instant::now();
-        let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0).unwrap();
+        let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0, &mut BurstPool::new(t0)).unwrap();
         // 120 ms packets, one a millisecond, for 10 s: 1200 s of audio claimed.
         let packets = (0..10_000u32).map(|seq| (u64::from(seq), pcm(seq, 5760)));
         let frames = play(&mut rx, t0, packets) as f64;
@@ -334,7 +380,7 @@ mod tests {
     #[test]
     fn a_backlog_after_a_stall_keeps_at_most_the_burst() {
         let t0 = Instant::now();
-        let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0).unwrap();
+        let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0, &mut BurstPool::new(t0)).unwrap();
         // Real time for 1 s, then nothing for 2 s, then the 2 s backlog at once.
         let mut packets: Vec<(u64, MediaPacket)> = (0..100u32).map(|s| (u64::from(s) * 10, pcm(s, 480))).collect();
         packets.extend((100..300u32).map(|s| (3_000, pcm(s, 480))));
@@ -349,7 +395,7 @@ mod tests {
     #[test]
     fn of_a_backlog_beyond_the_budget_the_oldest_is_dropped_and_fresh_audio_plays_on() {
         let t0 = Instant::now();
-        let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0).unwrap();
+        let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0, &mut BurstPool::new(t0)).unwrap();
         // A stall of 3 s: the backlog arrives together, then fresh packets with jitter.
         let backlog: Vec<MediaPacket> = (0..300u32).map(|s| pcm(s, 480)).collect();
         let at = t0 + Duration::from_secs(3);
@@ -369,9 +415,29 @@ mod tests {
     }
 
     #[test]
+    fn streams_opened_and_closed_at_the_control_limit_share_one_burst() {
+        let t0 = Instant::now();
+        let mut pool = BurstPool::new(t0);
+        let mut frames = 0;
+        // 100 streams a second for 10 s, each sent as much as it may at once.
+        for i in 0..1000u32 {
+            let now = t0 + Duration::from_millis(u64::from(i) * 10);
+            let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, now, &mut pool).unwrap();
+            let mut out = Vec::new();
+            let flood: Vec<MediaPacket> = (0..200u32).map(|s| pcm(s, 480)).collect();
+            rx.receive_burst(now, &flood, &mut out);
+            frames += out.len();
+        }
+        let seconds = frames as f64 / 48_000.0;
+        let most = POOL_BURST.as_secs_f64() + 10.0 + 1000.0 * MIN_START.as_secs_f64();
+        assert!(seconds <= most, "{seconds:.1} s of audio in 10 s");
+        assert!(seconds < 40.0, "{seconds:.1} s of audio in 10 s: four times real time at most");
+    }
+
+    #[test]
     fn order_loss_and_concealment() {
         let t0 = Instant::now();
-        let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0).unwrap();
+        let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0, &mut BurstPool::new(t0)).unwrap();
         let mut out = Vec::new();
         let at = |ms| t0 + Duration::from_millis(ms);
         for seq in 0..5 {
@@ -390,7 +456,7 @@ mod tests {
         assert_eq!(rx.counts().lost, 2 + 992);
         assert_eq!(rx.counts().late, 1);
         // Wrapping sequence numbers are no gap.
-        let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0).unwrap();
+        let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0, &mut BurstPool::new(t0)).unwrap();
         assert_eq!(play(&mut rx, t0, [(0, pcm(u32::MAX, 480)), (10, pcm(0, 480))]), 960);
         assert_eq!(rx.counts().lost, 0);
     }
@@ -398,7 +464,7 @@ mod tests {
     #[test]
     fn concealment_never_exceeds_what_was_decoded() {
         let t0 = Instant::now();
-        let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0).unwrap();
+        let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0, &mut BurstPool::new(t0)).unwrap();
         // Every packet claims a gap of 9 before it: 90 ms to conceal for 10 ms decoded.
         let frames = play(&mut rx, t0, (0..100u32).map(|i| (u64::from(i) * 100, pcm(i * 10, 480))));
         assert!(rx.counts().concealed_frames <= rx.counts().decoded_frames);
@@ -410,7 +476,7 @@ mod tests {
         let t0 = Instant::now();
         let fmt = AudioFormat { rate: 48_000, channels: 2, positions: vec![3, 4] };
         let codec = Codec::Opus { bitrate: 64_000 };
-        let mut rx = Receiver::new(&fmt, &codec, 480, t0).unwrap();
+        let mut rx = Receiver::new(&fmt, &codec, 480, t0, &mut BurstPool::new(t0)).unwrap();
         let mut enc = FrameEncoder::new(&fmt, &codec, 480, Application::Audio).unwrap();
         let mut out = Vec::new();
         for seq in 0..3u32 {
