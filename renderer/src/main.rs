@@ -163,8 +163,8 @@ fn run(cli: Cli) -> Result<(), String> {
 /// every page) and a freed block stays resident. PipeWire's converter allocates
 /// megabytes of zeroed scratch per playback stream (sized for its largest quantum and
 /// channel count, most of it never used): a guest opening and closing streams made
-/// melange-host's peak RSS 170-250 MiB with 64 streams. Fixed here, it is under 48 MiB
-/// (`tests/tests/bounds.rs`).
+/// melange-host's peak RSS 170-250 MiB with 64 streams. Fixed here, it stays under
+/// 64 MiB (44-56 MiB measured, `tests/tests/bounds.rs`).
 const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
 
 fn main() -> ExitCode {

@@ -8,7 +8,7 @@ pub struct NullOutput;
 
 impl Output for NullOutput {
     fn open(&mut self, _desc: &StreamDesc) -> Result<Box<dyn StreamSink>, OutputError> {
-        Ok(Box::new(NullSink))
+        Ok(Box::new(Discard("null")))
     }
 
     fn describe(&self) -> String {
@@ -16,9 +16,10 @@ impl Output for NullOutput {
     }
 }
 
-struct NullSink;
+/// A stream that goes nowhere, and says where that is.
+pub(crate) struct Discard(pub &'static str);
 
-impl StreamSink for NullSink {
+impl StreamSink for Discard {
     fn write(&mut self, _samples: &[f32]) {}
     fn buffered_frames(&self) -> usize {
         0
@@ -33,6 +34,6 @@ impl StreamSink for NullSink {
         Ok(())
     }
     fn describe(&self) -> String {
-        "null".into()
+        self.0.into()
     }
 }

@@ -14,9 +14,11 @@
 //!   hosts in one directory) gets `~2`, `~3`, ... before `.wav`.
 //! - Each stream is written at most in real time: its receiver drops audio beyond it
 //!   ([`melange_shim::receive`]).
-//! - All streams together write at most `--wav-max-bytes` in one run; when that is
-//!   reached the files are finished as they are, one line says so, and further audio
-//!   is discarded.
+//! - All streams together write at most `--wav-max-bytes` in one run, each file
+//!   counting [`FILE_COST`] besides its audio (so that streams opened and closed at
+//!   the control limit cannot make files without end); when that is reached the files
+//!   are finished as they are, one line says so, and further audio is discarded (new
+//!   streams get no file). A file stops at the format's 4 GiB.
 
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
@@ -36,6 +38,11 @@ const HEADER_REFRESH: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 /// Attempts at a free name (`~2`, `~3`, ...) before giving up on a stream's file.
 const NAME_ATTEMPTS: u32 = 100;
+/// What a file costs against `--wav-max-bytes` before its audio: its header, an inode
+/// and the blocks a file system gives a small file, rounded up.
+pub const FILE_COST: u64 = 64 * 1024;
+/// Most audio one file holds: what a RIFF header can say.
+const MAX_FILE_DATA: u64 = u32::MAX as u64 - 36;
 
 /// What all the files of one run may hold together.
 #[derive(Debug)]
@@ -95,11 +102,15 @@ impl WavOutput {
 fn session_of(name: &str) -> Option<u64> {
     let rest = name.strip_prefix('s')?;
     let (n, rest) = rest.split_once('-')?;
-    (rest.starts_with("stream") && name.ends_with(".wav")).then(|| n.parse().ok())?
+    // Numbers no run reaches (a planted name) are not ours.
+    (rest.starts_with("stream") && name.ends_with(".wav")).then(|| n.parse().ok().filter(|n| *n < 1 << 48))?
 }
 
 impl Output for WavOutput {
     fn open(&mut self, desc: &StreamDesc) -> Result<Box<dyn StreamSink>, OutputError> {
+        if !self.budget.take(FILE_COST) {
+            return Ok(Box::new(super::null::Discard("nowhere (--wav-max-bytes reached)")));
+        }
         let app: String = desc
             .open
             .app
@@ -109,7 +120,7 @@ impl Output for WavOutput {
             .take(40)
             .collect();
         let part = if desc.part > 1 { format!(".{}", desc.part) } else { String::new() };
-        let stem = format!("s{}-stream{}{part}-{app}", self.session_base + desc.session, desc.stream);
+        let stem = format!("s{}-stream{}{part}-{app}", self.session_base.saturating_add(desc.session), desc.stream);
         let mut last = None;
         for attempt in 1..=NAME_ATTEMPTS {
             let name = if attempt == 1 { format!("{stem}.wav") } else { format!("{stem}~{attempt}.wav") };
@@ -192,8 +203,8 @@ impl WavWriter {
     fn write_header(&mut self) -> std::io::Result<()> {
         let bytes_per_sample: u16 = if self.s16 { 2 } else { 4 };
         let block = self.channels * bytes_per_sample;
-        // Sizes saturate at the format's 4 GiB limit instead of wrapping.
-        let data = u32::try_from(self.data_bytes).unwrap_or(u32::MAX - 36);
+        // A file never holds more than the header can say (see `append`).
+        let data = self.data_bytes.min(MAX_FILE_DATA) as u32;
         let mut h = Vec::with_capacity(44);
         h.extend_from_slice(b"RIFF");
         h.extend_from_slice(&(36 + data).to_le_bytes());
@@ -217,6 +228,9 @@ impl WavWriter {
 
     fn append(&mut self, samples: &[f32]) -> std::io::Result<()> {
         let bytes = samples.len() as u64 * if self.s16 { 2 } else { 4 };
+        if self.data_bytes + bytes > MAX_FILE_DATA {
+            return Err(std::io::Error::other("a WAV file holds 4 GiB at most"));
+        }
         if self.budget.as_ref().is_some_and(|b| !b.take(bytes)) {
             return Ok(());
         }
@@ -370,7 +384,7 @@ mod tests {
     #[test]
     fn all_files_together_stop_at_the_cap() {
         let dir = scratch("cap");
-        let mut out = WavOutput::new(&dir, 10_000).unwrap();
+        let mut out = WavOutput::new(&dir, 2 * FILE_COST + 10_000).unwrap();
         let mut a = out.open(&desc(1, 1, "a")).unwrap();
         let mut b = out.open(&desc(1, 2, "b")).unwrap();
         for _ in 0..10 {
@@ -384,6 +398,10 @@ mod tests {
             .map(|n| std::fs::metadata(dir.join(n)).unwrap().len() - 44)
             .sum();
         assert!((10_000 - 960..=10_000).contains(&sizes), "{sizes} bytes of audio");
+        // And a stream opened after the cap gets no file.
+        let late = out.open(&desc(1, 3, "c")).unwrap();
+        assert!(late.describe().contains("--wav-max-bytes"), "{}", late.describe());
+        assert!(!dir.join("s1-stream3-c.wav").exists());
         // Each file is whole: its header says what it holds.
         let bytes = std::fs::read(dir.join("s1-stream1-a.wav")).unwrap();
         assert_eq!(u64::from(u32::from_le_bytes(bytes[40..44].try_into().unwrap())), bytes.len() as u64 - 44);
