@@ -129,10 +129,10 @@ struct LinkInfo {
 struct ManualLinks {
     /// The tap's own node, once the registry shows it.
     node: Option<u32>,
-    /// (app's output port, tap's input port) made, and their proxies: dropping a proxy
-    /// destroys its link.
-    made: BTreeSet<(u32, u32)>,
-    proxies: Vec<pw::link::Link>,
+    /// Per (app's output port, tap's input port): the link's proxy (dropping it
+    /// destroys the link), and whether the registry has shown the link yet (one that
+    /// was shown and is gone was destroyed by someone else: it is made again).
+    made: BTreeMap<(u32, u32), (pw::link::Link, bool)>,
 }
 
 /// One tap: a passive capture stream on one app's output. The link's I/O thread
@@ -901,35 +901,56 @@ fn reconcile(state: &Rc<RefCell<State>>) {
 /// Links each tap that WirePlumber cannot link ([`ManualLinks`]) as its app feeds our
 /// sinks: every link from one of the app's output ports into a sink's input port of
 /// channel C gets a twin from that output port into the tap's input port of channel C.
+/// A twin whose original went is removed; one someone else destroyed is made again.
 fn link_manual_taps(s: &mut State) {
     let ours = [s.sink_id, s.standby_id];
-    let mut wanted = Vec::new();
+    let mut wanted: BTreeMap<u32, BTreeSet<(u32, u32)>> = BTreeMap::new();
+    let mut existing: BTreeSet<(u32, u32)> = BTreeSet::new();
     for (app, tap) in &s.taps {
         let Some(tap_node) = tap.manual.as_ref().and_then(|m| m.node) else { continue };
-        for link in s.links.values().filter(|l| l.out_node == *app && ours.contains(&Some(l.in_node))) {
+        let pairs = wanted.entry(*app).or_default();
+        for link in s.links.values() {
+            if let (Some(out_port), Some(in_port), true) = (link.out_port, link.in_port, link.in_node == tap_node) {
+                existing.insert((out_port, in_port));
+            }
+            if link.out_node != *app || !ours.contains(&Some(link.in_node)) {
+                continue;
+            }
             let (Some(out_port), Some(in_port)) = (link.out_port, link.in_port) else { continue };
             let Some(channel) = s.ports.get(&in_port).map(|p| p.channel.as_str()) else { continue };
             let tap_port = s.ports.iter().find(|(_, p)| p.node == tap_node && !p.output && p.channel == channel);
             if let Some((tap_port, _)) = tap_port {
-                wanted.push((*app, tap_node, out_port, *tap_port));
+                pairs.insert((out_port, *tap_port));
             }
         }
     }
-    for (app, tap_node, out_port, tap_port) in wanted {
+    for (app, pairs) in wanted {
         let Some(manual) = s.taps.get_mut(&app).and_then(|t| t.manual.as_mut()) else { continue };
-        if !manual.made.insert((out_port, tap_port)) {
-            continue;
-        }
-        let props = properties! {
-            "link.output.node" => app.to_string().as_str(),
-            "link.output.port" => out_port.to_string().as_str(),
-            "link.input.node" => tap_node.to_string().as_str(),
-            "link.input.port" => tap_port.to_string().as_str(),
-            "object.linger" => "false",
-        };
-        match s.core.create_object::<pw::link::Link>("link-factory", &props) {
-            Ok(proxy) => manual.proxies.push(proxy),
-            Err(e) => log::error!("melange: cannot link port {out_port} of node {app} to its tap: {e}"),
+        let Some(tap_node) = manual.node else { continue };
+        // Seen links are marked; twins no longer wanted, or destroyed after they were
+        // seen, are let go (and the latter made again below).
+        manual.made.retain(|pair, (_, seen)| {
+            let here = existing.contains(pair);
+            *seen |= here;
+            pairs.contains(pair) && (here || !*seen)
+        });
+        for (out_port, tap_port) in pairs {
+            if manual.made.contains_key(&(out_port, tap_port)) {
+                continue;
+            }
+            let props = properties! {
+                "link.output.node" => app.to_string().as_str(),
+                "link.output.port" => out_port.to_string().as_str(),
+                "link.input.node" => tap_node.to_string().as_str(),
+                "link.input.port" => tap_port.to_string().as_str(),
+                "object.linger" => "false",
+            };
+            match s.core.create_object::<pw::link::Link>("link-factory", &props) {
+                Ok(proxy) => {
+                    manual.made.insert((out_port, tap_port), (proxy, false));
+                }
+                Err(e) => log::error!("melange: cannot link port {out_port} of node {app} to its tap: {e}"),
+            }
         }
     }
 }

@@ -92,6 +92,47 @@ fn an_amplifying_stream_gets_real_time_and_no_more() {
     assert!(host.log_text().contains("faster than real time"), "{}", host.log_text());
 }
 
+/// The same packets on streams opened and closed at the control limit (a new stream's
+/// own budget is fresh): all of them together still get about real time.
+#[test]
+fn amplifying_streams_opened_and_closed_at_the_control_limit_share_real_time() {
+    let _serial = serial();
+    let dir = scratch("bounds-amplify-churn");
+    let wav = dir.join("wav");
+    let (mut host, sock) = host(&dir, None, &["--output", &format!("wav:{}", wav.display())]);
+    let mut g = ScriptedGuest::connect(&sock);
+    let started = Instant::now();
+    let mut id = 1u32;
+    while started.elapsed() < Duration::from_secs(3) {
+        let second = Instant::now();
+        for _ in 0..95 {
+            g.open(id, 48000, 2, Codec::Opus { bitrate: 64_000 }, 480, "amplifier");
+            for seq in 0..9 {
+                g.media(id, seq, 0, 5760, AMPLIFIER.to_vec());
+            }
+            g.close(id, "done");
+            id += 1;
+        }
+        if let Some(rest) = Duration::from_secs(1).checked_sub(second.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    wait_until(Duration::from_secs(10), || (reports(&dir).len() as u32 >= id - 1).then_some(())).expect("closed");
+    host.stop();
+    let audio: u64 =
+        melange_tests::wav_files(&wav).iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len() - 44).sum();
+    let audio_s = audio as f64 / 384_000.0;
+    eprintln!(
+        "amplification by churn: {} streams claiming {:.0} s of audio in {seconds:.1} s wrote {audio_s:.1} s of it",
+        id - 1,
+        f64::from(id - 1) * 9.0 * 0.12
+    );
+    // The pool's 2 s, a second a second, and each stream's first 20 ms.
+    let most = 2.0 + seconds + f64::from(id - 1) * 0.02 + 1.0;
+    assert!(audio_s <= most, "{audio_s:.1} s of audio written in {seconds:.1} s");
+}
+
 /// A restarted host, a reused stream id and a symlink where a file could go: no
 /// recording is truncated or overwritten, nothing is written through the link, and
 /// `--wav-max-bytes` caps what one run writes, with one line saying so.
