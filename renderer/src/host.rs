@@ -121,6 +121,10 @@ pub const MIC_STREAM: u32 = 1;
 /// Packet durations the guest may ask of the microphone, in microseconds.
 const MIC_FRAME_US: [u32; 4] = [2_500, 5_000, 10_000, 20_000];
 
+/// Most bytes `--report` writes in a run: a guest opening and closing streams at the
+/// control limit makes a line each (60 kB/s).
+const MAX_REPORT_BYTES: u64 = 64 << 20;
+
 /// How often `--stats` prints.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -230,6 +234,8 @@ pub struct Host {
     volume: Volume,
     /// The starting bursts of the guest's streams, across sessions (see [`BurstPool`]).
     bursts: BurstPool,
+    /// Bytes written to `--report` this run.
+    report_bytes: u64,
 }
 
 impl std::fmt::Debug for Host {
@@ -264,6 +270,7 @@ impl Host {
             },
             volume: Volume::unity(),
             bursts: BurstPool::new(clock.0),
+            report_bytes: 0,
         }
     }
 
@@ -740,13 +747,25 @@ impl Host {
                 "overflow_samples": totals.overflows,
                 "dropped_packets": s.dropped_packets,
             });
+            let line = line.to_string();
+            if self.report_bytes + line.len() as u64 > MAX_REPORT_BYTES {
+                if self.report_bytes <= MAX_REPORT_BYTES {
+                    log::warn!(
+                        "melange-host: the report {} reached {MAX_REPORT_BYTES} bytes this run; no more lines",
+                        path.display()
+                    );
+                    self.report_bytes = MAX_REPORT_BYTES + 1;
+                }
+                return;
+            }
+            self.report_bytes += line.len() as u64 + 1;
             let written = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
                 .and_then(|mut f| writeln!(f, "{line}"));
             if let Err(e) = written {
-                log::error!("melange-host: cannot write the report {}: {e}", path.display());
+                self.log.bad_input(now, "report", format_args!("cannot write the report {}: {e}", path.display()));
             }
         }
     }

@@ -51,6 +51,9 @@ struct Budget {
     written: AtomicU64,
     /// Set once the cap is reached (and said).
     reached: AtomicBool,
+    /// Set once a write failed (and said): a full disk fails every stream's writes,
+    /// and a guest opening streams would make a line each.
+    failed: AtomicBool,
 }
 
 impl Budget {
@@ -93,7 +96,12 @@ impl WavOutput {
             .filter_map(|e| session_of(&e.ok()?.file_name().to_string_lossy()))
             .max()
             .unwrap_or(0);
-        let budget = Budget { max_bytes, written: AtomicU64::new(0), reached: AtomicBool::new(false) };
+        let budget = Budget {
+            max_bytes,
+            written: AtomicU64::new(0),
+            reached: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+        };
         Ok(Self { dir: dir.into(), session_base, budget: Arc::new(budget) })
     }
 }
@@ -260,11 +268,14 @@ impl StreamSink for WavWriter {
             return;
         }
         if let Err(e) = self.append(samples) {
-            // A full disk fails every write from here on: say it once.
-            log::error!(
-                "melange-host: {}: write failed: {e}; the rest of this stream is not written",
-                self.path.display()
-            );
+            // A full disk fails every write from here on: said once a run.
+            if !self.budget.as_ref().is_some_and(|b| b.failed.swap(true, Ordering::Relaxed)) {
+                log::error!(
+                    "melange-host: {}: write failed: {e}; the rest of this stream is not written (later failures \
+                     of this run are not logged)",
+                    self.path.display()
+                );
+            }
             self.failed = true;
         }
     }
