@@ -66,15 +66,15 @@ pub fn excess_margin_frames(rate: u32, packet_frames: u32) -> u32 {
 
 /// After a backlog was cut, or an outage, the fill's lowest point is watched over
 /// windows this long, [`TRIM_WINDOWS`] of them, and at the end of each whatever kept it
-/// above where the fill normally dips to (the target less the deepest dip) by more than
-/// [`TRIM_FLOOR_MS`] is cut as well: a backlog often arrives in pieces, each under the
+/// above the target by more than [`TRIM_FLOOR_MS`] is cut as well (normally the fill
+/// dips below its target): a backlog often arrives in pieces, each under the
 /// margin (through an 8 KiB socket buffer, 40 ms of PCM at a time), and where the
 /// first cut lands against the arrival pattern is a guess; drift control would take
 /// seconds to drain what is left. The lowest point, not the mean, does not depend on
 /// where in the arrival pattern the window ends.
 const TRIM_WINDOW_MS: u32 = 250;
-/// See [`TRIM_WINDOW_MS`]: two seconds in all, as long as the outage's grace (an
-/// underrun in it primes again without raising the target).
+/// See [`TRIM_WINDOW_MS`]: two seconds in all; the outage's grace (an underrun in it
+/// primes again without raising the target) lasts a second longer.
 const TRIM_WINDOWS: u32 = 8;
 /// See [`TRIM_WINDOW_MS`].
 const TRIM_FLOOR_MS: u32 = 1;
@@ -194,9 +194,9 @@ pub struct RenderCore {
     trim: Option<Trim>,
     /// The jitter underruns the set point was last learned after.
     learned_jitter: u64,
-    /// Cycles left in the two seconds after an outage, in which an underrun is part
-    /// of the outage (arrivals after a stall are irregular), not jitter to make room
-    /// for.
+    /// Cycles left in the three seconds after an outage, in which an underrun is part
+    /// of the outage (arrivals after a stall are irregular, and trims cut), not jitter
+    /// to make room for.
     outage_grace: u32,
     /// Whether a backlog is cut: not before drift control first settled, nor after a
     /// restart until then, so that what queued while the output started is played
@@ -284,7 +284,8 @@ impl RenderCore {
                 self.stats.outages.fetch_add(1, Ordering::Relaxed);
                 buffered -= self.cut(buffered);
                 self.cuts_armed = true;
-                self.outage_grace = self.trim_cycles() * TRIM_WINDOWS;
+                // A second past the last trim, whose cut an underrun may follow.
+                self.outage_grace = self.trim_cycles() * (TRIM_WINDOWS + 4);
                 self.arm_trim(self.drift.settled());
                 self.playout.outage(self.reference().0 as usize);
                 self.missed = MissedCycles::default();
@@ -389,9 +390,10 @@ impl RenderCore {
         if !self.playout.is_playing() || !settled {
             return 0;
         }
-        // Half a dip above where the fill normally dips to: arrivals after a stall are
-        // more irregular than before it, and an underrun then would glitch again.
-        let over = min as f64 - (target - dip / 2.0).max(0.0);
+        // The lowest point back at the target, a whole dip above where the fill normally
+        // dips to: arrivals after a stall are more irregular than before it, and an
+        // underrun then would glitch again. Drift control drains the rest (a few ms).
+        let over = min as f64 - target;
         if over > f64::from(self.config.rate * TRIM_FLOOR_MS / 1000) {
             over as usize
         } else {
@@ -629,8 +631,9 @@ mod tests {
             let worst =
                 fills.iter().filter(|(t, _)| *t >= resumed + 1.0).map(|(_, f)| (f - normal).abs()).fold(0.0, f64::max);
             let peak = fills.iter().filter(|(t, _)| *t >= resumed).map(|f| f.1).fold(0.0, f64::max);
+            // What the trims leave (up to a dip, some ms) drift control drains.
             assert!(
-                worst < 3.0,
+                worst < 5.0,
                 "{length} s stall: the fill was {normal:.1} ms before, off by {worst:.1} ms a second after (peak {peak:.1})"
             );
             assert!(underruns <= 2, "{length} s stall: {underruns} underruns");

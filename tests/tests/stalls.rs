@@ -58,8 +58,10 @@ fn assert_tone_from(pw: &PipeWire, dir: &Path, target: &str, seconds: f64, level
     let x = out.channel(0);
     let body = audio::middle(audio::active(&x, 0.01), 0.8);
     assert!(body.len() as f64 >= 0.5 * seconds * 48000.0, "{what}: only {} samples of tone", body.len());
+    // Drift control moves the pitch by 0.2 % at most; a trim's cut in the window moves
+    // the estimate a little more.
     let f = audio::median_frequency(body, out.rate);
-    assert!((f - 1000.0).abs() < 2.5, "{what}: {f:.1} Hz");
+    assert!((f - 1000.0).abs() < 6.0, "{what}: {f:.1} Hz");
     let got = audio::rms_db(body);
     assert!((got - level).abs() < tolerance, "{what}: {got:.2} dBFS, played {level:.2}");
 }
@@ -92,13 +94,15 @@ fn playback_comes_back_after_stalls(codec: GuestCodec, name: &str) {
             resumed.elapsed().as_secs_f64()
         ));
         assert!(after.len() >= 2, "too few --stats lines after the {stall} s stall:\n{}", rig.host.log_text());
-        // Back at the latency it had (within what a busy machine moves it by: a
-        // second's median moves by a few ms, and jitter after a stall may grow the
-        // target once), not at the backlog's (the stall's length, 200 ms and more).
+        // Back at the latency it had, not at the backlog's (the stall's length: 200 ms
+        // and more; before, 500 ms and more for minutes), within what a busy machine
+        // moves it by: a second's median moves by a few ms, and an underrun in the
+        // irregular arrivals after a stall may grow the jitter buffer's target once
+        // (by half and a cycle, up to 16 ms at 10 ms packets).
         let typical = after.iter().sum::<f64>() / after.len().max(1) as f64;
         let worst = after.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         assert!(
-            typical <= normal + 8.0 && worst <= normal + 15.0,
+            typical <= normal + 20.0 && worst <= normal + 40.0,
             "{stall} s stall: latency {normal:.1} ms before, {after:?} ms from a second after:\n{}",
             figures.join("\n")
         );
@@ -168,8 +172,9 @@ fn the_guests_microphone_is_back_at_its_latency_a_second_after_a_stalled_guest()
             "{stall} s stall: fill {fill:.1} ms (target {target:.1}) before, {after:.1} ms (target {after_target:.1}) after"
         ));
         // Back at the fill it held before (which may be above a target drift control
-        // is still draining to), or at its target, within what jitter moves it by.
-        assert!(after - fill.max(after_target) <= 8.0, "{stall} s stall, the microphone:\n{}", figures.join("\n"));
+        // is still draining to), or at its target, within what the irregular arrivals
+        // after a stall move it by (as for playback).
+        assert!(after - fill.max(after_target) <= 20.0, "{stall} s stall, the microphone:\n{}", figures.join("\n"));
         assert_tone_from(&guest_pw, &dir, "melange.mic", 1.5, level, 1.0, &format!("mic-after-{stall}"));
     }
     rec.stop();
