@@ -1203,7 +1203,7 @@ mod tests {
         let frames = counting.0.lock().unwrap().clone();
         let limit = 48_000.0
             * (seconds as f64 * (1.0 + melange_shim::receive::PACE_SLACK)
-                + melange_shim::receive::PACE_BURST.as_secs_f64());
+                + (melange_shim::receive::POOL_BURST + melange_shim::receive::MIN_START).as_secs_f64());
         assert!((frames[&2] as f64) <= limit, "the flood wrote {} frames in {seconds} s", frames[&2]);
         assert!(frames[&2] as f64 >= 48_000.0 * (seconds as f64 - 1.0), "real time is allowed: {}", frames[&2]);
         assert_eq!(frames[&1], seconds as usize * 48_000, "the genuine stream lost audio");

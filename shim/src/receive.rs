@@ -6,7 +6,8 @@
 //! - **Order.** A packet older than the last one played (a duplicate, or reordered) is
 //!   dropped; a gap in the sequence numbers is lost packets.
 //! - **Real time is a budget** ([`Pacer`]): a stream cannot deliver more audio than
-//!   the wall clock allows, plus [`PACE_BURST`]. Audio beyond it is dropped before it
+//!   the wall clock allows, plus what it saved while silent (at most [`PACE_BURST`]).
+//!   Audio beyond it is dropped before it
 //!   is decoded, so a peer sending packets that each decode to 120 ms costs neither
 //!   CPU nor memory nor disk. Of packets that arrived together (a backlog after a
 //!   stall), the oldest are the ones dropped ([`Receiver::over_budget_prefix`]): the
@@ -31,15 +32,18 @@ use crate::codec::{CodecError, StreamDecoder};
 pub const MAX_PACKET_MS: u64 = 120;
 /// Longest gap of lost packets filled with concealment, in ms; longer gaps are skipped.
 pub const MAX_CONCEAL_MS: u64 = 100;
-/// Audio a stream may deliver ahead of the wall clock: twice the most a genuine sender
-/// queues while the port or the receiver stalls (500 ms), so that fresh audio after a
-/// stall still has room in the budget with its usual jitter. What reaches the render
-/// core beyond its target is cut there; this bounds what a hostile sender can make the
-/// receiver decode, buffer and write.
-pub const PACE_BURST: Duration = Duration::from_secs(1);
+/// Most audio a stream may save up while it sends less than real time, to deliver later
+/// at once: longer than a session survives a silent peer (5 s) and what a sender queues
+/// meanwhile, so that after a backlog (which the render core then cuts) a stream's fresh
+/// audio still has room in the budget with its usual jitter. (A budget of 1 s, emptied
+/// by a backlog, dropped a fresh packet now and then for seconds: each early by a
+/// millisecond found it short.) A new stream starts with what [`BurstPool`] gives. This
+/// bounds what a hostile sender can make the receiver decode, buffer and write: real
+/// time on average, in bursts of what it saved.
+pub const PACE_BURST: Duration = Duration::from_secs(10);
 /// What a new stream's budget holds at least: two 10 ms packets, so that the first
-/// packets, which arrive with the stream's announcement, play. The rest of its
-/// [`PACE_BURST`] comes from its session's [`BurstPool`].
+/// packets, which arrive with the stream's announcement, play. The rest of what it
+/// starts with comes from its session's [`BurstPool`].
 pub const MIN_START: Duration = Duration::from_millis(20);
 /// What a session's [`BurstPool`] holds at most, and gains a second.
 pub const POOL_BURST: Duration = Duration::from_secs(2);
@@ -102,7 +106,7 @@ impl ReceiveCounts {
 }
 
 /// A token bucket of sample frames, filled by the wall clock: at the stream's rate
-/// (plus [`PACE_SLACK`]), up to [`PACE_BURST`]. Starts full.
+/// (plus [`PACE_SLACK`]), up to [`PACE_BURST`].
 #[derive(Debug, Clone)]
 pub struct Pacer {
     rate: f64,
@@ -163,7 +167,7 @@ impl BurstPool {
     }
 
     /// The starting burst for a stream opened at `now`: [`MIN_START`] and what the pool
-    /// can give towards [`PACE_BURST`].
+    /// can give.
     pub fn take(&mut self, now: Instant) -> Duration {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = self.last.max(now);
@@ -369,7 +373,7 @@ mod tests {
         // 120 ms packets, one a millisecond, for 10 s: 1200 s of audio claimed.
         let packets = (0..10_000u32).map(|seq| (u64::from(seq), pcm(seq, 5760)));
         let frames = play(&mut rx, t0, packets) as f64;
-        let allowed = 48_000.0 * (10.0 * (1.0 + PACE_SLACK) + PACE_BURST.as_secs_f64());
+        let allowed = 48_000.0 * (10.0 * (1.0 + PACE_SLACK) + (POOL_BURST + MIN_START).as_secs_f64());
         assert!(frames <= allowed, "{frames} frames in 10 s");
         assert!(frames >= 48_000.0 * 9.0, "the budget is real time, not less: {frames}");
         assert_eq!(rx.counts().lost, 0, "dropped packets are not lost ones");
@@ -378,38 +382,38 @@ mod tests {
     }
 
     #[test]
-    fn a_backlog_after_a_stall_keeps_at_most_the_burst() {
+    fn a_backlog_after_a_stall_is_received_and_fresh_audio_after_it_too() {
         let t0 = Instant::now();
         let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0, &mut BurstPool::new(t0)).unwrap();
-        // Real time for 1 s, then nothing for 2 s, then the 2 s backlog at once.
-        let mut packets: Vec<(u64, MediaPacket)> = (0..100u32).map(|s| (u64::from(s) * 10, pcm(s, 480))).collect();
-        packets.extend((100..300u32).map(|s| (3_000, pcm(s, 480))));
+        // Real time for 10 s, then nothing for 4.9 s, then its backlog at once (the
+        // render core cuts it), then fresh packets, two at a time, one of them 5 ms early.
+        let mut packets: Vec<(u64, MediaPacket)> = (0..1000u32).map(|s| (u64::from(s) * 10, pcm(s, 480))).collect();
+        packets.extend((1000..1490u32).map(|s| (14_900, pcm(s, 480))));
+        packets.extend((1490..1990u32).map(|s| (14_900 + u64::from(s - 1489) / 2 * 20 - 5, pcm(s, 480))));
         let frames = play(&mut rx, t0, packets);
-        let burst = (48_000.0 * PACE_BURST.as_secs_f64()) as usize;
-        assert!(frames <= 100 * 480 + burst + 480, "{frames}");
-        // And the stream goes on at real time from there.
-        let after = play(&mut rx, t0, (300..400u32).map(|s| (3_000 + u64::from(s - 299) * 10, pcm(s, 480))));
-        assert_eq!(after, 100 * 480);
+        assert_eq!(frames, 1990 * 480, "nothing dropped");
+        assert_eq!(rx.counts().over_budget, 0);
     }
 
     #[test]
     fn of_a_backlog_beyond_the_budget_the_oldest_is_dropped_and_fresh_audio_plays_on() {
         let t0 = Instant::now();
         let mut rx = Receiver::new(&mono(), &Codec::PcmS16Le, 480, t0, &mut BurstPool::new(t0)).unwrap();
-        // A stall of 3 s: the backlog arrives together, then fresh packets with jitter.
-        let backlog: Vec<MediaPacket> = (0..300u32).map(|s| pcm(s, 480)).collect();
+        // A backlog of 8 s arrives at 3 s (the stream had saved 3 s, and the 2 s it
+        // started with), then fresh packets with jitter.
+        let backlog: Vec<MediaPacket> = (0..800u32).map(|s| pcm(s, 480)).collect();
         let at = t0 + Duration::from_secs(3);
         let mut out = Vec::new();
         let over = rx.receive_burst(at, &backlog, &mut out);
-        let kept = 300 - over;
-        assert!((90..=110).contains(&kept), "kept {kept} packets of the backlog: the budget's second");
+        let kept = 800 - over;
+        assert!((500..=515).contains(&kept), "kept {kept} packets of the backlog: the 5.1 s saved");
         assert_eq!(out.len(), kept * 480, "the newest of it");
         assert_eq!((rx.counts().over_budget as usize, rx.counts().lost, rx.counts().concealed_frames), (over, 0, 0));
         // Fresh audio at real time, two packets at a time: none of it is dropped.
         let mut fresh = Vec::new();
         for i in 0..500u32 {
             let arrive = at + Duration::from_millis(u64::from(i / 2 * 20 + 20));
-            rx.receive_burst(arrive, &[pcm(300 + i, 480)], &mut fresh);
+            rx.receive_burst(arrive, &[pcm(800 + i, 480)], &mut fresh);
         }
         assert_eq!(fresh.len(), 500 * 480);
     }

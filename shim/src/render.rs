@@ -73,11 +73,12 @@ pub fn excess_margin_frames(rate: u32, packet_frames: u32) -> u32 {
 /// seconds to drain what is left. The lowest point, not the mean, does not depend on
 /// where in the arrival pattern the window ends.
 const TRIM_WINDOW_MS: u32 = 250;
-/// See [`TRIM_WINDOW_MS`]: two seconds in all; the outage's grace (an underrun in it
-/// primes again without raising the target) lasts a second longer.
-const TRIM_WINDOWS: u32 = 8;
+/// See [`TRIM_WINDOW_MS`]: a second in all (each trim is a cut, heard; drift control
+/// drains what is left later); the outage's grace (an underrun in it primes again
+/// without raising the target) lasts two seconds longer.
+const TRIM_WINDOWS: u32 = 4;
 /// See [`TRIM_WINDOW_MS`].
-const TRIM_FLOOR_MS: u32 = 1;
+const TRIM_FLOOR_MS: u32 = 2;
 /// Most a stream's output may find queued when it starts before that is a backlog
 /// (a stream announced during a stall) rather than what came while it was opening
 /// (measured: up to 60 ms).
@@ -284,8 +285,8 @@ impl RenderCore {
                 self.stats.outages.fetch_add(1, Ordering::Relaxed);
                 buffered -= self.cut(buffered);
                 self.cuts_armed = true;
-                // A second past the last trim, whose cut an underrun may follow.
-                self.outage_grace = self.trim_cycles() * (TRIM_WINDOWS + 4);
+                // Past the last trim, whose cut an underrun may follow.
+                self.outage_grace = self.trim_cycles() * (TRIM_WINDOWS + 8);
                 self.arm_trim(self.drift.settled());
                 self.playout.outage(self.reference().0 as usize);
                 self.missed = MissedCycles::default();

@@ -5,10 +5,10 @@
 //! full the cycle is dropped whole (never a partial sample frame) and counted. A cycle
 //! the tap was not called for (a guest graph that overran) is filled with silence, so
 //! the bytes stay in step with the graph clock and every later packet keeps its time.
-//! A skipped cycle is told by the graph's position, which moves by exactly a cycle at
-//! each call that skipped none; not by the time the cycle started, which a wake-up late
-//! on a busy machine moves as well (the silence put in for those made a 1 kHz tone come
-//! out at 949 Hz after a restart under load).
+//! A skipped cycle is one both the graph's position and its time moved past: the time
+//! alone moves with a wake-up late on a busy machine (the silence put in for those made
+//! a 1 kHz tone come out at 949 Hz after a restart under load), the position alone
+//! jumps when the graph changes its driver (an app starting on a sink that drives).
 //! [`TapEncoder`] on the encoder thread cuts the bytes into codec frames, stamps each with
 //! its presentation time and encodes it into a [`MediaPacket`].
 
@@ -67,9 +67,10 @@ pub struct TapWriter {
     written: u64,
     frame_bytes: usize,
     ns_per_frame: f64,
-    /// Graph position (ns) the next cycle should start at (the last one's end); 0
-    /// before the first.
+    /// Graph position and time (ns) the next cycle should start at (the last one's
+    /// end); 0 before the first.
     expected_position_ns: u64,
+    expected_pts_ns: u64,
     stats: Arc<TapStats>,
 }
 
@@ -102,6 +103,7 @@ pub fn tap_ring(capacity_bytes: usize, frame_bytes: usize, rate: u32) -> (TapWri
             frame_bytes: frame_bytes.max(1),
             ns_per_frame: 1e9 / f64::from(rate.max(1)),
             expected_position_ns: 0,
+            expected_pts_ns: 0,
             stats: stats.clone(),
         },
         TapReader { data: data_rx, marks: marks_rx, read: 0, current: None, stats },
@@ -123,7 +125,8 @@ impl TapWriter {
         self.stats.cycle_ns.store(cycle_ns, Ordering::Relaxed);
         self.stats.next_cycle_ns.store(pts_ns.saturating_add(cycle_ns), Ordering::Release);
         let expected = std::mem::replace(&mut self.expected_position_ns, position_ns.saturating_add(cycle_ns));
-        let gap_ns = position_ns.saturating_sub(expected);
+        let expected_pts = std::mem::replace(&mut self.expected_pts_ns, pts_ns.saturating_add(cycle_ns));
+        let gap_ns = position_ns.saturating_sub(expected).min(pts_ns.saturating_sub(expected_pts));
         if expected > 0 && gap_ns * 2 >= cycle_ns && gap_ns <= MAX_GAP_NS {
             let frames = (gap_ns as f64 / self.ns_per_frame).round() as u64;
             self.stats.gap_frames.fetch_add(frames, Ordering::Relaxed);
@@ -440,6 +443,19 @@ mod tests {
         // 10 240 frames: 21 whole packets of 480, not one frame of silence among them.
         assert_eq!(got.len(), 21 * 480 * 4);
         assert!(got.chunks(1024).enumerate().all(|(c, x)| x.iter().all(|b| *b == c as u8 + 1)));
+    }
+
+    #[test]
+    fn a_new_driver_is_no_skipped_cycle() {
+        let (mut w, _r) = tap_ring(64 * 1024, 4, 48_000);
+        let cycle_ns = 256.0 * 1e9 / 48000.0;
+        let at = |c: u32| 1_000_000_000 + (f64::from(c) * cycle_ns) as u64;
+        // The graph's position jumps by 40 ms when another node drives; its time runs on.
+        for c in 0..20u32 {
+            let position = if c < 10 { at(c) } else { at(c) + 40_000_000 };
+            w.push(&[1u8; 256 * 4], at(c), position);
+        }
+        assert_eq!(w.stats().gap_frames.load(Ordering::Relaxed), 0);
     }
 
     #[test]
