@@ -15,7 +15,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -185,7 +185,12 @@ impl Link {
     }
 
     /// Binds a listening unix socket at `path` (mode 0600, or 0660 where the umask
-    /// leaves group write; a stale socket file is replaced) and accepts connections on it.
+    /// leaves group write; a stale socket is replaced, anything else at `path` is an
+    /// error) and accepts connections on it.
+    ///
+    /// The socket is bound, put in listening state and given its mode under a temporary
+    /// name, then renamed into place: a peer that sees `path` can connect at once, and
+    /// never meets a socket that refuses it or has the umask's mode.
     pub fn listen(path: &Path) -> io::Result<Link> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.exists() {
@@ -193,21 +198,50 @@ impl Link {
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
             }
         }
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            Ok(_) if UnixStream::connect(path).is_ok() => {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
                     format!("{} is in use by another listener", path.display()),
                 ));
             }
-            std::fs::remove_file(path)?;
+            _ => {}
         }
+        let staging = path.with_file_name(format!(".mh-{}", std::process::id()));
+        let _ = std::fs::remove_file(&staging);
+        let listener = match UnixListener::bind(&staging) {
+            // The staging name outgrows sun_path only where `path` has a shorter name.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => return Self::listen_in_place(path),
+            other => other?,
+        };
+        let placed = (|| {
+            // Connecting takes write permission: the owner's, and the group's where the
+            // umask leaves group write (the system unit's UMask=0007 lets QEMU in by its group).
+            let group_writable = std::fs::metadata(&staging)?.permissions().mode() & 0o020 != 0;
+            let mode = if group_writable { 0o660 } else { 0o600 };
+            std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))?;
+            listener.set_nonblocking(true)?;
+            std::fs::rename(&staging, path)
+        })();
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&staging);
+            return Err(e);
+        }
+        Ok(Link { kind: Kind::Listen { path: path.into(), listener }, stream: None, present: false, pending: None })
+    }
+
+    /// [`Link::listen`] without the staging name, for a path at the length limit.
+    fn listen_in_place(path: &Path) -> io::Result<Link> {
+        let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
-        // Connecting takes write permission: the owner's, and the group's where the umask
-        // leaves group write (the system unit's UMask=0007 lets QEMU in by its group).
         let group_writable = std::fs::metadata(path)?.permissions().mode() & 0o020 != 0;
-        let mode = if group_writable { 0o660 } else { 0o600 };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(if group_writable { 0o660 } else { 0o600 }))?;
         listener.set_nonblocking(true)?;
         Ok(Link { kind: Kind::Listen { path: path.into(), listener }, stream: None, present: false, pending: None })
     }
@@ -629,6 +663,42 @@ mod tests {
         assert_eq!(c.write(b"x").unwrap(), 1);
         drop(l);
         assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn listen_places_a_ready_socket_and_never_removes_what_is_not_a_stale_socket() {
+        let dir = std::env::temp_dir().join(format!("melange-listen-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("file.sock");
+        std::fs::write(&file, b"keep").unwrap();
+        let err = Link::listen(&file).unwrap_err();
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+
+        let path = dir.join("s.sock");
+        let stale = UnixListener::bind(&path).unwrap();
+        drop(stale);
+        let live = Link::listen(&path).unwrap();
+        // Listening and with its final mode as soon as the name exists; no staging name left.
+        assert!(UnixStream::connect(&path).is_ok());
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        let err = Link::listen(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        drop(live);
+        assert!(!path.exists());
+
+        // A one-letter name at the sun_path limit (107 bytes), where the staging name
+        // would not fit: bound in place.
+        let deep = dir.join("d".repeat(107 - dir.as_os_str().len() - 3));
+        std::fs::create_dir_all(&deep).unwrap();
+        let short = deep.join("a");
+        assert_eq!(short.as_os_str().len(), 107);
+        let l = Link::listen(&short).unwrap();
+        assert!(UnixStream::connect(&short).is_ok());
+        drop(l);
+        assert!(!short.exists());
         let _ = std::fs::remove_dir_all(dir);
     }
 
