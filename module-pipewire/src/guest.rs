@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use melange_guest::core::GuestStats as LinkStats;
+use melange_guest::mic::{MicFeed, MIC_RATE};
+use melange_guest::thread::{GuestConfig as LinkConfig, GuestHandle as LinkHandle, GuestThread as LinkManager};
 use melange_shim::codec::{input_format, SampleFormat};
-use melange_shim::link::{LinkConfig, LinkHandle, LinkManager, LinkStats};
-use melange_shim::mic::{MicFeed, MIC_RATE};
 use melange_shim::render::{jitter_margin_frames, render_ring, OutputClock, RenderConfig, RenderCore, RenderStats};
 use melange_shim::tap::{tap_ring, TapEncoder, TapStats, TapWriter};
 use melange_transport::message::{AppInfo, AudioFormat, MediaKind, StreamOpen, Volume};

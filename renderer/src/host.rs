@@ -3,7 +3,7 @@
 //! [`Host`] owns the protocol session for the current connection and one
 //! [`HostStream`] per guest stream. Its core is sans-IO: [`Host::receive`] and
 //! [`Host::tick`] take the time as an argument; [`Host::run`] is the poll loop over a
-//! [`Link`] that feeds them. Each received stream goes through a [`Receiver`] (order,
+//! [`Port`] that feeds them. Each received stream goes through a [`Receiver`] (order,
 //! concealment, the real-time budget, decoding) into its output's sink.
 //!
 //! Everything the guest can make it log goes through [`GuestLog`]: within a byte
@@ -23,7 +23,7 @@ use melange_transport::message::{
     codec_bits, Capabilities, CaptureDemand, CaptureDevice, Codec, MediaKind, MediaPacket, Role, StreamOpen, Volume,
     MEDIA_HEADER_LEN,
 };
-use melange_transport::port::{Link, LinkEvent, Waker};
+use melange_transport::port::{Port, PortEvent, Waker};
 use melange_transport::session::{Event, Session, SessionConfig};
 
 use crate::guest_log::{GuestLog, Level};
@@ -32,7 +32,7 @@ use crate::output::{Output, StreamDesc, StreamSink};
 use crate::stats::StreamStats;
 
 /// Streams a guest may have open at once.
-pub const MAX_STREAMS: u16 = 64;
+pub use melange_transport::message::MAX_STREAMS;
 
 /// The output quantum for a stream, at 48 kHz: 128 frames for packets of 10 ms and
 /// more, 64 below (low-latency mode); scaled to the stream's rate. A sample must be
@@ -279,49 +279,49 @@ impl Host {
         clock::instant_to_ns(now, self.clock)
     }
 
-    /// Runs until `stop` is set (then wakes through `waker`) or the link ends for good.
-    pub fn run(&mut self, link: &mut Link, waker: &Waker, stop: &AtomicBool) -> std::io::Result<()> {
+    /// Runs until `stop` is set (then wakes through `waker`) or the port ends for good.
+    pub fn run(&mut self, port: &mut Port, waker: &Waker, stop: &AtomicBool) -> std::io::Result<()> {
         log::info!(
             "melange-host: waiting for a guest on {}; sound goes to {}",
-            link.describe(),
+            port.describe(),
             self.output.describe()
         );
         let mut buf = vec![0u8; 64 * 1024];
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             let mic_due = self.pump_mic(now);
-            self.flush(link);
+            self.flush(port);
             let mut wake =
                 self.session.as_ref().and_then(Session::poll_timeout).unwrap_or(now + Duration::from_secs(1));
             if let Some(at) = mic_due {
                 wake = wake.min(at);
             }
             let want_write = self.session.as_ref().is_some_and(|s| !s.pending_output().is_empty());
-            match link.wait(want_write, Some(wake.saturating_duration_since(now)), Some(waker))? {
-                LinkEvent::Connected => {
-                    log::info!("melange-host: connected on {}; waiting for the guest's hello", link.describe());
+            match port.wait(want_write, Some(wake.saturating_duration_since(now)), Some(waker))? {
+                PortEvent::Connected => {
+                    log::info!("melange-host: connected on {}; waiting for the guest's hello", port.describe());
                     self.start_session(Instant::now());
                 }
-                LinkEvent::Disconnected(reason) => {
+                PortEvent::Disconnected(reason) => {
                     self.end_session(Instant::now(), &format!("guest disconnected ({reason})"))
                 }
-                LinkEvent::Readable => self.read(link, &mut buf, stop)?,
-                LinkEvent::Woken | LinkEvent::Writable | LinkEvent::Timeout => {}
+                PortEvent::Readable => self.read(port, &mut buf, stop)?,
+                PortEvent::Woken | PortEvent::Writable | PortEvent::Timeout => {}
             }
             if !self.tick(Instant::now()) {
-                link.disconnect();
+                port.disconnect();
             }
-            let connect_error = link.last_error().map(str::to_owned);
+            let connect_error = port.last_error().map(str::to_owned);
             if connect_error.is_some() && connect_error != self.last_connect_error {
                 log::warn!("melange-host: still trying: {}", connect_error.as_deref().unwrap_or_default());
             }
             self.last_connect_error = connect_error;
-            if link.is_finished() {
-                log::info!("melange-host: {} ended", link.describe());
+            if port.is_finished() {
+                log::info!("melange-host: {} ended", port.describe());
                 break;
             }
         }
-        self.shutdown(link);
+        self.shutdown(port);
         Ok(())
     }
 
@@ -332,23 +332,23 @@ impl Host {
     /// guest has moved on to a new session. That is checked before every read: the
     /// process may have been stopped between two reads, or between a read and its
     /// handling.
-    fn read(&mut self, link: &mut Link, buf: &mut [u8], stop: &AtomicBool) -> std::io::Result<()> {
+    fn read(&mut self, port: &mut Port, buf: &mut [u8], stop: &AtomicBool) -> std::io::Result<()> {
         for _ in 0..READ_BATCH {
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
             if !self.tick(Instant::now()) {
-                link.disconnect();
+                port.disconnect();
                 return Ok(());
             }
-            match link.read(buf)? {
+            match port.read(buf)? {
                 Some(0) => {
                     self.end_session(Instant::now(), "guest disconnected (end of stream)");
                     return Ok(());
                 }
                 Some(n) => {
                     if !self.receive(Instant::now(), &buf[..n]) {
-                        link.disconnect();
+                        port.disconnect();
                         return Ok(());
                     }
                 }
@@ -380,20 +380,20 @@ impl Host {
         self.close_all(now, "guest disconnected");
     }
 
-    fn shutdown(&mut self, link: &mut Link) {
+    fn shutdown(&mut self, port: &mut Port) {
         let now = Instant::now();
         self.close_all(now, "host shutting down");
         if let Some(s) = &mut self.session {
             s.close(melange_transport::session::CloseReason::Local("host shutting down".into()));
         }
-        self.flush(link);
+        self.flush(port);
         self.session = None;
     }
 
-    fn flush(&mut self, link: &mut Link) {
+    fn flush(&mut self, port: &mut Port) {
         let Some(s) = &mut self.session else { return };
         while !s.pending_output().is_empty() {
-            match link.write(s.pending_output()) {
+            match port.write(s.pending_output()) {
                 Ok(0) => return,
                 Ok(n) => s.consume_output(n),
                 Err(_) => return, // the read side reports the disconnect

@@ -9,7 +9,7 @@ use clap::{ArgGroup, Parser};
 use melange_renderer::host::MAX_STREAMS;
 use melange_renderer::host::{Host, HostConfig};
 use melange_renderer::output::{make_output, OutputLimits, OutputSpec, DEFAULT_WAV_MAX_BYTES};
-use melange_transport::port::{Link, PortSpec, Waker};
+use melange_transport::port::{Port, PortSpec, Waker};
 
 /// Render the audio of a Melange guest VM on this machine.
 ///
@@ -130,14 +130,14 @@ fn run(cli: Cli) -> Result<(), String> {
                     run it as the desktop user (or pass --allow-root)"
             .into());
     }
-    let mut link = if let Some(spec) = &cli.connect {
+    let mut port = if let Some(spec) = &cli.connect {
         let path = parse_unix("connect", spec)?;
-        Link::open(&PortSpec::Unix(path)).map_err(|e| e.to_string())?
+        Port::open(&PortSpec::Unix(path)).map_err(|e| e.to_string())?
     } else if let Some(spec) = &cli.listen {
         let path = parse_unix("listen", spec)?;
-        Link::listen(&path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?
+        Port::listen(&path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?
     } else {
-        Link::open(&PortSpec::Stdio).map_err(|e| e.to_string())?
+        Port::open(&PortSpec::Stdio).map_err(|e| e.to_string())?
     };
     let limits = OutputLimits { max_streams: usize::from(MAX_STREAMS), wav_max_bytes: cli.wav_max_bytes };
     let output = make_output(&cli.output, limits).map_err(|e| e.to_string())?;
@@ -151,7 +151,7 @@ fn run(cli: Cli) -> Result<(), String> {
         mic: cli.mic,
     };
     let mut host = Host::new(config, output);
-    host.run(&mut link, &waker, &STOP).map_err(|e| format!("port error on {}: {e}", link.describe()))?;
+    host.run(&mut port, &waker, &STOP).map_err(|e| format!("port error on {}: {e}", port.describe()))?;
     log::info!("melange-host: stopped");
     Ok(())
 }

@@ -1,18 +1,17 @@
-//! Melange's media core, with no PipeWire in it.
+//! Melange's media core, with no PipeWire in it: what both ends do with audio.
 //!
-//! - Guest side: the [`tap`] ring that the real-time capture callback writes, the
-//!   per-stream [`tap::TapEncoder`] (packetizer), and the [`link`] manager (one I/O
-//!   thread, reconnect, bounded queues), and the [`congestion`] control of Opus's
-//!   bitrate when the port cannot keep up; the [`mic`] receiver that feeds the virtual
-//!   microphone with the host's.
-//! - The [`latency`] the guest tells its apps, from the parts each side measures.
-//! - Both sides: [`codec`] (Opus through the system libopus, PCM), the jitter buffer's
-//!   [`playout`] decision and [`drift`] control, joined in the real-time [`render`]
-//!   core of every stream that plays; the [`receive`] end of every stream (order,
-//!   concealment, the real-time budget, decoding); and the [`clock`].
+//! - [`codec`] (Opus through the system libopus, PCM);
+//! - the [`tap`] ring that a real-time capture callback writes and the per-stream
+//!   [`tap::TapEncoder`] (packetizer) that cuts and encodes it: the guest's app taps and
+//!   the host's microphone;
+//! - the [`receive`] end of every stream (order, concealment, the real-time budget,
+//!   decoding): the host's playback streams and the guest's microphone;
+//! - the jitter buffer's [`playout`] decision and [`drift`] control, joined in the
+//!   real-time [`render`] core of every stream that plays;
+//! - the [`clock`].
 //!
-//! The renderer depends on this crate for the shared pieces; nothing here depends on
-//! PipeWire or on the renderer.
+//! The guest's connection logic lives in `melange-guest`, melange-host's in
+//! `melange-renderer`; both depend on this crate, nothing here on them or on PipeWire.
 
 // Tests fail by panicking; production code may not.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -22,11 +21,7 @@
 #[allow(unsafe_code)]
 pub mod clock;
 pub mod codec;
-pub mod congestion;
 pub mod drift;
-pub mod latency;
-pub mod link;
-pub mod mic;
 #[allow(unsafe_code)]
 pub mod opus;
 pub mod playout;

@@ -9,7 +9,7 @@
 //! alone moves with a wake-up late on a busy machine (the silence put in for those made
 //! a 1 kHz tone come out at 949 Hz after a restart under load), the position alone
 //! jumps when the graph changes its driver (an app starting on a sink that drives).
-//! [`TapEncoder`] on the encoder thread cuts the bytes into codec frames, stamps each with
+//! [`TapEncoder`], on the thread that sends (the guest's core, the host's microphone thread), cuts the bytes into codec frames, stamps each with
 //! its presentation time and encodes it into a [`MediaPacket`].
 
 #![forbid(unsafe_code)]
@@ -36,18 +36,18 @@ struct Mark {
 #[derive(Debug, Default)]
 pub struct TapStats {
     /// End-to-end latency of the stream in nanoseconds, from the graph cycle that takes
-    /// a sample to the host's output ([`crate::latency`]); 0 until known. Written by
-    /// the link thread, published to the app by the tap's owner.
+    /// a sample to the host's output (`melange_guest::latency`); 0 until known. Written by
+    /// the sending thread, published to the app by the tap's owner.
     pub latency_ns: AtomicU64,
     /// Cycles pushed.
     pub cycles: AtomicU64,
     /// Packets sent to the host, and dropped instead (no host, or the port fell behind:
-    /// oldest first). Written by the link thread.
+    /// oldest first). Written by the sending thread.
     pub packets_sent: AtomicU64,
     /// See [`TapStats::packets_sent`].
     pub packets_dropped: AtomicU64,
-    /// The bitrate the stream is encoded at now, bit/s (0 for PCM). Written by the link
-    /// thread.
+    /// The bitrate the stream is encoded at now, bit/s (0 for PCM). Written by the
+    /// sending thread.
     pub bitrate: AtomicU64,
     /// Bytes dropped because the ring was full (the encoder fell behind).
     pub overflow_bytes: AtomicU64,
@@ -78,7 +78,7 @@ pub struct TapWriter {
 /// has no gap to fill: its audio just starts again.
 const MAX_GAP_NS: u64 = 100_000_000;
 
-/// Encoder-thread end of a tap.
+/// The sending thread's end of a tap.
 #[derive(Debug)]
 pub struct TapReader {
     data: Consumer<u8>,
@@ -120,7 +120,7 @@ impl TapWriter {
         if whole == 0 {
             return;
         }
-        // When the encoder thread should look next: it sleeps until then instead of polling.
+        // When the sending thread should look next: it sleeps until then instead of polling.
         let cycle_ns = ((whole / self.frame_bytes) as f64 * self.ns_per_frame) as u64;
         self.stats.cycle_ns.store(cycle_ns, Ordering::Relaxed);
         self.stats.next_cycle_ns.store(pts_ns.saturating_add(cycle_ns), Ordering::Release);
@@ -277,7 +277,7 @@ impl TapEncoder {
         self.reader.is_abandoned() && self.reader.available() < self.frame_bytes && self.tail_bytes == Some(0)
     }
 
-    /// When the encoder thread should next look for a whole frame, in graph time
+    /// When the sending thread should next look for a whole frame, in graph time
     /// (`CLOCK_MONOTONIC` ns), given the time `now_ns`.
     ///
     /// The real-time side cannot signal (no syscalls), so the thread predicts: the cycle

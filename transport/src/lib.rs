@@ -26,5 +26,5 @@ pub mod text;
 
 pub use frame::{FrameDecoder, FrameError, FrameKind, MAX_FRAME};
 pub use message::{AppInfo, AudioFormat, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamOpen};
-pub use port::{Link, LinkEvent, PortSpec, Waker};
+pub use port::{Port, PortEvent, PortSpec, Waker};
 pub use session::{CloseReason, Event, PeerInfo, Session, SessionConfig, SessionError};

@@ -222,6 +222,14 @@ pub enum CaptureDevice {
     Microphone,
 }
 
+/// Streams Melange's guest and host each announce at most at once (their Hello's
+/// `Capabilities::max_streams`).
+pub const MAX_STREAMS: u16 = 64;
+
+/// The microphone stream's rate; it is mono. The host captures and sends at it, and the
+/// guest's virtual source plays at it.
+pub const MIC_RATE: u32 = 48_000;
+
 /// Whether the guest wants a capture device now (frame kind `CaptureDemand`, stream 0).
 /// Sent on every change and again at the start of each session; the host opens the
 /// device while it is wanted and sends its audio as a stream of its own.

@@ -1,7 +1,7 @@
 //! Byte-stream ports: the I/O edge under a [`Session`](crate::Session).
 //!
-//! A [`Link`] owns one port and its connectivity. It reconnects by itself where the port
-//! kind allows and reports each change as a [`LinkEvent`]: every `Connected` means "start
+//! A [`Port`] owns one port and its connectivity. It reconnects by itself where the port
+//! kind allows and reports each change as a [`PortEvent`]: every `Connected` means "start
 //! a new session", every `Disconnected` means "the session is over".
 //!
 //! | spec | behaviour |
@@ -10,7 +10,7 @@
 //! | `unix:PATH` | connects, retrying with backoff (100 ms doubling to 250 ms) |
 //! | listening `unix:PATH` | binds (mode 0600, 0660 under a umask with group write), accepts; a new connection replaces the current one |
 //! | `stdio` | stdin/stdout; end of input ends the link for good |
-//! | [`Link::pair`] | two connected ends in memory, for tests |
+//! | [`Port::pair`] | two connected ends in memory, for tests |
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -37,7 +37,7 @@ const BACKOFF_MAX: Duration = Duration::from_millis(250);
 pub enum PortSpec {
     /// A virtio-serial port by name (guest side).
     Virtio(String),
-    /// A unix socket path (connect, or listen with [`Link::listen`]).
+    /// A unix socket path (connect, or listen with [`Port::listen`]).
     Unix(PathBuf),
     /// Standard input and output.
     Stdio,
@@ -70,9 +70,9 @@ impl std::fmt::Display for PortSpec {
     }
 }
 
-/// What happened on a link during [`Link::wait`].
+/// What happened on a link during [`Port::wait`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkEvent {
+pub enum PortEvent {
     /// A peer is there: start a new session.
     Connected,
     /// The peer went away; the link will reconnect by itself if its kind can.
@@ -87,7 +87,7 @@ pub enum LinkEvent {
     Timeout,
 }
 
-/// Wakes a thread blocked in [`Link::wait`] from another thread (an eventfd).
+/// Wakes a thread blocked in [`Port::wait`] from another thread (an eventfd).
 #[derive(Debug)]
 pub struct Waker {
     fd: OwnedFd,
@@ -105,7 +105,7 @@ impl Waker {
         Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
     }
 
-    /// Makes the waiting thread return [`LinkEvent::Woken`]. Not for real-time threads.
+    /// Makes the waiting thread return [`PortEvent::Woken`]. Not for real-time threads.
     pub fn wake(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64 to our eventfd. A full counter
@@ -134,14 +134,14 @@ enum Kind {
 }
 
 /// One port plus its connectivity. See the module docs.
-pub struct Link {
+pub struct Port {
     kind: Kind,
     /// The live connection for socket and stdio kinds.
     stream: Option<Conn>,
     /// Virtio: whether the host was present at the last look.
     present: bool,
     /// A change to report on the next wait, before anything else.
-    pending: Option<LinkEvent>,
+    pending: Option<PortEvent>,
 }
 
 enum Conn {
@@ -149,16 +149,16 @@ enum Conn {
     Stdio,
 }
 
-impl std::fmt::Debug for Link {
+impl std::fmt::Debug for Port {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Link").field("spec", &self.describe()).field("connected", &self.is_connected()).finish()
+        f.debug_struct("Port").field("spec", &self.describe()).field("connected", &self.is_connected()).finish()
     }
 }
 
-impl Link {
+impl Port {
     /// Opens a port for the connecting side (`virtio:`, `unix:` connect, `stdio`).
     /// Never fails for a peer that is merely absent: the link waits and retries.
-    pub fn open(spec: &PortSpec) -> io::Result<Link> {
+    pub fn open(spec: &PortSpec) -> io::Result<Port> {
         let now = Instant::now();
         let kind = match spec {
             PortSpec::Virtio(name) => Kind::Virtio {
@@ -173,15 +173,15 @@ impl Link {
             PortSpec::Stdio => {
                 set_nonblocking(0)?;
                 set_nonblocking(1)?;
-                return Ok(Link {
+                return Ok(Port {
                     kind: Kind::Stdio { finished: false },
                     stream: Some(Conn::Stdio),
                     present: true,
-                    pending: Some(LinkEvent::Connected),
+                    pending: Some(PortEvent::Connected),
                 });
             }
         };
-        Ok(Link { kind, stream: None, present: false, pending: None })
+        Ok(Port { kind, stream: None, present: false, pending: None })
     }
 
     /// Binds a listening unix socket at `path` (mode 0600, or 0660 where the umask
@@ -191,7 +191,7 @@ impl Link {
     /// The socket is bound, put in listening state and given its mode under a temporary
     /// name, then renamed into place: a peer that sees `path` can connect at once, and
     /// never meets a socket that refuses it or has the umask's mode.
-    pub fn listen(path: &Path) -> io::Result<Link> {
+    pub fn listen(path: &Path) -> io::Result<Port> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.exists() {
                 std::fs::create_dir_all(dir)?;
@@ -233,29 +233,29 @@ impl Link {
             let _ = std::fs::remove_file(&staging);
             return Err(e);
         }
-        Ok(Link { kind: Kind::Listen { path: path.into(), listener }, stream: None, present: false, pending: None })
+        Ok(Port { kind: Kind::Listen { path: path.into(), listener }, stream: None, present: false, pending: None })
     }
 
-    /// [`Link::listen`] without the staging name, for a path at the length limit.
-    fn listen_in_place(path: &Path) -> io::Result<Link> {
+    /// [`Port::listen`] without the staging name, for a path at the length limit.
+    fn listen_in_place(path: &Path) -> io::Result<Port> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         let group_writable = std::fs::metadata(path)?.permissions().mode() & 0o020 != 0;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(if group_writable { 0o660 } else { 0o600 }))?;
         listener.set_nonblocking(true)?;
-        Ok(Link { kind: Kind::Listen { path: path.into(), listener }, stream: None, present: false, pending: None })
+        Ok(Port { kind: Kind::Listen { path: path.into(), listener }, stream: None, present: false, pending: None })
     }
 
     /// Two connected ends, for tests. Disconnecting either end is final.
-    pub fn pair() -> io::Result<(Link, Link)> {
+    pub fn pair() -> io::Result<(Port, Port)> {
         let (a, b) = UnixStream::pair()?;
         a.set_nonblocking(true)?;
         b.set_nonblocking(true)?;
-        let end = |s| Link {
+        let end = |s| Port {
             kind: Kind::Pair,
             stream: Some(Conn::Unix(s)),
             present: true,
-            pending: Some(LinkEvent::Connected),
+            pending: Some(PortEvent::Connected),
         };
         Ok((end(a), end(b)))
     }
@@ -303,7 +303,7 @@ impl Link {
         want_write: bool,
         timeout: Option<Duration>,
         waker: Option<&Waker>,
-    ) -> io::Result<LinkEvent> {
+    ) -> io::Result<PortEvent> {
         if let Some(ev) = self.pending.take() {
             return Ok(ev);
         }
@@ -319,7 +319,7 @@ impl Link {
                             self.stream = Some(Conn::Unix(s));
                             *backoff = BACKOFF_MIN;
                             *last_error = None;
-                            return Ok(LinkEvent::Connected);
+                            return Ok(PortEvent::Connected);
                         }
                         Err(e) => {
                             *last_error = Some(describe_connect_error(path, &e));
@@ -337,7 +337,7 @@ impl Link {
                         Err(e) => {
                             *next_open = now + BACKOFF_MAX;
                             // Reported on every failed attempt; callers log each text once.
-                            return Ok(LinkEvent::Disconnected(describe_virtio_error(name, path, &e)));
+                            return Ok(PortEvent::Disconnected(describe_virtio_error(name, path, &e)));
                         }
                     }
                 }
@@ -347,9 +347,9 @@ impl Link {
                     if present != self.present {
                         self.present = present;
                         return Ok(if present {
-                            LinkEvent::Connected
+                            PortEvent::Connected
                         } else {
-                            LinkEvent::Disconnected("host side of the virtio port closed".into())
+                            PortEvent::Disconnected("host side of the virtio port closed".into())
                         });
                     }
                 }
@@ -387,7 +387,7 @@ impl Link {
         if let (Some(i), Some(w)) = (waker_index, waker) {
             if revents[i] != 0 {
                 w.drain();
-                return Ok(LinkEvent::Woken);
+                return Ok(PortEvent::Woken);
             }
         }
         if let Kind::Listen { listener, .. } = &self.kind {
@@ -398,10 +398,10 @@ impl Link {
                         let s = prepare_stream(s)?;
                         let replaced = self.stream.replace(Conn::Unix(s)).is_some();
                         if replaced {
-                            self.pending = Some(LinkEvent::Connected);
-                            return Ok(LinkEvent::Disconnected("replaced by a new connection".into()));
+                            self.pending = Some(PortEvent::Connected);
+                            return Ok(PortEvent::Disconnected("replaced by a new connection".into()));
                         }
-                        return Ok(LinkEvent::Connected);
+                        return Ok(PortEvent::Connected);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
@@ -424,16 +424,16 @@ impl Link {
         }
         if readable || (hangup && !matches!(self.kind, Kind::Virtio { .. })) {
             // A hangup on a socket shows up as a read of 0 bytes; let read() report it.
-            return Ok(LinkEvent::Readable);
+            return Ok(PortEvent::Readable);
         }
         if hangup {
             self.present = false;
-            return Ok(LinkEvent::Disconnected("host side of the virtio port closed".into()));
+            return Ok(PortEvent::Disconnected("host side of the virtio port closed".into()));
         }
         if writable {
-            return Ok(LinkEvent::Writable);
+            return Ok(PortEvent::Writable);
         }
-        Ok(LinkEvent::Timeout)
+        Ok(PortEvent::Timeout)
     }
 
     /// Reads available bytes. `Ok(None)` means nothing to read now; a lost peer is
@@ -508,7 +508,7 @@ impl Link {
     }
 }
 
-impl Drop for Link {
+impl Drop for Port {
     fn drop(&mut self) {
         if let Kind::Listen { path, .. } = &self.kind {
             let _ = std::fs::remove_file(path);
@@ -631,16 +631,16 @@ mod tests {
 
     #[test]
     fn pair_moves_bytes_and_reports_hangup() {
-        let (mut a, mut b) = Link::pair().unwrap();
-        assert_eq!(a.wait(false, Some(Duration::ZERO), None).unwrap(), LinkEvent::Connected);
-        assert_eq!(b.wait(false, Some(Duration::ZERO), None).unwrap(), LinkEvent::Connected);
+        let (mut a, mut b) = Port::pair().unwrap();
+        assert_eq!(a.wait(false, Some(Duration::ZERO), None).unwrap(), PortEvent::Connected);
+        assert_eq!(b.wait(false, Some(Duration::ZERO), None).unwrap(), PortEvent::Connected);
         assert_eq!(a.write(b"abc").unwrap(), 3);
-        assert_eq!(b.wait(false, Some(Duration::from_secs(1)), None).unwrap(), LinkEvent::Readable);
+        assert_eq!(b.wait(false, Some(Duration::from_secs(1)), None).unwrap(), PortEvent::Readable);
         let mut buf = [0u8; 8];
         assert_eq!(b.read(&mut buf).unwrap(), Some(3));
         assert_eq!(b.read(&mut buf).unwrap(), None);
         drop(a);
-        assert_eq!(b.wait(false, Some(Duration::from_secs(1)), None).unwrap(), LinkEvent::Readable);
+        assert_eq!(b.wait(false, Some(Duration::from_secs(1)), None).unwrap(), PortEvent::Readable);
         assert_eq!(b.read(&mut buf).unwrap(), Some(0));
         assert!(b.is_finished());
     }
@@ -649,17 +649,17 @@ mod tests {
     fn unix_connect_retries_until_a_listener_appears() {
         let dir = std::env::temp_dir().join(format!("melange-port-test-{}", std::process::id()));
         let path = dir.join("s.sock");
-        let mut c = Link::open(&PortSpec::Unix(path.clone())).unwrap();
-        assert_eq!(c.wait(false, Some(Duration::from_millis(10)), None).unwrap(), LinkEvent::Timeout);
+        let mut c = Port::open(&PortSpec::Unix(path.clone())).unwrap();
+        assert_eq!(c.wait(false, Some(Duration::from_millis(10)), None).unwrap(), PortEvent::Timeout);
         assert!(c.last_error().unwrap().contains("does not exist"));
-        let mut l = Link::listen(&path).unwrap();
+        let mut l = Port::listen(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert!(mode == 0o600 || mode == 0o660, "others may connect: {mode:o}");
         let deadline = Instant::now() + Duration::from_secs(5);
-        while c.wait(false, Some(Duration::from_millis(50)), None).unwrap() != LinkEvent::Connected {
+        while c.wait(false, Some(Duration::from_millis(50)), None).unwrap() != PortEvent::Connected {
             assert!(Instant::now() < deadline);
         }
-        assert_eq!(l.wait(false, Some(Duration::from_secs(1)), None).unwrap(), LinkEvent::Connected);
+        assert_eq!(l.wait(false, Some(Duration::from_secs(1)), None).unwrap(), PortEvent::Connected);
         assert_eq!(c.write(b"x").unwrap(), 1);
         drop(l);
         assert!(!path.exists());
@@ -672,19 +672,19 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("file.sock");
         std::fs::write(&file, b"keep").unwrap();
-        let err = Link::listen(&file).unwrap_err();
+        let err = Port::listen(&file).unwrap_err();
         assert!(err.to_string().contains("is not a socket"), "{err}");
         assert_eq!(std::fs::read(&file).unwrap(), b"keep");
 
         let path = dir.join("s.sock");
         let stale = UnixListener::bind(&path).unwrap();
         drop(stale);
-        let live = Link::listen(&path).unwrap();
+        let live = Port::listen(&path).unwrap();
         // Listening and with its final mode as soon as the name exists; no staging name left.
         assert!(UnixStream::connect(&path).is_ok());
         let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
-        let err = Link::listen(&path).unwrap_err();
+        let err = Port::listen(&path).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         drop(live);
         assert!(!path.exists());
@@ -695,7 +695,7 @@ mod tests {
         std::fs::create_dir_all(&deep).unwrap();
         let short = deep.join("a");
         assert_eq!(short.as_os_str().len(), 107);
-        let l = Link::listen(&short).unwrap();
+        let l = Port::listen(&short).unwrap();
         assert!(UnixStream::connect(&short).is_ok());
         drop(l);
         assert!(!short.exists());
@@ -704,11 +704,11 @@ mod tests {
 
     #[test]
     fn waker_interrupts_a_wait() {
-        let (mut a, _b) = Link::pair().unwrap();
+        let (mut a, _b) = Port::pair().unwrap();
         a.wait(false, None, None).unwrap();
         let w = Waker::new().unwrap();
         w.wake();
-        assert_eq!(a.wait(false, Some(Duration::from_secs(5)), Some(&w)).unwrap(), LinkEvent::Woken);
+        assert_eq!(a.wait(false, Some(Duration::from_secs(5)), Some(&w)).unwrap(), PortEvent::Woken);
     }
 
     #[test]
@@ -742,8 +742,8 @@ mod tests {
 
     #[test]
     fn missing_virtio_port_names_the_fix() {
-        let mut l = Link::open(&PortSpec::Virtio("org.melange.test.missing".into())).unwrap();
-        let LinkEvent::Disconnected(text) = l.wait(false, Some(Duration::ZERO), None).unwrap() else { panic!() };
+        let mut l = Port::open(&PortSpec::Virtio("org.melange.test.missing".into())).unwrap();
+        let PortEvent::Disconnected(text) = l.wait(false, Some(Duration::ZERO), None).unwrap() else { panic!() };
         assert!(
             text.contains("/dev/virtio-ports/org.melange.test.missing") && text.contains("virtserialport"),
             "{text}"

@@ -1,4 +1,4 @@
-//! The guest's end of the user's microphone: what the link's I/O thread does for the
+//! The guest's end of the user's microphone: what the guest core does for the
 //! virtual source.
 //!
 //! The module counts the guest apps recording from its virtual microphone and tells
@@ -6,7 +6,7 @@
 //! (`CaptureDemand`), at every change and at the start of every session. The host
 //! answers with a stream of its own, mono at 48 kHz; [`MicReceiver`] receives it as
 //! every stream is received ([`Receiver`]: order, loss concealment, real-time budget)
-//! into the virtual source's render ring ([`crate::render`]), whose real-time callback plays
+//! into the virtual source's render ring ([`melange_shim::render`]), whose real-time callback plays
 //! it on the guest's clock with its own jitter buffer and drift control. Without that
 //! stream (no host, no microphone, `--mic none`) the ring stays empty and the source
 //! plays silence.
@@ -21,13 +21,12 @@ use std::time::Instant;
 
 use rtrb::Producer;
 
-use crate::receive::{BurstPool, ReceiveCounts, Receiver};
-use crate::render::RenderStats;
+use melange_shim::receive::{BurstPool, ReceiveCounts, Receiver};
+use melange_shim::render::RenderStats;
 use melange_transport::message::{CaptureDemand, CaptureDevice, MediaKind, MediaPacket, StreamOpen};
 
-/// The microphone's rate and channels, as the virtual source offers them.
-pub const MIC_RATE: u32 = 48_000;
-/// See [`MIC_RATE`].
+pub use melange_transport::message::MIC_RATE;
+/// The microphone's channels, as the virtual source offers them.
 pub const MIC_CHANNELS: u8 = 1;
 
 /// The feeding end of the virtual source's render ring.
@@ -41,7 +40,7 @@ pub struct MicFeed {
     pub frame_us: u32,
 }
 
-/// The microphone stream's state on the guest's I/O thread. See the module docs.
+/// The microphone stream's state in the guest core. See the module docs.
 #[derive(Debug)]
 pub struct MicReceiver {
     feed: MicFeed,
@@ -171,9 +170,9 @@ impl MicReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::FrameEncoder;
-    use crate::opus::Application;
-    use crate::render::{render_ring, OutputClock, RenderConfig};
+    use melange_shim::codec::FrameEncoder;
+    use melange_shim::opus::Application;
+    use melange_shim::render::{render_ring, OutputClock, RenderConfig};
     use melange_transport::message::{AppInfo, AudioFormat, Codec};
 
     fn format() -> AudioFormat {

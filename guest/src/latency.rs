@@ -6,7 +6,7 @@
 //!
 //! | part | measured by | how |
 //! |---|---|---|
-//! | guest | the link thread | mean of (sent - pts) per packet: waiting for the rest of the packet, encoding, queueing |
+//! | guest | the guest core (`melange-guest` thread) | mean of (sent - pts) per packet: waiting for the rest of the packet, encoding, queueing |
 //! | codec | the encoder | its lookahead (Opus), 0 for PCM |
 //! | transport | the session | half the heartbeat round trip |
 //! | host render | `melange-host` | jitter buffer ahead of an arriving packet, the wait for its output's next cycle, the output's latency (`StreamLatency` reports) |
