@@ -9,8 +9,9 @@
 //! alone moves with a wake-up late on a busy machine (the silence put in for those made
 //! a 1 kHz tone come out at 949 Hz after a restart under load), the position alone
 //! jumps when the graph changes its driver (an app starting on a sink that drives).
-//! [`TapEncoder`], on the thread that sends (the guest's core, the host's microphone thread), cuts the bytes into codec frames, stamps each with
-//! its presentation time and encodes it into a [`MediaPacket`].
+//! [`TapEncoder`], on the thread that sends (the guest core's, the host microphone's),
+//! cuts the bytes into codec frames, stamps each with its presentation time and encodes
+//! it into a [`MediaPacket`].
 
 #![forbid(unsafe_code)]
 
