@@ -245,9 +245,9 @@ impl std::fmt::Debug for Host {
 }
 
 impl Host {
-    /// A host rendering into `output`.
-    pub fn new(config: HostConfig, output: Box<dyn Output>) -> Self {
-        let clock = clock::now_pair();
+    /// A host rendering into `output`, made at `clock`: the same moment as an
+    /// [`Instant`] and as `CLOCK_MONOTONIC` ns ([`clock::now_pair`]).
+    pub fn new(config: HostConfig, output: Box<dyn Output>, clock: (Instant, u64)) -> Self {
         Self {
             config,
             output,
@@ -1028,8 +1028,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let config =
             HostConfig { latency: Some(Duration::from_millis(30)), mic: MicSpec::None, ..HostConfig::default() };
-        let mut host = Host::new(config, Box::new(WavOutput::new(&dir, 1 << 30).unwrap()));
         let t0 = Instant::now();
+        let mut host = Host::new(config, Box::new(WavOutput::new(&dir, 1 << 30).unwrap()), (t0, 0));
         let mut guest = connect(&mut host, t0);
         guest.open_stream(1, &mono_pcm("app")).unwrap();
         let packet = |seq| MediaPacket { seq, pts_ns: 0, duration: 480, data: vec![7; 960] };
@@ -1098,8 +1098,8 @@ mod tests {
     fn render_delay_is_reported_to_the_guest_when_it_changes() {
         let delay = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(20_000_000));
         let config = HostConfig { mic: MicSpec::None, ..HostConfig::default() };
-        let mut host = Host::new(config, Box::new(FixedDelay(delay.clone())));
         let t0 = Instant::now();
+        let mut host = Host::new(config, Box::new(FixedDelay(delay.clone())), (t0, 0));
         let mut guest = connect(&mut host, t0);
         guest.open_stream(1, &mono_pcm("app")).unwrap();
         let mut reports = Vec::new();
@@ -1167,8 +1167,8 @@ mod tests {
     fn a_stream_cannot_deliver_more_than_real_time() {
         let counting = Counting::default();
         let config = HostConfig { mic: MicSpec::None, ..HostConfig::default() };
-        let mut host = Host::new(config, Box::new(counting.clone()));
         let t0 = Instant::now();
+        let mut host = Host::new(config, Box::new(counting.clone()), (t0, 0));
         let mut guest = connect(&mut host, t0);
         guest.open_stream(1, &mono_pcm("genuine")).unwrap();
         let opus = StreamOpen {
@@ -1215,8 +1215,8 @@ mod tests {
     #[test]
     fn a_toggling_guest_is_told_once_that_there_is_no_microphone() {
         let config = HostConfig { mic: MicSpec::None, ..HostConfig::default() };
-        let mut host = Host::new(config, Box::new(Counting::default()));
         let t0 = Instant::now();
+        let mut host = Host::new(config, Box::new(Counting::default()), (t0, 0));
         let mut guest = connect(&mut host, t0);
         for i in 0..100u64 {
             let now = t0 + Duration::from_millis(20 * i);

@@ -150,7 +150,7 @@ fn run(cli: Cli) -> Result<(), String> {
         stats: cli.stats,
         mic: cli.mic,
     };
-    let mut host = Host::new(config, output);
+    let mut host = Host::new(config, output, melange_shim::clock::now_pair());
     host.run(&mut port, &waker, &STOP).map_err(|e| format!("port error on {}: {e}", port.describe()))?;
     log::info!("melange-host: stopped");
     Ok(())
