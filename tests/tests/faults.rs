@@ -526,7 +526,7 @@ fn an_absent_host_costs_the_guest_next_to_nothing_and_apps_play_on() {
     let connected = &first["melange.host.connected"];
     assert!(connected == false || connected == "false", "no host, but the node says connected: {connected}");
     let (cpu_before, rss_before) = (melange_tests::cpu_seconds(module), proc_status_kib(module, "VmRSS:"));
-    let io = thread_named(module, "melange-link").expect("the module's I/O thread");
+    let io = thread_named(module, "melange-guest").expect("the module's melange-guest thread");
     let threads_before = threads_cpu(module);
     let (io_cpu_before, wakes_before) = (thread_cpu_seconds(&io), thread_switches(&io));
     let window = Instant::now();
