@@ -33,3 +33,4 @@ pub mod playout;
 pub mod receive;
 pub mod render;
 pub mod tap;
+pub mod wav;
