@@ -13,8 +13,8 @@
 //! | `sink.description` | `Melange` | what desktops show for the sink |
 //!
 //! Low-latency mode sends 2.5 ms packets (Opus restricted-low-delay, like normal mode)
-//! and keeps the guest graph's quantum at 128 while an app is redirected. It costs more CPU and bytes per second; the trade-offs
-//! are measured in `docs/latency.md`.
+//! and keeps the guest graph's quantum at 128 while an app is redirected. It costs more
+//! CPU and bytes per second; the trade-offs are measured in `docs/latency.md`.
 
 use melange_shim::codec::FRAME_DURATIONS_US;
 use melange_shim::opus::Application;
@@ -28,9 +28,9 @@ pub const DEFAULT_PORT: &str = "virtio:org.melange.media.0";
 /// Latency mode: which trade-off between delay and cost the taps make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// 10 ms Opus packets with the music application; the default.
+    /// 10 ms packets and a tap quantum of 256; the default.
     Normal,
-    /// 5 ms restricted-low-delay Opus packets and a small tap quantum.
+    /// 2.5 ms packets and a tap quantum of 128, for calls and games.
     LowLatency,
 }
 

@@ -28,3 +28,4 @@ pub mod playout;
 pub mod receive;
 pub mod render;
 pub mod tap;
+pub mod wav;

@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use melange_shim::wav::{self, SampleFormat, WavFormat};
+
 /// Interleaved audio with its layout.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Audio {
@@ -30,71 +32,37 @@ impl Audio {
 /// Reads a PCM s16 or IEEE-float WAV (plain or WAVE_FORMAT_EXTENSIBLE).
 pub fn read_wav(path: &Path) -> Result<Audio, String> {
     let b = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if b.len() < 12 || &b[0..4] != b"RIFF" || &b[8..12] != b"WAVE" {
-        return Err(format!("{}: not a WAV file", path.display()));
-    }
-    let mut pos = 12;
-    let (mut format, mut channels, mut rate, mut bits) = (0u16, 0usize, 0u32, 0u16);
-    while pos + 8 <= b.len() {
-        let id = &b[pos..pos + 4];
-        let len = u32::from_le_bytes([b[pos + 4], b[pos + 5], b[pos + 6], b[pos + 7]]) as usize;
-        let body = &b[pos + 8..(pos + 8 + len).min(b.len())];
-        if id == b"fmt " && body.len() >= 16 {
-            format = u16::from_le_bytes([body[0], body[1]]);
-            channels = usize::from(u16::from_le_bytes([body[2], body[3]]));
-            rate = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
-            bits = u16::from_le_bytes([body[14], body[15]]);
-            if format == 0xFFFE && body.len() >= 26 {
-                format = u16::from_le_bytes([body[24], body[25]]);
-            }
-        } else if id == b"data" {
-            return match (format, bits) {
-                (1, 16) => {
-                    let s16: Vec<i16> = body.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect();
-                    let samples = s16.iter().map(|v| f32::from(*v) / 32768.0).collect();
-                    Ok(Audio { rate, channels, samples, s16: Some(s16) })
-                }
-                (3, 32) => {
-                    let samples = body.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                    Ok(Audio { rate, channels, samples, s16: None })
-                }
-                _ => Err(format!("{}: unsupported WAV format {format}/{bits} bits", path.display())),
-            };
+    let (format, data) = wav::parse(&b).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (rate, channels) = (format.rate, usize::from(format.channels));
+    Ok(match format.sample {
+        SampleFormat::S16 => {
+            let s16: Vec<i16> = data.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect();
+            let samples = s16.iter().map(|v| f32::from(*v) / 32768.0).collect();
+            Audio { rate, channels, samples, s16: Some(s16) }
         }
-        pos += 8 + len + (len & 1);
-    }
-    Err(format!("{}: no data chunk", path.display()))
+        SampleFormat::F32 => {
+            let samples = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            Audio { rate, channels, samples, s16: None }
+        }
+    })
 }
 
 /// Writes an s16 WAV.
 pub fn write_wav_s16(path: &Path, rate: u32, channels: u16, samples: &[i16]) {
     let data: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
-    write_wav(path, 1, rate, channels, 16, &data);
+    write_wav(path, WavFormat { sample: SampleFormat::S16, channels, rate }, &data);
 }
 
 /// Writes a 32-bit float WAV.
 pub fn write_wav_f32(path: &Path, rate: u32, channels: u16, samples: &[f32]) {
     let data: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
-    write_wav(path, 3, rate, channels, 32, &data);
+    write_wav(path, WavFormat { sample: SampleFormat::F32, channels, rate }, &data);
 }
 
-fn write_wav(path: &Path, format: u16, rate: u32, channels: u16, bits: u16, data: &[u8]) {
-    let block = channels * bits / 8;
-    let mut h = Vec::with_capacity(44 + data.len());
-    h.extend_from_slice(b"RIFF");
-    h.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
-    h.extend_from_slice(b"WAVEfmt ");
-    h.extend_from_slice(&16u32.to_le_bytes());
-    h.extend_from_slice(&format.to_le_bytes());
-    h.extend_from_slice(&channels.to_le_bytes());
-    h.extend_from_slice(&rate.to_le_bytes());
-    h.extend_from_slice(&(rate * u32::from(block)).to_le_bytes());
-    h.extend_from_slice(&block.to_le_bytes());
-    h.extend_from_slice(&bits.to_le_bytes());
-    h.extend_from_slice(b"data");
-    h.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    h.extend_from_slice(data);
-    std::fs::write(path, h).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+fn write_wav(path: &Path, format: WavFormat, data: &[u8]) {
+    let mut file = wav::header(format, data.len() as u64).to_vec();
+    file.extend_from_slice(data);
+    std::fs::write(path, file).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
 /// A sine tone, `seconds` long, amplitude `amp`.

@@ -34,7 +34,9 @@ impl ScriptedGuest {
         let sock = UnixStream::connect(path).expect("connect to melange-host");
         sock.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
         sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        let caps = Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: 64 };
+        // What the guest module offers.
+        let max_streams = melange_transport::message::MAX_STREAMS;
+        let caps = Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams };
         let session = Session::new(SessionConfig::new(Role::Guest, software, caps), Instant::now());
         let mut g = ScriptedGuest { sock, session };
         let hello = g.session.pending_output().to_vec();
@@ -121,7 +123,9 @@ impl ScriptedHost {
     pub fn accept(listener: &UnixListener) -> ScriptedHost {
         let (sock, _) = listener.accept().expect("the guest connects");
         sock.set_nonblocking(true).expect("non-blocking");
-        let caps = Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: 64 };
+        // What melange-host offers.
+        let max_streams = melange_renderer::host::MAX_STREAMS;
+        let caps = Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams };
         let session = Session::new(SessionConfig::new(Role::Host, "scripted host", caps), Instant::now());
         let mut h = ScriptedHost { sock, session, events: Vec::new() };
         let deadline = Instant::now() + Duration::from_secs(10);

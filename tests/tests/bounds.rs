@@ -6,20 +6,14 @@
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use melange_tests::{
-    audio, cpu_seconds, fds_and_threads, proc_status_kib, reports, scratch, signal, start_host, wait_until, PipeWire,
-    Proc, ScriptedGuest,
+    audio, cpu_seconds, fds_and_threads, proc_status_kib, reports, scratch, serial, signal, start_host, wait_until,
+    PipeWire, Proc, ScriptedGuest,
 };
 use melange_transport::message::{AudioFormat, Codec, Volume};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// melange-host listening on `dir/port.sock` with `args`.
 fn host(dir: &Path, pw: Option<&PipeWire>, args: &[&str]) -> (Proc, std::path::PathBuf) {

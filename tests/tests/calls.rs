@@ -3,18 +3,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use melange_tests::{
-    audio, scratch, start_guest, start_guest_with, start_host, wait_until, GuestCodec, PipeWire, Proc, Redirected,
+    audio, scratch, serial, start_guest, start_guest_with, start_host, wait_until, GuestCodec, PipeWire, Proc,
+    Redirected,
 };
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The tone the host's source plays: 1 kHz, mono, 0.25 of full scale.
 const TONE_AMP: f64 = 0.25;

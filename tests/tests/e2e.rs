@@ -5,19 +5,12 @@
 //! The tests share the machine's two cores, so they run one at a time.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use melange_tests::audio::{self, Audio};
 use melange_tests::{
-    reports, scratch, start_guest, start_host, wait_until, wav_files, GuestCodec, PipeWire, Proc, Redirected,
+    reports, scratch, serial, start_guest, start_host, wait_until, wav_files, GuestCodec, PipeWire, Proc, Redirected,
 };
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A guest session redirected to a `melange-host` that writes WAV files.
 struct Rig {

@@ -4,19 +4,12 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use melange_tests::{
-    audio, child_named, fds_and_threads, lines, proc_status_kib, reports, scratch, start_guest, start_host, wait_until,
-    wav_files, GuestCodec, PipeWire, Proc, Redirected, Relay,
+    audio, child_named, fds_and_threads, lines, proc_status_kib, reports, scratch, serial, start_guest, start_host,
+    wait_until, wav_files, GuestCodec, PipeWire, Proc, Redirected, Relay,
 };
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A tone long enough to outlast the test, played by pw-play in the guest.
 fn long_tone(pw: &PipeWire, dir: &Path, seconds: f64) -> std::process::Child {

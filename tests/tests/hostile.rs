@@ -3,14 +3,18 @@
 //! huge declared lengths, zero-length payloads, sequence jumps and wraps, time going
 //! backwards, hostile Opus packets, unknown frame kinds, garbage, and a client that
 //! never reads; then a handshake storm. melange-host must stay up within its memory and
-//! CPU bounds, play the genuine stream bit-exact, rate-limit its log per kind of error,
-//! and serve the next guest.
+//! CPU bounds, play the genuine stream bit-exact, conceal the packets a second, lossy
+//! stream loses (silence exactly in their place, for PCM; a gap too long to conceal
+//! skipped), give no hostile stream more concealment than the audio it really sent,
+//! rate-limit its log per kind of error, and serve the next guest.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
+use melange_renderer::host::MAX_STREAMS;
+use melange_shim::receive::MAX_CONCEAL_MS;
 use melange_tests::audio;
-use melange_tests::{cpu_seconds, proc_status_kib, reports, scratch, start_host, wait_until, ScriptedGuest};
+use melange_tests::{cpu_seconds, proc_status_kib, reports, scratch, start_host, wait_until, wav_files, ScriptedGuest};
 use melange_transport::frame::{crc16, encode_frame, FrameKind, MAX_PAYLOAD};
 use melange_transport::message::{encode_control, Capabilities, Codec, Hello, Role};
 
@@ -30,17 +34,36 @@ fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() 
     let cpu0 = cpu_seconds(pid);
 
     let mut g = ScriptedGuest::connect(&sock);
-    // Stream 1 is genuine PCM; 2 (Opus) and 3 (PCM) are hostile; 4..=64 fill the limit.
+    // Stream 1 is genuine PCM; 2 (Opus) and 3 (PCM) are hostile; 4 is genuine PCM that
+    // loses packets; the rest fill melange-host's limit, and one more is refused.
     g.open(1, 48000, 2, Codec::PcmS16Le, 480, "genuine");
     g.open(2, 48000, 2, Codec::Opus { bitrate: 64_000 }, 480, "hostile opus");
     g.open(3, 48000, 2, Codec::PcmS16Le, 480, "hostile pcm");
-    for id in 4..=64 {
+    g.open(4, 48000, 2, Codec::PcmS16Le, 480, "lossy");
+    let limit = u32::from(MAX_STREAMS);
+    for id in 5..=limit {
         g.open(id, 8000, 1, Codec::PcmS16Le, 480, "filler");
     }
-    g.open(65, 48000, 2, Codec::PcmS16Le, 480, "one too many");
+    g.open(limit + 1, 48000, 2, Codec::PcmS16Le, 480, "one too many");
 
     let signal = audio::noise(300 * 960, 0.4, 7);
     let sent: Vec<i16> = signal.iter().map(|v| (v * 32767.0) as i16).collect();
+    // Stream 4's packets that never leave: single losses, three in a row (both short
+    // enough to conceal), and twelve in a row (120 ms, over MAX_CONCEAL_MS: skipped).
+    let long_gap = 250..262u32;
+    let lost = |seq: u32| seq % 50 == 25 || (140..143).contains(&seq) || long_gap.contains(&seq);
+    let lossy: Vec<i16> = audio::noise(300 * 960, 0.4, 11).iter().map(|v| (v * 32767.0) as i16).collect();
+    // What stream 4 must come out as: its packets, silence in place of each lost one
+    // (PCM's concealment), nothing for the long gap.
+    let mut lossy_expected: Vec<i16> = Vec::new();
+    for (seq, chunk) in (0u32..).zip(lossy.chunks(960)) {
+        match (lost(seq), long_gap.contains(&seq)) {
+            (false, _) => lossy_expected.extend_from_slice(chunk),
+            (true, false) => lossy_expected.extend(std::iter::repeat(0).take(chunk.len())),
+            (true, true) => {}
+        }
+    }
+    assert!(long_gap.len() as u64 * 10 > MAX_CONCEAL_MS, "the long gap must be too long to conceal");
     let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = move || {
         rng ^= rng << 13;
@@ -59,6 +82,10 @@ fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() 
         let seq = seq as u32;
         let data: Vec<u8> = chunk.iter().flat_map(|s| s.to_le_bytes()).collect();
         g.media(1, seq, 1_000_000_000 + u64::from(seq) * 10_000_000, 480, data);
+        if !lost(seq) {
+            let data: Vec<u8> = lossy[seq as usize * 960..][..960].iter().flat_map(|s| s.to_le_bytes()).collect();
+            g.media(4, seq, 1_000_000_000 + u64::from(seq) * 10_000_000, 480, data);
+        }
         match seq % 8 {
             // Maximum-size frames, in a flood, for a stream that does not exist.
             0 => {
@@ -116,10 +143,13 @@ fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() 
     // A quiet second, so the close is not counted against the control-rate limit.
     std::thread::sleep(Duration::from_millis(1100));
     g.close(1, "genuine stream ends");
+    g.close(4, "lossy stream ends");
     let closed = wait_until(Duration::from_secs(10), || {
-        reports(&dir).iter().any(|r| r["stream"] == 1 && r["app"] == "genuine").then_some(())
+        let reps = reports(&dir);
+        let closed = |id: u32, app: &str| reps.iter().any(|r| r["stream"] == id && r["app"] == app);
+        (closed(1, "genuine") && closed(4, "lossy")).then_some(())
     });
-    assert!(closed.is_some(), "the genuine stream never closed:\n{}", host.log_text());
+    assert!(closed.is_some(), "the genuine streams never closed:\n{}", host.log_text());
 
     // The genuine stream came out whole and bit-exact.
     let genuine = audio::read_wav(&wav.join("s1-stream1-genuine.wav")).expect("genuine WAV");
@@ -128,9 +158,27 @@ fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() 
     let r1 = reps.iter().find(|r| r["stream"] == 1).expect("report");
     assert_eq!(r1["lost_packets"], 0);
     assert_eq!(r1["bad_packets"], 0);
-    // The stream over the limit was refused, and no hostile stream got more than it
-    // sent in concealment.
-    assert!(!wav.join("s1-stream65-one_too_many.wav").exists(), "stream 65 was over the limit");
+    // The lossy stream's lost packets were concealed: silence exactly in their place,
+    // everything else bit-exact, and the long gap skipped, not filled.
+    let short_losses = (0..300u32).filter(|s| lost(*s) && !long_gap.contains(s)).count();
+    let r4 = reps.iter().find(|r| r["stream"] == 4).expect("report of the lossy stream");
+    eprintln!(
+        "lossy stream: {} packets lost, {} concealed ms, {} packets; {short_losses} short losses and a gap of {} sent",
+        r4["lost_packets"],
+        r4["concealed_ms"],
+        r4["packets"],
+        long_gap.len()
+    );
+    let lossy_out = audio::read_wav(&wav.join("s1-stream4-lossy.wav")).expect("lossy WAV");
+    let lossy_out = lossy_out.s16.expect("PCM is stored as s16");
+    assert_eq!(lossy_out.len(), lossy_expected.len(), "the lossy stream's length");
+    if let Some(i) = lossy_out.iter().zip(&lossy_expected).position(|(a, b)| a != b) {
+        panic!("the lossy stream differs at sample frame {} (packet {})", i / 2, i / 960);
+    }
+    assert_eq!(r4["lost_packets"].as_u64(), Some((short_losses + long_gap.len()) as u64));
+    assert_eq!(r4["concealed_ms"].as_f64(), Some(short_losses as f64 * 10.0));
+    // The stream over the limit was refused.
+    assert!(!wav.join(format!("s1-stream{}-one_too_many.wav", limit + 1)).exists(), "a stream over the limit");
     assert!(host.log_text().contains("stream limit"), "{}", host.log_text());
 
     // Handshake storm: the session is closed and the connection dropped.
@@ -142,7 +190,7 @@ fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() 
             software: "storm".into(),
             epoch: i,
             clock_id: String::new(),
-            capabilities: Capabilities { codecs: 3, max_streams: 64 },
+            capabilities: Capabilities { codecs: 3, max_streams: melange_transport::message::MAX_STREAMS },
         };
         let mut frame = Vec::new();
         encode_frame(&mut frame, FrameKind::Hello, 0, 0, &encode_control("hello", &hello).expect("encodes"))
@@ -173,6 +221,33 @@ fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() 
     let served =
         wait_until(Duration::from_secs(10), || reports(&dir).iter().any(|r| r["app"] == "next guest").then_some(()));
     assert!(served.is_some(), "the host did not serve the next guest:\n{}", host.log_text());
+
+    // No hostile stream got more concealment than the audio it really sent (closed with
+    // their session by the storm): sequence jumps of up to 2^31 and refused packets
+    // cannot make audio out of nothing. Its files hold exactly what its report counts.
+    let reps = reports(&dir);
+    for (id, name) in [(2u32, "hostile_opus"), (3, "hostile_pcm")] {
+        let r = reps
+            .iter()
+            .find(|r| r["session"] == 1 && r["stream"] == id)
+            .unwrap_or_else(|| panic!("no report of hostile stream {id}:\n{}", host.log_text()));
+        let (all_ms, concealed_ms) = (r["media_seconds"].as_f64().unwrap_or(-1.0) * 1000.0, r["concealed_ms"].as_f64());
+        let concealed_ms = concealed_ms.unwrap_or(f64::MAX);
+        let decoded_ms = all_ms - concealed_ms;
+        let file_ms: f64 = wav_files(&wav)
+            .iter()
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("s1-stream{id}"))))
+            .filter(|p| p.to_string_lossy().contains(name))
+            .map(|p| audio::read_wav(p).map_or(0.0, |a| a.seconds() * 1000.0))
+            .sum();
+        eprintln!(
+            "hostile stream {id}: {decoded_ms:.0} ms decoded, {concealed_ms:.0} ms concealed, {file_ms:.0} ms in its \
+             file; {} packets, {} lost, {} bad, {} late",
+            r["packets"], r["lost_packets"], r["bad_packets"], r["late_packets"]
+        );
+        assert!(concealed_ms <= decoded_ms, "stream {id}: {concealed_ms} ms concealed for {decoded_ms} ms decoded");
+        assert!((file_ms - all_ms).abs() < 0.5, "stream {id}: {file_ms} ms in its files, {all_ms} ms reported");
+    }
 
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu0;

@@ -16,10 +16,9 @@
 //! `tests/tests/stalls.rs`.)
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use melange_tests::{scratch, wait_until, GuestCodec, PipeWire, Proc, Redirected};
+use melange_tests::{scratch, serial, wait_until, GuestCodec, PipeWire, Proc, Redirected};
 
 /// One click: when it was played (s after the first), what the app was told and what
 /// it took (ms).
@@ -72,9 +71,6 @@ fn record(pw: &PipeWire, target: &str, seconds: f64, out: &Path, log: std::path:
     rec.args(["record", "--target", target, "--seconds", &seconds.to_string(), "--out"]).arg(out);
     Proc::spawn(rec, log)
 }
-
-/// The tests share the machine's two cores: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Plays the click train through `api` in a redirected guest, changing the host's
 /// quantum once.
@@ -172,7 +168,7 @@ fn real_change(before: &[(Click, f64)], after: &[(Click, f64)]) -> f64 {
 
 #[test]
 fn a_pipewire_app_is_told_its_real_latency_within_5_ms_and_follows_it() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let clicks = clicks_through("pipewire");
     eprintln!("{}", table(&clicks));
     let (before, after) = (phase(&clicks, BEFORE, 0.0), phase(&clicks, AFTER, 0.0));
@@ -192,7 +188,7 @@ fn a_pipewire_app_is_told_its_real_latency_within_5_ms_and_follows_it() {
 /// single reading more than 15 ms off.
 #[test]
 fn a_pulseaudio_app_is_told_its_real_latency_within_5_ms_and_follows_it() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let bias = pulse_baseline_ms();
     let clicks = clicks_through("pulse");
     eprintln!("pipewire-pulse's own error: {bias:+.2} ms\n{}", table(&clicks));

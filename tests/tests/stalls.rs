@@ -11,19 +11,12 @@
 //!   and target before and after.
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use melange_tests::{
-    audio, child_named, scratch, signal, start_guest, start_host, stats_lines, wait_until, GuestCodec, PipeWire, Proc,
-    Redirected,
+    audio, child_named, scratch, serial, signal, start_guest, start_host, stats_lines, wait_until, GuestCodec,
+    PipeWire, Proc, Redirected,
 };
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The stall lengths the issue names, in seconds: all under the 5 s peer timeout.
 const STALLS: [f64; 4] = [0.2, 1.0, 3.0, 4.9];

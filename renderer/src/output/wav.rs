@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use melange_shim::wav::{self, SampleFormat, WavFormat};
 use melange_transport::message::Volume;
 
 use super::{Output, OutputError, StreamDesc, StreamSink};
@@ -41,8 +42,6 @@ const NAME_ATTEMPTS: u32 = 100;
 /// What a file costs against `--wav-max-bytes` before its audio: its header, an inode
 /// and the blocks a file system gives a small file, rounded up.
 pub const FILE_COST: u64 = 64 * 1024;
-/// Most audio one file holds: what a RIFF header can say.
-const MAX_FILE_DATA: u64 = u32::MAX as u64 - 36;
 
 /// What all the files of one run may hold together.
 #[derive(Debug)]
@@ -209,23 +208,9 @@ impl WavWriter {
     }
 
     fn write_header(&mut self) -> std::io::Result<()> {
-        let bytes_per_sample: u16 = if self.s16 { 2 } else { 4 };
-        let block = self.channels * bytes_per_sample;
+        let sample = if self.s16 { SampleFormat::S16 } else { SampleFormat::F32 };
         // A file never holds more than the header can say (see `append`).
-        let data = self.data_bytes.min(MAX_FILE_DATA) as u32;
-        let mut h = Vec::with_capacity(44);
-        h.extend_from_slice(b"RIFF");
-        h.extend_from_slice(&(36 + data).to_le_bytes());
-        h.extend_from_slice(b"WAVEfmt ");
-        h.extend_from_slice(&16u32.to_le_bytes());
-        h.extend_from_slice(&(if self.s16 { 1u16 } else { 3u16 }).to_le_bytes());
-        h.extend_from_slice(&self.channels.to_le_bytes());
-        h.extend_from_slice(&self.rate.to_le_bytes());
-        h.extend_from_slice(&(self.rate * u32::from(block)).to_le_bytes());
-        h.extend_from_slice(&block.to_le_bytes());
-        h.extend_from_slice(&(bytes_per_sample * 8).to_le_bytes());
-        h.extend_from_slice(b"data");
-        h.extend_from_slice(&data.to_le_bytes());
+        let h = wav::header(WavFormat { sample, channels: self.channels, rate: self.rate }, self.data_bytes);
         self.file.flush()?;
         let f = self.file.get_mut();
         f.seek(SeekFrom::Start(0))?;
@@ -236,7 +221,8 @@ impl WavWriter {
 
     fn append(&mut self, samples: &[f32]) -> std::io::Result<()> {
         let bytes = samples.len() as u64 * if self.s16 { 2 } else { 4 };
-        if self.data_bytes + bytes > MAX_FILE_DATA {
+        // Most audio one file holds: what a RIFF header can say.
+        if self.data_bytes + bytes > wav::MAX_DATA_BYTES {
             return Err(std::io::Error::other("a WAV file holds 4 GiB at most"));
         }
         if self.budget.as_ref().is_some_and(|b| !b.take(bytes)) {
@@ -329,10 +315,10 @@ mod tests {
         w.write(&[0.5, -0.5, 0.25, -1.0]);
         w.close().unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        assert_eq!(&bytes[0..4], b"RIFF");
-        assert_eq!(u32::from_le_bytes(bytes[4..8].try_into().unwrap()), 36 + 8);
-        assert_eq!(u32::from_le_bytes(bytes[40..44].try_into().unwrap()), 8);
-        let samples: Vec<i16> = bytes[44..].chunks(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect();
+        let (format, data) = wav::parse(&bytes).unwrap();
+        assert_eq!(format, WavFormat { sample: SampleFormat::S16, channels: 2, rate: 48000 });
+        assert_eq!(bytes[..wav::HEADER_BYTES], wav::header(format, 8));
+        let samples: Vec<i16> = data.chunks(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect();
         assert_eq!(samples, [16384, -16384, 8192, -32768]);
         std::fs::remove_file(path).unwrap();
     }
@@ -406,7 +392,7 @@ mod tests {
         b.close().unwrap();
         let sizes: u64 = ["s1-stream1-a.wav", "s1-stream2-b.wav"]
             .iter()
-            .map(|n| std::fs::metadata(dir.join(n)).unwrap().len() - 44)
+            .map(|n| std::fs::metadata(dir.join(n)).unwrap().len() - wav::HEADER_BYTES as u64)
             .sum();
         assert!((10_000 - 960..=10_000).contains(&sizes), "{sizes} bytes of audio");
         // And a stream opened after the cap gets no file.
@@ -415,7 +401,9 @@ mod tests {
         assert!(!dir.join("s1-stream3-c.wav").exists());
         // Each file is whole: its header says what it holds.
         let bytes = std::fs::read(dir.join("s1-stream1-a.wav")).unwrap();
-        assert_eq!(u64::from(u32::from_le_bytes(bytes[40..44].try_into().unwrap())), bytes.len() as u64 - 44);
+        let (format, _) = wav::parse(&bytes).unwrap();
+        let held = bytes.len() - wav::HEADER_BYTES;
+        assert_eq!(bytes[..wav::HEADER_BYTES], wav::header(format, held as u64));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -90,6 +90,41 @@ impl System {
     }
 }
 
+/// `--systems` takes the names [`System::name`] gives, and `--help` lists them with
+/// what each is.
+impl clap::ValueEnum for System {
+    fn value_variants<'a>() -> &'a [Self] {
+        &System::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()).help(self.describe()))
+    }
+}
+
+/// Melange against PipeWire's own network modules, in one run, on this machine, with
+/// the same input (see `scripts/bench`).
+#[derive(Debug, clap::Parser)]
+#[command(name = "melange-bench")]
+struct Args {
+    /// Seconds each run plays (at least 6: the first 3 are convergence).
+    #[arg(long, value_name = "N", default_value_t = 12.0)]
+    seconds: f64,
+    /// How many streams play at once, one run per count.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',', default_value = "1,8,32")]
+    streams: Vec<usize>,
+    /// The systems to measure, in this order [default: all].
+    #[arg(long, value_name = "SYSTEM,SYSTEM,...", value_delimiter = ',')]
+    systems: Vec<System>,
+    /// Where the results go as JSON, one object per system [default: in the scratch
+    /// directory].
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Where the latency distributions go as SVG [default: in the scratch directory].
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+}
+
 /// One run: a system with N streams.
 #[derive(Debug, Default, Clone)]
 struct Run {
@@ -447,28 +482,18 @@ fn svg(results: &[(System, Vec<f64>)]) -> String {
     s
 }
 
-fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
-}
-
-fn run() -> Result<(), String> {
-    let args: Vec<String> = std::env::args().collect();
-    let seconds: f64 = arg(&args, "--seconds").map_or(Ok(12.0), |v| v.parse().map_err(|_| "bad --seconds"))?;
-    if seconds < 6.0 {
+fn run(args: Args) -> Result<(), String> {
+    let Args { seconds, streams: counts, systems, json, svg: svg_file } = args;
+    if seconds.is_nan() || seconds < 6.0 {
         return Err("--seconds must be at least 6".into());
     }
-    let counts: Vec<usize> =
-        arg(&args, "--streams").map_or(vec![1, 8, 32], |s| s.split(',').filter_map(|n| n.parse().ok()).collect());
-    let systems: Vec<System> = match arg(&args, "--systems") {
-        None => System::ALL.to_vec(),
-        Some(list) => list
-            .split(',')
-            .map(|n| System::ALL.into_iter().find(|s| s.name() == n).ok_or_else(|| format!("unknown system {n}")))
-            .collect::<Result<_, _>>()?,
-    };
+    if counts.contains(&0) {
+        return Err("--streams: each count must be at least 1".into());
+    }
+    let systems = if systems.is_empty() { System::ALL.to_vec() } else { systems };
     let dir = scratch("bench");
-    let json_path = arg(&args, "--json").map_or_else(|| dir.join("bench.json"), PathBuf::from);
-    let svg_path = arg(&args, "--svg").map_or_else(|| dir.join("bench-latency.svg"), PathBuf::from);
+    let json_path = json.unwrap_or_else(|| dir.join("bench.json"));
+    let svg_path = svg_file.unwrap_or_else(|| dir.join("bench-latency.svg"));
 
     let mut results = Vec::new();
     let mut index = 0;
@@ -541,11 +566,34 @@ fn run() -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    match run() {
+    match run(<Args as clap::Parser>::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("melange-bench: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[test]
+    fn defaults_and_lists() {
+        let a = Args::try_parse_from(["melange-bench"]).unwrap();
+        assert_eq!((a.seconds, a.streams, a.systems, a.json, a.svg), (12.0, vec![1, 8, 32], vec![], None, None));
+        let a =
+            Args::try_parse_from(["melange-bench", "--streams", "1,4", "--systems", "rtp-l16,melange-pcm"]).unwrap();
+        assert_eq!((a.streams, a.systems), (vec![1, 4], vec![System::Rtp, System::MelangePcm]));
+    }
+
+    #[test]
+    fn a_misspelled_flag_or_value_is_an_error() {
+        for args in [&["--secnds", "6"][..], &["--streams", "1,x"], &["--systems", "melange"], &["extra"]] {
+            let e = Args::try_parse_from(std::iter::once("melange-bench").chain(args.iter().copied())).unwrap_err();
+            assert_ne!(e.kind(), clap::error::ErrorKind::DisplayHelp, "{args:?}");
         }
     }
 }

@@ -28,7 +28,10 @@ struct Recording {
 
 fn record() -> Recording {
     let t0 = Instant::now();
-    let caps = Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: 64 };
+    let caps = Capabilities {
+        codecs: codec_bits::PCM_S16LE | codec_bits::OPUS,
+        max_streams: melange_transport::message::MAX_STREAMS,
+    };
     let mut cfg = SessionConfig::new(Role::Guest, "melange-guest (seed)", caps.clone());
     cfg.epoch = 0x1485_ce00_0001;
     let mut guest = Session::new(cfg, t0);
@@ -60,7 +63,9 @@ fn record() -> Recording {
         let Ok(()) = guest.open_stream(id, &open) else { continue };
         let opened = take(&mut guest, &mut rec, "stream-open");
         rec.controls.push(opened[16..].to_vec());
-        let Ok(mut enc) = FrameEncoder::new(&stereo, &codec, 480, Application::Audio) else { continue };
+        // The application the guest's taps encode with (`Mode::application` in
+        // module-pipewire's config.rs).
+        let Ok(mut enc) = FrameEncoder::new(&stereo, &codec, 480, Application::RestrictedLowDelay) else { continue };
         for seq in 0..20u32 {
             let frame: Vec<u8> = (0..480)
                 .flat_map(|i| {

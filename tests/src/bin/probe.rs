@@ -48,56 +48,51 @@ struct Stamp {
     delay_ns: i64,
 }
 
-struct Args {
-    mode: String,
-    out: PathBuf,
-    target: Option<String>,
-    seconds: f64,
-    quantum: u32,
-    wav: Option<PathBuf>,
-    monitor: bool,
-    pulse: bool,
+/// What the probe is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    /// An app: plays the click train and stamps each click as it enters the graph.
+    Play,
+    /// Captures a node and stamps each click it hears.
+    Record,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut it = std::env::args().skip(1);
-    let mode = it.next().ok_or("usage: melange-probe play|record --out FILE [--target NODE] [--seconds S]")?;
-    let mut a = Args {
-        mode,
-        out: PathBuf::new(),
-        target: None,
-        seconds: 10.0,
-        quantum: 256,
-        wav: None,
-        monitor: false,
-        pulse: false,
-    };
-    while let Some(k) = it.next() {
-        if k == "--monitor" {
-            a.monitor = true;
-            continue;
-        }
-        let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
-        match k.as_str() {
-            "--out" => a.out = v.into(),
-            "--target" => a.target = Some(v),
-            "--seconds" => a.seconds = v.parse().map_err(|_| format!("bad --seconds {v}"))?,
-            "--quantum" => a.quantum = v.parse().map_err(|_| format!("bad --quantum {v}"))?,
-            "--wav" => a.wav = Some(v.into()),
-            "--api" => {
-                a.pulse = match v.as_str() {
-                    "pipewire" => false,
-                    "pulse" => true,
-                    _ => return Err(format!("--api must be pipewire or pulse, not {v}")),
-                }
-            }
-            _ => return Err(format!("unknown option {k}")),
-        }
-    }
-    if a.out.as_os_str().is_empty() {
-        return Err("--out is required".into());
-    }
-    Ok(a)
+/// The API `play` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Api {
+    /// A PipeWire stream.
+    Pipewire,
+    /// The PulseAudio API (`pa_simple`).
+    Pulse,
+}
+
+/// Timestamps audio on the graph clock, for latency measurements on one clock.
+#[derive(Debug, clap::Parser)]
+#[command(name = "melange-probe")]
+struct Args {
+    /// `play` (an app) or `record` (a capture of `--target`).
+    mode: Mode,
+    /// Where the JSON lines go, one per click.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// The node to play into or record (`target.object`).
+    #[arg(long, value_name = "NODE")]
+    target: Option<String>,
+    /// How long to play or record.
+    #[arg(long, value_name = "S", default_value_t = 10.0)]
+    seconds: f64,
+    /// The graph quantum the stream asks for (`node.latency`), frames at 48 kHz.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    quantum: u32,
+    /// `record`: also write the recording as a WAV file.
+    #[arg(long, value_name = "FILE")]
+    wav: Option<PathBuf>,
+    /// `record`: capture the target sink's monitor.
+    #[arg(long)]
+    monitor: bool,
+    /// `play`: the API to play through.
+    #[arg(long, value_enum, default_value_t = Api::Pipewire)]
+    api: Api,
 }
 
 fn format_pod() -> Result<Vec<u8>, String> {
@@ -128,10 +123,7 @@ fn run(args: &Args) -> Result<(), String> {
     let props = pw::properties::properties! { "config.name" => "client-rt.conf" };
     let context = pw::context::ContextRc::new(&main_loop, Some(props)).map_err(|e| e.to_string())?;
     let core = context.connect_rc(None).map_err(|e| format!("cannot connect to PipeWire: {e}"))?;
-    let play = args.mode == "play";
-    if !play && args.mode != "record" {
-        return Err(format!("unknown mode {}", args.mode));
-    }
+    let play = args.mode == Mode::Play;
     let cycles = (args.seconds * f64::from(RATE) / 16.0) as usize + 1024;
     let (stamps_tx, mut stamps_rx) = RingBuffer::<Stamp>::new(cycles);
     let (samples_tx, mut samples_rx): (Option<Producer<f32>>, Option<Consumer<f32>>) = if play {
@@ -535,11 +527,43 @@ fn play_pulse(args: &Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    match parse_args().and_then(|a| if a.pulse && a.mode == "play" { play_pulse(&a) } else { run(&a) }) {
+    let args = <Args as clap::Parser>::parse();
+    let done = if args.api == Api::Pulse && args.mode == Mode::Play { play_pulse(&args) } else { run(&args) };
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("melange-probe: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[test]
+    fn defaults_and_modes() {
+        let a = Args::try_parse_from(["melange-probe", "record", "--out", "o", "--target", "n", "--monitor"]).unwrap();
+        assert_eq!((a.mode, a.target.as_deref(), a.monitor, a.api), (Mode::Record, Some("n"), true, Api::Pipewire));
+        assert_eq!((a.seconds, a.quantum, a.wav), (10.0, 256, None));
+        let a = Args::try_parse_from(["melange-probe", "play", "--out", "o", "--api", "pulse"]).unwrap();
+        assert_eq!((a.mode, a.api), (Mode::Play, Api::Pulse));
+    }
+
+    #[test]
+    fn a_misspelled_flag_or_a_missing_out_is_an_error() {
+        for args in [
+            &["play", "--out", "o", "--seconds"][..],
+            &["play"],
+            &["sing", "--out", "o"],
+            &["play", "--out", "o", "--tagret", "n"],
+        ] {
+            assert!(
+                Args::try_parse_from(std::iter::once("melange-probe").chain(args.iter().copied())).is_err(),
+                "{args:?}"
+            );
         }
     }
 }
