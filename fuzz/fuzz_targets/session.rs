@@ -23,18 +23,18 @@ fn frame(out: &mut Vec<u8>, kind: FrameKind, stream: u32, payload: &[u8]) {
 }
 
 /// A host as the fuzzer drives it: a fixed target, no files, no microphone.
-fn new_host() -> Host {
+fn new_host(t0: Instant) -> Host {
     let config = HostConfig {
         latency: Some(Duration::from_millis(30)),
         mic: melange_renderer::mic::MicSpec::None,
         ..HostConfig::default()
     };
-    Host::new(config, Box::new(NullOutput))
+    Host::new(config, Box::new(NullOutput), (t0, 0))
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut host = new_host();
     let t0 = Instant::now();
+    let mut host = new_host(t0);
     let mut now = t0 + Duration::from_secs(1000);
     let mut ops = data;
     while let [op, arg, rest @ ..] = ops {
@@ -111,7 +111,7 @@ fuzz_target!(|data: &[u8]| {
         for part in [&wire[..split], &wire[split..]] {
             if !host.receive(now, part) {
                 // Session closed: a new connection starts the next one.
-                host = new_host();
+                host = new_host(t0);
             }
         }
         let _ = host.take_output();
