@@ -51,7 +51,7 @@ fuzz_target!(|data: &[u8]| {
                     software: "fuzz".into(),
                     epoch: u64::from(*arg),
                     clock_id: String::new(),
-                    capabilities: Capabilities { codecs: 3, max_streams: 64 },
+                    capabilities: Capabilities { codecs: 3, max_streams: 64, kinds: melange_transport::message::kind_bits::AUDIO },
                 };
                 frame(&mut wire, FrameKind::Hello, 0, &encode_control("hello", &hello).unwrap_or_default());
             }
@@ -62,6 +62,7 @@ fuzz_target!(|data: &[u8]| {
                     codec: if arg & 8 == 0 { Codec::PcmS16Le } else { Codec::Opus { bitrate: 64_000 } },
                     frame_samples: rate / 100,
                     app: AppInfo { name: "fuzz\0app".into(), ..Default::default() },
+                    codec_data: Vec::new(),
                 };
                 frame(
                     &mut wire,

@@ -232,7 +232,10 @@ impl GuestCore {
                 }
             }
             Command::Tap(id, open, mut encoder) => {
-                let MediaKind::Audio(format) = &open.media;
+                let MediaKind::Audio(format) = &open.media else {
+                    log::warn!("melange guest: stream {id}: a tap carries audio, not {}", open.media.name());
+                    return;
+                };
                 if let Codec::Opus { bitrate } = open.codec {
                     // New streams start at the bitrate the port takes now.
                     let ladder = self.ladder.get_or_insert_with(|| BitrateLadder::new(bitrate));
@@ -259,7 +262,11 @@ impl GuestCore {
         let mut cfg = SessionConfig::new(
             Role::Guest,
             self.config.software.clone(),
-            Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: MAX_STREAMS },
+            Capabilities {
+                codecs: codec_bits::PCM_S16LE | codec_bits::OPUS,
+                max_streams: MAX_STREAMS,
+                kinds: melange_transport::message::kind_bits::AUDIO,
+            },
         );
         cfg.epoch = (now_ns & !0xFFFF) | (self.epoch & 0xFFFF);
         cfg.max_queued_media = MAX_QUEUED_MEDIA;
@@ -472,6 +479,8 @@ impl GuestCore {
             }
             // Host-side requests; a guest never gets them from a well-behaved host.
             Event::CaptureDemand(_) | Event::PeerRestarted => {}
+            // Encoded streams from the host (the camera) and control of ours: none yet.
+            Event::AccessUnit { .. } | Event::StreamControl { .. } => {}
         }
     }
 
@@ -690,6 +699,7 @@ mod tests {
             codec,
             frame_samples: PACKET,
             app: AppInfo { name: "app".into(), ..Default::default() },
+            codec_data: Vec::new(),
         };
         (open, encoder, writer)
     }
@@ -755,7 +765,11 @@ mod tests {
         fn connect(&mut self) {
             let (now, now_ns) = self.now();
             self.core.connected(now, now_ns);
-            let caps = Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: MAX_STREAMS };
+            let caps = Capabilities {
+                codecs: codec_bits::PCM_S16LE | codec_bits::OPUS,
+                max_streams: MAX_STREAMS,
+                kinds: melange_transport::message::kind_bits::AUDIO,
+            };
             self.host = Some(Session::new(SessionConfig::new(Role::Host, "test host", caps), now));
         }
 

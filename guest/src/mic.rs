@@ -77,7 +77,9 @@ impl MicReceiver {
     /// Takes the stream the host opened at `now` if it is a microphone the source can
     /// play; otherwise says why, for the stream-reject.
     pub fn open(&mut self, now: Instant, stream: u32, open: &StreamOpen) -> Result<(), String> {
-        let MediaKind::Audio(format) = &open.media;
+        let MediaKind::Audio(format) = &open.media else {
+            return Err(format!("the microphone is audio, not {}", open.media.name()));
+        };
         if format.rate != MIC_RATE || format.channels != MIC_CHANNELS {
             return Err(format!(
                 "the guest's microphone takes {MIC_CHANNELS} channel at {MIC_RATE} Hz, not {} at {} Hz",
@@ -185,6 +187,7 @@ mod tests {
             codec: Codec::Opus { bitrate: 32_000 },
             frame_samples: 480,
             app: AppInfo::default(),
+            codec_data: Vec::new(),
         }
     }
 

@@ -973,7 +973,13 @@ fn open_tap(s: &State, app_id: u32, serial: &str, app: AppInfo, manual: bool) ->
 
     let name = app.name.clone();
     let stream_id = s.link.open_tap(
-        StreamOpen { media: MediaKind::Audio(format.clone()), codec: codec.clone(), frame_samples, app },
+        StreamOpen {
+            media: MediaKind::Audio(format.clone()),
+            codec: codec.clone(),
+            frame_samples,
+            app,
+            codec_data: Vec::new(),
+        },
         encoder,
     );
     log::info!(

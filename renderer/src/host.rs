@@ -20,14 +20,16 @@ use melange_shim::clock;
 use melange_shim::receive::{BurstPool, Dropped, Receiver};
 use melange_transport::frame::HEADER_LEN;
 use melange_transport::message::{
-    codec_bits, Capabilities, CaptureDemand, CaptureDevice, Codec, MediaKind, MediaPacket, Role, StreamOpen, Volume,
-    MEDIA_HEADER_LEN,
+    codec_bits, kind_bits, Capabilities, CaptureDemand, CaptureDevice, Codec, MediaKind, MediaPacket, Role,
+    StreamControl, StreamOpen, Volume, MEDIA_HEADER_LEN,
 };
 use melange_transport::port::{Port, PortEvent, Waker};
-use melange_transport::session::{Event, Session, SessionConfig};
+use melange_transport::session::{Event, Session, SessionConfig, SessionError};
 
+use crate::encoded::{EncodedStreams, Reply};
 use crate::guest_log::{GuestLog, Level};
 use crate::mic::{MicCapture, MicSpec, MIC_RATE};
+use crate::output::encoded::NullVideo;
 use crate::output::{Output, StreamDesc, StreamSink};
 use crate::stats::StreamStats;
 
@@ -217,6 +219,8 @@ const READ_BATCH: usize = 32;
 pub struct Host {
     config: HostConfig,
     output: Box<dyn Output>,
+    /// Encoded streams (a player's video and audio) and where they go.
+    encoded: EncodedStreams,
     session: Option<Session>,
     sessions: u64,
     streams: BTreeMap<u32, HostStream>,
@@ -251,6 +255,7 @@ impl Host {
         Self {
             config,
             output,
+            encoded: EncodedStreams::new(Box::new(NullVideo), codec_bits::ENCODED),
             session: None,
             sessions: 0,
             streams: BTreeMap::new(),
@@ -272,6 +277,11 @@ impl Host {
             bursts: BurstPool::new(clock.0),
             report_bytes: 0,
         }
+    }
+
+    /// Sends encoded streams (protocol v2) to `encoded` instead of discarding them.
+    pub fn set_encoded(&mut self, encoded: EncodedStreams) {
+        self.encoded = encoded;
     }
 
     /// `now` on `CLOCK_MONOTONIC`, in nanoseconds.
@@ -366,7 +376,11 @@ impl Host {
         let mut cfg = SessionConfig::new(
             Role::Host,
             format!("melange-host {}", env!("CARGO_PKG_VERSION")),
-            Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams: MAX_STREAMS },
+            Capabilities {
+                codecs: codec_bits::PCM_S16LE | codec_bits::OPUS | self.encoded.codecs(),
+                max_streams: MAX_STREAMS,
+                kinds: kind_bits::AUDIO | kind_bits::ENCODED_AUDIO | kind_bits::ENCODED_VIDEO,
+            },
         );
         cfg.clock_id = self.clock_id.clone();
         cfg.origin_ns = self.mono_ns(now);
@@ -488,8 +502,21 @@ impl Host {
                         ),
                     );
                 }
+                Event::StreamOpened { stream, open } if open.media.is_encoded() => {
+                    self.open_encoded(now, stream, &open)
+                }
                 Event::StreamOpened { stream, open } => self.open_stream(now, stream, open),
+                Event::StreamClosed { stream, reason } if self.encoded.contains(stream) => {
+                    if let Some(line) = self.encoded.close(stream, &reason) {
+                        self.log.line(now, Level::Info, format_args!("{line}"));
+                    }
+                }
                 Event::StreamClosed { stream, reason } => self.close_stream(now, stream, &reason),
+                Event::AccessUnit { stream, au } => {
+                    let reply = self.encoded.access_unit(now, stream, &au);
+                    self.reply_encoded(stream, reply);
+                }
+                Event::StreamControl { stream, control } => self.encoded.control(stream, control),
                 Event::Media { .. } => {}
                 Event::CaptureDemand(demand) => self.on_capture_demand(now, demand),
                 Event::Volume(volume) => {
@@ -506,6 +533,10 @@ impl Host {
                 // Reports about streams the host sends; it sends none in this version.
                 Event::StreamLatency { .. } => {}
                 Event::Error(e) => {
+                    if let SessionError::BadAccessUnit { stream, .. } = &e {
+                        let reply = self.encoded.lost(now, *stream);
+                        self.reply_encoded(*stream, reply);
+                    }
                     self.log.bad_input(now, e.kind(), format_args!("skipped bad input from the guest: {e}"));
                 }
                 Event::Closed(reason) => {
@@ -526,9 +557,46 @@ impl Host {
         }
     }
 
+    /// Opens a player's encoded stream, or refuses it with the reason.
+    fn open_encoded(&mut self, now: Instant, stream: u32, open: &StreamOpen) {
+        match self.encoded.open(self.sessions, stream, open) {
+            Ok(to) => {
+                self.log.line(
+                    now,
+                    Level::Info,
+                    format_args!(
+                        "stream {stream} opened: \"{}\", {} {} ({} bytes of codec data) -> {to}",
+                        open.app.name,
+                        open.media.name(),
+                        open.codec.name(),
+                        open.codec_data.len()
+                    ),
+                );
+            }
+            Err(e) => {
+                self.log.line(now, Level::Warn, format_args!("refusing stream {stream} (\"{}\"): {e}", open.app.name));
+                if let Some(s) = &mut self.session {
+                    s.reject_stream(stream, &e);
+                }
+            }
+        }
+    }
+
+    /// Tells the guest what the encoded streams need.
+    fn reply_encoded(&mut self, stream: u32, reply: Option<Reply>) {
+        let Some(s) = &mut self.session else { return };
+        match reply {
+            Some(Reply::KeyframeRequest) => {
+                let _ = s.send_stream_control(stream, StreamControl::KeyframeRequest);
+            }
+            Some(Reply::Reject(reason)) => s.reject_stream(stream, &reason),
+            None => {}
+        }
+    }
+
     fn open_stream(&mut self, now: Instant, stream: u32, open: StreamOpen) {
         // Guest strings arrive sanitized (the session does it for every peer string).
-        let MediaKind::Audio(format) = open.media.clone();
+        let MediaKind::Audio(format) = open.media.clone() else { return };
         let result = Receiver::new(&format, &open.codec, open.frame_samples, now, &mut self.bursts)
             .map_err(|e| e.to_string())
             .and_then(|receiver| {
@@ -821,6 +889,9 @@ impl Host {
         for id in ids {
             self.close_stream(now, id, reason);
         }
+        for line in self.encoded.close_all(reason) {
+            self.log.line(now, Level::Info, format_args!("{line}"));
+        }
         self.close_mic(now, reason);
         self.mic.wanted = false;
         self.mic.release_at = None;
@@ -986,7 +1057,11 @@ mod tests {
 
     /// A guest session talking to `host` through `receive`, with virtual time.
     fn connect(host: &mut Host, now: Instant) -> Session {
-        let caps = Capabilities { codecs: codec_bits::PCM_S16LE, max_streams: 8 };
+        let caps = Capabilities {
+            codecs: codec_bits::PCM_S16LE,
+            max_streams: 8,
+            kinds: melange_transport::message::kind_bits::AUDIO,
+        };
         let mut guest = Session::new(SessionConfig::new(Role::Guest, "test guest", caps), now);
         pump(host, &mut guest, now);
         assert!(guest.is_established());
@@ -1007,6 +1082,7 @@ mod tests {
             codec: Codec::PcmS16Le,
             frame_samples: 480,
             app: AppInfo { name: app.into(), ..Default::default() },
+            codec_data: Vec::new(),
         }
     }
 
@@ -1176,6 +1252,7 @@ mod tests {
             codec: Codec::Opus { bitrate: 64_000 },
             frame_samples: 480,
             app: AppInfo { name: "flood".into(), ..Default::default() },
+            codec_data: Vec::new(),
         };
         guest.open_stream(2, &opus).unwrap();
         // TOC 0xFB: CELT fullband 20 ms frames, code 3 (a count follows): 6 empty

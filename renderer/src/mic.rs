@@ -71,6 +71,7 @@ pub fn stream_open(frame_samples: u32) -> StreamOpen {
         codec: Codec::Opus { bitrate: MIC_BITRATE },
         frame_samples,
         app: AppInfo { name: "Microphone".into(), role: "Communication".into(), ..AppInfo::default() },
+        codec_data: Vec::new(),
     }
 }
 

@@ -29,7 +29,15 @@ fn stdio_session_renders_pcm_bit_exact_and_ends_at_end_of_input() {
 
     let now = Instant::now();
     let mut guest = Session::new(
-        SessionConfig::new(Role::Guest, "stdio-test", Capabilities { codecs: codec_bits::PCM_S16LE, max_streams: 4 }),
+        SessionConfig::new(
+            Role::Guest,
+            "stdio-test",
+            Capabilities {
+                codecs: codec_bits::PCM_S16LE,
+                max_streams: 4,
+                kinds: melange_transport::message::kind_bits::AUDIO,
+            },
+        ),
         now,
     );
     to_host.write_all(guest.pending_output()).expect("hello");
@@ -47,6 +55,7 @@ fn stdio_session_renders_pcm_bit_exact_and_ends_at_end_of_input() {
         codec: Codec::PcmS16Le,
         frame_samples: 480,
         app: AppInfo { name: "stdio app".into(), ..Default::default() },
+        codec_data: Vec::new(),
     };
     guest.open_stream(1, &open).expect("open");
     let mut sent = Vec::new();

@@ -53,7 +53,8 @@ impl SampleFormat {
 pub fn input_format(codec: &Codec) -> SampleFormat {
     match codec {
         Codec::PcmS16Le => SampleFormat::S16Le,
-        Codec::Opus { .. } => SampleFormat::F32,
+        // Opus; the codecs of players' streams are never encoded here (see [`validate`]).
+        _ => SampleFormat::F32,
     }
 }
 
@@ -74,6 +75,9 @@ pub enum CodecError {
 /// Checks a stream's layout and codec against what both ends support. Both the guest
 /// (before opening) and the host (before allocating a decoder) call this.
 pub fn validate(format: &AudioFormat, codec: &Codec, frame_samples: u32) -> Result<(), CodecError> {
+    if !matches!(codec, Codec::PcmS16Le | Codec::Opus { .. }) {
+        return Err(CodecError::Unsupported(format!("{} is not a codec of tapped audio", codec.name())));
+    }
     if !RATES.contains(&format.rate) {
         return Err(CodecError::Unsupported(format!("rate {} Hz (supported: {RATES:?})", format.rate)));
     }
@@ -149,6 +153,7 @@ impl FrameEncoder {
                 encoder: opus::Encoder::new(format.rate, format.channels, application, *bitrate)?,
                 scratch: Vec::with_capacity(frame_samples as usize * usize::from(format.channels)),
             },
+            other => return Err(CodecError::Unsupported(other.name().into())),
         })
     }
 
@@ -224,6 +229,7 @@ impl StreamDecoder {
             Codec::Opus { .. } => {
                 StreamDecoder::Opus { decoder: opus::Decoder::new(format.rate, format.channels)?, channels }
             }
+            other => return Err(CodecError::Unsupported(other.name().into())),
         })
     }
 

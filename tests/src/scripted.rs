@@ -36,7 +36,11 @@ impl ScriptedGuest {
         sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
         // What the guest module offers.
         let max_streams = melange_transport::message::MAX_STREAMS;
-        let caps = Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams };
+        let caps = Capabilities {
+            codecs: codec_bits::PCM_S16LE | codec_bits::OPUS,
+            max_streams,
+            kinds: melange_transport::message::kind_bits::AUDIO,
+        };
         let session = Session::new(SessionConfig::new(Role::Guest, software, caps), Instant::now());
         let mut g = ScriptedGuest { sock, session };
         let hello = g.session.pending_output().to_vec();
@@ -80,6 +84,7 @@ impl ScriptedGuest {
             codec,
             frame_samples,
             app: AppInfo { name: name.into(), ..Default::default() },
+            codec_data: Vec::new(),
         };
         self.frame(FrameKind::StreamOpen, 0, stream, &encode_control("stream-open", &open).expect("encodes"));
     }
@@ -125,7 +130,11 @@ impl ScriptedHost {
         sock.set_nonblocking(true).expect("non-blocking");
         // What melange-host offers.
         let max_streams = melange_renderer::host::MAX_STREAMS;
-        let caps = Capabilities { codecs: codec_bits::PCM_S16LE | codec_bits::OPUS, max_streams };
+        let caps = Capabilities {
+            codecs: codec_bits::PCM_S16LE | codec_bits::OPUS,
+            max_streams,
+            kinds: melange_transport::message::kind_bits::AUDIO,
+        };
         let session = Session::new(SessionConfig::new(Role::Host, "scripted host", caps), Instant::now());
         let mut h = ScriptedHost { sock, session, events: Vec::new() };
         let deadline = Instant::now() + Duration::from_secs(10);

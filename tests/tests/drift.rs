@@ -133,6 +133,7 @@ fn the_guests_microphone_holds_its_fill_against_a_host_clock_500_ppm_fast() {
         codec: Codec::PcmS16Le,
         frame_samples: 480,
         app: AppInfo { name: "Microphone".into(), ..AppInfo::default() },
+        codec_data: Vec::new(),
     };
     host.session().open_stream(1, &open).expect("opens");
     let tone = audio::to_s16(&audio::tone(997.0, MIC_RATE, f64::from(SECONDS), 0.2), usize::from(MIC_CHANNELS));

@@ -190,7 +190,11 @@ fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() 
             software: "storm".into(),
             epoch: i,
             clock_id: String::new(),
-            capabilities: Capabilities { codecs: 3, max_streams: melange_transport::message::MAX_STREAMS },
+            capabilities: Capabilities {
+                codecs: 3,
+                max_streams: melange_transport::message::MAX_STREAMS,
+                kinds: melange_transport::message::kind_bits::AUDIO,
+            },
         };
         let mut frame = Vec::new();
         encode_frame(&mut frame, FrameKind::Hello, 0, 0, &encode_control("hello", &hello).expect("encodes"))

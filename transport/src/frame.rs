@@ -57,6 +57,13 @@ pub enum FrameKind {
     /// Either way: the volume and mute of the guest's redirect sink, which applies to
     /// every stream the guest sends; from the host, a change the user made there.
     Volume,
+    /// Either way, about an encoded stream (v2): flush, pause, resume, end of stream
+    /// from its sender; a keyframe request from its receiver.
+    StreamControl,
+    /// The first frame of an access unit (v2): its header and first bytes.
+    AuStart,
+    /// A further frame of the access unit its stream is receiving (v2).
+    AuData,
     /// A kind this build does not know (from a newer peer).
     Unknown(u8),
 }
@@ -76,7 +83,10 @@ impl FrameKind {
             FrameKind::StreamLatency => 0x13,
             FrameKind::CaptureDemand => 0x14,
             FrameKind::Volume => 0x15,
+            FrameKind::StreamControl => 0x16,
             FrameKind::Media => 0x20,
+            FrameKind::AuStart => 0x21,
+            FrameKind::AuData => 0x22,
             FrameKind::Unknown(b) => b,
         }
     }
@@ -95,7 +105,10 @@ impl FrameKind {
             0x13 => FrameKind::StreamLatency,
             0x14 => FrameKind::CaptureDemand,
             0x15 => FrameKind::Volume,
+            0x16 => FrameKind::StreamControl,
             0x20 => FrameKind::Media,
+            0x21 => FrameKind::AuStart,
+            0x22 => FrameKind::AuData,
             other => FrameKind::Unknown(other),
         }
     }

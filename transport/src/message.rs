@@ -1,7 +1,10 @@
-//! Payloads: control messages (serde + postcard) and media packets (fixed binary header).
+//! Payloads: control messages (serde + postcard), media packets and access-unit headers
+//! (fixed binary headers).
 //!
-//! Compatibility rule within protocol v1: a message may only grow by appending fields,
-//! and readers ignore trailing bytes they do not know. Anything else is a new version.
+//! Compatibility rule within a protocol version: a message may only grow by appending
+//! fields, and readers ignore trailing bytes they do not know. Anything else is a new
+//! version. [`Hello`] (and so [`Capabilities`], its last field) only ever grows at its
+//! end, so any two builds can read each other's.
 
 #![forbid(unsafe_code)]
 
@@ -10,10 +13,12 @@ use thiserror::Error;
 
 use crate::frame::MAX_PAYLOAD;
 
-/// Protocol versions this build speaks, lowest and highest.
-pub const PROTOCOL_MIN: u8 = 1;
+/// Protocol versions this build speaks, lowest and highest. Version 2 added encoded
+/// audio and video streams, access units and stream control; a version 1 peer is
+/// refused with a reason that names both ranges.
+pub const PROTOCOL_MIN: u8 = 2;
 /// See [`PROTOCOL_MIN`].
-pub const PROTOCOL_MAX: u8 = 1;
+pub const PROTOCOL_MAX: u8 = 2;
 
 /// Which end of the link a peer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,8 +34,38 @@ pub enum Role {
 pub mod codec_bits {
     /// Raw PCM, signed 16-bit little-endian interleaved.
     pub const PCM_S16LE: u64 = 1 << 0;
-    /// Opus (RFC 6716), one Opus packet per media packet.
+    /// Opus (RFC 6716), one Opus packet per media packet or access unit.
     pub const OPUS: u64 = 1 << 1;
+    /// MPEG-1/2 Audio Layer III.
+    pub const MP3: u64 = 1 << 2;
+    /// AAC (raw access units; the AudioSpecificConfig is the codec data).
+    pub const AAC: u64 = 1 << 3;
+    /// Vorbis (the three stream headers are the codec data).
+    pub const VORBIS: u64 = 1 << 4;
+    /// FLAC (the stream header is the codec data).
+    pub const FLAC: u64 = 1 << 5;
+    /// H.264 (AVC).
+    pub const H264: u64 = 1 << 8;
+    /// H.265 (HEVC).
+    pub const H265: u64 = 1 << 9;
+    /// VP8.
+    pub const VP8: u64 = 1 << 10;
+    /// VP9.
+    pub const VP9: u64 = 1 << 11;
+    /// AV1.
+    pub const AV1: u64 = 1 << 12;
+    /// Every codec of encoded audio and video streams.
+    pub const ENCODED: u64 = OPUS | MP3 | AAC | VORBIS | FLAC | H264 | H265 | VP8 | VP9 | AV1;
+}
+
+/// Stream kind bits, used in [`Capabilities::kinds`]. Unknown bits are ignored.
+pub mod kind_bits {
+    /// Tapped audio: [`super::MediaKind::Audio`], real-time media packets.
+    pub const AUDIO: u32 = 1 << 0;
+    /// A player's encoded audio: [`super::MediaKind::EncodedAudio`], access units.
+    pub const ENCODED_AUDIO: u32 = 1 << 1;
+    /// A player's encoded video: [`super::MediaKind::EncodedVideo`], access units.
+    pub const ENCODED_VIDEO: u32 = 1 << 2;
 }
 
 /// What a peer can do.
@@ -40,6 +75,53 @@ pub struct Capabilities {
     pub codecs: u64,
     /// Most streams the peer accepts at once in the direction it receives.
     pub max_streams: u16,
+    /// Stream kinds the peer handles, as [`kind_bits`] (protocol v2; a v1 peer's
+    /// capabilities end before it and read as [`kind_bits::AUDIO`]).
+    pub kinds: u32,
+}
+
+impl Capabilities {
+    /// True when the peer takes a stream of this kind and codec.
+    pub fn accepts(&self, media: &MediaKind, codec: &Codec) -> bool {
+        self.kinds & media.bit() != 0 && self.codecs & codec.bit() != 0
+    }
+}
+
+/// [`Hello`] and [`Welcome`] as protocol v1 wrote them: their capabilities had no kinds.
+mod v1 {
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    pub(super) struct Capabilities {
+        pub codecs: u64,
+        pub max_streams: u16,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Hello {
+        pub min_version: u8,
+        pub max_version: u8,
+        pub role: super::Role,
+        pub software: String,
+        pub epoch: u64,
+        pub clock_id: String,
+        pub capabilities: Capabilities,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Welcome {
+        pub version: u8,
+        pub software: String,
+        pub epoch: u64,
+        pub clock_id: String,
+        pub capabilities: Capabilities,
+    }
+
+    impl From<Capabilities> for super::Capabilities {
+        fn from(c: Capabilities) -> Self {
+            Self { codecs: c.codecs, max_streams: c.max_streams, kinds: super::kind_bits::AUDIO }
+        }
+    }
 }
 
 /// First message, guest to host. Its layout is frozen across protocol versions so that
@@ -63,6 +145,26 @@ pub struct Hello {
     pub capabilities: Capabilities,
 }
 
+impl Hello {
+    /// Decodes a hello of any version, v1's (whose capabilities end early) included,
+    /// so that a peer of another version can be told exactly which.
+    pub fn decode(payload: &[u8]) -> Result<Hello, MessageError> {
+        decode_control::<Hello>("hello", payload).or_else(|e| {
+            decode_control::<v1::Hello>("hello", payload)
+                .map(|h| Hello {
+                    min_version: h.min_version,
+                    max_version: h.max_version,
+                    role: h.role,
+                    software: h.software,
+                    epoch: h.epoch,
+                    clock_id: h.clock_id,
+                    capabilities: h.capabilities.into(),
+                })
+                .map_err(|_| e)
+        })
+    }
+}
+
 /// Host's answer to an acceptable [`Hello`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
@@ -76,6 +178,23 @@ pub struct Welcome {
     pub clock_id: String,
     /// What the host can do.
     pub capabilities: Capabilities,
+}
+
+impl Welcome {
+    /// Decodes a welcome, v1's included (see [`Hello::decode`]).
+    pub fn decode(payload: &[u8]) -> Result<Welcome, MessageError> {
+        decode_control::<Welcome>("welcome", payload).or_else(|e| {
+            decode_control::<v1::Welcome>("welcome", payload)
+                .map(|w| Welcome {
+                    version: w.version,
+                    software: w.software,
+                    epoch: w.epoch,
+                    clock_id: w.clock_id,
+                    capabilities: w.capabilities.into(),
+                })
+                .map_err(|_| e)
+        })
+    }
 }
 
 /// A refused handshake or a closing session, with a reason for the peer's log.
@@ -112,12 +231,40 @@ impl Heartbeat {
     }
 }
 
-/// What kind of media a stream carries. Video is reserved for later versions of the
-/// stream-open message; adding it is a new variant, not a new protocol version.
+/// What kind of media a stream carries, and how its frames carry it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MediaKind {
-    /// Interleaved audio.
+    /// Tapped audio, encoded by Melange as it plays: [`MediaPacket`]s at real time.
     Audio(AudioFormat),
+    /// A player's own encoded audio, forwarded as it comes: [`AccessUnit`]s.
+    EncodedAudio(AudioFormat),
+    /// A player's own encoded video: [`AccessUnit`]s.
+    EncodedVideo(VideoFormat),
+}
+
+impl MediaKind {
+    /// This kind's bit in [`kind_bits`].
+    pub fn bit(&self) -> u32 {
+        match self {
+            MediaKind::Audio(_) => kind_bits::AUDIO,
+            MediaKind::EncodedAudio(_) => kind_bits::ENCODED_AUDIO,
+            MediaKind::EncodedVideo(_) => kind_bits::ENCODED_VIDEO,
+        }
+    }
+
+    /// True for the kinds whose frames are access units (bulk, below audio).
+    pub fn is_encoded(&self) -> bool {
+        !matches!(self, MediaKind::Audio(_))
+    }
+
+    /// Short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MediaKind::Audio(_) => "audio",
+            MediaKind::EncodedAudio(_) => "encoded audio",
+            MediaKind::EncodedVideo(_) => "encoded video",
+        }
+    }
 }
 
 /// Decoded audio layout of a stream.
@@ -131,17 +278,49 @@ pub struct AudioFormat {
     pub positions: Vec<u32>,
 }
 
-/// How the media packets of a stream are encoded. New codecs are new variants; a peer
-/// that cannot decode a stream-open answers with a stream-reject, the session goes on.
+/// Picture size and frame rate of a video stream, as the player reports them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VideoFormat {
+    /// Pixels.
+    pub width: u32,
+    /// Pixels.
+    pub height: u32,
+    /// Frames per second as a fraction; 0/1 when variable or unknown.
+    pub framerate_num: u32,
+    /// See [`VideoFormat::framerate_num`].
+    pub framerate_den: u32,
+}
+
+/// How the packets or access units of a stream are encoded. New codecs are new
+/// variants; a peer that cannot decode a stream-open answers with a stream-reject, the
+/// session goes on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Codec {
     /// Signed 16-bit little-endian interleaved PCM.
     PcmS16Le,
-    /// Opus; one packet per media packet.
+    /// Opus; one packet per media packet or access unit.
     Opus {
-        /// Target bitrate in bits per second.
+        /// Target bitrate in bits per second (0 when forwarded as the player has it).
         bitrate: u32,
     },
+    /// MPEG-1/2 Audio Layer III.
+    Mp3,
+    /// AAC, raw access units.
+    Aac,
+    /// Vorbis.
+    Vorbis,
+    /// FLAC.
+    Flac,
+    /// H.264, in the byte-stream format or as avcC access units per the codec data.
+    H264,
+    /// H.265.
+    H265,
+    /// VP8.
+    Vp8,
+    /// VP9.
+    Vp9,
+    /// AV1.
+    Av1,
 }
 
 impl Codec {
@@ -150,6 +329,15 @@ impl Codec {
         match self {
             Codec::PcmS16Le => codec_bits::PCM_S16LE,
             Codec::Opus { .. } => codec_bits::OPUS,
+            Codec::Mp3 => codec_bits::MP3,
+            Codec::Aac => codec_bits::AAC,
+            Codec::Vorbis => codec_bits::VORBIS,
+            Codec::Flac => codec_bits::FLAC,
+            Codec::H264 => codec_bits::H264,
+            Codec::H265 => codec_bits::H265,
+            Codec::Vp8 => codec_bits::VP8,
+            Codec::Vp9 => codec_bits::VP9,
+            Codec::Av1 => codec_bits::AV1,
         }
     }
 
@@ -158,7 +346,39 @@ impl Codec {
         match self {
             Codec::PcmS16Le => "pcm",
             Codec::Opus { .. } => "opus",
+            Codec::Mp3 => "mp3",
+            Codec::Aac => "aac",
+            Codec::Vorbis => "vorbis",
+            Codec::Flac => "flac",
+            Codec::H264 => "h264",
+            Codec::H265 => "h265",
+            Codec::Vp8 => "vp8",
+            Codec::Vp9 => "vp9",
+            Codec::Av1 => "av1",
         }
+    }
+
+    /// The codec of a name as [`Codec::name`] gives it (Opus at bitrate 0).
+    pub fn from_name(name: &str) -> Option<Codec> {
+        Some(match name {
+            "pcm" => Codec::PcmS16Le,
+            "opus" => Codec::Opus { bitrate: 0 },
+            "mp3" => Codec::Mp3,
+            "aac" => Codec::Aac,
+            "vorbis" => Codec::Vorbis,
+            "flac" => Codec::Flac,
+            "h264" => Codec::H264,
+            "h265" => Codec::H265,
+            "vp8" => Codec::Vp8,
+            "vp9" => Codec::Vp9,
+            "av1" => Codec::Av1,
+            _ => return None,
+        })
+    }
+
+    /// True for the video codecs.
+    pub fn is_video(&self) -> bool {
+        matches!(self, Codec::H264 | Codec::H265 | Codec::Vp8 | Codec::Vp9 | Codec::Av1)
     }
 }
 
@@ -193,10 +413,13 @@ pub struct StreamOpen {
     pub media: MediaKind,
     /// How packets are encoded.
     pub codec: Codec,
-    /// Nominal duration of one media packet in sample frames.
+    /// Nominal duration of one media packet in sample frames (0 for access units).
     pub frame_samples: u32,
     /// The app behind the stream.
     pub app: AppInfo,
+    /// The codec's setup data (AAC's AudioSpecificConfig, H.264's avcC, the Vorbis,
+    /// Opus and FLAC stream headers), as the player has it; empty when none.
+    pub codec_data: Vec<u8>,
 }
 
 /// Ends a stream, or refuses one.
@@ -350,6 +573,107 @@ impl MediaPacket {
     }
 }
 
+/// Control of one encoded stream (frame kind `StreamControl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamControl {
+    /// Sender to receiver: forget everything of the stream before this (a seek); the
+    /// next access unit starts afresh, usually a keyframe with the discontinuity flag.
+    Flush,
+    /// Sender to receiver: the player paused; nothing follows until [`StreamControl::Resume`].
+    Pause,
+    /// Sender to receiver: the player plays again.
+    Resume,
+    /// Sender to receiver: the last access unit has been sent; the stream stays open
+    /// (a seek back may follow) until closed.
+    EndOfStream,
+    /// Receiver to sender: send a keyframe (the receiver lost data or joined late).
+    KeyframeRequest,
+}
+
+/// Bytes of the binary header that starts an access unit's first frame.
+pub const AU_HEADER_LEN: usize = 36;
+/// Largest access unit either side sends or accepts, bytes: a 4K keyframe fits.
+pub const MAX_ACCESS_UNIT: usize = 8 << 20;
+
+/// [`AccessUnit::flags`] bits.
+pub mod au_flags {
+    /// Decodable on its own (a video keyframe; every audio access unit).
+    pub const KEYFRAME: u32 = 1 << 0;
+    /// Not contiguous with the one before (after a flush, or a gap).
+    pub const DISCONTINUITY: u32 = 1 << 1;
+    /// `dts_ns` is set (it differs from `pts_ns`).
+    pub const HAS_DTS: u32 = 1 << 2;
+}
+
+/// One encoded access unit of a player's stream: a video frame, an audio frame. It is
+/// split into frames of at most [`crate::frame::MAX_FRAME`] bytes: `AuStart` carries
+/// the header and the first bytes, `AuData` the rest, in order.
+///
+/// ```text
+/// 0      4       8              16             24             32      36
+/// | seq  | flags |   pts_ns     |   dts_ns     | duration_ns  | size  | data ...
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessUnit {
+    /// Per-stream sequence number, +1 per access unit, wrapping.
+    pub seq: u32,
+    /// [`au_flags`].
+    pub flags: u32,
+    /// Presentation time on the sender's monotonic clock (the guest's, as audio's), ns.
+    pub pts_ns: u64,
+    /// Decoding time where it differs from `pts_ns` ([`au_flags::HAS_DTS`]), else 0.
+    pub dts_ns: u64,
+    /// Duration, ns (0: unknown).
+    pub duration_ns: u64,
+    /// The encoded bytes, at most [`MAX_ACCESS_UNIT`].
+    pub data: Vec<u8>,
+}
+
+impl AccessUnit {
+    /// True for a keyframe.
+    pub fn is_keyframe(&self) -> bool {
+        self.flags & au_flags::KEYFRAME != 0
+    }
+
+    /// The decoding time: `dts_ns` where set, else `pts_ns`.
+    pub fn dts(&self) -> u64 {
+        if self.flags & au_flags::HAS_DTS != 0 {
+            self.dts_ns
+        } else {
+            self.pts_ns
+        }
+    }
+
+    /// Writes the header that starts the first frame; `size` is `data.len()`.
+    pub fn encode_header(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&self.pts_ns.to_le_bytes());
+        out.extend_from_slice(&self.dts_ns.to_le_bytes());
+        out.extend_from_slice(&self.duration_ns.to_le_bytes());
+        out.extend_from_slice(&u32::try_from(self.data.len()).unwrap_or(u32::MAX).to_le_bytes());
+    }
+
+    /// Parses the header of a first frame: the access unit without its data, its
+    /// announced size, and the first bytes of data.
+    pub fn decode_header(payload: &[u8]) -> Result<(AccessUnit, usize, &[u8]), MessageError> {
+        let (head, data) = payload
+            .split_first_chunk::<AU_HEADER_LEN>()
+            .ok_or(MessageError::Truncated { kind: "access unit", len: payload.len() })?;
+        let u32_at = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+        let u64_at = |i: usize| u64::from(u32_at(i)) | (u64::from(u32_at(i + 4)) << 32);
+        let au = AccessUnit {
+            seq: u32_at(0),
+            flags: u32_at(4),
+            pts_ns: u64_at(8),
+            dts_ns: u64_at(16),
+            duration_ns: u64_at(24),
+            data: Vec::new(),
+        };
+        Ok((au, u32_at(32) as usize, data))
+    }
+}
+
 /// Why a payload could not be read as the message its frame kind says.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum MessageError {
@@ -411,6 +735,7 @@ mod tests {
                 icon_name: "firefox".into(),
                 media_name: "".into(),
             },
+            codec_data: Vec::new(),
         }
     }
 
@@ -426,7 +751,8 @@ mod tests {
             1, 0x80, 0xE8, 0x07, // Codec::Opus, bitrate 128000
             0xE0, 0x03, // frame_samples 480
             7, b'F', b'i', b'r', b'e', b'f', b'o', b'x', 5, b'M', b'o', b'v', b'i', b'e', 7, b'f', b'i', b'r', b'e',
-            b'f', b'o', b'x', 7, b'f', b'i', b'r', b'e', b'f', b'o', b'x', 0,
+            b'f', b'o', b'x', 7, b'f', b'i', b'r', b'e', b'f', b'o', b'x', 0, //
+            0, // codec_data: none
         ];
         assert_eq!(bytes, expected);
         assert_eq!(decode_control::<StreamOpen>("stream-open", &bytes).unwrap(), sample_open());
@@ -435,16 +761,93 @@ mod tests {
     #[test]
     fn golden_hello() {
         let hello = Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: 2,
+            max_version: 2,
             role: Role::Guest,
             software: "m".into(),
             epoch: 300,
             clock_id: "c".into(),
-            capabilities: Capabilities { codecs: 3, max_streams: 64 },
+            capabilities: Capabilities {
+                codecs: 3,
+                max_streams: 64,
+                kinds: kind_bits::AUDIO | kind_bits::ENCODED_VIDEO,
+            },
         };
         let bytes = encode_control("hello", &hello).unwrap();
-        assert_eq!(bytes, [1, 1, 0, 1, b'm', 0xAC, 0x02, 1, b'c', 3, 64]);
+        assert_eq!(bytes, [2, 2, 0, 1, b'm', 0xAC, 0x02, 1, b'c', 3, 64, 5]);
+        assert_eq!(Hello::decode(&bytes).unwrap(), hello);
+    }
+
+    /// A v1 peer's hello (its capabilities end before `kinds`) still reads, so that it
+    /// can be told which versions each side speaks.
+    #[test]
+    fn a_v1_hello_reads_as_audio_only() {
+        let v1 = [1, 1, 0, 1, b'm', 0xAC, 0x02, 1, b'c', 3, 64];
+        let hello = Hello::decode(&v1).unwrap();
+        assert_eq!((hello.min_version, hello.max_version), (1, 1));
+        assert_eq!(hello.capabilities, Capabilities { codecs: 3, max_streams: 64, kinds: kind_bits::AUDIO });
+        assert!(Hello::decode(&v1[..9]).is_err());
+    }
+
+    #[test]
+    fn golden_v2_messages() {
+        let open = StreamOpen {
+            media: MediaKind::EncodedVideo(VideoFormat {
+                width: 1280,
+                height: 720,
+                framerate_num: 30,
+                framerate_den: 1,
+            }),
+            codec: Codec::H264,
+            frame_samples: 0,
+            app: AppInfo { name: "Totem".into(), role: "Movie".into(), ..Default::default() },
+            codec_data: vec![1, 0x64, 0, 0x1F],
+        };
+        let bytes = encode_control("stream-open", &open).unwrap();
+        let expected: &[u8] = &[
+            2, // MediaKind::EncodedVideo
+            0x80, 0x0A, 0xD0, 0x05, 30, 1, // 1280 x 720, 30/1
+            6, // Codec::H264
+            0, // frame_samples
+            5, b'T', b'o', b't', b'e', b'm', 5, b'M', b'o', b'v', b'i', b'e', 0, 0, 0, // app
+            4, 1, 0x64, 0, 0x1F, // codec_data
+        ];
+        assert_eq!(bytes, expected);
+        assert_eq!(decode_control::<StreamOpen>("stream-open", &bytes).unwrap(), open);
+        let audio = MediaKind::EncodedAudio(AudioFormat { rate: 44100, channels: 2, positions: vec![3, 4] });
+        assert_eq!(encode_control("kind", &audio).unwrap(), [1, 0xC4, 0xD8, 0x02, 2, 2, 3, 4]);
+        let controls = [
+            StreamControl::Flush,
+            StreamControl::Pause,
+            StreamControl::Resume,
+            StreamControl::EndOfStream,
+            StreamControl::KeyframeRequest,
+        ];
+        for (i, c) in controls.into_iter().enumerate() {
+            assert_eq!(encode_control("stream-control", &c).unwrap(), [i as u8]);
+        }
+        let au = AccessUnit {
+            seq: 7,
+            flags: au_flags::KEYFRAME | au_flags::HAS_DTS,
+            pts_ns: 0x0102_0304_0506_0708,
+            dts_ns: 0x1112_1314_1516_1718,
+            duration_ns: 33_333_333,
+            data: vec![0xAA, 0xBB],
+        };
+        let mut header = Vec::new();
+        au.encode_header(&mut header);
+        assert_eq!(
+            header,
+            [
+                7, 0, 0, 0, 5, 0, 0, 0, 8, 7, 6, 5, 4, 3, 2, 1, 0x18, 0x17, 0x16, 0x15, 0x14, 0x13, 0x12, 0x11, 0x55,
+                0xA0, 0xFC, 0x01, 0, 0, 0, 0, 2, 0, 0, 0
+            ]
+        );
+        header.extend_from_slice(&au.data);
+        let (back, size, data) = AccessUnit::decode_header(&header).unwrap();
+        assert_eq!((size, data), (2, &[0xAA, 0xBB][..]));
+        assert_eq!(AccessUnit { data: data.to_vec(), ..back }, au);
+        assert!(AccessUnit::decode_header(&header[..35]).is_err());
     }
 
     #[test]
@@ -494,7 +897,11 @@ mod round_trips {
     }
 
     fn caps() -> impl Strategy<Value = Capabilities> {
-        (any::<u64>(), any::<u16>()).prop_map(|(codecs, max_streams)| Capabilities { codecs, max_streams })
+        (any::<u64>(), any::<u16>()).prop_map(|(codecs, max_streams)| Capabilities {
+            codecs,
+            max_streams,
+            kinds: crate::message::kind_bits::AUDIO,
+        })
     }
 
     fn codec() -> impl Strategy<Value = Codec> {
@@ -535,6 +942,7 @@ mod round_trips {
                 codec,
                 frame_samples,
                 app: AppInfo { name, role, binary, icon_name: String::new(), media_name: String::new() },
+                codec_data: Vec::new(),
             };
             prop_assert_eq!(decode_control::<StreamOpen>("stream-open", &encode_control("stream-open", &m).unwrap()).unwrap(), m);
         }

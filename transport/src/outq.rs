@@ -9,11 +9,13 @@
 
 use std::collections::VecDeque;
 
-/// One queued frame: its length, and the stream of a media frame.
+/// One queued frame: its length, the stream of a media frame, and the (stream, access
+/// unit) of an access unit's frame.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     len: usize,
     media: Option<u32>,
+    unit: Option<(u32, u64)>,
 }
 
 /// Frames queued for the port. See the module docs.
@@ -47,15 +49,75 @@ impl OutQueue {
     /// Appends one frame that `write` encodes onto the end; `media` names the stream of
     /// a media frame.
     pub(crate) fn push(&mut self, media: Option<u32>, write: impl FnOnce(&mut Vec<u8>)) {
+        self.push_entry(media, None, write);
+    }
+
+    /// Appends one frame of access unit `unit` of `stream` (see [`OutQueue::drop_units`]).
+    pub(crate) fn push_unit(&mut self, stream: u32, unit: u64, write: impl FnOnce(&mut Vec<u8>)) {
+        self.push_entry(None, Some((stream, unit)), write);
+    }
+
+    fn push_entry(&mut self, media: Option<u32>, unit: Option<(u32, u64)>, write: impl FnOnce(&mut Vec<u8>)) {
         let before = self.bytes.len();
         write(&mut self.bytes);
         let len = self.bytes.len() - before;
         if len > 0 {
-            self.entries.push_back(Entry { len, media });
+            self.entries.push_back(Entry { len, media, unit });
             if media.is_some() {
                 self.media_bytes += len;
             }
         }
+    }
+
+    /// The rest of the first frame only: what to write before anything else may go.
+    pub(crate) fn pending_frame(&self) -> &[u8] {
+        let rest = self.entries.front().map_or(0, |e| e.len - self.head_written);
+        &self.bytes[self.pos..self.pos + rest]
+    }
+
+    /// True when the port has begun the first frame but not finished it.
+    pub(crate) fn frame_begun(&self) -> bool {
+        self.head_written > 0
+    }
+
+    /// Bytes queued and not yet written.
+    pub(crate) fn len(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    /// Drops every queued frame of each access unit for which `drop` is true, except
+    /// the unit whose frame the port has begun (the peer would lose framing); calls
+    /// `dropped` once per unit dropped. Frames of no unit (control) always stay.
+    pub(crate) fn drop_units(&mut self, mut drop: impl FnMut(u32, u64) -> bool, mut dropped: impl FnMut(u32, u64)) {
+        let begun = self.entries.front().filter(|_| self.head_written > 0).and_then(|e| e.unit);
+        let doomed = |e: &Entry, drop: &mut dyn FnMut(u32, u64) -> bool| {
+            e.unit.is_some_and(|(s, u)| Some((s, u)) != begun && drop(s, u))
+        };
+        if !self.entries.iter().any(|e| doomed(e, &mut drop)) {
+            return;
+        }
+        let start = self.pos - self.head_written;
+        let mut kept = Vec::with_capacity(self.bytes.len() - start);
+        let entries = std::mem::take(&mut self.entries);
+        let mut at = start;
+        let mut last = None;
+        for e in entries {
+            let frame = &self.bytes[at..at + e.len];
+            at += e.len;
+            if doomed(&e, &mut drop) {
+                if e.unit != last {
+                    if let Some((s, u)) = e.unit {
+                        dropped(s, u);
+                    }
+                    last = e.unit;
+                }
+                continue;
+            }
+            kept.extend_from_slice(frame);
+            self.entries.push_back(e);
+        }
+        self.bytes = kept;
+        self.pos = self.head_written;
     }
 
     /// Marks `n` bytes of [`OutQueue::pending`] as written.
@@ -165,6 +227,29 @@ mod tests {
         }
         assert_eq!(seen.len(), total);
         assert_eq!(q.media_bytes(), 0);
+    }
+
+    #[test]
+    fn whole_units_are_dropped_but_never_a_begun_one_nor_control() {
+        let mut q = OutQueue::default();
+        for (unit, tag) in [(1u64, b'a'), (1, b'b'), (2, b'c'), (2, b'd'), (3, b'e')] {
+            q.push_unit(9, unit, frame(tag, 4));
+        }
+        q.push(None, frame(b'C', 2));
+        q.push_unit(5, 1, frame(b'x', 4));
+        assert_eq!(q.pending_frame(), b"aaaa");
+        q.consume(2);
+        assert!(q.frame_begun());
+        assert_eq!(q.pending_frame(), b"aa");
+        let mut dropped = Vec::new();
+        q.drop_units(|s, _| s == 9, |s, u| dropped.push((s, u)));
+        // Unit 1 is begun: both its frames stay; 2 and 3 go; control and stream 5 stay.
+        assert_eq!(dropped, [(9, 2), (9, 3)]);
+        assert_eq!(q.pending(), b"aabbbbCCxxxx");
+        assert_eq!(q.len(), 12);
+        q.consume(usize::MAX);
+        assert!(!q.frame_begun());
+        assert!(q.pending_frame().is_empty());
     }
 
     #[test]

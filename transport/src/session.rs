@@ -8,6 +8,18 @@
 //!
 //! One `Session` lives exactly as long as one connection. After a disconnect the edge
 //! makes a new one (a new epoch); nothing from the old one is replayed.
+//!
+//! **Audio first.** Output waits in two queues: control and audio, and the bulk of
+//! encoded streams (access units, cut into frames of at most 16 KiB). The port is given
+//! the bulk queue one frame at a time, and only while nothing waits in the first: an
+//! audio packet waits at most for the rest of one bulk frame. Access units that cannot
+//! go in time ([`SessionConfig::max_queued_bulk`]) are dropped whole, and the stream's
+//! next ones until a keyframe; control of an encoded stream (its flush, end, close)
+//! goes in the bulk queue behind its access units, so it never overtakes them.
+//!
+//! **Reassembly.** An incoming access unit is held until its last frame; its announced
+//! size is checked against [`SessionConfig::max_access_unit`] and, with every other unit
+//! being received, [`SessionConfig::max_reassembly`] before anything is buffered.
 
 #![forbid(unsafe_code)]
 
@@ -21,8 +33,9 @@ use crate::frame::{
     encode_frame, Frame, FrameDecoder, FrameError, FrameKind, Header, FLAG_CRITICAL, FRAME_VERSION, MAX_PAYLOAD,
 };
 use crate::message::{
-    decode_control, encode_control, Capabilities, CaptureDemand, Heartbeat, Hello, MediaPacket, MessageError, Reason,
-    Role, StreamEnd, StreamLatency, StreamOpen, Volume, Welcome, MEDIA_HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
+    decode_control, encode_control, AccessUnit, Capabilities, CaptureDemand, Heartbeat, Hello, MediaPacket,
+    MessageError, Reason, Role, StreamControl, StreamEnd, StreamLatency, StreamOpen, Volume, Welcome, AU_HEADER_LEN,
+    MAX_ACCESS_UNIT, MEDIA_HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use crate::outq::OutQueue;
 use crate::text::sanitize;
@@ -66,6 +79,15 @@ pub struct SessionConfig {
     /// dropped (and counted, [`Session::media_dropped`]), never control. Default
     /// 192 KiB: a second of stereo PCM, ten of Opus at 128 kbit/s.
     pub max_queued_media: usize,
+    /// Most bytes of access units waiting for the port; beyond it the stream's queued
+    /// units are dropped whole, and its next ones until a keyframe (and counted,
+    /// [`Session::units_dropped`]). Default 1 MiB: a second of 8 Mbit/s video.
+    pub max_queued_bulk: usize,
+    /// Largest access unit accepted from the peer. Default [`MAX_ACCESS_UNIT`] (8 MiB).
+    pub max_access_unit: usize,
+    /// Most bytes of incoming access units held while their frames arrive, all streams
+    /// together (announced sizes). Default 16 MiB.
+    pub max_reassembly: usize,
 }
 
 impl SessionConfig {
@@ -85,6 +107,9 @@ impl SessionConfig {
             max_control_per_second: 200,
             max_pending_output: 1 << 20,
             max_queued_media: 192 * 1024,
+            max_queued_bulk: 1 << 20,
+            max_access_unit: MAX_ACCESS_UNIT,
+            max_reassembly: 16 << 20,
         }
     }
 }
@@ -148,6 +173,21 @@ pub enum Event {
         /// The peer's render delay, nanoseconds.
         render_ns: u64,
     },
+    /// A whole access unit of an encoded stream the peer sends.
+    AccessUnit {
+        /// Stream id.
+        stream: u32,
+        /// The access unit.
+        au: AccessUnit,
+    },
+    /// Control of an encoded stream: from its sender (flush, pause, resume, end of
+    /// stream) or, for a stream we send, from its receiver (keyframe request).
+    StreamControl {
+        /// Stream id.
+        stream: u32,
+        /// What.
+        control: StreamControl,
+    },
     /// The guest started a new session on the same connection (its side restarted):
     /// every stream of the old one is gone. A [`Event::Established`] follows.
     PeerRestarted,
@@ -202,9 +242,26 @@ pub enum SessionError {
         /// The limit.
         limit: u32,
     },
+    /// An access unit that breaks the rules: too large, cut short by the next, more
+    /// bytes than announced, data without a start, or over the reassembly budget.
+    #[error("stream {stream}: access unit dropped: {what}")]
+    BadAccessUnit {
+        /// Stream id.
+        stream: u32,
+        /// What was wrong.
+        what: String,
+    },
     /// A call by the edge that is not allowed now (not a peer problem).
     #[error("session is not established")]
     NotEstablished,
+    /// A stream the peer said it cannot take (its capabilities); not sent.
+    #[error("the peer does not take {kind} in {codec}")]
+    PeerCannotTake {
+        /// The media kind.
+        kind: &'static str,
+        /// The codec.
+        codec: &'static str,
+    },
 }
 
 impl SessionError {
@@ -221,6 +278,8 @@ impl SessionError {
             SessionError::UnknownKind(_) => "unknown frame kind",
             SessionError::ControlFlood { .. } => "control flood",
             SessionError::NotEstablished => "not established",
+            SessionError::BadAccessUnit { .. } => "bad access unit",
+            SessionError::PeerCannotTake { .. } => "not taken by the peer",
         }
     }
 }
@@ -290,8 +349,24 @@ pub struct Session {
     origin: Instant,
     decoder: FrameDecoder,
     out: OutQueue,
+    /// Access units' frames, and the control of their streams (see the module docs).
+    bulk: OutQueue,
     /// Media frames dropped per stream because the port fell behind.
     media_dropped: BTreeMap<u32, u64>,
+    /// Outgoing encoded streams: their control goes behind their access units.
+    bulk_streams: BTreeSet<u32>,
+    /// Outgoing encoded streams that dropped access units and wait for a keyframe.
+    awaiting_keyframe: BTreeSet<u32>,
+    /// Access units dropped per outgoing stream.
+    units_dropped: BTreeMap<u32, u64>,
+    /// The next access unit's number in the bulk queue.
+    next_unit: u64,
+    /// Incoming encoded streams.
+    incoming_encoded: BTreeSet<u32>,
+    /// Incoming access units whose frames are arriving, by stream, and their announced
+    /// sizes' sum.
+    assembling: BTreeMap<u32, (AccessUnit, usize)>,
+    assembling_bytes: usize,
     events: VecDeque<Event>,
     peer: Option<PeerInfo>,
     /// Streams the peer opened towards us.
@@ -332,7 +407,15 @@ impl Session {
             origin: now,
             decoder: FrameDecoder::new(),
             out: OutQueue::default(),
+            bulk: OutQueue::default(),
             media_dropped: BTreeMap::new(),
+            bulk_streams: BTreeSet::new(),
+            awaiting_keyframe: BTreeSet::new(),
+            units_dropped: BTreeMap::new(),
+            next_unit: 0,
+            incoming_encoded: BTreeSet::new(),
+            assembling: BTreeMap::new(),
+            assembling_bytes: 0,
             events: VecDeque::new(),
             peer: None,
             incoming: BTreeSet::new(),
@@ -434,14 +517,39 @@ impl Session {
         self.events.pop_front()
     }
 
-    /// Bytes waiting to be written to the port.
+    /// Bytes to write to the port next: control and audio, or, when none wait (or
+    /// a bulk frame is half written), one frame of the bulk queue. Empty when nothing
+    /// waits; call again after [`Session::consume_output`] for more.
     pub fn pending_output(&self) -> &[u8] {
-        self.out.pending()
+        if self.bulk_turn() {
+            self.bulk.pending_frame()
+        } else {
+            self.out.pending()
+        }
     }
 
     /// Marks `n` bytes of [`Session::pending_output`] as written.
     pub fn consume_output(&mut self, n: usize) {
-        self.out.consume(n);
+        if self.bulk_turn() {
+            self.bulk.consume(n);
+        } else {
+            self.out.consume(n);
+        }
+    }
+
+    /// True when the bulk queue has the port: its frame is begun, or nothing else waits.
+    fn bulk_turn(&self) -> bool {
+        self.bulk.frame_begun() || (self.out.pending().is_empty() && self.bulk.len() > 0)
+    }
+
+    /// Bytes of access units (and their streams' control) waiting for the port.
+    pub fn queued_bulk_bytes(&self) -> usize {
+        self.bulk.len()
+    }
+
+    /// Access units of `stream` dropped so far because the port fell behind.
+    pub fn units_dropped(&self, stream: u32) -> u64 {
+        self.units_dropped.get(&stream).copied().unwrap_or(0)
     }
 
     /// Bytes of media waiting for the port: how far behind it is.
@@ -468,18 +576,110 @@ impl Session {
         if stream == 0 {
             return Err(SessionError::ReservedStream);
         }
+        if let Some(peer) = &self.peer {
+            if !peer.capabilities.accepts(&open.media, &open.codec) {
+                return Err(SessionError::PeerCannotTake { kind: open.media.name(), codec: open.codec.name() });
+            }
+        }
         let payload = encode_control("stream-open", open)?;
         self.outgoing.insert(stream);
+        if open.media.is_encoded() {
+            self.bulk_streams.insert(stream);
+        }
         self.push_frame(FrameKind::StreamOpen, stream, &payload);
         Ok(())
     }
 
     /// Ends a stream we opened. Unknown ids are ignored (already closed or rejected).
+    /// An encoded stream's close goes after its queued access units.
     pub fn close_stream(&mut self, stream: u32, reason: &str) {
         if self.state != State::Established || !self.outgoing.remove(&stream) {
             return;
         }
-        self.send_control(FrameKind::StreamClose, stream, "stream-close", &StreamEnd { reason: reason.into() });
+        self.awaiting_keyframe.remove(&stream);
+        let end = StreamEnd { reason: reason.into() };
+        if self.bulk_streams.remove(&stream) {
+            self.push_bulk_control(FrameKind::StreamClose, stream, "stream-close", &end);
+        } else {
+            self.send_control(FrameKind::StreamClose, stream, "stream-close", &end);
+        }
+    }
+
+    /// Queues an access unit of an open outgoing encoded stream; `Ok(false)` when it
+    /// was dropped instead: the stream waits for a keyframe after a drop, and units
+    /// that would pass [`SessionConfig::max_queued_bulk`] go (the stream's queued ones
+    /// first). Counted in [`Session::units_dropped`].
+    pub fn send_access_unit(&mut self, stream: u32, au: &AccessUnit) -> Result<bool, SessionError> {
+        self.require_established()?;
+        if !self.bulk_streams.contains(&stream) {
+            return Err(SessionError::UnknownStream(stream));
+        }
+        if au.data.len() > MAX_ACCESS_UNIT {
+            return Err(MessageError::TooLarge { kind: "access unit", len: au.data.len() }.into());
+        }
+        if !au.is_keyframe() && self.awaiting_keyframe.contains(&stream) {
+            *self.units_dropped.entry(stream).or_default() += 1;
+            return Ok(false);
+        }
+        let frames = au.data.len().saturating_sub(MAX_PAYLOAD - AU_HEADER_LEN).div_ceil(MAX_PAYLOAD) + 1;
+        let size = au.data.len() + AU_HEADER_LEN + frames * crate::frame::HEADER_LEN;
+        if self.bulk.len() + size > self.config.max_queued_bulk {
+            // Late: what this stream has queued goes, and the stream starts again at a
+            // keyframe (this one, if it is one and fits).
+            let dropped = &mut self.units_dropped;
+            self.bulk.drop_units(|s, _| s == stream, |s, _| *dropped.entry(s).or_default() += 1);
+            if !au.is_keyframe() || self.bulk.len() + size > self.config.max_queued_bulk {
+                *self.units_dropped.entry(stream).or_default() += 1;
+                self.awaiting_keyframe.insert(stream);
+                return Ok(false);
+            }
+        }
+        self.awaiting_keyframe.remove(&stream);
+        let unit = self.next_unit;
+        self.next_unit += 1;
+        let first = au.data.len().min(MAX_PAYLOAD - AU_HEADER_LEN);
+        let header = |kind, len: usize| Header {
+            version: FRAME_VERSION,
+            kind,
+            flags: 0,
+            stream,
+            len: u16::try_from(len).unwrap_or(u16::MAX),
+        };
+        self.bulk.push_unit(stream, unit, |out| {
+            out.extend_from_slice(&header(FrameKind::AuStart, AU_HEADER_LEN + first).encode());
+            au.encode_header(out);
+            out.extend_from_slice(&au.data[..first]);
+        });
+        for chunk in au.data[first..].chunks(MAX_PAYLOAD) {
+            self.bulk.push_unit(stream, unit, |out| {
+                out.extend_from_slice(&header(FrameKind::AuData, chunk.len()).encode());
+                out.extend_from_slice(chunk);
+            });
+        }
+        Ok(true)
+    }
+
+    /// Sends control of an encoded stream: [`StreamControl::KeyframeRequest`] for a
+    /// stream the peer sends us, the others for one we send (after its queued access
+    /// units; a flush first drops those, unsent).
+    pub fn send_stream_control(&mut self, stream: u32, control: StreamControl) -> Result<(), SessionError> {
+        self.require_established()?;
+        if control == StreamControl::KeyframeRequest {
+            if !self.incoming_encoded.contains(&stream) {
+                return Err(SessionError::UnknownStream(stream));
+            }
+            self.send_control(FrameKind::StreamControl, stream, "stream-control", &control);
+            return Ok(());
+        }
+        if !self.bulk_streams.contains(&stream) {
+            return Err(SessionError::UnknownStream(stream));
+        }
+        if control == StreamControl::Flush {
+            self.bulk.drop_units(|s, _| s == stream, |_, _| {});
+            self.awaiting_keyframe.remove(&stream);
+        }
+        self.push_bulk_control(FrameKind::StreamControl, stream, "stream-control", &control);
+        Ok(())
     }
 
     /// Refuses a stream the peer opened.
@@ -589,6 +789,19 @@ impl Session {
         self.send_control(FrameKind::Hello, 0, "hello", &hello);
     }
 
+    /// Queues a control frame of an encoded stream in the bulk queue, behind its units.
+    fn push_bulk_control<T: serde::Serialize>(&mut self, kind: FrameKind, stream: u32, name: &'static str, msg: &T) {
+        let payload = match encode_control(name, msg) {
+            Ok(payload) => payload,
+            Err(e) => return self.events.push_back(Event::Error(e.into())),
+        };
+        let mut result = Ok(());
+        self.bulk.push(None, |out| result = encode_frame(out, kind, 0, stream, &payload));
+        if let Err(e) = result {
+            self.events.push_back(Event::Error(e.into()));
+        }
+    }
+
     fn send_control<T: serde::Serialize>(&mut self, kind: FrameKind, stream: u32, name: &'static str, msg: &T) {
         match encode_control(name, msg) {
             Ok(payload) => self.push_frame(kind, stream, &payload),
@@ -636,7 +849,8 @@ impl Session {
 
     fn handle_frame(&mut self, now: Instant, frame: Frame) {
         let Frame { header, payload } = frame;
-        if header.kind != FrameKind::Media && !self.admit_control(now) {
+        let media = matches!(header.kind, FrameKind::Media | FrameKind::AuStart | FrameKind::AuData);
+        if !media && !self.admit_control(now) {
             return;
         }
         let unexpected =
@@ -666,6 +880,8 @@ impl Session {
                     self.events.push_back(Event::Error(SessionError::UnknownStream(header.stream)));
                     return;
                 }
+                self.incoming_encoded.remove(&header.stream);
+                self.forget_assembly(header.stream);
                 let reason = decode_control::<StreamEnd>("stream-close", &payload)
                     .map_or_else(|e| e.to_string(), |r| sanitize(&r.reason));
                 self.events.push_back(Event::StreamClosed { stream: header.stream, reason });
@@ -674,6 +890,11 @@ impl Session {
                 if !self.outgoing.remove(&header.stream) {
                     self.events.push_back(Event::Error(SessionError::UnknownStream(header.stream)));
                     return;
+                }
+                if self.bulk_streams.remove(&header.stream) {
+                    let stream = header.stream;
+                    self.bulk.drop_units(|s, _| s == stream, |_, _| {});
+                    self.awaiting_keyframe.remove(&stream);
                 }
                 let reason = decode_control::<StreamEnd>("stream-reject", &payload)
                     .map_or_else(|e| e.to_string(), |r| sanitize(&r.reason));
@@ -711,6 +932,9 @@ impl Session {
                     Err(e) => self.events.push_back(Event::Error(e.into())),
                 }
             }
+            (FrameKind::AuStart, State::Established) => self.on_au_start(header.stream, &payload),
+            (FrameKind::AuData, State::Established) => self.on_au_data(header.stream, &payload),
+            (FrameKind::StreamControl, State::Established) => self.on_stream_control(header.stream, &payload),
             (FrameKind::Unknown(k), _) => {
                 if header.flags & FLAG_CRITICAL != 0 {
                     self.close(CloseReason::UnknownCritical(k));
@@ -723,7 +947,7 @@ impl Session {
     }
 
     fn on_hello(&mut self, now: Instant, payload: &[u8]) {
-        let hello = match decode_control::<Hello>("hello", payload) {
+        let hello = match Hello::decode(payload) {
             Ok(h) => h,
             Err(e) => {
                 self.events.push_back(Event::Error(e.into()));
@@ -743,6 +967,12 @@ impl Session {
             // stays connected on the host across a guest module restart).
             self.incoming.clear();
             self.outgoing.clear();
+            self.bulk_streams.clear();
+            self.awaiting_keyframe.clear();
+            self.bulk.clear();
+            self.incoming_encoded.clear();
+            self.assembling.clear();
+            self.assembling_bytes = 0;
             self.peer = None;
             self.state = State::Handshake;
             self.events.push_back(Event::PeerRestarted);
@@ -775,7 +1005,7 @@ impl Session {
     }
 
     fn on_welcome(&mut self, payload: &[u8]) {
-        match decode_control::<Welcome>("welcome", payload) {
+        match Welcome::decode(payload) {
             Ok(w) if (PROTOCOL_MIN..=PROTOCOL_MAX).contains(&w.version) => self.establish(PeerInfo {
                 version: w.version,
                 software: sanitize(&w.software),
@@ -824,6 +1054,9 @@ impl Session {
             Ok(mut open) => {
                 open.app.sanitize();
                 self.incoming.insert(stream);
+                if open.media.is_encoded() {
+                    self.incoming_encoded.insert(stream);
+                }
                 self.events.push_back(Event::StreamOpened { stream, open });
             }
             Err(e) => {
@@ -838,6 +1071,106 @@ impl Session {
             }
         }
     }
+
+    fn bad_unit(&mut self, stream: u32, what: impl Into<String>) {
+        self.events.push_back(Event::Error(SessionError::BadAccessUnit { stream, what: what.into() }));
+    }
+
+    /// Forgets a half-received access unit; true if there was one.
+    fn forget_assembly(&mut self, stream: u32) -> bool {
+        match self.assembling.remove(&stream) {
+            Some((_, size)) => {
+                self.assembling_bytes -= size;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn on_au_start(&mut self, stream: u32, payload: &[u8]) {
+        if !self.incoming_encoded.contains(&stream) {
+            self.events.push_back(Event::Error(SessionError::UnknownStream(stream)));
+            return;
+        }
+        if self.forget_assembly(stream) {
+            self.bad_unit(stream, "cut short by the next one");
+        }
+        let (mut au, size, first) = match AccessUnit::decode_header(payload) {
+            Ok(parts) => parts,
+            Err(e) => {
+                self.events.push_back(Event::Error(e.into()));
+                return;
+            }
+        };
+        if size > self.config.max_access_unit {
+            self.bad_unit(stream, format!("{size} bytes, over the limit of {}", self.config.max_access_unit));
+            return;
+        }
+        if first.len() > size {
+            self.bad_unit(stream, format!("{} bytes in its first frame, {size} announced", first.len()));
+            return;
+        }
+        if first.len() == size {
+            au.data = first.to_vec();
+            self.events.push_back(Event::AccessUnit { stream, au });
+            return;
+        }
+        if self.assembling_bytes + size > self.config.max_reassembly {
+            let limit = self.config.max_reassembly;
+            self.bad_unit(stream, format!("{size} bytes would pass the {limit} bytes held for reassembly"));
+            return;
+        }
+        // Grown as frames arrive: a peer that announces much and sends little costs
+        // the budget, not memory.
+        au.data = Vec::with_capacity(size.min(64 * 1024));
+        au.data.extend_from_slice(first);
+        self.assembling_bytes += size;
+        self.assembling.insert(stream, (au, size));
+    }
+
+    fn on_au_data(&mut self, stream: u32, payload: &[u8]) {
+        let Some((au, size)) = self.assembling.get_mut(&stream) else {
+            if self.incoming_encoded.contains(&stream) {
+                self.bad_unit(stream, "data without a start");
+            } else {
+                self.events.push_back(Event::Error(SessionError::UnknownStream(stream)));
+            }
+            return;
+        };
+        let (have, size) = (au.data.len(), *size);
+        if have + payload.len() > size {
+            self.forget_assembly(stream);
+            self.bad_unit(stream, format!("{} bytes, {size} announced", have + payload.len()));
+            return;
+        }
+        au.data.extend_from_slice(payload);
+        if au.data.len() == size {
+            if let Some((au, size)) = self.assembling.remove(&stream) {
+                self.assembling_bytes -= size;
+                self.events.push_back(Event::AccessUnit { stream, au });
+            }
+        }
+    }
+
+    fn on_stream_control(&mut self, stream: u32, payload: &[u8]) {
+        let control = match decode_control::<StreamControl>("stream-control", payload) {
+            Ok(c) => c,
+            Err(e) => {
+                self.events.push_back(Event::Error(e.into()));
+                return;
+            }
+        };
+        let ours = control == StreamControl::KeyframeRequest;
+        let known = if ours { self.bulk_streams.contains(&stream) } else { self.incoming_encoded.contains(&stream) };
+        if !known {
+            self.events.push_back(Event::Error(SessionError::UnknownStream(stream)));
+            return;
+        }
+        if control == StreamControl::Flush {
+            self.forget_assembly(stream);
+        }
+        self.events.push_back(Event::StreamControl { stream, control });
+    }
 }
 
 #[cfg(test)]
@@ -846,7 +1179,7 @@ mod tests {
     use crate::message::{AppInfo, AudioFormat, Codec, MediaKind};
 
     fn caps() -> Capabilities {
-        Capabilities { codecs: 3, max_streams: 4 }
+        Capabilities { codecs: 3, max_streams: 4, kinds: crate::message::kind_bits::AUDIO }
     }
 
     fn pair(now: Instant) -> (Session, Session) {
@@ -858,11 +1191,21 @@ mod tests {
 
     /// Moves all pending bytes from `a` to `b`, optionally in pieces of `chunk` bytes.
     fn shuttle(now: Instant, a: &mut Session, b: &mut Session, chunk: usize) {
-        let bytes = a.pending_output().to_vec();
-        a.consume_output(bytes.len());
-        for piece in bytes.chunks(chunk.max(1)) {
-            b.handle_input(now, piece);
+        for bytes in drain(a) {
+            for piece in bytes.chunks(chunk.max(1)) {
+                b.handle_input(now, piece);
+            }
         }
+    }
+
+    /// Everything `a` has to write, in the pieces it hands out.
+    fn drain(a: &mut Session) -> Vec<Vec<u8>> {
+        std::iter::from_fn(|| {
+            let bytes = a.pending_output().to_vec();
+            a.consume_output(bytes.len());
+            (!bytes.is_empty()).then_some(bytes)
+        })
+        .collect()
     }
 
     fn events(s: &mut Session) -> Vec<Event> {
@@ -875,6 +1218,7 @@ mod tests {
             codec: Codec::PcmS16Le,
             frame_samples: 480,
             app: AppInfo { name: "pw-play".into(), ..Default::default() },
+            codec_data: Vec::new(),
         }
     }
 
@@ -1022,9 +1366,21 @@ mod tests {
     fn version_mismatch_is_refused_with_a_clear_error() {
         let now = Instant::now();
         let (_, mut h) = pair(now);
+        // A v1 guest's hello, as v1 wrote it (its capabilities end before `kinds`).
+        let v1_hello = [1, 1, 0, 2, b'v', b'1', 1, 0, 3, 64];
+        let mut wire = Vec::new();
+        encode_frame(&mut wire, FrameKind::Hello, 0, 0, &v1_hello).unwrap();
+        h.handle_input(now, &wire);
+        let ev = events(&mut h);
+        let Some(Event::Closed(reason)) = ev.last() else { panic!("{ev:?}") };
+        let text = reason.to_string();
+        assert!(text.contains("peer speaks 1..=1") && text.contains("speaks 2..=2"), "{text}");
+        assert!(!text.contains('\n'), "one line: {text}");
+
+        let (_, mut h) = pair(now);
         let hello = Hello {
-            min_version: 2,
-            max_version: 3,
+            min_version: 3,
+            max_version: 4,
             role: Role::Guest,
             software: "future".into(),
             epoch: 1,
@@ -1037,7 +1393,7 @@ mod tests {
         let ev = events(&mut h);
         let Some(Event::Closed(reason)) = ev.last() else { panic!("{ev:?}") };
         let text = reason.to_string();
-        assert!(text.contains("peer speaks 2..=3") && text.contains("speaks 1..=1"), "{text}");
+        assert!(text.contains("peer speaks 3..=4") && text.contains("speaks 2..=2"), "{text}");
 
         // The guest learns why.
         let (mut g, _) = pair(now);
@@ -1122,8 +1478,8 @@ mod tests {
 
     fn hello_frame(epoch: u64) -> Vec<u8> {
         let hello = Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: PROTOCOL_MIN,
+            max_version: PROTOCOL_MAX,
             role: Role::Guest,
             software: "storm".into(),
             epoch,
@@ -1265,5 +1621,265 @@ mod tests {
         g.send_media(1, &MediaPacket { seq: 0, pts_ns: 0, duration: 1, data: vec![] }).unwrap();
         shuttle(now, &mut g, &mut h, usize::MAX);
         assert!(matches!(events(&mut h)[..], [Event::Error(SessionError::UnknownStream(1))]));
+    }
+
+    fn all_caps() -> Capabilities {
+        use crate::message::{codec_bits, kind_bits};
+        Capabilities {
+            codecs: codec_bits::PCM_S16LE | codec_bits::ENCODED,
+            max_streams: 4,
+            kinds: kind_bits::AUDIO | kind_bits::ENCODED_AUDIO | kind_bits::ENCODED_VIDEO,
+        }
+    }
+
+    fn established_v2(now: Instant, host: impl FnOnce(&mut SessionConfig)) -> (Session, Session) {
+        let g = SessionConfig::new(Role::Guest, "guest-test", all_caps());
+        let mut h = SessionConfig::new(Role::Host, "host-test", all_caps());
+        host(&mut h);
+        let (mut g, mut h) = (Session::new(g, now), Session::new(h, now));
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        shuttle(now, &mut h, &mut g, usize::MAX);
+        events(&mut g);
+        events(&mut h);
+        (g, h)
+    }
+
+    fn video() -> StreamOpen {
+        use crate::message::VideoFormat;
+        StreamOpen {
+            media: MediaKind::EncodedVideo(VideoFormat {
+                width: 1280,
+                height: 720,
+                framerate_num: 30,
+                framerate_den: 1,
+            }),
+            codec: Codec::H264,
+            frame_samples: 0,
+            app: AppInfo { name: "player".into(), ..Default::default() },
+            codec_data: vec![1, 2, 3],
+        }
+    }
+
+    fn unit(seq: u32, size: usize, key: bool) -> AccessUnit {
+        use crate::message::au_flags;
+        AccessUnit {
+            seq,
+            flags: if key { au_flags::KEYFRAME } else { 0 },
+            pts_ns: u64::from(seq) * 33_333_333,
+            dts_ns: 0,
+            duration_ns: 33_333_333,
+            data: (0..size).map(|i| (i as u32 ^ seq) as u8).collect(),
+        }
+    }
+
+    fn units(ev: &[Event]) -> Vec<&AccessUnit> {
+        ev.iter().filter_map(|e| if let Event::AccessUnit { au, .. } = e { Some(au) } else { None }).collect()
+    }
+
+    #[test]
+    fn access_units_of_any_size_arrive_whole_whatever_the_cuts() {
+        let now = Instant::now();
+        for chunk in [1, 7, 16_384, 100_000] {
+            let (mut g, mut h) = established_v2(now, |_| {});
+            g.open_stream(3, &video()).unwrap();
+            let sent = [unit(0, 200_000, true), unit(1, 0, false), unit(2, 16_348, false), unit(3, 16_349, false)];
+            for au in &sent {
+                assert!(g.send_access_unit(3, au).unwrap());
+            }
+            g.close_stream(3, "done");
+            shuttle(now, &mut g, &mut h, chunk);
+            let ev = events(&mut h);
+            assert!(matches!(&ev[0], Event::StreamOpened { stream: 3, open } if *open == video()), "{ev:?}");
+            assert_eq!(units(&ev), sent.iter().collect::<Vec<_>>(), "cut in pieces of {chunk}");
+            assert!(matches!(ev.last(), Some(Event::StreamClosed { stream: 3, .. })));
+            assert_eq!(h.assembling_bytes, 0);
+        }
+    }
+
+    /// A 200 KB keyframe waits behind nothing: audio queued after it goes out after
+    /// at most the one video frame the port has begun.
+    #[test]
+    fn audio_is_written_before_the_video_that_waits() {
+        let now = Instant::now();
+        let (mut g, mut h) = established_v2(now, |_| {});
+        g.open_stream(1, &open()).unwrap();
+        g.open_stream(2, &video()).unwrap();
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        events(&mut h);
+        g.send_access_unit(2, &unit(0, 200_000, true)).unwrap();
+        // The port takes half of the first video frame, then an audio packet arrives.
+        let first = g.pending_output().len();
+        assert!(first <= crate::frame::MAX_FRAME);
+        let half = g.pending_output()[..first / 2].to_vec();
+        g.consume_output(first / 2);
+        h.handle_input(now, &half);
+        let packet = MediaPacket { seq: 0, pts_ns: 0, duration: 480, data: vec![1; 1920] };
+        g.send_media(1, &packet).unwrap();
+        // The video frame is finished first (framing), then the audio, then the rest.
+        let pieces = drain(&mut g);
+        assert_eq!(pieces[0].len(), first - first / 2);
+        assert_eq!(pieces[1].len(), crate::frame::HEADER_LEN + MEDIA_HEADER_LEN + 1920);
+        assert!(pieces.len() > 10);
+        let mut order = Vec::new();
+        for p in &pieces {
+            h.handle_input(now, p);
+            order.extend(events(&mut h).into_iter().map(|e| matches!(e, Event::Media { .. })));
+        }
+        assert_eq!(order, [true, false], "audio first, then the whole access unit");
+    }
+
+    #[test]
+    fn late_video_is_dropped_whole_until_a_keyframe_and_counted() {
+        let now = Instant::now();
+        let (mut g, mut h) = established_v2(now, |_| {});
+        g.config.max_queued_bulk = 100_000;
+        g.open_stream(2, &video()).unwrap();
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        // Units of 20 kB, a keyframe every 6, on a port that takes 12 kB a unit's time.
+        let mut got = Vec::new();
+        for seq in 0..60 {
+            g.send_access_unit(2, &unit(seq, 20_000, seq % 6 == 0)).unwrap();
+            assert!(g.queued_bulk_bytes() <= 100_000);
+            let mut budget = 12_000;
+            while budget > 0 && !g.pending_output().is_empty() {
+                let n = g.pending_output().len().min(budget);
+                let bytes = g.pending_output()[..n].to_vec();
+                g.consume_output(n);
+                h.handle_input(now, &bytes);
+                budget -= n;
+            }
+            got.extend(units(&events(&mut h)).iter().map(|a| a.seq));
+        }
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        got.extend(units(&events(&mut h)).iter().map(|a| a.seq));
+        assert!(g.units_dropped(2) > 0);
+        assert_eq!(got.len() as u64 + g.units_dropped(2), 60, "{got:?}");
+        // In order, and after every gap the stream starts again at a keyframe.
+        for w in got.windows(2) {
+            assert!(w[1] > w[0], "{got:?}");
+            assert!(w[1] == w[0] + 1 || w[1] % 6 == 0, "a gap not ended by a keyframe: {got:?}");
+        }
+    }
+
+    #[test]
+    fn a_flush_drops_unsent_units_and_control_never_overtakes_them() {
+        let now = Instant::now();
+        let (mut g, mut h) = established_v2(now, |_| {});
+        g.open_stream(2, &video()).unwrap();
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        for seq in 0..4 {
+            g.send_access_unit(2, &unit(seq, 30_000, seq == 0)).unwrap();
+        }
+        // The port has begun unit 0: it stays whole, 1..3 go, the flush follows it.
+        let begun = g.pending_output().len() / 2;
+        let bytes = g.pending_output()[..begun].to_vec();
+        g.consume_output(begun);
+        h.handle_input(now, &bytes);
+        g.send_stream_control(2, StreamControl::Flush).unwrap();
+        g.send_access_unit(2, &unit(10, 5_000, true)).unwrap();
+        g.send_stream_control(2, StreamControl::EndOfStream).unwrap();
+        g.close_stream(2, "done");
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        let order: Vec<String> = events(&mut h)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::AccessUnit { au, .. } => Some(format!("au{}", au.seq)),
+                Event::StreamControl { control, .. } => Some(format!("{control:?}")),
+                Event::StreamClosed { .. } => Some("close".into()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(order, ["au0", "Flush", "au10", "EndOfStream", "close"]);
+        assert_eq!(g.units_dropped(2), 0, "a flush is not a loss");
+    }
+
+    #[test]
+    fn the_receiver_asks_for_a_keyframe_and_only_for_a_stream_it_receives() {
+        let now = Instant::now();
+        let (mut g, mut h) = established_v2(now, |_| {});
+        g.open_stream(2, &video()).unwrap();
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        events(&mut h);
+        assert!(h.send_stream_control(9, StreamControl::KeyframeRequest).is_err());
+        assert!(h.send_stream_control(2, StreamControl::Flush).is_err(), "the host does not send stream 2");
+        h.send_stream_control(2, StreamControl::KeyframeRequest).unwrap();
+        shuttle(now, &mut h, &mut g, usize::MAX);
+        assert_eq!(events(&mut g), [Event::StreamControl { stream: 2, control: StreamControl::KeyframeRequest }]);
+    }
+
+    #[test]
+    fn a_peer_is_never_offered_what_it_cannot_take() {
+        let now = Instant::now();
+        let (mut g, _h) = established(now); // the host takes tapped audio only
+        let err = g.open_stream(2, &video()).unwrap_err();
+        assert!(matches!(err, SessionError::PeerCannotTake { kind: "encoded video", codec: "h264" }), "{err}");
+        assert!(g.send_access_unit(2, &unit(0, 10, true)).is_err());
+    }
+
+    /// Every way a peer can break reassembly costs it one error and the unit, and no
+    /// memory beyond the budget: sizes are checked before anything is buffered.
+    #[test]
+    fn reassembly_refuses_what_breaks_its_limits_before_buffering() {
+        use crate::message::AU_HEADER_LEN;
+        let now = Instant::now();
+        let (mut g, mut h) = established_v2(now, |c| {
+            c.max_access_unit = 1 << 20;
+            c.max_reassembly = 1_500_000;
+        });
+        for id in [2, 4] {
+            g.open_stream(id, &video()).unwrap();
+        }
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        events(&mut h);
+        let start = |stream: u32, size: u32, first: &[u8]| {
+            let mut payload = Vec::new();
+            AccessUnit { data: Vec::new(), ..unit(0, 0, true) }.encode_header(&mut payload);
+            payload[32..AU_HEADER_LEN].copy_from_slice(&size.to_le_bytes());
+            payload.extend_from_slice(first);
+            let mut wire = Vec::new();
+            encode_frame(&mut wire, FrameKind::AuStart, 0, stream, &payload).unwrap();
+            wire
+        };
+        let data = |stream: u32, bytes: &[u8]| {
+            let mut wire = Vec::new();
+            encode_frame(&mut wire, FrameKind::AuData, 0, stream, bytes).unwrap();
+            wire
+        };
+        let errors = |h: &mut Session| {
+            events(h).into_iter().filter(|e| matches!(e, Event::Error(SessionError::BadAccessUnit { .. }))).count()
+        };
+        // Over the size limit: refused at its start, nothing held.
+        h.handle_input(now, &start(2, 2 << 20, &[1]));
+        assert_eq!((errors(&mut h), h.assembling_bytes), (1, 0));
+        h.handle_input(now, &data(2, &[1; 100]));
+        assert_eq!(errors(&mut h), 1, "data without a start");
+        // Announced 1 MB and sent 10 bytes: the budget counts the announcement, the
+        // memory only what came.
+        h.handle_input(now, &start(2, 1 << 20, &[1; 10]));
+        assert_eq!(h.assembling_bytes, 1 << 20);
+        assert!(h.assembling[&2].0.data.capacity() <= 64 * 1024);
+        // A second stream may not pass the budget with its own.
+        h.handle_input(now, &start(4, 600_000, &[1; 10]));
+        assert_eq!(errors(&mut h), 1);
+        // Cut short by the next start; then more bytes than announced.
+        h.handle_input(now, &start(2, 20, &[1; 10]));
+        assert_eq!(errors(&mut h), 1);
+        assert_eq!(h.assembling_bytes, 20);
+        h.handle_input(now, &data(2, &[1; 11]));
+        assert_eq!((errors(&mut h), h.assembling_bytes), (1, 0));
+        // A first frame longer than announced.
+        h.handle_input(now, &start(2, 3, &[1; 10]));
+        assert_eq!(errors(&mut h), 1);
+        // Access-unit frames on an audio stream, or none, are refused too.
+        g.open_stream(1, &open()).unwrap();
+        shuttle(now, &mut g, &mut h, usize::MAX);
+        events(&mut h);
+        h.handle_input(now, &start(1, 3, &[1; 3]));
+        assert!(matches!(events(&mut h)[..], [Event::Error(SessionError::UnknownStream(1))]));
+        // The session went on: a good unit still arrives.
+        g.send_access_unit(2, &unit(5, 40_000, true)).unwrap();
+        shuttle(now, &mut g, &mut h, 999);
+        assert_eq!(units(&events(&mut h)).len(), 1);
+        assert!(h.is_established());
     }
 }

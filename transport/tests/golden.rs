@@ -6,8 +6,9 @@
 
 use melange_transport::frame::{encode_frame, FrameDecoder, FrameKind};
 use melange_transport::message::{
-    encode_control, AppInfo, AudioFormat, Capabilities, CaptureDemand, CaptureDevice, Codec, Heartbeat, Hello,
-    MediaKind, MediaPacket, Reason, Role, StreamEnd, StreamLatency, StreamOpen, Volume, Welcome,
+    au_flags, encode_control, AccessUnit, AppInfo, AudioFormat, Capabilities, CaptureDemand, CaptureDevice, Codec,
+    Heartbeat, Hello, MediaKind, MediaPacket, Reason, Role, StreamControl, StreamEnd, StreamLatency, StreamOpen,
+    VideoFormat, Volume, Welcome,
 };
 
 fn hex(bytes: &[u8]) -> String {
@@ -26,14 +27,14 @@ fn frame(kind: FrameKind, stream: u32, payload: &[u8]) -> String {
 }
 
 fn caps() -> Capabilities {
-    Capabilities { codecs: 3, max_streams: 64 }
+    Capabilities { codecs: 3, max_streams: 64, kinds: melange_transport::message::kind_bits::AUDIO }
 }
 
 #[test]
 fn every_frame_kind_is_pinned() {
     let hello = Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: 2,
+        max_version: 2,
         role: Role::Guest,
         software: "g".into(),
         epoch: 0x1234,
@@ -41,7 +42,7 @@ fn every_frame_kind_is_pinned() {
         capabilities: caps(),
     };
     let welcome =
-        Welcome { version: 1, software: "h".into(), epoch: 0x1234, clock_id: "c".into(), capabilities: caps() };
+        Welcome { version: 2, software: "h".into(), epoch: 0x1234, clock_id: "c".into(), capabilities: caps() };
     let open = StreamOpen {
         media: MediaKind::Audio(AudioFormat { rate: 44100, channels: 1, positions: vec![2] }),
         codec: Codec::PcmS16Le,
@@ -53,6 +54,7 @@ fn every_frame_kind_is_pinned() {
             icon_name: "i".into(),
             media_name: "m".into(),
         },
+        codec_data: Vec::new(),
     };
     let media = {
         let mut p = Vec::new();
@@ -60,20 +62,42 @@ fn every_frame_kind_is_pinned() {
             .encode_into(&mut p);
         p
     };
-    let cases: [(&str, FrameKind, u32, Vec<u8>, &str); 12] = [
+    let video = StreamOpen {
+        media: MediaKind::EncodedVideo(VideoFormat { width: 640, height: 360, framerate_num: 30, framerate_den: 1 }),
+        codec: Codec::Vp8,
+        frame_samples: 0,
+        app: AppInfo { name: "t".into(), ..AppInfo::default() },
+        codec_data: vec![0xCD],
+    };
+    let au = AccessUnit {
+        seq: 3,
+        flags: au_flags::KEYFRAME,
+        pts_ns: 1_000_000_000,
+        dts_ns: 0,
+        duration_ns: 33_333_333,
+        data: vec![0x10, 0x20, 0x30],
+    };
+    // An access unit of 3 bytes sent as a start with 2 and data with 1.
+    let au_start = {
+        let mut p = Vec::new();
+        au.encode_header(&mut p);
+        p.extend_from_slice(&au.data[..2]);
+        p
+    };
+    let cases: [(&str, FrameKind, u32, Vec<u8>, &str); 16] = [
         (
             "hello",
             FrameKind::Hello,
             0,
             encode_control("hello", &hello).unwrap(),
-            "4d4c4e4701010000000000000b007f430101000167b42401630340",
+            "4d4c4e4701010000000000000c00e8da0202000167b4240163034001",
         ),
         (
             "welcome",
             FrameKind::Welcome,
             0,
             encode_control("welcome", &welcome).unwrap(),
-            "4d4c4e47010200000000000009005908010168b42401630340",
+            "4d4c4e4701020000000000000a000a5d020168b4240163034001",
         ),
         (
             "refuse",
@@ -105,7 +129,7 @@ fn every_frame_kind_is_pinned() {
             FrameKind::StreamOpen,
             7,
             encode_control("stream-open", &open).unwrap(),
-            "4d4c4e4701100000070000001400ae2000c4d80201010200b9030161017201620169016d",
+            "4d4c4e47011000000700000015009f1300c4d80201010200b9030161017201620169016d00",
         ),
         (
             "stream-close",
@@ -147,6 +171,28 @@ fn every_frame_kind_is_pinned() {
             "4d4c4e4701150000000000000a005fbf020000003f0000803f01",
         ),
         ("media", FrameKind::Media, 7, media, "4d4c4e47012000000700000012000a7e040302018877665544332211e0010000aabb"),
+        (
+            "stream-open video",
+            FrameKind::StreamOpen,
+            9,
+            encode_control("stream-open", &video).unwrap(),
+            "4d4c4e4701100000090000001100f85f028005e8021e01080001740000000001cd",
+        ),
+        (
+            "stream-control",
+            FrameKind::StreamControl,
+            9,
+            encode_control("stream-control", &StreamControl::KeyframeRequest).unwrap(),
+            "4d4c4e4701160000090000000100030604",
+        ),
+        (
+            "au-start",
+            FrameKind::AuStart,
+            9,
+            au_start,
+            "4d4c4e4701210000090000002600dbdc030000000100000000ca9a3b00000000000000000000000055a0fc0100000000030000001020",
+        ),
+        ("au-data", FrameKind::AuData, 9, vec![0x30], "4d4c4e4701220000090000000100ee6e30"),
     ];
     let mut wrong = Vec::new();
     for (name, kind, stream, payload, want) in cases {

@@ -1,6 +1,7 @@
 //! Where decoded streams go. One [`Output`] per process, one [`StreamSink`] per guest
 //! stream; one file per backend.
 
+pub mod encoded;
 mod null;
 #[allow(unsafe_code)]
 mod pipewire;

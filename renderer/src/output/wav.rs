@@ -334,6 +334,7 @@ mod tests {
                 codec: Codec::PcmS16Le,
                 frame_samples: 480,
                 app: AppInfo { name: app.into(), ..Default::default() },
+                codec_data: Vec::new(),
             },
             format,
             from_s16: true,

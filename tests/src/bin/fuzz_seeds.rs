@@ -31,6 +31,7 @@ fn record() -> Recording {
     let caps = Capabilities {
         codecs: codec_bits::PCM_S16LE | codec_bits::OPUS,
         max_streams: melange_transport::message::MAX_STREAMS,
+        kinds: melange_transport::message::kind_bits::AUDIO,
     };
     let mut cfg = SessionConfig::new(Role::Guest, "melange-guest (seed)", caps.clone());
     cfg.epoch = 0x1485_ce00_0001;
@@ -59,6 +60,7 @@ fn record() -> Recording {
             codec: codec.clone(),
             frame_samples: 480,
             app: AppInfo { name: name.into(), role: "Music".into(), binary: name.to_lowercase(), ..Default::default() },
+            codec_data: Vec::new(),
         };
         let Ok(()) = guest.open_stream(id, &open) else { continue };
         let opened = take(&mut guest, &mut rec, "stream-open");
@@ -75,7 +77,7 @@ fn record() -> Recording {
                             let s = ((v * 32767.0) as i16).to_le_bytes();
                             [s[0], s[1], s[0], s[1]].to_vec()
                         }
-                        Codec::Opus { .. } => [v.to_ne_bytes(), v.to_ne_bytes()].concat(),
+                        _ => [v.to_ne_bytes(), v.to_ne_bytes()].concat(),
                     }
                 })
                 .collect();
