@@ -6,8 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
 use clap::{ArgGroup, Parser};
+use melange_renderer::encoded::{parse_codecs, EncodedStreams};
 use melange_renderer::host::MAX_STREAMS;
 use melange_renderer::host::{Host, HostConfig};
+use melange_renderer::output::encoded::{make_video_output, VideoOutputSpec};
 use melange_renderer::output::{make_output, OutputLimits, OutputSpec, DEFAULT_WAV_MAX_BYTES};
 use melange_transport::port::{Port, PortSpec, Waker};
 
@@ -30,8 +32,18 @@ struct Cli {
     /// Where the sound goes: pipewire, wav:DIR (one file per stream) or null.
     #[arg(long, value_name = "OUTPUT", default_value = "pipewire")]
     output: OutputSpec,
-    /// Most bytes the WAV files of one run may hold together (suffixes K, M, G: powers
-    /// of 1024); once reached, the files are finished and further audio is discarded.
+    /// Where a guest player's own encoded video and audio go (protocol v2): null, or
+    /// frames:DIR (each stream's access units and their timestamps, for tests).
+    #[arg(long, value_name = "OUTPUT", default_value = "null")]
+    video_output: VideoOutputSpec,
+    /// The codecs of encoded streams melange-host takes, comma-separated (h264, h265,
+    /// vp8, vp9, av1, mp3, aac, opus, vorbis, flac), or all; others are refused per
+    /// stream and the guest's player decodes them itself.
+    #[arg(long, value_name = "LIST", default_value = "all", value_parser = parse_codecs)]
+    video_codecs: u64,
+    /// Most bytes the WAV files (and frames:DIR files) of one run may hold together
+    /// (suffixes K, M, G: powers of 1024); once reached, the files are finished and
+    /// further audio is discarded.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_WAV_MAX_BYTES, value_parser = parse_bytes)]
     wav_max_bytes: u64,
     /// Jitter-buffer target in milliseconds (1..=1000), or auto: one packet, one output
@@ -150,7 +162,9 @@ fn run(cli: Cli) -> Result<(), String> {
         stats: cli.stats,
         mic: cli.mic,
     };
+    let video = make_video_output(&cli.video_output, cli.wav_max_bytes).map_err(|e| e.to_string())?;
     let mut host = Host::new(config, output, melange_shim::clock::now_pair());
+    host.set_encoded(EncodedStreams::new(video, cli.video_codecs));
     host.run(&mut port, &waker, &STOP).map_err(|e| format!("port error on {}: {e}", port.describe()))?;
     log::info!("melange-host: stopped");
     Ok(())
