@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use melange_shim::tap::TapEncoder;
 use melange_transport::message::{
-    codec_bits, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamOpen, Volume, MAX_STREAMS,
+    codec_bits, kind_bits, AccessUnit, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamControl, StreamOpen,
+    Volume, MAX_STREAMS,
 };
 use melange_transport::session::{CloseReason, Event, Session, SessionConfig};
 
@@ -79,6 +80,11 @@ pub struct GuestStats {
     pub bytes_written: AtomicU64,
     /// True while a session is established.
     pub connected: AtomicBool,
+    /// Access units of broker streams queued for the host, and dropped instead (no
+    /// host, or the port fell behind: see the session's counts too).
+    pub units_sent: AtomicU64,
+    /// See [`GuestStats::units_sent`].
+    pub units_dropped: AtomicU64,
 }
 
 /// What the module tells the core, in order: a stream's open, its media and its close
@@ -91,6 +97,13 @@ pub enum Command {
     /// A stream whose media the core encodes from `encoder`'s tap. It closes by itself
     /// once the tap's writer is gone and everything it captured is sent.
     Tap(u32, StreamOpen, Box<TapEncoder>),
+    /// A stream of the media broker (a player's encoded video or audio): announced in
+    /// every session, fed with [`Command::AccessUnit`].
+    Open(u32, StreamOpen),
+    /// An access unit of a broker stream.
+    AccessUnit(u32, AccessUnit),
+    /// Control of a broker stream from its player (flush, pause, resume, end of stream).
+    Control(u32, StreamControl),
     /// Ends a stream.
     Close(u32, String),
 }
@@ -101,6 +114,9 @@ impl std::fmt::Debug for Command {
             Command::MicWanted(w) => write!(f, "MicWanted({w})"),
             Command::Volume(v) => write!(f, "Volume({v:?})"),
             Command::Tap(id, _, _) => write!(f, "Tap({id})"),
+            Command::Open(id, _) => write!(f, "Open({id})"),
+            Command::AccessUnit(id, au) => write!(f, "AccessUnit({id}, {})", au.seq),
+            Command::Control(id, c) => write!(f, "Control({id}, {c:?})"),
             Command::Close(id, _) => write!(f, "Close({id})"),
         }
     }
@@ -115,6 +131,21 @@ pub enum CoreEvent {
     /// The host set the volume: the module puts it on the redirect sink, whose change
     /// comes back as [`Command::Volume`].
     HostVolume(Volume),
+    /// For the media broker.
+    Broker(BrokerNote),
+}
+
+/// What the media broker hears of the host and its streams.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BrokerNote {
+    /// A host is there, taking these kinds and codecs.
+    HostReady(Capabilities),
+    /// The host is gone: players fall back to decoding themselves.
+    HostGone,
+    /// The host refused a broker stream (or cannot take it), with the reason.
+    Rejected(u32, String),
+    /// The host asks a broker stream for a keyframe (also at the start of a session).
+    KeyframeRequest(u32),
 }
 
 /// The core's settings.
@@ -166,6 +197,8 @@ pub struct GuestCore {
     streams: BTreeMap<u32, StreamOpen>,
     /// Their taps.
     sources: BTreeMap<u32, Source>,
+    /// The streams of the media broker.
+    brokered: BTreeSet<u32>,
     /// Streams announced in the current session.
     announced: BTreeSet<u32>,
     /// Sessions started, for the session's epoch.
@@ -191,6 +224,7 @@ impl GuestCore {
             session: None,
             streams: BTreeMap::new(),
             sources: BTreeMap::new(),
+            brokered: BTreeSet::new(),
             announced: BTreeSet::new(),
             epoch: 0,
             ladder: None,
@@ -249,8 +283,27 @@ impl GuestCore {
                 self.streams.insert(id, open);
                 self.announce(id);
             }
+            Command::Open(id, open) => {
+                self.streams.insert(id, open);
+                self.brokered.insert(id);
+                self.announce(id);
+            }
+            Command::AccessUnit(id, au) => {
+                let sent = match &mut self.session {
+                    Some(s) if self.announced.contains(&id) => s.send_access_unit(id, &au).unwrap_or(false),
+                    _ => false,
+                };
+                let counter = if sent { &self.stats.units_sent } else { &self.stats.units_dropped };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            Command::Control(id, control) => {
+                if let Some(s) = self.session.as_mut().filter(|_| self.announced.contains(&id)) {
+                    let _ = s.send_stream_control(id, control);
+                }
+            }
             Command::Close(id, reason) => {
                 self.sources.remove(&id);
+                self.brokered.remove(&id);
                 self.close(id, &reason);
             }
         }
@@ -263,9 +316,9 @@ impl GuestCore {
             Role::Guest,
             self.config.software.clone(),
             Capabilities {
-                codecs: codec_bits::PCM_S16LE | codec_bits::OPUS,
+                codecs: codec_bits::PCM_S16LE | codec_bits::OPUS | codec_bits::ENCODED,
                 max_streams: MAX_STREAMS,
-                kinds: melange_transport::message::kind_bits::AUDIO,
+                kinds: kind_bits::AUDIO | kind_bits::ENCODED_AUDIO | kind_bits::ENCODED_VIDEO,
             },
         );
         cfg.epoch = (now_ns & !0xFFFF) | (self.epoch & 0xFFFF);
@@ -280,11 +333,13 @@ impl GuestCore {
         }
     }
 
-    /// The port is gone (`reason` says why); true if a session ended with it.
+    /// The port is gone; true if a session ended with it.
     pub fn disconnected(&mut self) -> bool {
         self.keep_session_drops();
         self.announced.clear();
-        self.stats.connected.store(false, Ordering::Relaxed);
+        if self.stats.connected.swap(false, Ordering::Relaxed) {
+            self.events.push_back(CoreEvent::Broker(BrokerNote::HostGone));
+        }
         if let Some(mic) = &mut self.mic {
             mic.end_session();
         }
@@ -425,14 +480,23 @@ impl GuestCore {
                 if self.mic.as_ref().is_some_and(MicReceiver::wanted) {
                     self.send_mic_demand();
                 }
+                self.events.push_back(CoreEvent::Broker(BrokerNote::HostReady(peer.capabilities.clone())));
                 let ids: Vec<u32> = self.streams.keys().copied().collect();
                 for id in ids {
                     self.announce(id);
+                    if self.brokered.contains(&id) && self.announced.contains(&id) {
+                        // A new session starts from a keyframe.
+                        self.events.push_back(CoreEvent::Broker(BrokerNote::KeyframeRequest(id)));
+                    }
                 }
             }
             Event::StreamRejected { stream, reason } => {
                 log::warn!("melange guest: host refused stream {stream}: {reason}");
                 self.announced.remove(&stream);
+                if self.brokered.remove(&stream) {
+                    self.streams.remove(&stream);
+                    self.events.push_back(CoreEvent::Broker(BrokerNote::Rejected(stream, reason)));
+                }
             }
             Event::StreamLatency { stream, render_ns } => {
                 if let Some(source) = self.sources.get_mut(&stream) {
@@ -479,7 +543,12 @@ impl GuestCore {
             }
             // Host-side requests; a guest never gets them from a well-behaved host.
             Event::CaptureDemand(_) | Event::PeerRestarted => {}
-            // Encoded streams from the host (the camera) and control of ours: none yet.
+            Event::StreamControl { stream, control: StreamControl::KeyframeRequest }
+                if self.brokered.contains(&stream) =>
+            {
+                self.events.push_back(CoreEvent::Broker(BrokerNote::KeyframeRequest(stream)));
+            }
+            // Encoded streams from the host (the camera): none yet.
             Event::AccessUnit { .. } | Event::StreamControl { .. } => {}
         }
     }
@@ -497,9 +566,13 @@ impl GuestCore {
         if !s.is_established() {
             return;
         }
-        let wanted = open.codec.bit();
-        if s.peer().is_some_and(|p| p.capabilities.codecs & wanted == 0) {
-            log::warn!("melange guest: host cannot decode {} for stream {id}", open.codec.name());
+        if s.peer().is_some_and(|p| !p.capabilities.accepts(&open.media, &open.codec)) {
+            let reason = format!("melange-host does not take {} {}", open.media.name(), open.codec.name());
+            log::warn!("melange guest: stream {id}: {reason}");
+            if self.brokered.remove(&id) {
+                self.streams.remove(&id);
+                self.events.push_back(CoreEvent::Broker(BrokerNote::Rejected(id, reason)));
+            }
             return;
         }
         match s.open_stream(id, open) {
@@ -763,13 +836,14 @@ mod tests {
         }
 
         fn connect(&mut self) {
+            self.connect_taking(codec_bits::PCM_S16LE | codec_bits::OPUS, kind_bits::AUDIO);
+        }
+
+        /// Connects to a host that takes `codecs` of `kinds`.
+        fn connect_taking(&mut self, codecs: u64, kinds: u32) {
             let (now, now_ns) = self.now();
             self.core.connected(now, now_ns);
-            let caps = Capabilities {
-                codecs: codec_bits::PCM_S16LE | codec_bits::OPUS,
-                max_streams: MAX_STREAMS,
-                kinds: melange_transport::message::kind_bits::AUDIO,
-            };
+            let caps = Capabilities { codecs, max_streams: MAX_STREAMS, kinds };
             self.host = Some(Session::new(SessionConfig::new(Role::Host, "test host", caps), now));
         }
 
@@ -802,8 +876,9 @@ mod tests {
                     let (now, now_ns) = self.now();
                     self.core.poll(now, now_ns);
                     self.wakeups += 1;
-                    self.core_events.extend(std::iter::from_fn(|| self.core.poll_event()));
                 }
+                // Commands make events too; the driver takes them after every command.
+                self.core_events.extend(std::iter::from_fn(|| self.core.poll_event()));
             }
         }
 
@@ -1028,10 +1103,12 @@ mod tests {
         v.channels = vec![0.5, 0.5];
         w.host().send_volume(&v).unwrap();
         w.run(20);
-        assert_eq!(w.core_events, vec![CoreEvent::HostVolume(v)]);
+        let caps = Capabilities { codecs: 3, max_streams: MAX_STREAMS, kinds: kind_bits::AUDIO };
+        assert_eq!(w.core_events, [CoreEvent::Broker(BrokerNote::HostReady(caps)), CoreEvent::HostVolume(v)]);
         w.host().close(CloseReason::Local("bye".into()));
         w.run(20);
-        assert_eq!(w.core_events.last(), Some(&CoreEvent::HangUp));
+        let end = &w.core_events[w.core_events.len() - 2..];
+        assert_eq!(end, [CoreEvent::Broker(BrokerNote::HostGone), CoreEvent::HangUp]);
         assert!(!w.core.has_session());
         assert!(!w.core.stats().connected.load(Ordering::Relaxed));
     }
@@ -1061,5 +1138,87 @@ mod tests {
             })
             .collect();
         assert_eq!(demands, vec![(true, 10_000), (false, 10_000), (true, 10_000)]);
+    }
+
+    fn video_open() -> StreamOpen {
+        use melange_transport::message::VideoFormat;
+        StreamOpen {
+            media: MediaKind::EncodedVideo(VideoFormat {
+                width: 640,
+                height: 360,
+                framerate_num: 30,
+                framerate_den: 1,
+            }),
+            codec: Codec::Vp8,
+            frame_samples: 0,
+            app: AppInfo { name: "player".into(), ..Default::default() },
+            codec_data: Vec::new(),
+        }
+    }
+
+    fn access_unit(seq: u32, key: bool) -> AccessUnit {
+        use melange_transport::message::au_flags;
+        AccessUnit {
+            seq,
+            flags: if key { au_flags::KEYFRAME } else { 0 },
+            pts_ns: u64::from(seq) * 33_000_000,
+            dts_ns: 0,
+            duration_ns: 33_000_000,
+            data: vec![seq as u8; 30_000],
+        }
+    }
+
+    /// A broker stream is announced in every session and asks its player for a
+    /// keyframe at each start; its units go after the audio of the same wake-up.
+    #[test]
+    fn broker_streams_are_announced_in_every_session_and_start_at_a_keyframe() {
+        let all = (codec_bits::PCM_S16LE | codec_bits::ENCODED, kind_bits::AUDIO | kind_bits::ENCODED_VIDEO);
+        let mut w = World::new(None);
+        w.add_tap(1, Codec::PcmS16Le);
+        w.core.command(Command::Open(50, video_open()));
+        w.connect_taking(all.0, all.1);
+        w.run(30);
+        assert!(w.core_events.contains(&CoreEvent::Broker(BrokerNote::KeyframeRequest(50))), "{:?}", w.core_events);
+        for seq in 0..3 {
+            w.core.command(Command::AccessUnit(50, access_unit(seq, seq == 0)));
+            w.run(15);
+        }
+        let units: Vec<u32> = w
+            .seen
+            .iter()
+            .filter_map(|(_, e)| if let Event::AccessUnit { stream: 50, au } = e { Some(au.seq) } else { None })
+            .collect();
+        assert_eq!(units, [0, 1, 2]);
+        assert!(w.media(1).len() >= 5, "the tap goes on beside the video");
+        w.disconnect();
+        w.core_events.clear();
+        w.seen.clear();
+        w.connect_taking(all.0, all.1);
+        w.run(30);
+        assert!(w.count(|e| matches!(e, Event::StreamOpened { stream: 50, .. })) == 1);
+        assert!(w.core_events.contains(&CoreEvent::Broker(BrokerNote::KeyframeRequest(50))));
+        // The host asks too; the player hears it.
+        w.host().send_stream_control(50, StreamControl::KeyframeRequest).unwrap();
+        w.core_events.clear();
+        w.run(10);
+        assert_eq!(w.core_events, [CoreEvent::Broker(BrokerNote::KeyframeRequest(50))]);
+    }
+
+    /// A host that does not take a broker stream's kind is never offered it: the
+    /// player is told why and decodes itself.
+    #[test]
+    fn a_broker_stream_the_host_cannot_take_is_refused_to_its_player() {
+        let mut w = World::new(None);
+        w.connect();
+        w.run(20);
+        w.core.command(Command::Open(7, video_open()));
+        w.run(20);
+        assert_eq!(w.count(|e| matches!(e, Event::StreamOpened { .. })), 0);
+        let refused = w.core_events.iter().find_map(|e| match e {
+            CoreEvent::Broker(BrokerNote::Rejected(7, reason)) => Some(reason.clone()),
+            _ => None,
+        });
+        assert_eq!(refused.as_deref(), Some("melange-host does not take encoded video vp8"), "{:?}", w.core_events);
+        assert_eq!(w.core.streams().count(), 0);
     }
 }

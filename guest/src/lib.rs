@@ -9,6 +9,9 @@
 //! - [`congestion`]: Opus's bitrate against a port that cannot keep up.
 //! - [`latency`]: the latency the guest tells its apps, from the parts each side measures.
 //! - [`mic`]: the receiving end of the host's microphone, into the virtual source's ring.
+//! - [`broker`]: the media broker, sans-IO: players' in-app stubs reach the port
+//!   through it; [`broker_thread`] owns its socket and drives it; [`client`] is the
+//!   stubs' end.
 //!
 //! melange-host does not depend on this crate; the media both ends share (codecs, the
 //! tap ring, the receive path, the jitter buffer) lives in `melange-shim`.
@@ -17,6 +20,9 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![forbid(unsafe_code)]
 
+pub mod broker;
+pub mod broker_thread;
+pub mod client;
 pub mod congestion;
 pub mod core;
 pub mod latency;

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 use std::io;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -21,11 +22,14 @@ use melange_shim::tap::TapEncoder;
 use melange_transport::message::{StreamOpen, Volume};
 use melange_transport::port::{Port, PortEvent, PortSpec, Waker};
 
-use crate::core::{Command, CoreConfig, CoreEvent, GuestCore, GuestStats};
+use crate::broker_thread::BrokerThread;
+use crate::core::{BrokerNote, Command, CoreConfig, CoreEvent, GuestCore, GuestStats};
 use crate::mic::MicFeed;
 
-/// Commands that may wait between the module and the thread.
+/// Commands that may wait between the module (and the broker) and the thread.
 const COMMAND_QUEUE: usize = 512;
+/// Notes that may wait for the broker.
+const NOTE_QUEUE: usize = 256;
 /// How long the thread waits after a port error before it looks again.
 const PORT_ERROR_PAUSE: Duration = Duration::from_millis(500);
 
@@ -42,10 +46,27 @@ pub struct GuestHandle {
 }
 
 impl GuestHandle {
-    fn send(&self, command: Command) {
-        // Commands are never dropped: waits for room (the thread drains constantly).
+    /// Hands the thread a command. Commands are never dropped: waits for room (the
+    /// thread drains constantly).
+    pub fn send(&self, command: Command) {
         let _ = self.commands.send(command);
         self.waker.wake();
+    }
+
+    /// Hands the thread a command if its queue has room; false if it was dropped.
+    pub fn try_send(&self, command: Command) -> bool {
+        let sent = self.commands.try_send(command).is_ok();
+        if sent {
+            self.waker.wake();
+        } else {
+            self.stats.units_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    /// A stream id no other stream of this guest has.
+    pub fn next_stream_id(&self) -> u32 {
+        self.next_id.fetch_add(1, Ordering::Relaxed).max(1)
     }
 
     /// Registers a stream whose media the thread encodes from `encoder`'s tap; returns
@@ -53,7 +74,7 @@ impl GuestHandle {
     /// it captured is sent (the last partial packet padded with silence); call
     /// [`GuestHandle::wake`] after dropping the writer so that is prompt.
     pub fn open_tap(&self, open: StreamOpen, encoder: TapEncoder) -> u32 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
+        let id = self.next_stream_id();
         self.send(Command::Tap(id, open, Box::new(encoder)));
         id
     }
@@ -99,6 +120,8 @@ pub struct GuestConfig {
     pub software: String,
     /// The virtual microphone's render ring, if the guest has one.
     pub mic: Option<MicFeed>,
+    /// Where the media broker listens for players' stubs, if it runs.
+    pub broker: Option<PathBuf>,
 }
 
 /// The running guest thread; dropping it says goodbye to the host and stops it.
@@ -106,6 +129,8 @@ pub struct GuestConfig {
 pub struct GuestThread {
     handle: GuestHandle,
     thread: Option<JoinHandle<()>>,
+    /// Stopped before the thread, so that its last commands arrive.
+    broker: Option<BrokerThread>,
 }
 
 impl GuestThread {
@@ -125,10 +150,28 @@ impl GuestThread {
         };
         let core =
             GuestCore::new(CoreConfig { software: config.software, clock_id: clock::clock_id() }, config.mic, stats);
+        let (broker, notes) = match &config.broker {
+            Some(path) => {
+                let (tx, rx) = crossbeam_channel::bounded(NOTE_QUEUE);
+                let waker = Arc::new(Waker::new()?);
+                match BrokerThread::spawn(path, handle.clone(), rx, waker.clone()) {
+                    Ok(b) => (Some(b), Some((tx, waker))),
+                    Err(e) => {
+                        // Players then find no socket and decode themselves.
+                        log::error!(
+                            "melange broker: cannot listen on {}: {e}; players decode in the guest",
+                            path.display()
+                        );
+                        (None, None)
+                    }
+                }
+            }
+            None => (None, None),
+        };
         let mut driver =
-            Driver { port, core, commands: command_rx, handle: handle.clone(), last_status: String::new() };
+            Driver { port, core, commands: command_rx, handle: handle.clone(), last_status: String::new(), notes };
         let thread = std::thread::Builder::new().name("melange-guest".into()).spawn(move || driver.run())?;
-        Ok(Self { handle, thread: Some(thread) })
+        Ok(Self { handle, thread: Some(thread), broker })
     }
 
     /// A handle for the module's threads.
@@ -142,6 +185,7 @@ impl GuestThread {
     }
 
     fn stop(&mut self) {
+        self.broker.take();
         if let Some(t) = self.thread.take() {
             self.handle.shutdown.store(true, Ordering::Relaxed);
             self.handle.waker.wake();
@@ -164,6 +208,8 @@ struct Driver {
     handle: GuestHandle,
     /// Last connectivity problem logged, so each is logged once.
     last_status: String,
+    /// Where notes for the media broker go, and its waker.
+    notes: Option<(crossbeam_channel::Sender<BrokerNote>, Arc<Waker>)>,
 }
 
 impl Driver {
@@ -226,6 +272,12 @@ impl Driver {
                 CoreEvent::HangUp => self.port.disconnect(),
                 CoreEvent::HostVolume(volume) => {
                     *self.handle.host_volume.lock().unwrap_or_else(|e| e.into_inner()) = Some(volume);
+                }
+                CoreEvent::Broker(note) => {
+                    if let Some((tx, waker)) = &self.notes {
+                        let _ = tx.try_send(note);
+                        waker.wake();
+                    }
                 }
             }
         }

@@ -11,6 +11,7 @@
 //! | `opus.complexity` | `6` | Opus encoder complexity, 0..=10 |
 //! | `sink.name` | `melange` | `node.name` of the redirect sink; the standby sink is this plus `.standby` |
 //! | `sink.description` | `Melange` | what desktops show for the sink |
+//! | `media.socket` | `$XDG_RUNTIME_DIR/melange/media.sock` | where players' in-app stubs reach the media broker (mode 0600); `none` turns the broker off |
 //!
 //! Low-latency mode sends 2.5 ms packets (Opus restricted-low-delay, like normal mode)
 //! and keeps the guest graph's quantum at 128 while an app is redirected. It costs more
@@ -71,6 +72,32 @@ pub struct Config {
     pub sink_name: String,
     /// `node.description` of the redirect sink.
     pub sink_description: String,
+    /// Where the media broker listens.
+    pub media_socket: MediaSocket,
+}
+
+/// `media.socket`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MediaSocket {
+    /// `$XDG_RUNTIME_DIR/melange/media.sock`.
+    Default,
+    /// No broker.
+    Off,
+    /// This path.
+    Path(std::path::PathBuf),
+}
+
+impl MediaSocket {
+    /// The socket's path, if the broker runs (the default needs `XDG_RUNTIME_DIR`).
+    pub fn path(&self) -> Option<std::path::PathBuf> {
+        match self {
+            MediaSocket::Default => {
+                std::env::var_os("XDG_RUNTIME_DIR").map(|d| std::path::PathBuf::from(d).join("melange/media.sock"))
+            }
+            MediaSocket::Off => None,
+            MediaSocket::Path(p) => Some(p.clone()),
+        }
+    }
 }
 
 /// A module argument with a value the module cannot use.
@@ -96,6 +123,7 @@ impl Default for Config {
             complexity: 6,
             sink_name: "melange".into(),
             sink_description: "Melange".into(),
+            media_socket: MediaSocket::Default,
         }
     }
 }
@@ -172,6 +200,13 @@ impl Config {
                 "sink.name" if !value.is_empty() => c.sink_name = value.into(),
                 "sink.description" if !value.is_empty() => c.sink_description = value.into(),
                 "sink.name" | "sink.description" => return Err(err(key, value, "a non-empty string")),
+                "media.socket" => {
+                    c.media_socket = match value {
+                        "none" => MediaSocket::Off,
+                        _ if value.starts_with('/') => MediaSocket::Path(value.into()),
+                        _ => return Err(err(key, value, "an absolute path, or none")),
+                    }
+                }
                 other => unknown.push(other.to_string()),
             }
         }

@@ -328,6 +328,7 @@ impl Guest {
             port: config.port.clone(),
             software: format!("melange-guest {}", env!("CARGO_PKG_VERSION")),
             mic: Some(MicFeed { producer: mic_feed, stats: mic_stats, frame_us: mic_frame_us }),
+            broker: config.media_socket.path(),
         })
         .map_err(|e| format!("cannot open port {}: {e}", config.port))?;
 

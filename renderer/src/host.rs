@@ -221,6 +221,8 @@ pub struct Host {
     output: Box<dyn Output>,
     /// Encoded streams (a player's video and audio) and where they go.
     encoded: EncodedStreams,
+    /// What a session that closed still had to write (its refusal or goodbye).
+    parting: Vec<u8>,
     session: Option<Session>,
     sessions: u64,
     streams: BTreeMap<u32, HostStream>,
@@ -256,6 +258,7 @@ impl Host {
             config,
             output,
             encoded: EncodedStreams::new(Box::new(NullVideo), codec_bits::ENCODED),
+            parting: Vec::new(),
             session: None,
             sessions: 0,
             streams: BTreeMap::new(),
@@ -319,7 +322,7 @@ impl Host {
                 PortEvent::Woken | PortEvent::Writable | PortEvent::Timeout => {}
             }
             if !self.tick(Instant::now()) {
-                port.disconnect();
+                self.hang_up(port);
             }
             let connect_error = port.last_error().map(str::to_owned);
             if connect_error.is_some() && connect_error != self.last_connect_error {
@@ -335,6 +338,20 @@ impl Host {
         Ok(())
     }
 
+    /// Ends the connection after writing what the closed session still had to say
+    /// (best effort: the port may take no more).
+    fn hang_up(&mut self, port: &mut Port) {
+        let parting = std::mem::take(&mut self.parting);
+        let mut at = 0;
+        while at < parting.len() {
+            match port.write(&parting[at..]) {
+                Ok(n) if n > 0 => at += n,
+                _ => break,
+            }
+        }
+        port.disconnect();
+    }
+
     /// Reads what the port has, at most [`READ_BATCH`] reads, and handles it.
     ///
     /// A session whose peer went silent too long ends before its bytes are read: after
@@ -348,7 +365,7 @@ impl Host {
                 return Ok(());
             }
             if !self.tick(Instant::now()) {
-                port.disconnect();
+                self.hang_up(port);
                 return Ok(());
             }
             match port.read(buf)? {
@@ -358,7 +375,7 @@ impl Host {
                 }
                 Some(n) => {
                     if !self.receive(Instant::now(), &buf[..n]) {
-                        port.disconnect();
+                        self.hang_up(port);
                         return Ok(());
                     }
                 }
@@ -541,7 +558,10 @@ impl Host {
                 }
                 Event::Closed(reason) => {
                     self.log.line(now, Level::Warn, format_args!("session closed: {reason}"));
-                    self.session = None;
+                    // Its last words (a refusal, a goodbye) still go out before the hang-up.
+                    if let Some(s) = self.session.take() {
+                        self.parting = s.pending_output().to_vec();
+                    }
                     self.close_all(now, "session closed");
                     return false;
                 }

@@ -118,7 +118,8 @@ impl Waker {
         self.fd.as_raw_fd()
     }
 
-    fn drain(&self) {
+    /// Clears a wake-up, for a thread that polls the eventfd itself.
+    pub fn drain(&self) {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
         unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
@@ -184,65 +185,10 @@ impl Port {
         Ok(Port { kind, stream: None, present: false, pending: None })
     }
 
-    /// Binds a listening unix socket at `path` (mode 0600, or 0660 where the umask
-    /// leaves group write; a stale socket is replaced, anything else at `path` is an
-    /// error) and accepts connections on it.
-    ///
-    /// The socket is bound, put in listening state and given its mode under a temporary
-    /// name, then renamed into place: a peer that sees `path` can connect at once, and
-    /// never meets a socket that refuses it or has the umask's mode.
+    /// Binds a listening unix socket at `path` ([`bind_listener`]) and accepts
+    /// connections on it, one at a time: a new connection replaces the current one.
     pub fn listen(path: &Path) -> io::Result<Port> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() {
-                std::fs::create_dir_all(dir)?;
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-            }
-        }
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if !meta.file_type().is_socket() => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket", path.display()),
-                ));
-            }
-            Ok(_) if UnixStream::connect(path).is_ok() => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{} is in use by another listener", path.display()),
-                ));
-            }
-            _ => {}
-        }
-        let staging = path.with_file_name(format!(".mh-{}", std::process::id()));
-        let _ = std::fs::remove_file(&staging);
-        let listener = match UnixListener::bind(&staging) {
-            // The staging name outgrows sun_path only where `path` has a shorter name.
-            Err(e) if e.kind() == io::ErrorKind::InvalidInput => return Self::listen_in_place(path),
-            other => other?,
-        };
-        let placed = (|| {
-            // Connecting takes write permission: the owner's, and the group's where the
-            // umask leaves group write (the system unit's UMask=0007 lets QEMU in by its group).
-            let group_writable = std::fs::metadata(&staging)?.permissions().mode() & 0o020 != 0;
-            let mode = if group_writable { 0o660 } else { 0o600 };
-            std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))?;
-            listener.set_nonblocking(true)?;
-            std::fs::rename(&staging, path)
-        })();
-        if let Err(e) = placed {
-            let _ = std::fs::remove_file(&staging);
-            return Err(e);
-        }
-        Ok(Port { kind: Kind::Listen { path: path.into(), listener }, stream: None, present: false, pending: None })
-    }
-
-    /// [`Port::listen`] without the staging name, for a path at the length limit.
-    fn listen_in_place(path: &Path) -> io::Result<Port> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
-        let group_writable = std::fs::metadata(path)?.permissions().mode() & 0o020 != 0;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(if group_writable { 0o660 } else { 0o600 }))?;
-        listener.set_nonblocking(true)?;
+        let listener = bind_listener(path)?;
         Ok(Port { kind: Kind::Listen { path: path.into(), listener }, stream: None, present: false, pending: None })
     }
 
@@ -592,7 +538,9 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 }
 
 /// poll(2) over `(fd, events)`; returns `revents` in the same order.
-fn poll_fds(fds: &mut [(RawFd, libc::c_short)], timeout: Option<Duration>) -> io::Result<Vec<libc::c_short>> {
+/// Waits until one of `fds` (descriptor, `POLLIN`/`POLLOUT` bits) is ready or
+/// `timeout` passes (`None`: forever); returns each one's `revents`.
+pub fn poll_fds(fds: &mut [(RawFd, libc::c_short)], timeout: Option<Duration>) -> io::Result<Vec<libc::c_short>> {
     let mut pfds: Vec<libc::pollfd> = fds.iter().map(|&(fd, events)| libc::pollfd { fd, events, revents: 0 }).collect();
     // ppoll, not poll: callers schedule encoder work to the tenth of a millisecond.
     let ts = timeout.map(|t| libc::timespec {
@@ -612,6 +560,65 @@ fn poll_fds(fds: &mut [(RawFd, libc::c_short)], timeout: Option<Duration>) -> io
             return Err(e);
         }
     }
+}
+
+/// Binds a non-blocking listening unix socket at `path`: mode 0600, or 0660 where the
+/// umask leaves group write; its directory made 0700 if missing. A stale socket there is
+/// replaced; a live one, or anything that is not a socket, is an error and left alone.
+///
+/// The socket is bound, put in listening state and given its mode under a staging
+/// name, then renamed into place: a peer that sees `path` can connect at once, and
+/// never meets a socket that refuses it or has the umask's mode.
+pub fn bind_listener(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        Ok(_) if UnixStream::connect(path).is_ok() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is in use by another listener", path.display()),
+            ));
+        }
+        _ => {}
+    }
+    let staging = path.with_file_name(format!(".mh-{}", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let (listener, at) = match UnixListener::bind(&staging) {
+        Ok(l) => (l, staging.as_path()),
+        // The staging name outgrows sun_path only where `path` has a shorter name.
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            let _ = std::fs::remove_file(path);
+            (UnixListener::bind(path)?, path)
+        }
+        Err(e) => return Err(e),
+    };
+    let placed = (|| {
+        // Connecting takes write permission: the owner's, and the group's where the
+        // umask leaves group write (the system unit's UMask=0007 lets QEMU in by its group).
+        let group_writable = std::fs::metadata(at)?.permissions().mode() & 0o020 != 0;
+        let mode = if group_writable { 0o660 } else { 0o600 };
+        std::fs::set_permissions(at, std::fs::Permissions::from_mode(mode))?;
+        listener.set_nonblocking(true)?;
+        if at != path {
+            std::fs::rename(at, path)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(at);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 #[cfg(test)]

@@ -255,7 +255,7 @@ pub enum SessionError {
     #[error("session is not established")]
     NotEstablished,
     /// A stream the peer said it cannot take (its capabilities); not sent.
-    #[error("the peer does not take {kind} in {codec}")]
+    #[error("the peer does not take {kind} {codec}")]
     PeerCannotTake {
         /// The media kind.
         kind: &'static str,
@@ -322,6 +322,9 @@ pub enum CloseReason {
     /// We closed it.
     #[error("closed locally: {0}")]
     Local(String),
+    /// This side cannot serve a session now (a broker without a host), and says why.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -383,6 +386,8 @@ pub struct Session {
     handshake_deadline: Option<Instant>,
     /// Times of recent handshakes from the peer (at most the limit + 1 kept).
     handshakes: VecDeque<Instant>,
+    /// Host side: refuse every hello with this reason ([`Session::refuse_hellos`]).
+    refusal: Option<String>,
     /// Control frames in the current one-second window, and the window's start.
     control_window: (Instant, u32),
 }
@@ -426,6 +431,7 @@ impl Session {
             srtt_ns: None,
             handshake_deadline: (config.role == Role::Guest).then(|| now + config.handshake_timeout),
             handshakes: VecDeque::new(),
+            refusal: None,
             control_window: (now, 0),
             config,
         };
@@ -433,6 +439,12 @@ impl Session {
             s.send_hello();
         }
         s
+    }
+
+    /// Host side: refuses every hello from now on with `reason` (one line), or accepts
+    /// them again with `None`. The peer learns the reason at once.
+    pub fn refuse_hellos(&mut self, reason: Option<String>) {
+        self.refusal = reason;
     }
 
     /// The negotiated peer, once established.
@@ -984,6 +996,10 @@ impl Session {
         let version = hello.max_version.min(PROTOCOL_MAX);
         if version < hello.min_version || version < PROTOCOL_MIN {
             self.refuse(CloseReason::VersionMismatch { peer_min: hello.min_version, peer_max: hello.max_version });
+            return;
+        }
+        if let Some(reason) = self.refusal.clone() {
+            self.refuse(CloseReason::Unavailable(reason));
             return;
         }
         let welcome = Welcome {
