@@ -4,7 +4,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use melange_transport::message::{
-    decode_control, encode_control, Heartbeat, Hello, MediaPacket, Reason, StreamEnd, StreamOpen, Welcome,
+    decode_control, encode_control, AccessUnit, Heartbeat, Hello, MediaPacket, Reason, StreamControl, StreamEnd,
+    StreamOpen, Welcome,
 };
 
 fn round_trip<T>(name: &'static str, data: &[u8])
@@ -25,6 +26,17 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<Heartbeat>("heartbeat", data);
     round_trip::<StreamOpen>("stream-open", data);
     round_trip::<StreamEnd>("stream-end", data);
+    round_trip::<StreamControl>("stream-control", data);
+    // Hellos and welcomes of any version read without panicking.
+    let _ = Hello::decode(data);
+    let _ = Welcome::decode(data);
+    if let Ok((au, size, first)) = AccessUnit::decode_header(data) {
+        let mut out = Vec::new();
+        AccessUnit { data: first.to_vec(), ..au }.encode_header(&mut out);
+        if first.len() == size {
+            assert_eq!(&out[..], &data[..out.len()]);
+        }
+    }
     if let Ok(p) = MediaPacket::decode(data) {
         let mut out = Vec::new();
         p.encode_into(&mut out);

@@ -14,8 +14,8 @@ use melange_renderer::host::{Host, HostConfig};
 use melange_renderer::output::NullOutput;
 use melange_transport::frame::{encode_frame, FrameKind};
 use melange_transport::message::{
-    encode_control, AppInfo, AudioFormat, Capabilities, Codec, Hello, MediaKind, MediaPacket, Role, StreamEnd,
-    StreamOpen,
+    encode_control, kind_bits, AppInfo, AudioFormat, Capabilities, Codec, Hello, MediaKind, MediaPacket, Role,
+    StreamEnd, StreamOpen, VideoFormat,
 };
 
 fn frame(out: &mut Vec<u8>, kind: FrameKind, stream: u32, payload: &[u8]) {
@@ -45,20 +45,26 @@ fuzz_target!(|data: &[u8]| {
         match op % 8 {
             0 => {
                 let hello = Hello {
-                    min_version: 1,
-                    max_version: 1 + (arg & 1),
+                    min_version: 1 + (arg & 1),
+                    max_version: 2,
                     role: if arg & 2 == 0 { Role::Guest } else { Role::Host },
                     software: "fuzz".into(),
                     epoch: u64::from(*arg),
                     clock_id: String::new(),
-                    capabilities: Capabilities { codecs: 3, max_streams: 64, kinds: melange_transport::message::kind_bits::AUDIO },
+                    capabilities: Capabilities { codecs: 3, max_streams: 64, kinds: kind_bits::AUDIO },
                 };
                 frame(&mut wire, FrameKind::Hello, 0, &encode_control("hello", &hello).unwrap_or_default());
             }
             1 => {
                 let (rate, channels) = [(48000, 2), (44100, 1), (8000, 1), (0, 0), (48000, 9)][usize::from(arg % 5)];
+                let format = AudioFormat { rate, channels, positions: vec![3; usize::from(channels)] };
+                let media = match arg % 3 {
+                    // A player's stream (v2): access units through the raw-frame ops.
+                    2 => MediaKind::EncodedVideo(VideoFormat { width: 64, height: 64, framerate_num: 30, framerate_den: 1 }),
+                    _ => MediaKind::Audio(format),
+                };
                 let open = StreamOpen {
-                    media: MediaKind::Audio(AudioFormat { rate, channels, positions: vec![3; usize::from(channels)] }),
+                    media,
                     codec: if arg & 8 == 0 { Codec::PcmS16Le } else { Codec::Opus { bitrate: 64_000 } },
                     frame_samples: rate / 100,
                     app: AppInfo { name: "fuzz\0app".into(), ..Default::default() },
