@@ -5,8 +5,9 @@
 //! melange-bench [--seconds N] [--streams 1,8,32] [--systems a,b] [--json FILE] [--svg FILE]
 //! ```
 //!
-//! Systems: `melange-opus` (the default: Opus 10 ms), `melange-low-latency`,
-//! `melange-pcm`, `rtp-l16` (module-rtp-sink to module-rtp-source, L16) and
+//! Systems: `melange-opus` (the default: Opus 10 ms), `melange-opus-video` (the same
+//! while 8 Mbit/s of synthetic video, 200 KB keyframes every 2 s, shares the port through
+//! the media broker: audio goes first), `melange-low-latency`, `melange-pcm`, `rtp-l16` (module-rtp-sink to module-rtp-source, L16) and
 //! `pulse-tunnel` (module-pulse-tunnel to a pipewire-pulse on the host side). Each runs
 //! between two headless PipeWire sessions, a guest and a host, whose null sink stands
 //! in for the speakers; the guest side of each system runs in its own `pipewire`
@@ -46,6 +47,7 @@ const SETTLE_S: f64 = 3.0;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum System {
     MelangeOpus,
+    MelangeOpusVideo,
     MelangeLowLatency,
     MelangePcm,
     Rtp,
@@ -53,12 +55,19 @@ enum System {
 }
 
 impl System {
-    const ALL: [System; 5] =
-        [System::MelangeOpus, System::MelangeLowLatency, System::MelangePcm, System::Rtp, System::PulseTunnel];
+    const ALL: [System; 6] = [
+        System::MelangeOpus,
+        System::MelangeOpusVideo,
+        System::MelangeLowLatency,
+        System::MelangePcm,
+        System::Rtp,
+        System::PulseTunnel,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             System::MelangeOpus => "melange-opus",
+            System::MelangeOpusVideo => "melange-opus-video",
             System::MelangeLowLatency => "melange-low-latency",
             System::MelangePcm => "melange-pcm",
             System::Rtp => "rtp-l16",
@@ -69,6 +78,9 @@ impl System {
     fn describe(self) -> &'static str {
         match self {
             System::MelangeOpus => "Melange, Opus 128 kbit/s, 10 ms packets (default)",
+            System::MelangeOpusVideo => {
+                "Melange, Opus as above, while 8 Mbit/s of video (200 KB keyframes every 2 s) shares the port"
+            }
             System::MelangeLowLatency => "Melange low-latency mode, Opus 2.5 ms packets",
             System::MelangePcm => "Melange, PCM s16",
             System::Rtp => "module-rtp-sink -> module-rtp-source, L16, defaults",
@@ -79,14 +91,16 @@ impl System {
     /// The guest sink apps play into.
     fn sink(self) -> &'static str {
         match self {
-            System::MelangeOpus | System::MelangeLowLatency | System::MelangePcm => "melange",
+            System::MelangeOpus | System::MelangeOpusVideo | System::MelangeLowLatency | System::MelangePcm => {
+                "melange"
+            }
             System::Rtp => "bench-rtp-sink",
             System::PulseTunnel => "bench-tunnel-sink",
         }
     }
 
     fn is_melange(self) -> bool {
-        matches!(self, System::MelangeOpus | System::MelangeLowLatency | System::MelangePcm)
+        matches!(self, System::MelangeOpus | System::MelangeOpusVideo | System::MelangeLowLatency | System::MelangePcm)
     }
 }
 
@@ -253,7 +267,7 @@ fn setup(system: System, dir: &Path, index: usize) -> Result<Setup, String> {
     let guest = PipeWire::start(&dir.join("guest"));
     let sock = dir.join("port.sock");
     let (guest_side, host_side) = match system {
-        System::MelangeOpus | System::MelangeLowLatency | System::MelangePcm => {
+        System::MelangeOpus | System::MelangeOpusVideo | System::MelangeLowLatency | System::MelangePcm => {
             let host_side = start_host(
                 &["--listen", &format!("unix:{}", sock.display()), "--output", "pipewire"],
                 Some(&host),
@@ -374,6 +388,17 @@ fn measure(system: System, streams: usize, seconds: f64, dir: &Path, index: usiz
     } else {
         None
     };
+    // Once the app is stream 1 on the host: 8 Mbit/s at 30 frames a second: a 200 KB keyframe every 2 s and 59 of 30.5 KB.
+    let video = if system == System::MelangeOpusVideo {
+        let mut cmd = s.guest.command(melange_tests::bin("melange-media-stub"));
+        let units = ((seconds + 4.0) * 30.0) as u32;
+        cmd.args(["--realtime", "--fps", "30", "--gop", "60", "--key-bytes", "200000", "--delta-bytes", "30500"])
+            .args(["--units", &units.to_string(), "--log"])
+            .arg(dir.join("video.jsonl"));
+        Some(Proc::spawn(cmd, dir.join("video.log")))
+    } else {
+        None
+    };
     std::thread::sleep(Duration::from_secs(1));
     let (c1, l1, t1) = (cpu_seconds(pid), loopback_tx_bytes(), Instant::now());
     std::thread::sleep(Duration::from_secs_f64(seconds - 2.0));
@@ -397,6 +422,9 @@ fn measure(system: System, streams: usize, seconds: f64, dir: &Path, index: usiz
     }
     if stuck > 0 {
         eprintln!("melange-bench: {} x{streams}: {stuck} app(s) did not finish and were stopped", system.name());
+    }
+    if let Some(mut v) = video {
+        v.stop();
     }
     if let Some(mut r) = recorder {
         let deadline = Instant::now() + Duration::from_secs(10);
