@@ -54,9 +54,7 @@ pub fn output_quantum(frame_samples: u32, rate: u32) -> u32 {
 /// left every low-latency stream an underrun in its first seconds. The playout raises
 /// the target after an underrun.
 pub fn auto_latency_frames(frame_samples: u32, rate: u32) -> usize {
-    frame_samples as usize
-        + output_quantum(frame_samples, rate) as usize
-        + melange_shim::render::jitter_margin_frames(rate, 0) as usize
+    melange_shim::render::jitter_target_frames(frame_samples, output_quantum(frame_samples, rate), rate)
 }
 
 /// Settings of the host. [`HostConfig::default`] is melange-host's defaults.
@@ -1073,6 +1071,7 @@ impl Host {
 mod tests {
     use super::*;
     use crate::output::WavOutput;
+    use melange_shim::wav::HEADER_BYTES;
     use melange_transport::message::{AppInfo, AudioFormat};
 
     /// A guest session talking to `host` through `receive`, with virtual time.
@@ -1138,7 +1137,11 @@ mod tests {
         assert!(host.streams[&1].sink.is_some(), "released before the timeout");
         let t = idle(&mut host, &mut guest, t, 1);
         assert!(host.streams[&1].sink.is_none(), "an idle stream keeps its output");
-        assert_eq!(std::fs::metadata(&first).unwrap().len(), 44 + 10 * 960, "the first part is finished");
+        assert_eq!(
+            std::fs::metadata(&first).unwrap().len(),
+            HEADER_BYTES as u64 + 10 * 960,
+            "the first part is finished"
+        );
 
         let t1 = t + Duration::from_millis(500);
         for seq in 10..15 {
@@ -1149,7 +1152,7 @@ mod tests {
         guest.close_stream(1, "done");
         pump(&mut host, &mut guest, t1);
         assert!(host.streams.is_empty());
-        assert_eq!(std::fs::metadata(dir.join("s1-stream1.2-app.wav")).unwrap().len(), 44 + 5 * 960);
+        assert_eq!(std::fs::metadata(dir.join("s1-stream1.2-app.wav")).unwrap().len(), HEADER_BYTES as u64 + 5 * 960);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -8,7 +8,7 @@
 //!   decoding): the host's playback streams and the guest's microphone;
 //! - the jitter buffer's [`playout`] decision and [`drift`] control, joined in the
 //!   real-time [`render`] core of every stream that plays;
-//! - the [`clock`].
+//! - the [`clock`], and the [`wav`] file layout (melange-host's `--output wav`, the tests).
 //!
 //! The guest's connection logic lives in `melange-guest`, melange-host's in
 //! `melange-renderer`; both depend on this crate, nothing here on them or on PipeWire.

@@ -45,7 +45,8 @@ const OPUS_OK: c_int = 0;
 pub enum Application {
     /// Speech, for the microphone.
     Voip = 2048,
-    /// Best quality for music and general audio (the default for app playback).
+    /// Best quality for music and general audio (libopus's default; Melange's taps use
+    /// [`Application::RestrictedLowDelay`]).
     Audio = 2049,
     /// Lowest algorithmic delay.
     RestrictedLowDelay = 2051,

@@ -262,7 +262,7 @@ mod tests {
     }
 
     /// Underrun events in a model of the real arrival pattern: the guest graph makes
-    /// 1024 frames every 4 output cycles of 256; an encoder thread that wakes at random
+    /// 1024 frames every 4 output cycles of 256; a sending thread that wakes at random
     /// (every other cycle on average) sends the whole 480-frame packets it has; each send arrives 0 to
     /// 2 output cycles later.
     fn underruns_in_model(mut p: Playout) -> u64 {

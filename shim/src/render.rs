@@ -35,6 +35,13 @@ pub fn jitter_margin_frames(rate: u32, underruns: u64) -> u32 {
     rate * ms / 1000
 }
 
+/// The jitter buffer's derived target, both ends alike: one packet (packets land whole,
+/// so the fill swings by one), one output cycle, and the margin. melange-host's
+/// `--latency auto` and the guest's virtual microphone start from it.
+pub fn jitter_target_frames(packet_frames: u32, quantum: u32, rate: u32) -> usize {
+    packet_frames as usize + quantum as usize + jitter_margin_frames(rate, 0) as usize
+}
+
 /// How a stream renders.
 #[derive(Debug, Clone, Copy)]
 pub struct RenderConfig {
@@ -541,11 +548,10 @@ mod tests {
         use crate::receive::Pacer;
         use std::time::{Duration, Instant};
         let (rate, quantum, packet) = (48_000u32, 128u32, 480u32);
-        let latency = packet + quantum + jitter_margin_frames(rate, 0);
         let config = RenderConfig {
             rate,
             channels: 1,
-            latency_frames: latency as usize,
+            latency_frames: jitter_target_frames(packet, quantum, rate),
             trim: true,
             quantum,
             packet_frames: packet,
