@@ -514,7 +514,7 @@ impl GuestCore {
             Event::StreamOpened { stream, open } => {
                 let taken = match &mut self.mic {
                     Some(mic) => mic.open(now, stream, &open),
-                    None => Err("this guest has no virtual microphone".into()),
+                    None => Err(crate::mic::MicError::NoSource),
                 };
                 match taken {
                     Ok(()) => log::info!(
@@ -524,7 +524,7 @@ impl GuestCore {
                     Err(reason) => {
                         log::warn!("melange guest: refusing host stream {stream}: {reason}");
                         if let Some(s) = &mut self.session {
-                            s.reject_stream(stream, &reason);
+                            s.reject_stream(stream, &reason.to_string());
                         }
                     }
                 }

@@ -29,6 +29,28 @@ pub use melange_transport::message::MIC_RATE;
 /// The microphone's channels, as the virtual source offers them.
 pub const MIC_CHANNELS: u8 = 1;
 
+/// Why the guest refuses a microphone stream from the host.
+#[derive(Debug, thiserror::Error)]
+pub enum MicError {
+    /// Not tapped audio.
+    #[error("the microphone is audio, not {0}")]
+    NotAudio(&'static str),
+    /// Another layout than the source's.
+    #[error("the guest's microphone takes {MIC_CHANNELS} channel at {MIC_RATE} Hz, not {channels} at {rate} Hz")]
+    Format {
+        /// The stream's rate.
+        rate: u32,
+        /// The stream's channels.
+        channels: u8,
+    },
+    /// Its codec or layout cannot be decoded.
+    #[error(transparent)]
+    Codec(#[from] melange_shim::codec::CodecError),
+    /// This guest has no virtual microphone.
+    #[error("this guest has no virtual microphone")]
+    NoSource,
+}
+
 /// The feeding end of the virtual source's render ring.
 #[derive(Debug)]
 pub struct MicFeed {
@@ -76,18 +98,15 @@ impl MicReceiver {
 
     /// Takes the stream the host opened at `now` if it is a microphone the source can
     /// play; otherwise says why, for the stream-reject.
-    pub fn open(&mut self, now: Instant, stream: u32, open: &StreamOpen) -> Result<(), String> {
+    pub fn open(&mut self, now: Instant, stream: u32, open: &StreamOpen) -> Result<(), MicError> {
         let MediaKind::Audio(format) = &open.media else {
-            return Err(format!("the microphone is audio, not {}", open.media.name()));
+            return Err(MicError::NotAudio(open.media.name()));
         };
         if format.rate != MIC_RATE || format.channels != MIC_CHANNELS {
-            return Err(format!(
-                "the guest's microphone takes {MIC_CHANNELS} channel at {MIC_RATE} Hz, not {} at {} Hz",
-                format.channels, format.rate
-            ));
+            return Err(MicError::Format { rate: format.rate, channels: format.channels });
         }
         let pool = self.pool.get_or_insert_with(|| BurstPool::new(now));
-        let receiver = Receiver::new(format, &open.codec, open.frame_samples, now, pool).map_err(|e| e.to_string())?;
+        let receiver = Receiver::new(format, &open.codec, open.frame_samples, now, pool)?;
         self.stream = Some((stream, receiver));
         self.feed.stats.restart.store(true, Ordering::Relaxed);
         Ok(())
