@@ -7,13 +7,20 @@
 //! capture stream, and sends each tap, encoded, over the port to `melange-host`.
 //!
 //! This crate is the thin PipeWire adapter; codecs, rings and the link live in
-//! `melange-shim`. Module arguments are documented in [`config`].
+//! `melange-shim`. Which nodes are tapped is decided in [`policy`], without PipeWire;
+//! `guest` feeds it the registry and carries out its decisions. Module arguments are
+//! documented in [`config`].
 
 // Tests fail by panicking; production code may not.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod config;
 mod guest;
+mod mic;
+pub mod policy;
+mod sink;
+mod stream;
+mod tap;
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
