@@ -12,15 +12,16 @@
 //! ring from then on); the thread's answer comes later, and
 //! [`StreamSink::poll_open`] reports a failure (or no answer within [`OPEN_TIMEOUT`]),
 //! after which the sink is useless and the session drops it. Opens the thread has not
-//! taken yet are bounded by the stream limit.
+//! taken yet are bounded by the stream limit. The thread makes one stream at a time,
+//! each once PipeWire has dealt with the one before ([`PwThread`]).
 //!
 //! Drift control: while playing, the callback feeds the ring's fill to a
 //! [`DriftController`] and writes its rate into the stream's `SPA_IO_RateMatch` area, so
 //! the stream's resampler consumes guest audio exactly as fast as the guest's clock
 //! makes it and the fill stays at the target instead of creeping.
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,7 @@ use melange_shim::render::{RenderConfig, RenderCore, RenderStats};
 use melange_transport::message::{AudioFormat, Volume};
 use pipewire as pw;
 use pw::spa;
+use pw::spa::utils::result::AsyncSeq;
 use rtrb::Producer;
 
 use super::{Output, OutputError, StreamDesc, StreamSink};
@@ -361,7 +363,8 @@ struct Live {
 }
 
 /// What the PipeWire thread serves (see [`melange_pw::spawn_client`]): the commands
-/// on `rx`, a timer that reaps drained streams and reconnects after a loss.
+/// on `rx` ([`PwThread`]), and a timer that reaps drained streams and reconnects after
+/// a loss.
 fn serve<'c>(
     client: &'c melange_pw::Client,
     core: pw::core::CoreRc,
@@ -370,35 +373,44 @@ fn serve<'c>(
     waiting: Arc<AtomicUsize>,
     max_streams: usize,
 ) -> Result<Box<dyn Held + 'c>, String> {
-    // The connection, and a flag its error callback raises (it cannot drop the core it
-    // runs on); the timer below acts on it.
-    let lost = Rc::new(std::cell::Cell::new(false));
-    let connection: Rc<RefCell<Option<Connection>>> = Rc::new(RefCell::new(Some(Connection::new(core, &lost))));
-    let streams: Rc<RefCell<BTreeMap<u64, Live>>> = Rc::new(RefCell::new(BTreeMap::new()));
+    let thread = Rc::new(PwThread {
+        streams: RefCell::default(),
+        connection: RefCell::new(None),
+        lost: Cell::new(false),
+        queue: RefCell::default(),
+        syncing: Cell::new(None),
+        user_volume,
+        waiting,
+        max_streams,
+    });
+    *thread.connection.borrow_mut() = Some(Connection::new(core, &thread));
     let reap = {
-        let (streams, connection, lost) = (streams.clone(), connection.clone(), lost.clone());
+        let thread = thread.clone();
         let context = client.context.clone();
-        let next_attempt = std::cell::Cell::new(Instant::now());
+        let next_attempt = Cell::new(Instant::now());
         client.main_loop.loop_().add_timer(move |_| {
-            if lost.replace(false) && connection.borrow_mut().take().is_some() {
+            if thread.lost.replace(false) && thread.connection.borrow_mut().take().is_some() {
                 // Every stream on the old connection is gone: the host reopens them.
-                for live in streams.borrow().values() {
+                for live in thread.streams.borrow().values() {
                     live.lost.store(true, Ordering::Relaxed);
                 }
-                streams.borrow_mut().clear();
+                thread.streams.borrow_mut().clear();
                 next_attempt.set(Instant::now() + RECONNECT_INTERVAL);
                 log::error!("melange-host: lost the connection to the host's PipeWire; reconnecting");
+                // No answer comes on the old connection: the opens waiting fail now.
+                thread.syncing.set(None);
+                thread.pump();
             }
-            if connection.borrow().is_none() && Instant::now() >= next_attempt.get() {
+            if thread.connection.borrow().is_none() && Instant::now() >= next_attempt.get() {
                 match context.connect_rc(None) {
                     Ok(core) => {
                         log::info!("melange-host: reconnected to the host's PipeWire");
-                        *connection.borrow_mut() = Some(Connection::new(core, &lost));
+                        *thread.connection.borrow_mut() = Some(Connection::new(core, &thread));
                     }
                     Err(_) => next_attempt.set(Instant::now() + RECONNECT_INTERVAL),
                 }
             }
-            streams.borrow_mut().retain(|_, live| match live.closing_since {
+            thread.streams.borrow_mut().retain(|_, live| match live.closing_since {
                 Some(since) => !live.stats.drained.load(Ordering::Relaxed) && since.elapsed() < DRAIN_TIMEOUT,
                 None => true,
             });
@@ -408,21 +420,82 @@ fn serve<'c>(
 
     let weak_loop = client.main_loop.downgrade();
     let receiver = rx.attach(client.main_loop.loop_(), {
-        let streams = streams.clone();
-        move |cmd| match cmd {
+        let thread = thread.clone();
+        move |cmd| {
+            if let Command::Quit = cmd {
+                thread.queue.borrow_mut().clear();
+                thread.streams.borrow_mut().clear();
+                if let Some(l) = weak_loop.upgrade() {
+                    l.quit();
+                }
+                return;
+            }
+            thread.queue.borrow_mut().push_back(cmd);
+            thread.pump();
+        }
+    });
+    Ok(Box::new((receiver, reap, thread)))
+}
+
+/// The PipeWire thread's state, shared by its command receiver, its timer and its
+/// connection's listener.
+///
+/// Commands are carried out in order, but a stream is made only once PipeWire has
+/// answered a `sync` sent after the one made before it: the session thread sends opens
+/// in bursts without waiting, and a stream destroyed (its drain cut by a later open)
+/// before PipeWire has dealt with its creation leaves file descriptors behind in this
+/// process (seen in the bounds test's stream churn).
+struct PwThread {
+    // Declared first: the streams go before the connection.
+    streams: RefCell<BTreeMap<u64, Live>>,
+    connection: RefCell<Option<Connection>>,
+    /// Raised by the connection's error callback (it cannot drop the core it runs on);
+    /// the timer acts on it.
+    lost: Cell<bool>,
+    /// Commands received and not carried out yet, in order.
+    queue: RefCell<VecDeque<Command>>,
+    /// The `sync` sent after the last stream made, until PipeWire answers it.
+    syncing: Cell<Option<AsyncSeq>>,
+    user_volume: Arc<Mutex<Option<Volume>>>,
+    waiting: Arc<AtomicUsize>,
+    max_streams: usize,
+}
+
+impl PwThread {
+    /// Carries out the commands waiting, up to the first open that must wait for
+    /// PipeWire's answer to the last.
+    fn pump(&self) {
+        while self.syncing.get().is_none() {
+            let Some(cmd) = self.queue.borrow_mut().pop_front() else { return };
+            self.carry_out(cmd);
+        }
+    }
+
+    /// PipeWire answered `sync` `seq`.
+    fn synced(&self, seq: AsyncSeq) {
+        if self.syncing.get() == Some(seq) {
+            self.syncing.set(None);
+            self.pump();
+        }
+    }
+
+    fn carry_out(&self, cmd: Command) {
+        match cmd {
             Command::Open { key, name, props, format, core, lost, reply } => {
-                waiting.fetch_sub(1, Ordering::Relaxed);
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
                 let stats = core.stats().clone();
-                evict_drains(&mut streams.borrow_mut(), max_streams.saturating_sub(1));
-                let result = match connection.borrow().as_ref() {
+                evict_drains(&mut self.streams.borrow_mut(), self.max_streams.saturating_sub(1));
+                let result = match self.connection.borrow().as_ref() {
                     Some(c) => {
                         let volume = Rc::new(RefCell::new(Volume {
                             channels: vec![1.0; usize::from(format.channels)],
                             mute: false,
                         }));
-                        let watch = VolumeWatch { applied: volume.clone(), report: user_volume.clone() };
+                        let watch = VolumeWatch { applied: volume.clone(), report: self.user_volume.clone() };
                         open_stream(&c.core, &name, props, &format, *core, watch).map(|stream| {
-                            streams.borrow_mut().insert(key, Live { stream, volume, lost, stats, closing_since: None });
+                            let live = Live { stream, volume, lost, stats, closing_since: None };
+                            self.streams.borrow_mut().insert(key, live);
+                            self.syncing.set(c.core.sync(0).ok());
                         })
                     }
                     None => Err("the host's PipeWire is gone; reconnecting".into()),
@@ -430,26 +503,21 @@ fn serve<'c>(
                 let _ = reply.send(result);
             }
             Command::Volume { key, volume } => {
-                if let Some(live) = streams.borrow().get(&key) {
+                if let Some(live) = self.streams.borrow().get(&key) {
                     let gains = volume.gains(live.volume.borrow().channels.len());
                     *live.volume.borrow_mut() = Volume { channels: gains.clone(), mute: volume.mute };
                     set_volume(&live.stream, gains, volume.mute);
                 }
             }
             Command::Close { key } => {
-                if let Some(live) = streams.borrow_mut().get_mut(&key) {
+                if let Some(live) = self.streams.borrow_mut().get_mut(&key) {
                     live.closing_since = Some(Instant::now());
                 }
             }
-            Command::Quit => {
-                streams.borrow_mut().clear();
-                if let Some(l) = weak_loop.upgrade() {
-                    l.quit();
-                }
-            }
+            // Carried out as it arrives (see `serve`).
+            Command::Quit => {}
         }
-    });
-    Ok(Box::new((receiver, reap, streams)))
+    }
 }
 
 /// Cuts the drains of the streams that closed longest ago until at most `keep` streams
@@ -462,7 +530,8 @@ fn evict_drains(streams: &mut BTreeMap<u64, Live>, keep: usize) {
     }
 }
 
-/// A connection to the host's PipeWire and the listener that notices its loss.
+/// A connection to the host's PipeWire and the listener that notices its loss and
+/// its answers to `sync`.
 struct Connection {
     // Declared first: the listener goes before the core.
     _listener: pw::core::Listener,
@@ -470,15 +539,22 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(core: pw::core::CoreRc, lost: &Rc<std::cell::Cell<bool>>) -> Self {
-        let lost = lost.clone();
+    fn new(core: pw::core::CoreRc, thread: &Rc<PwThread>) -> Self {
+        let (on_error, on_done) = (Rc::downgrade(thread), Rc::downgrade(thread));
         let listener = core
             .add_listener_local()
             .error(move |id, _seq, res, message| {
                 if res == -libc::EPIPE {
-                    lost.set(true);
+                    if let Some(thread) = on_error.upgrade() {
+                        thread.lost.set(true);
+                    }
                 } else {
                     log::warn!("host PipeWire error on object {id}: {message} ({res})");
+                }
+            })
+            .done(move |id, seq| {
+                if let (pw::core::PW_ID_CORE, Some(thread)) = (id, on_done.upgrade()) {
+                    thread.synced(seq);
                 }
             })
             .register();
