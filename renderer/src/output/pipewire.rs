@@ -12,8 +12,9 @@
 //! ring from then on); the thread's answer comes later, and
 //! [`StreamSink::poll_open`] reports a failure (or no answer within [`OPEN_TIMEOUT`]),
 //! after which the sink is useless and the session drops it. Opens the thread has not
-//! taken yet are bounded by the stream limit. The thread makes one stream at a time,
-//! each once PipeWire has dealt with the one before ([`PwThread`]).
+//! taken yet are bounded by twice the stream limit. The thread makes at most one
+//! stream per turn of its loop, and cuts a drain short only once its stream has
+//! settled ([`PwThread`]).
 //!
 //! Drift control: while playing, the callback feeds the ring's fill to a
 //! [`DriftController`] and writes its rate into the stream's `SPA_IO_RateMatch` area, so
@@ -22,6 +23,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,7 +36,7 @@ use melange_shim::render::{RenderConfig, RenderCore, RenderStats};
 use melange_transport::message::{AudioFormat, Volume};
 use pipewire as pw;
 use pw::spa;
-use pw::spa::utils::result::AsyncSeq;
+use pw::spa::support::system::IoFlags;
 use rtrb::Producer;
 
 use super::{Output, OutputError, StreamDesc, StreamSink};
@@ -47,6 +50,11 @@ const RECONNECT_INTERVAL: Duration = Duration::from_millis(500);
 /// How long the PipeWire thread may take to answer an open before the stream counts as
 /// failed.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new stream is left to PipeWire and the session manager to set up (link,
+/// start) before its drain may be cut short to make room for another (see [`PwThread`]):
+/// with 100 ms the stream churn of the bounds test leaves no more file descriptors
+/// behind than when opens waited; streams still come and go at 640 a second.
+const SETTLE_TIME: Duration = Duration::from_millis(100);
 
 enum Command {
     Open {
@@ -76,10 +84,10 @@ pub struct PipeWireOutput {
     next_key: u64,
     /// The last volume the user set on one of our streams (the PipeWire thread puts it).
     user_volume: Arc<Mutex<Option<Volume>>>,
-    /// Opens sent to the PipeWire thread that it has not taken yet: at most
-    /// `max_streams`, so a thread that hangs holds a bounded number of rings.
+    /// Opens sent to the PipeWire thread that it has not taken yet: fewer than
+    /// `max_waiting`, so a thread that hangs holds a bounded number of rings.
     waiting: Arc<AtomicUsize>,
-    max_streams: usize,
+    max_waiting: usize,
 }
 
 impl std::fmt::Debug for Command {
@@ -103,7 +111,7 @@ impl PipeWireOutput {
     /// Starts the PipeWire thread and connects; fails fast if PipeWire is not running.
     /// At most `max_streams` playback streams exist at once, those still playing out
     /// what they hold after a close included: opening one more cuts the oldest such
-    /// drain short.
+    /// drain short (once that stream has settled: the open waits until then).
     pub fn connect(max_streams: usize) -> Result<Self, OutputError> {
         let (tx, rx) = pw::channel::channel::<Command>();
         let user_volume: Arc<Mutex<Option<Volume>>> = Arc::default();
@@ -116,7 +124,10 @@ impl PipeWireOutput {
         .map_err(|e| OutputError::PipeWire(e.to_string()))?;
         match ready.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(())) => {
-                Ok(Self { commands: tx, thread: Some(thread), next_key: 1, user_volume, waiting, max_streams })
+                // Twice the stream limit: a guest opening and closing streams as fast as
+                // the control limit lets it fits while the thread makes them one a turn.
+                let max_waiting = 2 * max_streams;
+                Ok(Self { commands: tx, thread: Some(thread), next_key: 1, user_volume, waiting, max_waiting })
             }
             Ok(Err(e)) => {
                 let _ = thread.join();
@@ -139,10 +150,10 @@ impl Drop for PipeWireOutput {
 impl Output for PipeWireOutput {
     /// Hands the stream to the PipeWire thread and returns at once (see the module
     /// documentation); fails here only if that thread is gone or has not taken the
-    /// last `max_streams` opens yet.
+    /// last `2 * max_streams` opens yet.
     fn open(&mut self, desc: &StreamDesc) -> Result<Box<dyn StreamSink>, OutputError> {
         let waiting = self.waiting.load(Ordering::Relaxed);
-        if waiting >= self.max_streams {
+        if waiting >= self.max_waiting {
             return Err(OutputError::PipeWire(format!(
                 "the PipeWire thread has not taken the last {waiting} opens yet"
             )));
@@ -359,6 +370,8 @@ struct Live {
     volume: Rc<RefCell<Volume>>,
     lost: Arc<AtomicBool>,
     stats: Arc<RenderStats>,
+    /// When it was made.
+    made: Instant,
     closing_since: Option<Instant>,
 }
 
@@ -373,12 +386,18 @@ fn serve<'c>(
     waiting: Arc<AtomicUsize>,
     max_streams: usize,
 ) -> Result<Box<dyn Held + 'c>, String> {
+    // A socket pair of its own to ask its loop for a turn (a pw::channel cannot be
+    // written from its own callback: it holds the channel's lock).
+    let (turn_rx, turn_tx) = UnixStream::pair().map_err(|e| format!("cannot make the thread's socket pair: {e}"))?;
+    turn_rx.set_nonblocking(true).map_err(|e| e.to_string())?;
+    turn_tx.set_nonblocking(true).map_err(|e| e.to_string())?;
     let thread = Rc::new(PwThread {
         streams: RefCell::default(),
         connection: RefCell::new(None),
         lost: Cell::new(false),
         queue: RefCell::default(),
-        syncing: Cell::new(None),
+        turn: turn_tx,
+        turn_asked: Cell::new(false),
         user_volume,
         waiting,
         max_streams,
@@ -397,9 +416,6 @@ fn serve<'c>(
                 thread.streams.borrow_mut().clear();
                 next_attempt.set(Instant::now() + RECONNECT_INTERVAL);
                 log::error!("melange-host: lost the connection to the host's PipeWire; reconnecting");
-                // No answer comes on the old connection: the opens waiting fail now.
-                thread.syncing.set(None);
-                thread.pump();
             }
             if thread.connection.borrow().is_none() && Instant::now() >= next_attempt.get() {
                 match context.connect_rc(None) {
@@ -414,6 +430,10 @@ fn serve<'c>(
                 Some(since) => !live.stats.drained.load(Ordering::Relaxed) && since.elapsed() < DRAIN_TIMEOUT,
                 None => true,
             });
+            // An open that waits for room may have it now.
+            if !thread.queue.borrow().is_empty() {
+                thread.ask_turn();
+            }
         })
     };
     let _ = reap.update_timer(Some(REAP_INTERVAL), Some(REAP_INTERVAL));
@@ -431,20 +451,31 @@ fn serve<'c>(
                 return;
             }
             thread.queue.borrow_mut().push_back(cmd);
-            thread.pump();
+            thread.ask_turn();
         }
     });
-    Ok(Box::new((receiver, reap, thread)))
+    let turns = client.main_loop.loop_().add_io(turn_rx, IoFlags::IN, {
+        let thread = thread.clone();
+        move |rx| {
+            let _ = rx.read(&mut [0u8; 16]);
+            thread.turn_asked.set(false);
+            thread.take_turn();
+        }
+    });
+    Ok(Box::new((receiver, turns, reap, thread)))
 }
 
 /// The PipeWire thread's state, shared by its command receiver, its timer and its
 /// connection's listener.
 ///
-/// Commands are carried out in order, but a stream is made only once PipeWire has
-/// answered a `sync` sent after the one made before it: the session thread sends opens
-/// in bursts without waiting, and a stream destroyed (its drain cut by a later open)
-/// before PipeWire has dealt with its creation leaves file descriptors behind in this
-/// process (seen in the bounds test's stream churn).
+/// Commands are carried out in order, in turns of the thread's loop, at most one open
+/// a turn (between two, the loop sends what the last asked of PipeWire and handles its
+/// answers); and a stream's drain is cut short to make room for another only once the
+/// stream is [`SETTLE_TIME`] old. The session thread sends opens in bursts, without
+/// waiting for them: without these two rules, streams were made all in one go and
+/// destroyed in the midst of their setup, and each such stream left file descriptors
+/// behind in this process (PipeWire 0.3.65: the bounds test's stream churn ended with
+/// hundreds of eventfds), as they did not while each open waited for the thread.
 struct PwThread {
     // Declared first: the streams go before the connection.
     streams: RefCell<BTreeMap<u64, Live>>,
@@ -454,28 +485,46 @@ struct PwThread {
     lost: Cell<bool>,
     /// Commands received and not carried out yet, in order.
     queue: RefCell<VecDeque<Command>>,
-    /// The `sync` sent after the last stream made, until PipeWire answers it.
-    syncing: Cell<Option<AsyncSeq>>,
+    /// Asks the loop for a turn: the write end of a socket pair whose read end the
+    /// loop watches.
+    turn: UnixStream,
+    /// A turn was asked for and has not come yet.
+    turn_asked: Cell<bool>,
     user_volume: Arc<Mutex<Option<Volume>>>,
     waiting: Arc<AtomicUsize>,
     max_streams: usize,
 }
 
 impl PwThread {
-    /// Carries out the commands waiting, up to the first open that must wait for
-    /// PipeWire's answer to the last.
-    fn pump(&self) {
-        while self.syncing.get().is_none() {
-            let Some(cmd) = self.queue.borrow_mut().pop_front() else { return };
-            self.carry_out(cmd);
+    /// Asks for a turn of the loop, unless one is coming.
+    fn ask_turn(&self) {
+        // One byte at most is ever unread, so the write cannot block; were it to fail,
+        // the reaping timer asks again.
+        if !self.turn_asked.replace(true) && (&self.turn).write(&[1]).is_err() {
+            self.turn_asked.set(false);
         }
     }
 
-    /// PipeWire answered `sync` `seq`.
-    fn synced(&self, seq: AsyncSeq) {
-        if self.syncing.get() == Some(seq) {
-            self.syncing.set(None);
-            self.pump();
+    /// A turn: carries out the commands waiting, in order, up to and with the first
+    /// open, and asks for another turn if more wait. An open that must wait for room
+    /// ([`evict_drains`]) stays first in line; the reaping timer asks for turns while
+    /// commands wait.
+    fn take_turn(&self) {
+        loop {
+            let Some(cmd) = self.queue.borrow_mut().pop_front() else { return };
+            let open = matches!(cmd, Command::Open { .. });
+            if open && !evict_drains(&mut self.streams.borrow_mut(), self.max_streams.saturating_sub(1), Instant::now())
+            {
+                self.queue.borrow_mut().push_front(cmd);
+                return;
+            }
+            self.carry_out(cmd);
+            if open {
+                if !self.queue.borrow().is_empty() {
+                    self.ask_turn();
+                }
+                return;
+            }
         }
     }
 
@@ -484,7 +533,6 @@ impl PwThread {
             Command::Open { key, name, props, format, core, lost, reply } => {
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
                 let stats = core.stats().clone();
-                evict_drains(&mut self.streams.borrow_mut(), self.max_streams.saturating_sub(1));
                 let result = match self.connection.borrow().as_ref() {
                     Some(c) => {
                         let volume = Rc::new(RefCell::new(Volume {
@@ -493,9 +541,8 @@ impl PwThread {
                         }));
                         let watch = VolumeWatch { applied: volume.clone(), report: self.user_volume.clone() };
                         open_stream(&c.core, &name, props, &format, *core, watch).map(|stream| {
-                            let live = Live { stream, volume, lost, stats, closing_since: None };
+                            let live = Live { stream, volume, lost, stats, made: Instant::now(), closing_since: None };
                             self.streams.borrow_mut().insert(key, live);
-                            self.syncing.set(c.core.sync(0).ok());
                         })
                     }
                     None => Err("the host's PipeWire is gone; reconnecting".into()),
@@ -521,17 +568,21 @@ impl PwThread {
 }
 
 /// Cuts the drains of the streams that closed longest ago until at most `keep` streams
-/// are left (or none is draining).
-fn evict_drains(streams: &mut BTreeMap<u64, Live>, keep: usize) {
+/// are left (or none is draining). False when the next to cut was made less than
+/// [`SETTLE_TIME`] before `now`: it is cut once it is that old.
+fn evict_drains(streams: &mut BTreeMap<u64, Live>, keep: usize, now: Instant) -> bool {
     while streams.len() > keep {
         let oldest = streams.iter().filter_map(|(k, l)| Some((l.closing_since?, *k))).min();
-        let Some((_, key)) = oldest else { return };
+        let Some((_, key)) = oldest else { return true };
+        if streams.get(&key).is_some_and(|l| now.saturating_duration_since(l.made) < SETTLE_TIME) {
+            return false;
+        }
         streams.remove(&key);
     }
+    true
 }
 
-/// A connection to the host's PipeWire and the listener that notices its loss and
-/// its answers to `sync`.
+/// A connection to the host's PipeWire and the listener that notices its loss.
 struct Connection {
     // Declared first: the listener goes before the core.
     _listener: pw::core::Listener,
@@ -540,7 +591,7 @@ struct Connection {
 
 impl Connection {
     fn new(core: pw::core::CoreRc, thread: &Rc<PwThread>) -> Self {
-        let (on_error, on_done) = (Rc::downgrade(thread), Rc::downgrade(thread));
+        let on_error = Rc::downgrade(thread);
         let listener = core
             .add_listener_local()
             .error(move |id, _seq, res, message| {
@@ -550,11 +601,6 @@ impl Connection {
                     }
                 } else {
                     log::warn!("host PipeWire error on object {id}: {message} ({res})");
-                }
-            })
-            .done(move |id, seq| {
-                if let (pw::core::PW_ID_CORE, Some(thread)) = (id, on_done.upgrade()) {
-                    thread.synced(seq);
                 }
             })
             .register();
