@@ -2,18 +2,26 @@
 //!
 //! Loaded by its own `pipewire -c melange-guest.conf` process (never into the session's
 //! daemon, so a crash here cannot take the desktop's audio down). It connects to the
-//! session's PipeWire, makes sure the redirect sink exists (a lingering null sink that
-//! WirePlumber makes the default), taps every app stream linked to it with a passive
-//! capture stream, and sends each tap, encoded, over the port to `melange-host`.
+//! session's PipeWire, makes sure its two sinks exist (the redirect sink, this process's
+//! own and the default, and a lingering standby behind it), taps every app linked to
+//! them, and hands each tap to `melange-guest`, whose thread encodes it and sends it over
+//! the port to `melange-host` (with the players' streams of its media broker).
 //!
-//! This crate is the thin PipeWire adapter; codecs, rings and the link live in
-//! `melange-shim`. Module arguments are documented in [`config`].
+//! This crate is the thin PipeWire adapter; codecs and rings live in `melange-shim`, the
+//! connection in `melange-guest`. Which nodes are tapped is decided in [`policy`], without PipeWire;
+//! `guest` feeds it the registry and carries out its decisions. Module arguments are
+//! documented in [`config`].
 
 // Tests fail by panicking; production code may not.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod config;
 mod guest;
+mod mic;
+pub mod policy;
+mod sink;
+mod stream;
+mod tap;
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 

@@ -701,6 +701,13 @@ impl Host {
             s.say_over_budget(now, stream, &mut self.log);
             return;
         }
+        if let Some(Err(e)) = s.sink.as_mut().map(|k| k.poll_open(now)) {
+            // As a failed reopen: tried again after REOPEN_RETRY, packets meanwhile
+            // dropped and counted.
+            let _ = s.release();
+            self.log.bad_input(now, "output", format_args!("stream {stream}: cannot open the output: {e}"));
+            s.reopen_at = now + REOPEN_RETRY;
+        }
         if s.sink.as_ref().is_some_and(|k| k.is_lost()) {
             let _ = s.release();
             self.log.line(
@@ -1308,6 +1315,79 @@ mod tests {
         assert!(frames[&2] as f64 >= 48_000.0 * (seconds as f64 - 1.0), "real time is allowed: {}", frames[&2]);
         assert_eq!(frames[&1], seconds as usize * 48_000, "the genuine stream lost audio");
         assert!(host.streams[&2].receiver.counts().over_budget > 40_000);
+    }
+
+    /// An output whose first open fails after `open` returned, as the host's PipeWire
+    /// may answer (`StreamSink::poll_open`); later opens succeed.
+    #[derive(Default, Clone)]
+    struct FailsFirst {
+        opens: std::sync::Arc<std::sync::Mutex<u32>>,
+        written: std::sync::Arc<std::sync::Mutex<usize>>,
+    }
+    struct FailsFirstSink {
+        failed: bool,
+        written: std::sync::Arc<std::sync::Mutex<usize>>,
+    }
+
+    impl Output for FailsFirst {
+        fn open(&mut self, _: &StreamDesc) -> Result<Box<dyn StreamSink>, crate::output::OutputError> {
+            let mut opens = self.opens.lock().unwrap();
+            *opens += 1;
+            Ok(Box::new(FailsFirstSink { failed: *opens == 1, written: self.written.clone() }))
+        }
+        fn describe(&self) -> String {
+            "fails first".into()
+        }
+    }
+
+    impl StreamSink for FailsFirstSink {
+        fn write(&mut self, samples: &[f32]) {
+            *self.written.lock().unwrap() += samples.len();
+        }
+        fn buffered_frames(&self) -> usize {
+            0
+        }
+        fn underruns(&self) -> u64 {
+            0
+        }
+        fn overflows(&self) -> u64 {
+            0
+        }
+        fn poll_open(&mut self, _: Instant) -> Result<(), crate::output::OutputError> {
+            if self.failed {
+                return Err(crate::output::OutputError::PipeWire("refused".into()));
+            }
+            Ok(())
+        }
+        fn close(&mut self) -> Result<(), crate::output::OutputError> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "fails first".into()
+        }
+    }
+
+    /// An output that fails to open after the stream was accepted is dropped and tried
+    /// again after REOPEN_RETRY, the packets meanwhile dropped and counted.
+    #[test]
+    fn an_output_that_fails_to_open_later_is_tried_again() {
+        let output = FailsFirst::default();
+        let config = HostConfig { mic: MicSpec::None, ..HostConfig::default() };
+        let t0 = Instant::now();
+        let mut host = Host::new(config, Box::new(output.clone()), (t0, 0));
+        let mut guest = connect(&mut host, t0);
+        guest.open_stream(1, &mono_pcm("app")).unwrap();
+        for seq in 0..100u32 {
+            let now = t0 + Duration::from_millis(10 * u64::from(seq));
+            guest.send_media(1, &MediaPacket { seq, pts_ns: 0, duration: 480, data: vec![0; 960] }).unwrap();
+            pump(&mut host, &mut guest, now);
+        }
+        assert_eq!(*output.opens.lock().unwrap(), 2);
+        let s = &host.streams[&1];
+        assert_eq!(s.desc.part, 2);
+        assert_eq!(s.dropped_packets, 50, "REOPEN_RETRY is 500 ms of 10 ms packets");
+        assert!(s.sink.is_some());
+        assert!(*output.written.lock().unwrap() > 0, "the second part plays");
     }
 
     /// Demand for the microphone toggled fifty times a second with `--mic none`: said

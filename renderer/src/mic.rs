@@ -14,6 +14,7 @@ use std::str::FromStr;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use melange_pw::{Held, RtStream, StartError, Started};
 use melange_shim::codec::CodecError;
 use melange_shim::opus::Application;
 use melange_shim::tap::{tap_ring, TapEncoder, TapWriter};
@@ -21,8 +22,8 @@ use melange_transport::message::{AppInfo, AudioFormat, Codec, MediaKind, MediaPa
 use pipewire as pw;
 use pw::spa;
 
-/// The microphone's rate: Opus's and PipeWire's default.
-pub const MIC_RATE: u32 = 48_000;
+/// The microphone's rate (the protocol's): Opus's and PipeWire's default.
+pub use melange_transport::message::MIC_RATE;
 /// Opus bitrate of the microphone: clean wideband speech.
 pub const MIC_BITRATE: u32 = 32_000;
 /// Captured audio the ring holds: far more than the session thread's wake-up period.
@@ -85,7 +86,7 @@ pub struct MicCapture {
     quit: pw::channel::Sender<()>,
     thread: Option<JoinHandle<()>>,
     /// The capture thread's word on opening, until it came.
-    opening: Option<(crossbeam_channel::Receiver<Result<(), String>>, Instant)>,
+    opening: Option<(Started, Instant)>,
 }
 
 impl std::fmt::Debug for MicCapture {
@@ -109,12 +110,11 @@ impl MicCapture {
         let encoder = TapEncoder::new(reader, &format(), &codec, frame_samples, Application::Voip)
             .map_err(|e| format!("cannot make the microphone's encoder: {e}"))?;
         let (quit_tx, quit_rx) = pw::channel::channel::<()>();
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
-        let thread = std::thread::Builder::new()
-            .name("melange-mic".into())
-            .spawn(move || run(target, frame_samples, writer, quit_rx, ready_tx))
-            .map_err(|e| format!("cannot start the microphone's thread: {e}"))?;
-        Ok(Self { encoder, quit: quit_tx, thread: Some(thread), opening: Some((ready_rx, Instant::now())) })
+        let (thread, ready) = melange_pw::spawn_client("melange-mic", move |client, core| {
+            serve(client, core, target, frame_samples, writer, quit_rx)
+        })
+        .map_err(|e| format!("cannot start the microphone's thread: {e}"))?;
+        Ok(Self { encoder, quit: quit_tx, thread: Some(thread), opening: Some((ready, Instant::now())) })
     }
 
     /// Whether the capture stream is open: `Ok(false)` while the host's PipeWire has not
@@ -127,7 +127,10 @@ impl MicCapture {
                 self.opening = None;
                 Ok(true)
             }
-            Ok(Err(e)) => Err(e),
+            Ok(Err(StartError::Connect(e))) => {
+                Err(format!("cannot connect to the host's PipeWire ({e}); is it running for this user?"))
+            }
+            Ok(Err(StartError::Serve(e))) => Err(e),
             Err(crossbeam_channel::TryRecvError::Empty) if since.elapsed() < OPEN_TIMEOUT => Ok(false),
             Err(crossbeam_channel::TryRecvError::Empty) => {
                 Err(format!("the host's PipeWire did not answer within {OPEN_TIMEOUT:?}"))
@@ -166,50 +169,24 @@ impl Drop for MicCapture {
     }
 }
 
-/// The capture thread: connects, records until told to quit.
-fn run(
+/// What the capture thread serves (see [`melange_pw::spawn_client`]): the capture
+/// stream, until told to quit.
+fn serve<'c>(
+    client: &'c melange_pw::Client,
+    core: pw::core::CoreRc,
     target: Option<String>,
     frame_samples: u32,
     writer: TapWriter,
     quit: pw::channel::Receiver<()>,
-    ready: crossbeam_channel::Sender<Result<(), String>>,
-) {
-    pw::init();
-    let setup = || -> Result<_, String> {
-        let main_loop = pw::main_loop::MainLoopRc::new(None).map_err(|e| e.to_string())?;
-        // client-rt.conf: a real-time data loop, as for the playback streams.
-        let props = pw::properties::properties! { "config.name" => "client-rt.conf" };
-        let context = pw::context::ContextRc::new(&main_loop, Some(props)).map_err(|e| e.to_string())?;
-        let core = context
-            .connect_rc(None)
-            .map_err(|e| format!("cannot connect to the host's PipeWire ({e}); is it running for this user?"))?;
-        Ok((main_loop, context, core))
-    };
-    let (main_loop, _context, core) = match setup() {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let stream = match open_stream(&core, target.as_deref(), frame_samples, writer) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let weak_loop = main_loop.downgrade();
-    let _receiver = quit.attach(main_loop.loop_(), move |()| {
+) -> Result<Box<dyn Held + 'c>, String> {
+    let stream = open_stream(&core, target.as_deref(), frame_samples, writer)?;
+    let weak_loop = client.main_loop.downgrade();
+    let receiver = quit.attach(client.main_loop.loop_(), move |()| {
         if let Some(l) = weak_loop.upgrade() {
             l.quit();
         }
     });
-    let _ = ready.send(Ok(()));
-    main_loop.run();
-    let (listener, stream) = stream;
-    drop(listener);
-    let _ = stream.disconnect();
+    Ok(Box::new((stream, receiver)))
 }
 
 fn open_stream(
@@ -217,7 +194,7 @@ fn open_stream(
     target: Option<&str>,
     frame_samples: u32,
     writer: TapWriter,
-) -> Result<(pw::stream::StreamListener<TapWriter>, pw::stream::StreamRc), String> {
+) -> Result<RtStream<pw::stream::StreamRc, TapWriter>, String> {
     let mut props = pw::properties::properties! {
         "media.type" => "Audio",
         "media.category" => "Capture",
@@ -240,9 +217,10 @@ fn open_stream(
         .process(melange_pw::capture_into)
         .register()
         .map_err(|e| e.to_string())?;
+    let stream = RtStream::new(stream, listener);
     let pod = crate::output::format_pod(&format())?;
     melange_pw::connect(&stream, spa::utils::Direction::Input, &pod, true)?;
-    Ok((listener, stream))
+    Ok(stream)
 }
 
 #[cfg(test)]

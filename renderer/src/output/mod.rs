@@ -9,6 +9,7 @@ mod wav;
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Instant;
 
 use melange_transport::message::{AudioFormat, StreamOpen, Volume};
 use thiserror::Error;
@@ -99,7 +100,8 @@ impl StreamDesc {
 
 /// A backend.
 pub trait Output {
-    /// Creates the sink for a new guest stream.
+    /// Creates the sink for a new guest stream. Never waits for a sound server: a
+    /// backend that must may answer later ([`StreamSink::poll_open`]).
     fn open(&mut self, desc: &StreamDesc) -> Result<Box<dyn StreamSink>, OutputError>;
     /// Where the sound goes, for the startup log.
     fn describe(&self) -> String;
@@ -131,6 +133,13 @@ pub trait StreamSink {
     /// restarted): the host then opens a new one.
     fn is_lost(&self) -> bool {
         false
+    }
+    /// For an output that opens in the background (the host's PipeWire: [`Output::open`]
+    /// returns before it has answered): `Err` once opening failed after all, at `now`
+    /// or earlier; the sink then plays nothing and is dropped like one whose open
+    /// failed. `Ok` while opening and once open.
+    fn poll_open(&mut self, _now: Instant) -> Result<(), OutputError> {
+        Ok(())
     }
     /// The fill the jitter buffer holds (drift control's set point), where there is one.
     fn target_frames(&self) -> Option<u64> {

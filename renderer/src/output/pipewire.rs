@@ -2,27 +2,41 @@
 //!
 //! A dedicated thread runs the PipeWire main loop; it creates and destroys streams on
 //! request. Samples never pass through it: the session thread writes decoded audio into
-//! a per-stream SPSC ring, and the stream's real-time callback reads it, deciding with
-//! [`Playout`] when to start (the `--latency` target) and writing silence on underrun.
-//! On close the stream plays out what is buffered before it is destroyed.
+//! a per-stream SPSC ring, and the stream's real-time callback reads it
+//! ([`melange_pw::play_from`]), deciding when to start (the `--latency` target) and
+//! writing silence on underrun. On close the stream plays out what is buffered before
+//! it is destroyed.
+//!
+//! Opening never waits for PipeWire: [`PipeWireOutput::open`] hands the stream to the
+//! PipeWire thread and returns its sink at once (the session thread may write into its
+//! ring from then on); the thread's answer comes later, and
+//! [`StreamSink::poll_open`] reports a failure (or no answer within [`OPEN_TIMEOUT`]),
+//! after which the sink is useless and the session drops it. Opens the thread has not
+//! taken yet are bounded by twice the stream limit. The thread makes at most one
+//! stream per turn of its loop, and cuts a drain short only once its stream has
+//! settled ([`PwThread`]).
 //!
 //! Drift control: while playing, the callback feeds the ring's fill to a
 //! [`DriftController`] and writes its rate into the stream's `SPA_IO_RateMatch` area, so
 //! the stream's resampler consumes guest audio exactly as fast as the guest's clock
 //! makes it and the fill stays at the target instead of creeping.
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use melange_shim::render::{OutputClock, RenderConfig, RenderCore, RenderStats};
+use melange_pw::{Held, Playback, RtStream};
+use melange_shim::render::{RenderConfig, RenderCore, RenderStats};
 use melange_transport::message::{AudioFormat, Volume};
 use pipewire as pw;
 use pw::spa;
+use pw::spa::support::system::IoFlags;
 use rtrb::Producer;
 
 use super::{Output, OutputError, StreamDesc, StreamSink};
@@ -33,22 +47,14 @@ const REAP_INTERVAL: Duration = Duration::from_millis(50);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the PipeWire thread tries to connect again after losing the host's PipeWire.
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(500);
-
-/// What the PipeWire thread and the session thread share about a stream beside the
-/// render core's counters.
-#[derive(Debug, Default)]
-struct Shared {
-    /// The stream's rate-match area, set by `io_changed` (null when unset).
-    rate_match: AtomicPtr<spa::sys::spa_io_rate_match>,
-    /// The host's PipeWire went away under the stream: it plays nowhere any more.
-    lost: AtomicBool,
-}
-
-/// What the real-time callback owns.
-struct RtData {
-    core: RenderCore,
-    shared: Arc<Shared>,
-}
+/// How long the PipeWire thread may take to answer an open before the stream counts as
+/// failed.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new stream is left to PipeWire and the session manager to set up (link,
+/// start) before its drain may be cut short to make room for another (see [`PwThread`]):
+/// with 100 ms the stream churn of the bounds test leaves no more file descriptors
+/// behind than when opens waited; streams still come and go at 640 a second.
+const SETTLE_TIME: Duration = Duration::from_millis(100);
 
 enum Command {
     Open {
@@ -56,7 +62,9 @@ enum Command {
         name: String,
         props: Vec<(&'static str, String)>,
         format: AudioFormat,
-        rt: Box<RtData>,
+        core: Box<RenderCore>,
+        /// Raised when the host's PipeWire goes away under the stream.
+        lost: Arc<AtomicBool>,
         reply: crossbeam_channel::Sender<Result<(), String>>,
     },
     Close {
@@ -76,6 +84,10 @@ pub struct PipeWireOutput {
     next_key: u64,
     /// The last volume the user set on one of our streams (the PipeWire thread puts it).
     user_volume: Arc<Mutex<Option<Volume>>>,
+    /// Opens sent to the PipeWire thread that it has not taken yet: fewer than
+    /// `max_waiting`, so a thread that hangs holds a bounded number of rings.
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
 }
 
 impl std::fmt::Debug for Command {
@@ -99,21 +111,27 @@ impl PipeWireOutput {
     /// Starts the PipeWire thread and connects; fails fast if PipeWire is not running.
     /// At most `max_streams` playback streams exist at once, those still playing out
     /// what they hold after a close included: opening one more cuts the oldest such
-    /// drain short.
+    /// drain short (once that stream has settled: the open waits until then).
     pub fn connect(max_streams: usize) -> Result<Self, OutputError> {
         let (tx, rx) = pw::channel::channel::<Command>();
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         let user_volume: Arc<Mutex<Option<Volume>>> = Arc::default();
         let reported = user_volume.clone();
-        let thread = std::thread::Builder::new()
-            .name("melange-pipewire".into())
-            .spawn(move || run(rx, ready_tx, reported, max_streams))
-            .map_err(|e| OutputError::PipeWire(e.to_string()))?;
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => Ok(Self { commands: tx, thread: Some(thread), next_key: 1, user_volume }),
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let taken = waiting.clone();
+        let (thread, ready) = melange_pw::spawn_client("melange-pipewire", move |client, core| {
+            serve(client, core, rx, reported, taken, max_streams)
+        })
+        .map_err(|e| OutputError::PipeWire(e.to_string()))?;
+        match ready.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {
+                // Twice the stream limit: a guest opening and closing streams as fast as
+                // the control limit lets it fits while the thread makes them one a turn.
+                let max_waiting = 2 * max_streams;
+                Ok(Self { commands: tx, thread: Some(thread), next_key: 1, user_volume, waiting, max_waiting })
+            }
             Ok(Err(e)) => {
                 let _ = thread.join();
-                Err(OutputError::PipeWireUnavailable(e))
+                Err(OutputError::PipeWireUnavailable(e.to_string()))
             }
             Err(_) => Err(OutputError::PipeWireUnavailable("no answer within 10 s".into())),
         }
@@ -130,7 +148,16 @@ impl Drop for PipeWireOutput {
 }
 
 impl Output for PipeWireOutput {
+    /// Hands the stream to the PipeWire thread and returns at once (see the module
+    /// documentation); fails here only if that thread is gone or has not taken the
+    /// last `2 * max_streams` opens yet.
     fn open(&mut self, desc: &StreamDesc) -> Result<Box<dyn StreamSink>, OutputError> {
+        let waiting = self.waiting.load(Ordering::Relaxed);
+        if waiting >= self.max_waiting {
+            return Err(OutputError::PipeWire(format!(
+                "the PipeWire thread has not taken the last {waiting} opens yet"
+            )));
+        }
         let channels = usize::from(desc.format.channels);
         let config = RenderConfig {
             rate: desc.format.rate,
@@ -145,7 +172,7 @@ impl Output for PipeWireOutput {
         let ring = melange_shim::render::ring_frames(desc.latency_frames, desc.open.frame_samples, desc.format.rate);
         let (producer, core) = melange_shim::render::render_ring(config, ring);
         let stats = core.stats().clone();
-        let shared = Arc::new(Shared::default());
+        let lost = Arc::new(AtomicBool::new(false));
         let key = self.next_key;
         self.next_key += 1;
         let name = desc.display_name();
@@ -172,21 +199,19 @@ impl Output for PipeWireOutput {
             props.push(("melange.guest.binary", app.binary.clone()));
         }
         let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
-        let rt = RtData { core, shared: shared.clone() };
-        self.commands
-            .send(Command::Open {
-                key,
-                name: name.clone(),
-                props,
-                format: desc.format.clone(),
-                rt: Box::new(rt),
-                reply: reply_tx,
-            })
-            .map_err(|_| OutputError::PipeWire("the PipeWire thread is gone".into()))?;
-        match reply_rx.recv_timeout(Duration::from_secs(5)) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(OutputError::PipeWire(e)),
-            Err(_) => return Err(OutputError::PipeWire("no answer from the PipeWire thread".into())),
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let open = Command::Open {
+            key,
+            name: name.clone(),
+            props,
+            format: desc.format.clone(),
+            core: Box::new(core),
+            lost: lost.clone(),
+            reply: reply_tx,
+        };
+        if self.commands.send(open).is_err() {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(OutputError::PipeWire("the PipeWire thread is gone".into()));
         }
         Ok(Box::new(PipeWireSink {
             key,
@@ -195,7 +220,8 @@ impl Output for PipeWireOutput {
             channels,
             rate: desc.format.rate,
             stats,
-            shared,
+            lost,
+            opening: Opening::Waiting(reply_rx, Instant::now()),
             overflows: 0,
             commands: self.commands.clone(),
             closed: false,
@@ -211,6 +237,14 @@ impl Output for PipeWireOutput {
     }
 }
 
+/// Where a stream's open stands, as far as the session thread knows.
+enum Opening {
+    /// Sent to the PipeWire thread at that instant; its answer comes on the receiver.
+    Waiting(crossbeam_channel::Receiver<Result<(), String>>, Instant),
+    Open,
+    Failed(String),
+}
+
 struct PipeWireSink {
     key: u64,
     name: String,
@@ -218,7 +252,9 @@ struct PipeWireSink {
     channels: usize,
     rate: u32,
     stats: Arc<RenderStats>,
-    shared: Arc<Shared>,
+    /// Raised by the PipeWire thread when the host's PipeWire went away under the stream.
+    lost: Arc<AtomicBool>,
+    opening: Opening,
     overflows: u64,
     commands: pw::channel::Sender<Command>,
     closed: bool,
@@ -279,7 +315,24 @@ impl StreamSink for PipeWireSink {
     }
 
     fn is_lost(&self) -> bool {
-        self.shared.lost.load(Ordering::Relaxed)
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    fn poll_open(&mut self, now: Instant) -> Result<(), OutputError> {
+        if let Opening::Waiting(reply, since) = &self.opening {
+            self.opening = match reply.try_recv() {
+                Ok(Ok(())) => Opening::Open,
+                Ok(Err(e)) => Opening::Failed(e),
+                Err(crossbeam_channel::TryRecvError::Empty) if now.saturating_duration_since(*since) < OPEN_TIMEOUT => {
+                    return Ok(())
+                }
+                Err(_) => Opening::Failed("no answer from the PipeWire thread".into()),
+            };
+        }
+        match &self.opening {
+            Opening::Failed(e) => Err(OutputError::PipeWire(e.clone())),
+            Opening::Waiting(..) | Opening::Open => Ok(()),
+        }
     }
 
     fn close(&mut self) -> Result<(), OutputError> {
@@ -312,101 +365,184 @@ impl Drop for PipeWireSink {
 }
 
 struct Live {
-    // Declared first: the listener (and its ring end) goes before the stream.
-    _listener: pw::stream::StreamListener<RtData>,
-    stream: pw::stream::StreamRc,
+    stream: RtStream<pw::stream::StreamRc, Playback>,
     /// The volume last put on the stream, by the guest or by the user.
     volume: Rc<RefCell<Volume>>,
-    shared: Arc<Shared>,
+    lost: Arc<AtomicBool>,
     stats: Arc<RenderStats>,
+    /// When it was made.
+    made: Instant,
     closing_since: Option<Instant>,
 }
 
-impl Drop for Live {
-    fn drop(&mut self) {
-        let _ = self.stream.disconnect();
-    }
-}
-
-fn run(
+/// What the PipeWire thread serves (see [`melange_pw::spawn_client`]): the commands
+/// on `rx` ([`PwThread`]), and a timer that reaps drained streams and reconnects after
+/// a loss.
+fn serve<'c>(
+    client: &'c melange_pw::Client,
+    core: pw::core::CoreRc,
     rx: pw::channel::Receiver<Command>,
-    ready: crossbeam_channel::Sender<Result<(), String>>,
     user_volume: Arc<Mutex<Option<Volume>>>,
+    waiting: Arc<AtomicUsize>,
     max_streams: usize,
-) {
-    pw::init();
-    let setup = || -> Result<_, String> {
-        let main_loop = pw::main_loop::MainLoopRc::new(None).map_err(|e| e.to_string())?;
-        // client-rt.conf, as audio apps use: its module-rt makes the data loop that runs
-        // the playback callbacks real-time. Under client.conf it is an ordinary thread
-        // that a busy machine delays by milliseconds.
-        let props = pw::properties::properties! { "config.name" => "client-rt.conf" };
-        let context = pw::context::ContextRc::new(&main_loop, Some(props)).map_err(|e| e.to_string())?;
-        let core = context.connect_rc(None).map_err(|e| e.to_string())?;
-        Ok((main_loop, context, core))
-    };
-    let (main_loop, context, core) = match setup() {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    // The connection, and a flag its error callback raises (it cannot drop the core it
-    // runs on); the timer below acts on it.
-    let lost = Rc::new(std::cell::Cell::new(false));
-    let connection: Rc<RefCell<Option<Connection>>> = Rc::new(RefCell::new(Some(Connection::new(core, &lost))));
-    let streams: Rc<RefCell<BTreeMap<u64, Live>>> = Rc::new(RefCell::new(BTreeMap::new()));
+) -> Result<Box<dyn Held + 'c>, String> {
+    // A socket pair of its own to ask its loop for a turn (a pw::channel cannot be
+    // written from its own callback: it holds the channel's lock).
+    let (turn_rx, turn_tx) = UnixStream::pair().map_err(|e| format!("cannot make the thread's socket pair: {e}"))?;
+    turn_rx.set_nonblocking(true).map_err(|e| e.to_string())?;
+    turn_tx.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let thread = Rc::new(PwThread {
+        streams: RefCell::default(),
+        connection: RefCell::new(None),
+        lost: Cell::new(false),
+        queue: RefCell::default(),
+        turn: turn_tx,
+        turn_asked: Cell::new(false),
+        user_volume,
+        waiting,
+        max_streams,
+    });
+    *thread.connection.borrow_mut() = Some(Connection::new(core, &thread));
     let reap = {
-        let (streams, connection, lost) = (streams.clone(), connection.clone(), lost.clone());
-        let next_attempt = std::cell::Cell::new(Instant::now());
-        main_loop.loop_().add_timer(move |_| {
-            if lost.replace(false) && connection.borrow_mut().take().is_some() {
+        let thread = thread.clone();
+        let context = client.context.clone();
+        let next_attempt = Cell::new(Instant::now());
+        client.main_loop.loop_().add_timer(move |_| {
+            if thread.lost.replace(false) && thread.connection.borrow_mut().take().is_some() {
                 // Every stream on the old connection is gone: the host reopens them.
-                for live in streams.borrow().values() {
-                    live.shared.lost.store(true, Ordering::Relaxed);
+                for live in thread.streams.borrow().values() {
+                    live.lost.store(true, Ordering::Relaxed);
                 }
-                streams.borrow_mut().clear();
+                thread.streams.borrow_mut().clear();
                 next_attempt.set(Instant::now() + RECONNECT_INTERVAL);
                 log::error!("melange-host: lost the connection to the host's PipeWire; reconnecting");
             }
-            if connection.borrow().is_none() && Instant::now() >= next_attempt.get() {
+            if thread.connection.borrow().is_none() && Instant::now() >= next_attempt.get() {
                 match context.connect_rc(None) {
                     Ok(core) => {
                         log::info!("melange-host: reconnected to the host's PipeWire");
-                        *connection.borrow_mut() = Some(Connection::new(core, &lost));
+                        *thread.connection.borrow_mut() = Some(Connection::new(core, &thread));
                     }
                     Err(_) => next_attempt.set(Instant::now() + RECONNECT_INTERVAL),
                 }
             }
-            streams.borrow_mut().retain(|_, live| match live.closing_since {
+            thread.streams.borrow_mut().retain(|_, live| match live.closing_since {
                 Some(since) => !live.stats.drained.load(Ordering::Relaxed) && since.elapsed() < DRAIN_TIMEOUT,
                 None => true,
             });
+            // An open that waits for room may have it now.
+            if !thread.queue.borrow().is_empty() {
+                thread.ask_turn();
+            }
         })
     };
     let _ = reap.update_timer(Some(REAP_INTERVAL), Some(REAP_INTERVAL));
 
-    let weak_loop = main_loop.downgrade();
-    let _receiver = rx.attach(main_loop.loop_(), {
-        let streams = streams.clone();
-        let connection = connection.clone();
-        move |cmd| match cmd {
-            Command::Open { key, name, props, format, rt, reply } => {
-                let (shared, stats) = (rt.shared.clone(), rt.core.stats().clone());
-                evict_drains(&mut streams.borrow_mut(), max_streams.saturating_sub(1));
-                let result = match connection.borrow().as_ref() {
+    let weak_loop = client.main_loop.downgrade();
+    let receiver = rx.attach(client.main_loop.loop_(), {
+        let thread = thread.clone();
+        move |cmd| {
+            if let Command::Quit = cmd {
+                thread.queue.borrow_mut().clear();
+                thread.streams.borrow_mut().clear();
+                if let Some(l) = weak_loop.upgrade() {
+                    l.quit();
+                }
+                return;
+            }
+            thread.queue.borrow_mut().push_back(cmd);
+            thread.ask_turn();
+        }
+    });
+    let turns = client.main_loop.loop_().add_io(turn_rx, IoFlags::IN, {
+        let thread = thread.clone();
+        move |rx| {
+            let _ = rx.read(&mut [0u8; 16]);
+            thread.turn_asked.set(false);
+            thread.take_turn();
+        }
+    });
+    Ok(Box::new((receiver, turns, reap, thread)))
+}
+
+/// The PipeWire thread's state, shared by its command receiver, its timer and its
+/// connection's listener.
+///
+/// Commands are carried out in order, in turns of the thread's loop, at most one open
+/// a turn (between two, the loop sends what the last asked of PipeWire and handles its
+/// answers); and a stream's drain is cut short to make room for another only once the
+/// stream is [`SETTLE_TIME`] old. The session thread sends opens in bursts, without
+/// waiting for them: without these two rules, streams were made all in one go and
+/// destroyed in the midst of their setup, and each such stream left file descriptors
+/// behind in this process (PipeWire 0.3.65: the bounds test's stream churn ended with
+/// hundreds of eventfds), as they did not while each open waited for the thread.
+struct PwThread {
+    // Declared first: the streams go before the connection.
+    streams: RefCell<BTreeMap<u64, Live>>,
+    connection: RefCell<Option<Connection>>,
+    /// Raised by the connection's error callback (it cannot drop the core it runs on);
+    /// the timer acts on it.
+    lost: Cell<bool>,
+    /// Commands received and not carried out yet, in order.
+    queue: RefCell<VecDeque<Command>>,
+    /// Asks the loop for a turn: the write end of a socket pair whose read end the
+    /// loop watches.
+    turn: UnixStream,
+    /// A turn was asked for and has not come yet.
+    turn_asked: Cell<bool>,
+    user_volume: Arc<Mutex<Option<Volume>>>,
+    waiting: Arc<AtomicUsize>,
+    max_streams: usize,
+}
+
+impl PwThread {
+    /// Asks for a turn of the loop, unless one is coming.
+    fn ask_turn(&self) {
+        // One byte at most is ever unread, so the write cannot block; were it to fail,
+        // the reaping timer asks again.
+        if !self.turn_asked.replace(true) && (&self.turn).write(&[1]).is_err() {
+            self.turn_asked.set(false);
+        }
+    }
+
+    /// A turn: carries out the commands waiting, in order, up to and with the first
+    /// open, and asks for another turn if more wait. An open that must wait for room
+    /// ([`evict_drains`]) stays first in line; the reaping timer asks for turns while
+    /// commands wait.
+    fn take_turn(&self) {
+        loop {
+            let Some(cmd) = self.queue.borrow_mut().pop_front() else { return };
+            let open = matches!(cmd, Command::Open { .. });
+            if open && !evict_drains(&mut self.streams.borrow_mut(), self.max_streams.saturating_sub(1), Instant::now())
+            {
+                self.queue.borrow_mut().push_front(cmd);
+                return;
+            }
+            self.carry_out(cmd);
+            if open {
+                if !self.queue.borrow().is_empty() {
+                    self.ask_turn();
+                }
+                return;
+            }
+        }
+    }
+
+    fn carry_out(&self, cmd: Command) {
+        match cmd {
+            Command::Open { key, name, props, format, core, lost, reply } => {
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
+                let stats = core.stats().clone();
+                let result = match self.connection.borrow().as_ref() {
                     Some(c) => {
                         let volume = Rc::new(RefCell::new(Volume {
                             channels: vec![1.0; usize::from(format.channels)],
                             mute: false,
                         }));
-                        let watch = VolumeWatch { applied: volume.clone(), report: user_volume.clone() };
-                        open_stream(&c.core, &name, props, &format, *rt, watch).map(|(stream, listener)| {
-                            streams.borrow_mut().insert(
-                                key,
-                                Live { _listener: listener, stream, volume, shared, stats, closing_since: None },
-                            );
+                        let watch = VolumeWatch { applied: volume.clone(), report: self.user_volume.clone() };
+                        open_stream(&c.core, &name, props, &format, *core, watch).map(|stream| {
+                            let live = Live { stream, volume, lost, stats, made: Instant::now(), closing_since: None };
+                            self.streams.borrow_mut().insert(key, live);
                         })
                     }
                     None => Err("the host's PipeWire is gone; reconnecting".into()),
@@ -414,38 +550,36 @@ fn run(
                 let _ = reply.send(result);
             }
             Command::Volume { key, volume } => {
-                if let Some(live) = streams.borrow().get(&key) {
+                if let Some(live) = self.streams.borrow().get(&key) {
                     let gains = volume.gains(live.volume.borrow().channels.len());
                     *live.volume.borrow_mut() = Volume { channels: gains.clone(), mute: volume.mute };
                     set_volume(&live.stream, gains, volume.mute);
                 }
             }
             Command::Close { key } => {
-                if let Some(live) = streams.borrow_mut().get_mut(&key) {
+                if let Some(live) = self.streams.borrow_mut().get_mut(&key) {
                     live.closing_since = Some(Instant::now());
                 }
             }
-            Command::Quit => {
-                streams.borrow_mut().clear();
-                if let Some(l) = weak_loop.upgrade() {
-                    l.quit();
-                }
-            }
+            // Carried out as it arrives (see `serve`).
+            Command::Quit => {}
         }
-    });
-    let _ = ready.send(Ok(()));
-    main_loop.run();
-    streams.borrow_mut().clear();
+    }
 }
 
 /// Cuts the drains of the streams that closed longest ago until at most `keep` streams
-/// are left (or none is draining).
-fn evict_drains(streams: &mut BTreeMap<u64, Live>, keep: usize) {
+/// are left (or none is draining). False when the next to cut was made less than
+/// [`SETTLE_TIME`] before `now`: it is cut once it is that old.
+fn evict_drains(streams: &mut BTreeMap<u64, Live>, keep: usize, now: Instant) -> bool {
     while streams.len() > keep {
         let oldest = streams.iter().filter_map(|(k, l)| Some((l.closing_since?, *k))).min();
-        let Some((_, key)) = oldest else { return };
+        let Some((_, key)) = oldest else { return true };
+        if streams.get(&key).is_some_and(|l| now.saturating_duration_since(l.made) < SETTLE_TIME) {
+            return false;
+        }
         streams.remove(&key);
     }
+    true
 }
 
 /// A connection to the host's PipeWire and the listener that notices its loss.
@@ -456,13 +590,15 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(core: pw::core::CoreRc, lost: &Rc<std::cell::Cell<bool>>) -> Self {
-        let lost = lost.clone();
+    fn new(core: pw::core::CoreRc, thread: &Rc<PwThread>) -> Self {
+        let on_error = Rc::downgrade(thread);
         let listener = core
             .add_listener_local()
             .error(move |id, _seq, res, message| {
                 if res == -libc::EPIPE {
-                    lost.set(true);
+                    if let Some(thread) = on_error.upgrade() {
+                        thread.lost.set(true);
+                    }
                 } else {
                     log::warn!("host PipeWire error on object {id}: {message} ({res})");
                 }
@@ -500,7 +636,7 @@ impl VolumeWatch {
 }
 
 /// Puts a volume on a stream: `channelVolumes` and `mute`, in one call.
-fn set_volume(stream: &pw::stream::StreamRc, mut gains: Vec<f32>, mute: bool) {
+fn set_volume(stream: &pw::stream::Stream, mut gains: Vec<f32>, mute: bool) {
     let mut mute = if mute { 1.0f32 } else { 0.0 };
     // SAFETY: a live stream; each (id, count, values) triple points at `count` floats
     // that outlive the call, and the list ends with 0 as pw_stream_set_control wants
@@ -519,22 +655,21 @@ fn set_volume(stream: &pw::stream::StreamRc, mut gains: Vec<f32>, mute: bool) {
     }
 }
 
+/// A playback stream of `name` with `props` in `format` that plays `core`, connected.
 fn open_stream(
     core: &pw::core::CoreRc,
     name: &str,
     props: Vec<(&'static str, String)>,
     format: &AudioFormat,
-    rt: RtData,
+    render: RenderCore,
     watch: VolumeWatch,
-) -> Result<(pw::stream::StreamRc, pw::stream::StreamListener<RtData>), String> {
+) -> Result<RtStream<pw::stream::StreamRc, Playback>, String> {
     let mut properties = pw::properties::PropertiesBox::new();
     for (k, v) in &props {
         properties.insert(*k, v.as_str());
     }
     let stream = pw::stream::StreamRc::new(core.clone(), name, properties).map_err(|e| e.to_string())?;
-    let io_shared = rt.shared.clone();
-    let listener = stream
-        .add_local_listener_with_user_data(rt)
+    let listener = melange_pw::listen_playback(&stream, render)
         .control_info(move |_, _, id, control| {
             // SAFETY: PipeWire passes a valid control whose `values` holds `n_values`
             // floats for the duration of the call (or null).
@@ -543,60 +678,12 @@ fn open_stream(
                 .map_or(&[][..], |c| unsafe { std::slice::from_raw_parts(c.values, c.n_values as usize) });
             watch.control(id, values);
         })
-        .io_changed(move |_, _, id, area, _| {
-            // May run on another thread than `process`: hand the pointer over atomically.
-            if id == spa::sys::SPA_IO_RateMatch {
-                io_shared.rate_match.store(area.cast(), Ordering::Release);
-            }
-        })
-        .process(|stream, d| {
-            // Real-time: the render core fills the buffer; no allocation or locks.
-            let time = stream.time().ok();
-            let Some(mut buffer) = stream.dequeue_buffer() else { return };
-            let requested = buffer.requested() as usize;
-            let Some(data) = buffer.datas_mut().first_mut() else { return };
-            let stride = 4 * d.core.channels();
-            let Some(bytes) = data.data() else { return };
-            let max_frames = bytes.len() / stride;
-            let frames = if requested > 0 { requested.min(max_frames) } else { max_frames.min(1024) };
-            let clock =
-                time.as_ref().map(|t| OutputClock { ticks: t.ticks(), now_ns: u64::try_from(t.now()).unwrap_or(0) });
-            if let Some(ratio) = d.core.cycle(clock, &mut bytes[..frames * stride]) {
-                let rate_match = d.shared.rate_match.load(Ordering::Acquire);
-                // SAFETY: PipeWire keeps the area it passed to io_changed valid until it
-                // passes another (or null), and only this callback writes it.
-                if let Some(rm) = unsafe { rate_match.as_mut() } {
-                    // rate > 1 consumes less input per output frame (as module-rtp-source).
-                    rm.rate = 1.0 / ratio;
-                    rm.flags |= spa::sys::SPA_IO_RATE_MATCH_FLAG_ACTIVE;
-                }
-            }
-            if let Some(t) = time.filter(|t| t.now() > 0) {
-                let r = t.rate();
-                let position_ns =
-                    if r.denom > 0 { t.ticks() as f64 * 1e9 * f64::from(r.num) / f64::from(r.denom) } else { 0.0 };
-                let now_ns = u64::try_from(t.now()).unwrap_or(0);
-                d.core.timing(now_ns, position_ns as u64, frames, output_delay_ns(&t, d.core.rate()));
-            }
-            let chunk = data.chunk_mut();
-            *chunk.offset_mut() = 0;
-            *chunk.stride_mut() = stride as i32;
-            *chunk.size_mut() = (frames * stride) as u32;
-        })
         .register()
         .map_err(|e| e.to_string())?;
-
+    let stream = RtStream::new(stream, listener);
     let pod = format_pod(format)?;
     melange_pw::connect(&stream, spa::utils::Direction::Output, &pod, true)?;
-    Ok((stream, listener))
-}
-
-/// How long a sample the stream is given now takes to be heard: its delay to the
-/// device plus what its resampler holds.
-fn output_delay_ns(t: &pw::stream::Time, rate: u32) -> u64 {
-    let r = t.rate();
-    let delay_s = if r.denom > 0 { t.delay() as f64 * f64::from(r.num) / f64::from(r.denom) } else { 0.0 };
-    (delay_s * 1e9 + t.buffered() as f64 * 1e9 / f64::from(rate.max(1))).max(0.0) as u64
+    Ok(stream)
 }
 
 /// The EnumFormat of a stream of interleaved f32 in `format`'s layout.
