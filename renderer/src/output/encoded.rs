@@ -142,14 +142,7 @@ fn create_new(path: &Path) -> Result<BufWriter<File>, OutputError> {
 
 impl EncodedOutput for FramesOutput {
     fn open(&mut self, desc: &EncodedDesc) -> Result<Box<dyn EncodedSink>, OutputError> {
-        let app: String = desc
-            .open
-            .app
-            .name
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
-            .take(40)
-            .collect();
+        let app = super::file_name_part(&desc.open.app.name);
         let pid = std::process::id();
         let stem = format!("p{pid}-s{}-stream{}-{app}.{}", desc.session, desc.stream, desc.open.codec.name());
         let base = self.dir.join(stem);

@@ -173,6 +173,12 @@ pub trait StreamSink {
     fn describe(&self) -> String;
 }
 
+/// An app's name as part of a file name: ASCII letters, digits, `-` and `.` kept, the
+/// rest `_`, at most 40 characters (guest strings never choose a path).
+pub(crate) fn file_name_part(app: &str) -> String {
+    app.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).take(40).collect()
+}
+
 /// What an output may hold.
 #[derive(Debug, Clone, Copy)]
 pub struct OutputLimits {

@@ -118,14 +118,7 @@ impl Output for WavOutput {
         if !self.budget.take(FILE_COST) {
             return Ok(Box::new(super::null::Discard("nowhere (--wav-max-bytes reached)")));
         }
-        let app: String = desc
-            .open
-            .app
-            .name
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
-            .take(40)
-            .collect();
+        let app = super::file_name_part(&desc.open.app.name);
         let part = if desc.part > 1 { format!(".{}", desc.part) } else { String::new() };
         let stem = format!("s{}-stream{}{part}-{app}", self.session_base.saturating_add(desc.session), desc.stream);
         let mut last = None;
