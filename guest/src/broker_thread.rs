@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
-use melange_transport::port::{bind_listener, poll_fds, Waker};
+use melange_transport::port::{bind_private_listener, poll_fds, Waker};
 
 use crate::broker::BrokerCore;
 use crate::core::{BrokerNote, Command};
@@ -41,7 +41,7 @@ impl BrokerThread {
         notes: Receiver<BrokerNote>,
         waker: Arc<Waker>,
     ) -> io::Result<BrokerThread> {
-        let listener = bind_listener(path)?;
+        let listener = bind_private_listener(path)?;
         let stop = Arc::new(AtomicBool::new(false));
         let ids = guest.clone();
         let mut driver = Driver {

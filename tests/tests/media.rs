@@ -3,6 +3,7 @@
 //! to a real melange-host that writes what arrives (`--video-output frames:DIR`).
 
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -159,6 +160,9 @@ fn a_codec_the_host_lacks_is_refused_with_a_reason_the_stub_sees() {
         &log,
         &["--units", "300", "--codec", "opus", "--delta-bytes", "300", "--realtime", "--fps", "50"],
     );
+    // The broker's socket is the user's alone.
+    let mode = std::fs::metadata(media_sock(&rig.guest_pw)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "media.sock mode {mode:o}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("melange-host does not take encoded audio opus"), "{stderr}");

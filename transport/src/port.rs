@@ -570,6 +570,15 @@ pub fn poll_fds(fds: &mut [(RawFd, libc::c_short)], timeout: Option<Duration>) -
 /// name, then renamed into place: a peer that sees `path` can connect at once, and
 /// never meets a socket that refuses it or has the umask's mode.
 pub fn bind_listener(path: &Path) -> io::Result<UnixListener> {
+    place_listener(path, None)
+}
+
+/// [`bind_listener`] for the user alone: mode 0600 whatever the umask.
+pub fn bind_private_listener(path: &Path) -> io::Result<UnixListener> {
+    place_listener(path, Some(0o600))
+}
+
+fn place_listener(path: &Path, mode: Option<u32>) -> io::Result<UnixListener> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
             std::fs::create_dir_all(dir)?;
@@ -606,7 +615,7 @@ pub fn bind_listener(path: &Path) -> io::Result<UnixListener> {
         // Connecting takes write permission: the owner's, and the group's where the
         // umask leaves group write (the system unit's UMask=0007 lets QEMU in by its group).
         let group_writable = std::fs::metadata(at)?.permissions().mode() & 0o020 != 0;
-        let mode = if group_writable { 0o660 } else { 0o600 };
+        let mode = mode.unwrap_or(if group_writable { 0o660 } else { 0o600 });
         std::fs::set_permissions(at, std::fs::Permissions::from_mode(mode))?;
         listener.set_nonblocking(true)?;
         if at != path {
