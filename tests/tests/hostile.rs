@@ -184,8 +184,8 @@ fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() 
     // Handshake storm: the session is closed and the connection dropped.
     for i in 0..25u64 {
         let hello = Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: melange_transport::message::PROTOCOL_MIN,
+            max_version: melange_transport::message::PROTOCOL_MAX,
             role: Role::Guest,
             software: "storm".into(),
             epoch: i,
