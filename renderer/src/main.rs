@@ -29,13 +29,15 @@ struct Cli {
     /// Talk the protocol on standard input and output.
     #[arg(long)]
     stdio: bool,
-    /// Where the sound goes: pipewire, wav:DIR (one file per stream) or null.
+    /// Where the sound goes: pipewire, wav:DIR (one file per stream), null, or
+    /// frames:DIR (WAV files, and a player's encoded streams as --video-output frames:DIR).
     #[arg(long, value_name = "OUTPUT", default_value = "pipewire")]
     output: OutputSpec,
     /// Where a guest player's own encoded video and audio go (protocol v2): null, or
     /// frames:DIR (each stream's access units and their timestamps, for tests).
-    #[arg(long, value_name = "OUTPUT", default_value = "null")]
-    video_output: VideoOutputSpec,
+    /// Default: null, or the directory of --output frames:DIR.
+    #[arg(long, value_name = "OUTPUT")]
+    video_output: Option<VideoOutputSpec>,
     /// The codecs of encoded streams melange-host takes, comma-separated (h264, h265,
     /// vp8, vp9, av1, mp3, aac, opus, vorbis, flac), or all; others are refused per
     /// stream and the guest's player decodes them itself.
@@ -162,7 +164,11 @@ fn run(cli: Cli) -> Result<(), String> {
         stats: cli.stats,
         mic: cli.mic,
     };
-    let video = make_video_output(&cli.video_output, cli.wav_max_bytes).map_err(|e| e.to_string())?;
+    let video_spec = cli.video_output.clone().unwrap_or(match &cli.output {
+        OutputSpec::Frames(dir) => VideoOutputSpec::Frames(dir.clone()),
+        _ => VideoOutputSpec::Null,
+    });
+    let video = make_video_output(&video_spec, cli.wav_max_bytes).map_err(|e| e.to_string())?;
     let mut host = Host::new(config, output, melange_shim::clock::now_pair());
     host.set_encoded(EncodedStreams::new(video, cli.video_codecs));
     host.run(&mut port, &waker, &STOP).map_err(|e| format!("port error on {}: {e}", port.describe()))?;

@@ -243,3 +243,62 @@ fn a_v1_guest_is_refused_with_both_versions_named() {
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("1..=1") && l.contains("2..=2")).collect();
     assert_eq!(lines.len(), 1, "{log}");
 }
+
+/// `--output frames:DIR` puts everything in one directory: tapped audio as WAV files, a
+/// player's encoded stream as `--video-output frames:DIR` writes it.
+#[test]
+fn output_frames_takes_audio_as_wav_and_video_as_frames() {
+    use melange_transport::message::{au_flags, AccessUnit, AppInfo, Codec, MediaKind, StreamOpen, VideoFormat};
+    let _serial = serial();
+    let dir = scratch("media-output-frames");
+    let sock = dir.join("port.sock");
+    let out = dir.join("out");
+    let (listen, output) = (format!("unix:{}", sock.display()), format!("frames:{}", out.display()));
+    let mut host = start_host(&["--listen", &listen, "--output", &output], None, &dir);
+    wait_until(Duration::from_secs(10), || sock.exists().then_some(())).expect("melange-host listens");
+    let mut g = melange_tests::ScriptedGuest::connect(&sock);
+    g.open(1, 48000, 2, Codec::PcmS16Le, 480, "tone");
+    for seq in 0..10 {
+        g.media(1, seq, 0, 480, vec![1; 1920]);
+    }
+    let open = StreamOpen {
+        media: MediaKind::EncodedVideo(VideoFormat { width: 16, height: 16, framerate_num: 25, framerate_den: 1 }),
+        codec: Codec::Vp8,
+        frame_samples: 0,
+        app: AppInfo { name: "clip".into(), ..AppInfo::default() },
+        codec_data: Vec::new(),
+    };
+    g.session.open_stream(2, &open).expect("the host takes VP8");
+    let au =
+        AccessUnit { seq: 0, flags: au_flags::KEYFRAME, pts_ns: 5, dts_ns: 0, duration_ns: 40, data: vec![9; 50_000] };
+    assert!(g.session.send_access_unit(2, &au).unwrap());
+    g.session.close_stream(2, "done");
+    loop {
+        let bytes = g.session.pending_output().to_vec();
+        if bytes.is_empty() {
+            break;
+        }
+        g.session.consume_output(bytes.len());
+        g.raw(&bytes);
+    }
+    g.close(1, "done");
+    let closed = |p: &Path| std::fs::read_to_string(p).is_ok_and(|t| t.contains("\"event\":\"close\""));
+    let index_path = wait_until(Duration::from_secs(10), || {
+        std::fs::read_dir(&out)
+            .ok()?
+            .filter_map(|e| Some(e.ok()?.path()))
+            .find(|p| p.to_string_lossy().ends_with(".vp8.jsonl") && closed(p))
+    })
+    .unwrap_or_else(|| panic!("no closed video index:\n{}", host.log_text()));
+    let units: Vec<Value> = json_lines(&index_path).into_iter().filter(|l| l["event"] == "au").collect();
+    assert_eq!(units.len(), 1);
+    assert_eq!((units[0]["size"].as_u64(), units[0]["fnv"].as_u64()), (Some(50_000), Some(fnv1a(&[9; 50_000]))));
+    host.stop();
+    let wav = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| Some(e.ok()?.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "wav"))
+        .expect("the audio's WAV file");
+    let got = melange_tests::audio::read_wav(&wav).expect("a valid WAV");
+    assert_eq!(got.s16.as_deref().map(<[i16]>::len), Some(10 * 960));
+}

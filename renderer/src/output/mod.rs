@@ -27,6 +27,9 @@ pub enum OutputSpec {
     PipeWire,
     /// One WAV file per guest stream in a directory.
     Wav(PathBuf),
+    /// Everything into a directory: tapped audio as WAV files, a player's encoded
+    /// streams as `--video-output frames:DIR` writes them (unless that is given).
+    Frames(PathBuf),
     /// Decode and discard.
     Null,
 }
@@ -38,9 +41,10 @@ impl FromStr for OutputSpec {
         match s {
             "pipewire" => Ok(OutputSpec::PipeWire),
             "null" => Ok(OutputSpec::Null),
-            _ => match s.strip_prefix("wav:") {
-                Some(dir) if !dir.is_empty() => Ok(OutputSpec::Wav(dir.into())),
-                _ => Err(format!("invalid output {s:?}: expected pipewire, wav:DIR or null")),
+            _ => match (s.strip_prefix("wav:"), s.strip_prefix("frames:")) {
+                (Some(dir), _) if !dir.is_empty() => Ok(OutputSpec::Wav(dir.into())),
+                (_, Some(dir)) if !dir.is_empty() => Ok(OutputSpec::Frames(dir.into())),
+                _ => Err(format!("invalid output {s:?}: expected pipewire, wav:DIR, frames:DIR or null")),
             },
         }
     }
@@ -192,7 +196,7 @@ pub struct OutputLimits {
 pub fn make_output(spec: &OutputSpec, limits: OutputLimits) -> Result<Box<dyn Output>, OutputError> {
     Ok(match spec {
         OutputSpec::PipeWire => Box::new(PipeWireOutput::connect(limits.max_streams)?),
-        OutputSpec::Wav(dir) => Box::new(WavOutput::new(dir, limits.wav_max_bytes)?),
+        OutputSpec::Wav(dir) | OutputSpec::Frames(dir) => Box::new(WavOutput::new(dir, limits.wav_max_bytes)?),
         OutputSpec::Null => Box::new(NullOutput),
     })
 }
@@ -206,6 +210,8 @@ mod tests {
         assert_eq!("pipewire".parse(), Ok(OutputSpec::PipeWire));
         assert_eq!("null".parse(), Ok(OutputSpec::Null));
         assert_eq!("wav:/tmp/x".parse(), Ok(OutputSpec::Wav("/tmp/x".into())));
+        assert_eq!("frames:/tmp/f".parse(), Ok(OutputSpec::Frames("/tmp/f".into())));
+        assert!("frames:".parse::<OutputSpec>().is_err());
         assert!("wav:".parse::<OutputSpec>().unwrap_err().contains("expected pipewire"));
         assert!("alsa".parse::<OutputSpec>().is_err());
     }
