@@ -163,6 +163,13 @@ impl BrokerCore {
                     }
                 }
             }
+            BrokerNote::Latency(port, render_ns) => {
+                if let Some(&(id, stream)) = self.ports.get(&port) {
+                    if let Some(c) = self.clients.get_mut(&id) {
+                        c.session.report_latency(stream, render_ns);
+                    }
+                }
+            }
         }
     }
 

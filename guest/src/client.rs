@@ -49,6 +49,9 @@ pub enum ClientEvent {
     KeyframeRequest(u32),
     /// The host refused this stream (it cannot decode it): decode it locally.
     Rejected(u32, String),
+    /// The host's render delay for this stream, ns: from an access unit arriving to
+    /// its picture or sound coming out. A player renders that much early.
+    Latency(u32, u64),
 }
 
 /// See the module docs.
@@ -136,6 +139,7 @@ impl MediaClient {
                     out.push(ClientEvent::KeyframeRequest(stream))
                 }
                 Event::StreamRejected { stream, reason } => out.push(ClientEvent::Rejected(stream, reason)),
+                Event::StreamLatency { stream, render_ns } => out.push(ClientEvent::Latency(stream, render_ns)),
                 Event::Closed(reason) => return Err(ClientError::Closed(reason)),
                 _ => {}
             }

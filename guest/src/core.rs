@@ -146,6 +146,9 @@ pub enum BrokerNote {
     Rejected(u32, String),
     /// The host asks a broker stream for a keyframe (also at the start of a session).
     KeyframeRequest(u32),
+    /// The host's render delay of a broker stream, ns: the player's sink renders that
+    /// much early.
+    Latency(u32, u64),
 }
 
 /// The core's settings.
@@ -497,6 +500,9 @@ impl GuestCore {
                     self.streams.remove(&stream);
                     self.events.push_back(CoreEvent::Broker(BrokerNote::Rejected(stream, reason)));
                 }
+            }
+            Event::StreamLatency { stream, render_ns } if self.brokered.contains(&stream) => {
+                self.events.push_back(CoreEvent::Broker(BrokerNote::Latency(stream, render_ns)));
             }
             Event::StreamLatency { stream, render_ns } => {
                 if let Some(source) = self.sources.get_mut(&stream) {
@@ -890,9 +896,9 @@ mod tests {
                 let Some(w) = &mut g.writer else { continue };
                 let value = (g.cycles % 30_000) as i16;
                 let bytes: Vec<u8> = if g.sample_bytes == 2 {
-                    std::iter::repeat(value.to_le_bytes()).take(QUANTUM * 2).flatten().collect()
+                    std::iter::repeat_n(value.to_le_bytes(), QUANTUM * 2).flatten().collect()
                 } else {
-                    std::iter::repeat((f32::from(value) / 32768.0).to_le_bytes()).take(QUANTUM * 2).flatten().collect()
+                    std::iter::repeat_n((f32::from(value) / 32768.0).to_le_bytes(), QUANTUM * 2).flatten().collect()
                 };
                 w.push(&bytes, pts, pts);
             }

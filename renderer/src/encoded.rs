@@ -1,20 +1,134 @@
 //! melange-host's encoded streams: a guest player's own video and audio, forwarded as
-//! access units (protocol v2), handed to the `--video-output` backend.
+//! access units (protocol v2), recorded and decoded as `--video-output` says; decoded
+//! audio plays through the tapped audio's `--output` ([`crate::decode`]).
 //!
-//! A stream whose codec the host does not take (`--video-codecs`) or whose output
-//! cannot open is refused with a reason the guest's stub sees. A stream whose first
-//! access unit is not a keyframe (it joined late), or that lost one, asks its sender
-//! for a keyframe, at most once a second.
+//! A stream whose codec the host does not take (`--video-codecs`, or no decoder here)
+//! or whose output cannot open is refused with a reason the guest's stub sees. A
+//! stream whose first access unit is not a keyframe (it joined late), or that lost
+//! one, asks its sender for a keyframe, at most once a second; its decoder gets nothing
+//! until one comes. A decoder that fails is logged and started again at a keyframe, at
+//! most every [`DECODER_RETRY`].
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use melange_transport::message::{codec_bits, AccessUnit, Codec, StreamControl, StreamOpen};
+use melange_transport::message::{
+    codec_bits, AccessUnit, AudioFormat, Codec, MediaKind, StreamControl, StreamOpen, Volume,
+};
+use melange_transport::port::Waker;
+use serde_json::json;
 
+use crate::decode::{AudioDecoder, FrameLog, Show, VideoDecoder};
 use crate::output::encoded::{EncodedDesc, EncodedOutput, EncodedSink};
+use crate::output::{Output, StreamDesc, StreamSink};
 
 /// Least time between two keyframe requests of one stream.
 const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Least time between a decoder failing and the next one starting.
+pub const DECODER_RETRY: Duration = Duration::from_secs(5);
+
+/// Longest the host's thread waits for a closing audio stream's decoder.
+const AUDIO_DRAIN: Duration = Duration::from_millis(5);
+
+/// Least change of a stream's render delay that is reported again.
+const LATENCY_STEP_NS: u64 = 2_000_000;
+
+/// Least time between two reports of a stream's render delay.
+const LATENCY_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What [`EncodedStreams::pump`] found.
+#[derive(Debug, Default)]
+pub struct Pumped {
+    /// Lines for the log.
+    pub lines: Vec<String>,
+    /// Render delays to report to the senders: stream, ns.
+    pub latencies: Vec<(u32, u64)>,
+}
+
+/// What opening a passthrough audio stream needs of the host.
+pub struct AudioOut<'a> {
+    /// The tapped audio's output.
+    pub output: &'a mut dyn Output,
+    /// The session number, for file names.
+    pub session: u64,
+    /// Jitter-buffer target for a stream of `frame_samples` at `rate`.
+    pub latency_frames: &'a dyn Fn(u32, u32) -> (usize, bool),
+    /// Output quantum for a stream of `frame_samples` at `rate`.
+    pub quantum: &'a dyn Fn(u32, u32) -> u32,
+    /// The guest's volume.
+    pub volume: &'a Volume,
+}
+
+impl std::fmt::Debug for AudioOut<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AudioOut").field("session", &self.session).finish()
+    }
+}
+
+/// A passthrough audio stream's decoder and where it plays.
+struct AudioPlay {
+    decoder: Option<AudioDecoder>,
+    sink: Box<dyn StreamSink>,
+    log: Option<FrameLog>,
+    /// Sample frames handed to the sink so far.
+    frames: u64,
+    channels: usize,
+    delay: ArrivalDelay,
+}
+
+/// Units kept for matching decoded audio to its arrival.
+const ARRIVALS: usize = 256;
+
+/// Delays kept for the median reported.
+const DELAYS: usize = 32;
+
+/// An audio stream's measured render delay: from a unit's arrival to its first sample
+/// being heard, decoding and the output's buffer included. The player's sink sends
+/// that much early; the output's own estimate swings by a unit's length as chunks land,
+/// so the median of the last [`DELAYS`] is what is reported.
+#[derive(Debug, Default)]
+struct ArrivalDelay {
+    /// (guest pts, arrival on `CLOCK_MONOTONIC`) of the last units, in order.
+    arrivals: std::collections::VecDeque<(u64, u64)>,
+    delays: std::collections::VecDeque<u64>,
+}
+
+impl ArrivalDelay {
+    fn arrived(&mut self, pts_ns: u64, now_ns: u64) {
+        if self.arrivals.len() == ARRIVALS {
+            self.arrivals.pop_front();
+        }
+        self.arrivals.push_back((pts_ns, now_ns));
+    }
+
+    /// Decoded audio of guest time `pts_ns` is heard at `due_ns`.
+    fn heard(&mut self, pts_ns: u64, due_ns: u64) {
+        let Some(&(unit_pts, arrival)) = self.arrivals.iter().rev().find(|(p, _)| *p <= pts_ns) else { return };
+        let Some(delay) = due_ns.checked_sub(arrival + (pts_ns - unit_pts)) else { return };
+        if self.delays.len() == DELAYS {
+            self.delays.pop_front();
+        }
+        self.delays.push_back(delay);
+    }
+
+    fn median(&self) -> Option<u64> {
+        let mut v: Vec<u64> = self.delays.iter().copied().collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied()
+    }
+
+    fn reset(&mut self) {
+        self.arrivals.clear();
+    }
+}
+
+/// A video stream's decoder and how to make another.
+struct VideoPlay {
+    decoder: Option<VideoDecoder>,
+    show: Show,
+}
 
 /// What the host should tell the guest about a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +141,15 @@ pub enum Reply {
 
 struct Stream {
     sink: Box<dyn EncodedSink>,
+    open: StreamOpen,
+    video: Option<VideoPlay>,
+    audio: Option<AudioPlay>,
+    /// When the decoder last failed.
+    failed_at: Option<Instant>,
+    /// The render delay last reported to the sender, and when.
+    reported: Option<(u64, Instant)>,
+    /// Units the decoder could not take (it fell behind).
+    decoder_dropped: u64,
     app: String,
     units: u64,
     bytes: u64,
@@ -41,6 +164,10 @@ pub struct EncodedStreams {
     /// Codecs taken, as `codec_bits`.
     codecs: u64,
     streams: BTreeMap<u32, Stream>,
+    /// Wakes the host's loop when decoded audio is ready.
+    waker: Option<Arc<Waker>>,
+    /// Closed video streams showing their last frames.
+    finishing: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for EncodedStreams {
@@ -60,10 +187,44 @@ pub fn parse_codecs(list: &str) -> Result<u64, String> {
     })
 }
 
+/// The names of the codecs in `bits`, comma-separated.
+pub fn codec_names(bits: u64) -> String {
+    const ALL: [Codec; 10] = [
+        Codec::H264,
+        Codec::H265,
+        Codec::Vp8,
+        Codec::Vp9,
+        Codec::Av1,
+        Codec::Mp3,
+        Codec::Aac,
+        Codec::Opus { bitrate: 0 },
+        Codec::Vorbis,
+        Codec::Flac,
+    ];
+    ALL.iter().filter(|c| bits & c.bit() != 0).map(|c| c.name()).collect::<Vec<_>>().join(", ")
+}
+
 impl EncodedStreams {
-    /// Streams into `output`, taking the codecs `codecs` (`codec_bits`).
+    /// Streams into `output`, taking the codecs `codecs` (`codec_bits`). Decoding
+    /// needs [`crate::decode::init`] first; the caller takes out what it cannot decode.
     pub fn new(output: Box<dyn EncodedOutput>, codecs: u64) -> Self {
-        Self { output, codecs: codecs & codec_bits::ENCODED, streams: BTreeMap::new() }
+        Self {
+            output,
+            codecs: codecs & codec_bits::ENCODED,
+            streams: BTreeMap::new(),
+            waker: None,
+            finishing: Vec::new(),
+        }
+    }
+
+    /// Lets decoders wake the host's loop.
+    pub fn set_waker(&mut self, waker: Waker) {
+        self.waker = Some(Arc::new(waker));
+    }
+
+    /// True when video streams are decoded.
+    pub fn decodes_video(&self) -> bool {
+        self.output.decodes_video()
     }
 
     /// The codecs taken, for the handshake.
@@ -76,18 +237,143 @@ impl EncodedStreams {
         self.output.describe()
     }
 
-    /// Opens a stream; the error is the reason to refuse it with.
-    pub fn open(&mut self, session: u64, stream: u32, open: &StreamOpen) -> Result<String, String> {
+    /// Opens a stream; the error is the reason to refuse it with. Encoded audio plays
+    /// through `audio`'s output.
+    pub fn open(&mut self, stream: u32, open: &StreamOpen, audio: AudioOut<'_>) -> Result<String, String> {
         if self.codecs & open.codec.bit() == 0 {
             return Err(format!("melange-host does not take {} {}", open.media.name(), open.codec.name()));
         }
-        let desc = EncodedDesc { stream, session, open: open.clone() };
+        let desc = EncodedDesc { stream, session: audio.session, open: open.clone() };
         let sink = self.output.open(&desc).map_err(|e| e.to_string())?;
-        let to = sink.describe();
+        let mut to = sink.describe();
+        let (mut video, mut audio_play) = (None, None);
+        match &open.media {
+            MediaKind::EncodedVideo(_) => {
+                if let Some(show) = self.output.show(&desc).map_err(|e| e.to_string())? {
+                    let decoder = VideoDecoder::new(open, show.clone())?;
+                    to = format!("{to}, decoded ({})", describe_show(&show));
+                    video = Some(VideoPlay { decoder: Some(decoder), show });
+                }
+            }
+            MediaKind::EncodedAudio(format) | MediaKind::Audio(format) => {
+                let play = self.open_audio(&desc, format, audio)?;
+                to = format!("{to}, decoded -> {}", play.sink.describe());
+                audio_play = Some(play);
+            }
+        }
         let app = open.app.name.clone();
-        let stream_state = Stream { sink, app, units: 0, bytes: 0, need_keyframe: true, last_request: None };
+        let stream_state = Stream {
+            sink,
+            open: open.clone(),
+            video,
+            audio: audio_play,
+            failed_at: None,
+            reported: None,
+            decoder_dropped: 0,
+            app,
+            units: 0,
+            bytes: 0,
+            need_keyframe: true,
+            last_request: None,
+        };
         self.streams.insert(stream, stream_state);
         Ok(to)
+    }
+
+    fn open_audio(&mut self, desc: &EncodedDesc, format: &AudioFormat, out: AudioOut<'_>) -> Result<AudioPlay, String> {
+        let channels = format.channels.clamp(1, 8);
+        let format = AudioFormat { rate: format.rate, channels, positions: default_positions(channels) };
+        let frame_samples = nominal_frame_samples(&desc.open.codec, format.rate);
+        let (latency_frames, latency_auto) = (out.latency_frames)(frame_samples, format.rate);
+        let stream_desc = StreamDesc {
+            stream: desc.stream,
+            session: out.session,
+            open: desc.open.clone(),
+            format: format.clone(),
+            from_s16: false,
+            latency_frames,
+            latency_auto,
+            quantum: (out.quantum)(frame_samples, format.rate),
+            part: 1,
+        };
+        let decoder = self.audio_decoder(&desc.open, &format)?;
+        let mut sink = out.output.open(&stream_desc).map_err(|e| e.to_string())?;
+        sink.set_volume(out.volume);
+        let log = self.output.decoded_log(desc).map_err(|e| e.to_string())?;
+        Ok(AudioPlay {
+            decoder: Some(decoder),
+            sink,
+            log,
+            frames: 0,
+            channels: usize::from(channels),
+            delay: ArrivalDelay::default(),
+        })
+    }
+
+    fn audio_decoder(&self, open: &StreamOpen, format: &AudioFormat) -> Result<AudioDecoder, String> {
+        let waker = self.waker.clone();
+        AudioDecoder::new(open, format, move || {
+            if let Some(w) = &waker {
+                w.wake();
+            }
+        })
+    }
+
+    /// Plays what the decoders made since the last call, checks them for errors and
+    /// finds render delays to report to the senders. `now_ns` is `now` on
+    /// `CLOCK_MONOTONIC`.
+    pub fn pump(&mut self, now: Instant, now_ns: u64) -> Pumped {
+        let mut lines = Vec::new();
+        let mut latencies = Vec::new();
+        for (id, s) in &mut self.streams {
+            if let Some(a) = &mut s.audio {
+                if let Some(d) = &a.decoder {
+                    for decoded in d.take() {
+                        let frames = (decoded.samples.len() / a.channels) as u64;
+                        let due_ns = now_ns + a.sink.render_delay_ns(now_ns);
+                        a.sink.write(&decoded.samples);
+                        a.delay.heard(decoded.pts_ns, due_ns);
+                        if let Some(log) = &a.log {
+                            log.line(&json!({"event": "pcm", "pts_ns": decoded.pts_ns, "due_ns": due_ns,
+                                "frames": frames, "at": a.frames}));
+                        }
+                        a.frames += frames;
+                    }
+                }
+            }
+            if let Some(delay) = s.render_delay_ns() {
+                let due = s.reported.is_none_or(|(last, at)| {
+                    delay.abs_diff(last) >= LATENCY_STEP_NS && now.saturating_duration_since(at) >= LATENCY_INTERVAL
+                });
+                if due {
+                    s.reported = Some((delay, now));
+                    latencies.push((*id, delay));
+                }
+            }
+            let error = match (&s.video, &s.audio) {
+                (Some(VideoPlay { decoder: Some(d), .. }), _) => d.error(),
+                (_, Some(AudioPlay { decoder: Some(d), .. })) => d.error(),
+                _ => None,
+            };
+            if let Some(e) = error {
+                lines.push(format!(
+                    "stream {id} (\"{}\"): cannot decode {}: {e}; trying again at a keyframe in {} s",
+                    s.app,
+                    s.open.codec.name(),
+                    DECODER_RETRY.as_secs()
+                ));
+                s.stop_decoder();
+                s.failed_at = Some(now);
+            }
+        }
+        Pumped { lines, latencies }
+    }
+
+    /// Applies the guest's volume to passthrough audio.
+    pub fn set_volume(&mut self, volume: &Volume) {
+        for a in self.streams.values_mut().filter_map(|s| s.audio.as_mut()) {
+            a.sink.set_volume(volume);
+        }
     }
 
     /// True for a stream this opened.
@@ -95,15 +381,34 @@ impl EncodedStreams {
         self.streams.contains_key(&stream)
     }
 
-    /// Hands over an access unit; may ask for a keyframe.
-    pub fn access_unit(&mut self, now: Instant, stream: u32, au: &AccessUnit) -> Option<Reply> {
+    /// Hands over an access unit that arrived at `now` (`now_ns` on
+    /// `CLOCK_MONOTONIC`); may ask for a keyframe.
+    pub fn access_unit(&mut self, now: Instant, now_ns: u64, stream: u32, au: &AccessUnit) -> Option<Reply> {
         let s = self.streams.get_mut(&stream)?;
         if au.is_keyframe() {
             s.need_keyframe = false;
+            if s.failed_at.is_some_and(|t| now.saturating_duration_since(t) >= DECODER_RETRY) {
+                s.failed_at = None;
+                s.restart_decoder(now, self.waker.clone());
+            }
         }
         s.units += 1;
         s.bytes += au.data.len() as u64;
-        s.sink.access_unit(au);
+        s.sink.access_unit(now_ns, au);
+        if !s.need_keyframe {
+            let taken = match (&mut s.video, &mut s.audio) {
+                (Some(VideoPlay { decoder: Some(d), .. }), _) => d.push(now_ns, au),
+                (_, Some(AudioPlay { decoder: Some(d), delay, .. })) => {
+                    delay.arrived(au.pts_ns, now_ns);
+                    d.push(au)
+                }
+                _ => true,
+            };
+            if !taken {
+                s.decoder_dropped += 1;
+                s.need_keyframe = true;
+            }
+        }
         s.need_keyframe.then(|| s.request(now)).flatten()
     }
 
@@ -121,6 +426,12 @@ impl EncodedStreams {
             if control == StreamControl::Flush {
                 s.need_keyframe = true;
             }
+            if let Some(VideoPlay { decoder: Some(d), .. }) = &mut s.video {
+                d.control(control);
+            }
+            if let (Some(a), StreamControl::Flush) = (&mut s.audio, control) {
+                a.delay.reset();
+            }
             s.sink.control(control);
         }
     }
@@ -128,12 +439,40 @@ impl EncodedStreams {
     /// Closes a stream; returns a line for the log.
     pub fn close(&mut self, stream: u32, reason: &str) -> Option<String> {
         let mut s = self.streams.remove(&stream)?;
-        let result = s.sink.close(reason);
+        // What the decoders still hold plays out: video on a thread of its own, audio
+        // here (a short wait: other streams wait meanwhile).
+        if let Some(d) = s.video.as_mut().and_then(|v| v.decoder.take()) {
+            self.finishing.retain(|t| !t.is_finished());
+            self.finishing.extend(d.finish());
+        }
+        if let Some(a) = &mut s.audio {
+            if let Some(d) = a.decoder.take() {
+                d.finish(AUDIO_DRAIN);
+                for decoded in d.take() {
+                    a.sink.write(&decoded.samples);
+                }
+            }
+        }
+        let mut result = s.sink.close(reason);
+        if let Some(a) = &mut s.audio {
+            result = result.and(a.sink.close());
+            if let Some(log) = &a.log {
+                log.flush();
+            }
+        }
+        if let Some(VideoPlay { show: Show::Frames(log), .. }) = &s.video {
+            log.flush();
+        }
         Some(format!(
-            "stream {stream} (\"{}\") closed ({reason}): {} access units, {} bytes{}",
+            "stream {stream} (\"{}\") closed ({reason}): {} access units, {} bytes{}{}",
             s.app,
             s.units,
             s.bytes,
+            if s.decoder_dropped > 0 {
+                format!(", {} not decoded (the decoder fell behind)", s.decoder_dropped)
+            } else {
+                String::new()
+            },
             result.err().map(|e| format!("; {e}")).unwrap_or_default()
         ))
     }
@@ -143,9 +482,95 @@ impl EncodedStreams {
         let ids: Vec<u32> = self.streams.keys().copied().collect();
         ids.into_iter().filter_map(|id| self.close(id, reason)).collect()
     }
+
+    /// Waits for closed video streams to show their last frames (at shutdown).
+    pub fn finish(&mut self) {
+        for t in self.finishing.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Channel positions for a stream that announced none: mono, or front left and
+/// right, then SPA's AUX channels.
+fn default_positions(channels: u8) -> Vec<u32> {
+    const MONO: u32 = 2;
+    const FL: u32 = 3;
+    const FR: u32 = 4;
+    const AUX0: u32 = 0x1000;
+    match channels {
+        1 => vec![MONO],
+        2 => vec![FL, FR],
+        n => (0..u32::from(n)).map(|i| AUX0 + i).collect(),
+    }
+}
+
+/// The sample frames that land at once, for the jitter buffer's target: two access
+/// units of the codec's usual size (decoders hold one back, then put out two), so the
+/// target is right from the start rather than grown by underruns, which would move the
+/// stream's render delay and with it the player's timing.
+fn nominal_frame_samples(codec: &Codec, rate: u32) -> u32 {
+    2 * match codec {
+        Codec::Aac => 1024,
+        Codec::Mp3 => 1152,
+        Codec::Vorbis => 2048,
+        Codec::Flac => 4096,
+        _ => rate / 50,
+    }
+}
+
+fn describe_show(show: &Show) -> String {
+    match show {
+        Show::Window { title, .. } => format!("a window \"{title}\""),
+        Show::Frames(_) => "frames logged".into(),
+    }
 }
 
 impl Stream {
+    /// From an access unit's arrival to its picture or sound coming out, where known.
+    fn render_delay_ns(&self) -> Option<u64> {
+        match (&self.video, &self.audio) {
+            (Some(VideoPlay { decoder: Some(d), .. }), _) => d.render_delay_ns(),
+            (_, Some(a)) if a.decoder.is_some() => a.delay.median(),
+            _ => None,
+        }
+    }
+
+    fn stop_decoder(&mut self) {
+        if let Some(v) = &mut self.video {
+            if let Some(d) = v.decoder.take() {
+                d.stop();
+            }
+        }
+        if let Some(a) = &mut self.audio {
+            if let Some(d) = a.decoder.take() {
+                d.stop();
+            }
+        }
+    }
+
+    /// A new decoder after one failed (errors here wait for the next retry).
+    fn restart_decoder(&mut self, now: Instant, waker: Option<Arc<Waker>>) {
+        self.stop_decoder();
+        if let Some(v) = &mut self.video {
+            v.decoder = VideoDecoder::new(&self.open, v.show.clone()).ok();
+        }
+        if let (Some(a), MediaKind::EncodedAudio(format)) = (&mut self.audio, &self.open.media) {
+            let format = AudioFormat { rate: format.rate, channels: a.channels as u8, positions: Vec::new() };
+            a.decoder = AudioDecoder::new(&self.open, &format, move || {
+                if let Some(w) = &waker {
+                    w.wake();
+                }
+            })
+            .ok();
+        }
+        if self.video.as_ref().is_some_and(|v| v.decoder.is_none())
+            || self.audio.as_ref().is_some_and(|a| a.decoder.is_none())
+        {
+            self.failed_at = Some(now);
+        }
+    }
+
     fn request(&mut self, now: Instant) -> Option<Reply> {
         if self.last_request.is_some_and(|t| now.saturating_duration_since(t) < KEYFRAME_REQUEST_INTERVAL) {
             return None;

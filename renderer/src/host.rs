@@ -26,7 +26,7 @@ use melange_transport::message::{
 use melange_transport::port::{Port, PortEvent, Waker};
 use melange_transport::session::{Event, Session, SessionConfig, SessionError};
 
-use crate::encoded::{EncodedStreams, Reply};
+use crate::encoded::{AudioOut, EncodedStreams, Reply};
 use crate::guest_log::{GuestLog, Level};
 use crate::mic::{MicCapture, MicSpec, MIC_RATE};
 use crate::output::encoded::NullVideo;
@@ -298,6 +298,7 @@ impl Host {
             self.output.describe()
         );
         let mut buf = vec![0u8; 64 * 1024];
+        self.encoded.set_waker(waker.try_clone()?);
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             let mic_due = self.pump_mic(now);
@@ -417,6 +418,7 @@ impl Host {
         }
         self.flush(port);
         self.session = None;
+        self.encoded.finish();
     }
 
     fn flush(&mut self, port: &mut Port) {
@@ -463,6 +465,15 @@ impl Host {
                 let _ = s.send_volume(&volume);
             }
             self.apply_volume(volume);
+        }
+        let pumped = self.encoded.pump(now, self.mono_ns(now));
+        for line in pumped.lines {
+            self.log.line(now, Level::Warn, format_args!("{line}"));
+        }
+        if let Some(s) = &mut self.session {
+            for (stream, render_ns) in pumped.latencies {
+                s.report_latency(stream, render_ns);
+            }
         }
         let idle = self.config.idle_timeout;
         let mut released = Vec::new();
@@ -528,7 +539,7 @@ impl Host {
                 }
                 Event::StreamClosed { stream, reason } => self.close_stream(now, stream, &reason),
                 Event::AccessUnit { stream, au } => {
-                    let reply = self.encoded.access_unit(now, stream, &au);
+                    let reply = self.encoded.access_unit(now, self.mono_ns(now), stream, &au);
                     self.reply_encoded(stream, reply);
                 }
                 Event::StreamControl { stream, control } => self.encoded.control(stream, control),
@@ -577,7 +588,19 @@ impl Host {
 
     /// Opens a player's encoded stream, or refuses it with the reason.
     fn open_encoded(&mut self, now: Instant, stream: u32, open: &StreamOpen) {
-        match self.encoded.open(self.sessions, stream, open) {
+        let latency = self.config.latency;
+        let latency_frames = move |frame_samples: u32, rate: u32| match latency {
+            Some(l) => ((u128::from(rate) * l.as_micros() / 1_000_000) as usize, false),
+            None => (auto_latency_frames(frame_samples, rate), true),
+        };
+        let audio = AudioOut {
+            output: self.output.as_mut(),
+            session: self.sessions,
+            latency_frames: &latency_frames,
+            quantum: &output_quantum,
+            volume: &self.volume,
+        };
+        match self.encoded.open(stream, open, audio) {
             Ok(to) => {
                 self.log.line(
                     now,
@@ -928,6 +951,7 @@ impl Host {
         for sink in self.streams.values_mut().filter_map(|s| s.sink.as_mut()) {
             sink.set_volume(&volume);
         }
+        self.encoded.set_volume(&volume);
         self.volume = volume;
     }
 

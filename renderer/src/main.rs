@@ -11,6 +11,7 @@ use melange_renderer::host::MAX_STREAMS;
 use melange_renderer::host::{Host, HostConfig};
 use melange_renderer::output::encoded::{make_video_output, VideoOutputSpec};
 use melange_renderer::output::{make_output, OutputLimits, OutputSpec, DEFAULT_WAV_MAX_BYTES};
+use melange_transport::message::codec_bits;
 use melange_transport::port::{Port, PortSpec, Waker};
 
 /// Render the audio of a Melange guest VM on this machine.
@@ -33,14 +34,19 @@ struct Cli {
     /// frames:DIR (WAV files, and a player's encoded streams as --video-output frames:DIR).
     #[arg(long, value_name = "OUTPUT", default_value = "pipewire")]
     output: OutputSpec,
-    /// Where a guest player's own encoded video and audio go (protocol v2): null, or
-    /// frames:DIR (each stream's access units and their timestamps, for tests).
-    /// Default: null, or the directory of --output frames:DIR.
-    #[arg(long, value_name = "OUTPUT")]
+    /// Where a guest player's own video goes (protocol v2): window (decoded, one
+    /// window per video titled after the app), null (discarded undecoded), or
+    /// frames:DIR (each stream's access units, and its decoded frames' checksums and
+    /// times, for tests). Default: window where there is a display (without one,
+    /// videos are declined and players decode them in the guest), or the directory of
+    /// --output frames:DIR. A player's encoded audio is decoded and plays through
+    /// --output.
+    #[arg(long, value_name = "window|null|frames:DIR")]
     video_output: Option<VideoOutputSpec>,
     /// The codecs of encoded streams melange-host takes, comma-separated (h264, h265,
-    /// vp8, vp9, av1, mp3, aac, opus, vorbis, flac), or all; others are refused per
-    /// stream and the guest's player decodes them itself.
+    /// vp8, vp9, av1, mp3, aac, opus, vorbis, flac), or all; of these, only those with
+    /// a GStreamer decoder on this machine are offered. Others are refused per stream
+    /// and the guest's player decodes them itself.
     #[arg(long, value_name = "LIST", default_value = "all", value_parser = parse_codecs)]
     video_codecs: u64,
     /// Most bytes the WAV files (and frames:DIR files) of one run may hold together
@@ -137,6 +143,52 @@ fn parse_unix(flag: &str, value: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// True where a window can open.
+fn has_display() -> bool {
+    ["DISPLAY", "WAYLAND_DISPLAY"].iter().any(|v| std::env::var_os(v).is_some_and(|d| !d.is_empty()))
+}
+
+/// The encoded streams' outputs and the codecs offered: those asked for that this
+/// machine decodes (all video codecs where video is not decoded).
+fn encoded_streams(cli: &Cli) -> Result<EncodedStreams, String> {
+    let mut codecs = cli.video_codecs;
+    let spec = match (&cli.video_output, &cli.output) {
+        (Some(VideoOutputSpec::Window), _) if !has_display() => {
+            return Err("--video-output window needs a display, and neither DISPLAY nor WAYLAND_DISPLAY is set; \
+                        use --video-output null or frames:DIR"
+                .into())
+        }
+        (Some(spec), _) => spec.clone(),
+        (None, OutputSpec::Frames(dir)) => VideoOutputSpec::Frames(dir.clone()),
+        (None, _) if has_display() => VideoOutputSpec::Window,
+        (None, _) => {
+            log::warn!(
+                "melange-host: no display (DISPLAY and WAYLAND_DISPLAY are unset): guest videos are declined and \
+                 decoded in the guest; a player's audio still plays here"
+            );
+            codecs &= !VIDEO_CODECS;
+            VideoOutputSpec::Null
+        }
+    };
+    let video = make_video_output(&spec, cli.wav_max_bytes).map_err(|e| e.to_string())?;
+    if let Err(e) = melange_renderer::decode::init() {
+        log::warn!("melange-host: {e}: a guest player's video and audio are declined and decoded in the guest");
+        return Ok(EncodedStreams::new(video, 0));
+    }
+    let must_decode = if video.decodes_video() { codecs } else { codecs & !VIDEO_CODECS };
+    let missing = must_decode & !melange_renderer::decode::decodable(must_decode);
+    if missing != 0 {
+        log::info!(
+            "melange-host: no GStreamer decoder here for {}; players decode those in the guest",
+            melange_renderer::encoded::codec_names(missing)
+        );
+    }
+    Ok(EncodedStreams::new(video, codecs & !missing))
+}
+
+/// The video codecs, as `codec_bits`.
+const VIDEO_CODECS: u64 = codec_bits::H264 | codec_bits::H265 | codec_bits::VP8 | codec_bits::VP9 | codec_bits::AV1;
+
 fn run(cli: Cli) -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 && !cli.allow_root {
@@ -155,6 +207,7 @@ fn run(cli: Cli) -> Result<(), String> {
     };
     let limits = OutputLimits { max_streams: usize::from(MAX_STREAMS), wav_max_bytes: cli.wav_max_bytes };
     let output = make_output(&cli.output, limits).map_err(|e| e.to_string())?;
+    let encoded = encoded_streams(&cli)?;
     let waker = Waker::new().map_err(|e| e.to_string())?;
     install_signal_handlers(&waker);
     let config = HostConfig {
@@ -164,13 +217,8 @@ fn run(cli: Cli) -> Result<(), String> {
         stats: cli.stats,
         mic: cli.mic,
     };
-    let video_spec = cli.video_output.clone().unwrap_or(match &cli.output {
-        OutputSpec::Frames(dir) => VideoOutputSpec::Frames(dir.clone()),
-        _ => VideoOutputSpec::Null,
-    });
-    let video = make_video_output(&video_spec, cli.wav_max_bytes).map_err(|e| e.to_string())?;
     let mut host = Host::new(config, output, melange_shim::clock::now_pair());
-    host.set_encoded(EncodedStreams::new(video, cli.video_codecs));
+    host.set_encoded(encoded);
     host.run(&mut port, &waker, &STOP).map_err(|e| format!("port error on {}: {e}", port.describe()))?;
     log::info!("melange-host: stopped");
     Ok(())

@@ -98,7 +98,7 @@ pub fn noise(n: usize, amp: f64, seed: u64) -> Vec<f64> {
 
 /// Quantises to s16 and duplicates into `channels` channels.
 pub fn to_s16(signal: &[f64], channels: usize) -> Vec<i16> {
-    signal.iter().flat_map(|v| std::iter::repeat((v * 32767.0).round() as i16).take(channels)).collect()
+    signal.iter().flat_map(|v| std::iter::repeat_n((v * 32767.0).round() as i16, channels)).collect()
 }
 
 /// RMS level in dBFS.
@@ -241,7 +241,7 @@ pub fn click_onsets(x: &[f32], rate: u32) -> Vec<usize> {
     let holdoff = (f64::from(rate) * CLICK_PERIOD / 2.0) as usize;
     let mut onsets: Vec<usize> = Vec::new();
     for (i, v) in x.iter().enumerate() {
-        if v.abs() > CLICK_THRESHOLD && onsets.last().map_or(true, |l| i - l >= holdoff) {
+        if v.abs() > CLICK_THRESHOLD && onsets.last().is_none_or(|l| i - l >= holdoff) {
             onsets.push(i);
         }
     }

@@ -293,10 +293,16 @@ pub fn start_guest_with(pw: &PipeWire, port: &str, codec: GuestCodec, extra: &[&
 
 /// `melange-host` with the given arguments (plus `--report report.jsonl` in `dir`).
 pub fn start_host(args: &[&str], env_from: Option<&PipeWire>, dir: &Path) -> Proc {
+    start_host_with_env(args, env_from, dir, &[])
+}
+
+/// As [`start_host`], with variables set in its environment.
+pub fn start_host_with_env(args: &[&str], env_from: Option<&PipeWire>, dir: &Path, env: &[(&str, &str)]) -> Proc {
     let mut cmd = match env_from {
         Some(pw) => pw.command(bin("melange-host")),
         None => Command::new(bin("melange-host")),
     };
+    cmd.envs(env.iter().copied());
     cmd.args(args)
         .arg("--report")
         .arg(dir.join("report.jsonl"))
@@ -325,29 +331,46 @@ impl Redirected {
     /// Starts both sessions, melange-host and the guest module, and waits until the
     /// guest is connected.
     pub fn start(dir: &Path, codec: GuestCodec) -> Redirected {
-        Self::start_with(dir, codec, false, &[]).0
+        Self::start_with(dir, codec, false, &[], &[]).0
     }
 
     /// As [`Redirected::start`], with more `melange-host` arguments (`--stats`, say).
     pub fn start_with_host_args(dir: &Path, codec: GuestCodec, host_args: &[&str]) -> Redirected {
-        Self::start_with(dir, codec, false, host_args).0
+        Self::start_with(dir, codec, false, host_args, &[]).0
+    }
+
+    /// As [`Redirected::start_with_host_args`], with variables set in melange-host's
+    /// environment (`DISPLAY`, say).
+    pub fn start_with_host_env(dir: &Path, codec: GuestCodec, host_args: &[&str], env: &[(&str, &str)]) -> Redirected {
+        Self::start_with(dir, codec, false, host_args, env).0
     }
 
     /// As [`Redirected::start`], with the port running through a [`Relay`].
     pub fn start_relayed(dir: &Path, codec: GuestCodec) -> (Redirected, Relay) {
-        let (rig, relay) = Self::start_with(dir, codec, true, &[]);
+        let (rig, relay) = Self::start_with(dir, codec, true, &[], &[]);
         (rig, relay.unwrap_or_else(|| unreachable!("asked for a relay")))
     }
 
-    fn start_with(dir: &Path, codec: GuestCodec, relayed: bool, host_args: &[&str]) -> (Redirected, Option<Relay>) {
+    fn start_with(
+        dir: &Path,
+        codec: GuestCodec,
+        relayed: bool,
+        host_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Redirected, Option<Relay>) {
         let host_pw = PipeWire::start(&dir.join("host"));
         host_pw.add_null_sink("speakers");
         let port = dir.join("port.sock");
         let host_port = if relayed { dir.join("host.sock") } else { port.clone() };
         let listen = format!("unix:{}", host_port.display());
-        let args: Vec<&str> =
-            ["--listen", &listen, "--output", "pipewire"].into_iter().chain(host_args.iter().copied()).collect();
-        let mut host = start_host(&args, Some(&host_pw), dir);
+        // `--output pipewire` unless the caller gives another.
+        let output: &[&str] = if host_args.contains(&"--output") { &[] } else { &["--output", "pipewire"] };
+        let args: Vec<&str> = ["--listen", listen.as_str()]
+            .into_iter()
+            .chain(output.iter().copied())
+            .chain(host_args.iter().copied())
+            .collect();
+        let mut host = start_host_with_env(&args, Some(&host_pw), dir, env);
         host.wait_for_log("waiting for a guest", Duration::from_secs(10));
         let relay = relayed.then(|| Relay::start(&port, host_port));
         let guest_pw = PipeWire::start(&dir.join("guest"));

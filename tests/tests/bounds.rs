@@ -27,7 +27,7 @@ fn host(dir: &Path, pw: Option<&PipeWire>, args: &[&str]) -> (Proc, std::path::P
 
 /// 10 ms of stereo s16 PCM, every sample `v`.
 fn pcm(v: i16) -> Vec<u8> {
-    std::iter::repeat(v.to_le_bytes()).take(960).flatten().collect()
+    std::iter::repeat_n(v.to_le_bytes(), 960).flatten().collect()
 }
 
 /// TOC 0xFB (CELT fullband, 20 ms frames, code 3) and a count of 6 empty frames: two
@@ -81,7 +81,7 @@ fn an_amplifying_stream_gets_real_time_and_no_more() {
     let allowed = 384_000.0 * (seconds * 1.02 + start.as_secs_f64()) + 44.0;
     assert!((flood as f64) <= allowed, "the flood wrote {flood} bytes in {seconds:.1} s");
     let genuine = audio::read_wav(&wav.join("s1-stream1-genuine.wav")).expect("the genuine file");
-    let want: Vec<i16> = (0..300).flat_map(|p| std::iter::repeat(1000 + p as i16).take(960)).collect();
+    let want: Vec<i16> = (0..300).flat_map(|p| std::iter::repeat_n(1000 + p as i16, 960)).collect();
     assert_eq!(genuine.s16.as_deref(), Some(&want[..]), "the genuine stream was damaged");
     let report = reports(&dir).into_iter().find(|r| r["stream"] == 2).expect("report");
     assert!(report["over_budget_packets"].as_u64().unwrap_or(0) > 0, "{report}");

@@ -134,7 +134,7 @@ fn pcm_is_bit_exact_from_pipewire_pulse_and_alsa_apps() {
     // pw-play never delivers its last partial graph cycle (the guest sink's monitor
     // misses it too), so end with silence longer than a quantum: every sample of
     // content is then checked.
-    original.extend(std::iter::repeat(0).take(2 * 12000));
+    original.extend(std::iter::repeat_n(0, 2 * 12000));
     let file = rig.file("noise.wav");
     audio::write_wav_s16(&file, 48000, 2, &original);
     let file = file.to_string_lossy().into_owned();

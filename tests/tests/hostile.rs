@@ -59,7 +59,7 @@ fn melange_host_survives_a_hostile_guest_and_keeps_the_genuine_stream_playing() 
     for (seq, chunk) in (0u32..).zip(lossy.chunks(960)) {
         match (lost(seq), long_gap.contains(&seq)) {
             (false, _) => lossy_expected.extend_from_slice(chunk),
-            (true, false) => lossy_expected.extend(std::iter::repeat(0).take(chunk.len())),
+            (true, false) => lossy_expected.extend(std::iter::repeat_n(0, chunk.len())),
             (true, true) => {}
         }
     }

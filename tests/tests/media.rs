@@ -148,7 +148,11 @@ fn without_a_host_a_stub_is_told_at_once() {
 fn a_codec_the_host_lacks_is_refused_with_a_reason_the_stub_sees() {
     let _serial = serial();
     let dir = scratch("media-codec");
-    let rig = Redirected::start_with_host_args(&dir, GuestCodec::Opus(128_000), &["--video-codecs", "vp8,vp9"]);
+    let rig = Redirected::start_with_host_args(
+        &dir,
+        GuestCodec::Opus(128_000),
+        &["--video-output", "null", "--video-codecs", "vp8,vp9"],
+    );
     let out = stub(&rig.guest_pw, &dir.join("stub.jsonl"), &["--units", "30", "--codec", "h264"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");

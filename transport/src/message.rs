@@ -603,6 +603,10 @@ pub mod au_flags {
     pub const DISCONTINUITY: u32 = 1 << 1;
     /// `dts_ns` is set (it differs from `pts_ns`).
     pub const HAS_DTS: u32 = 1 << 2;
+    /// Decode it, but do not show or play it: a unit before the start of a seek's
+    /// segment, needed to decode the ones after. Sent at once, not at its time, so its
+    /// timestamps say nothing about the stream's pace.
+    pub const DECODE_ONLY: u32 = 1 << 3;
 }
 
 /// One encoded access unit of a player's stream: a video frame, an audio frame. It is

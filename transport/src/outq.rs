@@ -188,7 +188,7 @@ mod tests {
     use super::*;
 
     fn frame(tag: u8, len: usize) -> impl FnOnce(&mut Vec<u8>) {
-        move |v: &mut Vec<u8>| v.extend(std::iter::repeat(tag).take(len))
+        move |v: &mut Vec<u8>| v.extend(std::iter::repeat_n(tag, len))
     }
 
     #[test]

@@ -118,6 +118,11 @@ impl Waker {
         self.fd.as_raw_fd()
     }
 
+    /// Another handle on the same wake-up (for threads that wake this one).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self { fd: self.fd.try_clone()? })
+    }
+
     /// Clears a wake-up, for a thread that polls the eventfd itself.
     pub fn drain(&self) {
         let mut v: u64 = 0;

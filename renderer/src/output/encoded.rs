@@ -2,31 +2,46 @@
 //! `--video-output`. One [`EncodedOutput`] per process, one [`EncodedSink`] per stream,
 //! as [`super::Output`] and [`super::StreamSink`] are for tapped audio.
 //!
-//! - `null`: counts and discards.
+//! - `window` (the default): video decoded and shown in a window per stream, titled
+//!   after the app ([`crate::decode`]).
+//! - `null`: video counted and discarded, undecoded.
 //! - `frames:DIR`: for tests and inspection, per stream a `.bin` file with every access
 //!   unit's bytes back to back and a `.jsonl` index: one line for the stream's opening
 //!   (kind, codec, codec data in hex, size), one per access unit (seq, pts, dts,
 //!   duration, flags, size, offset into the `.bin`, FNV-1a 64 of its bytes), one per
-//!   control and one for the close. Files are created exclusively, never through a
-//!   symlink, and all of a run's hold at most `--wav-max-bytes`.
+//!   control and one for the close. The stream is decoded as well, into a
+//!   `.decoded.jsonl`: for video one line per frame when it is shown (guest pts,
+//!   `shown_ns` on this host's `CLOCK_MONOTONIC`, size, FNV-1a 64 of the visible I420
+//!   pixels, mean luma); for audio one line per decoded buffer handed to the audio
+//!   output (guest pts, `due_ns` when its first sample is heard, sample frames and the
+//!   index of the first). Files are created exclusively, never through a symlink, and
+//!   all of a run's hold at most `--wav-max-bytes`.
+//!
+//! Encoded audio is decoded whatever the video output, and plays through `--output`.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use melange_transport::message::{au_flags, AccessUnit, MediaKind, StreamControl, StreamOpen};
 use serde_json::json;
 
 use super::OutputError;
+pub use crate::decode::{FrameLog, Show};
 
 /// `--video-output` as given on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VideoOutputSpec {
+    /// Decode and show each stream in a window.
+    Window,
     /// Count and discard.
     Null,
-    /// Access units and their timestamps into files in a directory.
+    /// Access units and their timestamps into files in a directory, and the decoded
+    /// frames' checksums and times.
     Frames(PathBuf),
 }
 
@@ -36,9 +51,10 @@ impl FromStr for VideoOutputSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "null" => Ok(VideoOutputSpec::Null),
+            "window" => Ok(VideoOutputSpec::Window),
             _ => match s.strip_prefix("frames:") {
                 Some(dir) if !dir.is_empty() => Ok(VideoOutputSpec::Frames(dir.into())),
-                _ => Err(format!("invalid video output {s:?}: expected null or frames:DIR")),
+                _ => Err(format!("invalid video output {s:?}: expected window, null or frames:DIR")),
             },
         }
     }
@@ -57,16 +73,28 @@ pub struct EncodedDesc {
 
 /// A backend for encoded streams.
 pub trait EncodedOutput {
-    /// Creates the sink for a new stream.
+    /// Creates the sink for a new stream: what records its access units.
     fn open(&mut self, desc: &EncodedDesc) -> Result<Box<dyn EncodedSink>, OutputError>;
+    /// Where a video stream's decoded frames go; `None`: not decoded.
+    fn show(&mut self, _desc: &EncodedDesc) -> Result<Option<Show>, OutputError> {
+        Ok(None)
+    }
+    /// Where lines about an audio stream's decoded buffers go, if anywhere.
+    fn decoded_log(&mut self, _desc: &EncodedDesc) -> Result<Option<FrameLog>, OutputError> {
+        Ok(None)
+    }
+    /// True when video streams are decoded (their codecs need a decoder here).
+    fn decodes_video(&self) -> bool {
+        false
+    }
     /// Where the streams go, for the startup log.
     fn describe(&self) -> String;
 }
 
 /// One encoded stream's destination.
 pub trait EncodedSink {
-    /// Takes one access unit, in order.
-    fn access_unit(&mut self, au: &AccessUnit);
+    /// Takes one access unit, in order, that arrived at `arrival_ns` (`CLOCK_MONOTONIC`).
+    fn access_unit(&mut self, arrival_ns: u64, au: &AccessUnit);
     /// Takes a control of the stream's sender (flush, pause, resume, end of stream).
     fn control(&mut self, control: StreamControl);
     /// Finishes the stream. Called exactly once.
@@ -79,6 +107,7 @@ pub trait EncodedSink {
 pub fn make_video_output(spec: &VideoOutputSpec, max_bytes: u64) -> Result<Box<dyn EncodedOutput>, OutputError> {
     Ok(match spec {
         VideoOutputSpec::Null => Box::new(NullVideo),
+        VideoOutputSpec::Window => Box::new(WindowOutput),
         VideoOutputSpec::Frames(dir) => Box::new(FramesOutput::new(dir, max_bytes)?),
     })
 }
@@ -98,7 +127,7 @@ impl EncodedOutput for NullVideo {
 }
 
 impl EncodedSink for NullVideo {
-    fn access_unit(&mut self, _au: &AccessUnit) {}
+    fn access_unit(&mut self, _arrival_ns: u64, _au: &AccessUnit) {}
 
     fn control(&mut self, _control: StreamControl) {}
 
@@ -111,12 +140,39 @@ impl EncodedSink for NullVideo {
     }
 }
 
+/// `--video-output window`.
+#[derive(Debug)]
+pub struct WindowOutput;
+
+impl EncodedOutput for WindowOutput {
+    fn open(&mut self, _desc: &EncodedDesc) -> Result<Box<dyn EncodedSink>, OutputError> {
+        Ok(Box::new(NullVideo))
+    }
+
+    fn show(&mut self, desc: &EncodedDesc) -> Result<Option<Show>, OutputError> {
+        let app = if desc.open.app.name.is_empty() { "Guest app" } else { desc.open.app.name.as_str() };
+        let (width, height) = match &desc.open.media {
+            MediaKind::EncodedVideo(v) => (v.width, v.height),
+            _ => (0, 0),
+        };
+        Ok(Some(Show::Window { title: format!("{app} (guest)"), width, height }))
+    }
+
+    fn decodes_video(&self) -> bool {
+        true
+    }
+
+    fn describe(&self) -> String {
+        "a window per video (--video-output window)".into()
+    }
+}
+
 /// `--video-output frames:DIR`. See the module docs.
 #[derive(Debug)]
 pub struct FramesOutput {
     dir: PathBuf,
     /// Bytes all files of this run may still take.
-    left: std::rc::Rc<std::cell::Cell<u64>>,
+    left: Arc<AtomicU64>,
     max_bytes: u64,
 }
 
@@ -124,7 +180,7 @@ impl FramesOutput {
     /// Creates `dir` if needed.
     pub fn new(dir: &Path, max_bytes: u64) -> Result<Self, OutputError> {
         std::fs::create_dir_all(dir).map_err(|source| OutputError::Io { path: dir.into(), source })?;
-        Ok(Self { dir: dir.into(), left: std::rc::Rc::new(std::cell::Cell::new(max_bytes)), max_bytes })
+        Ok(Self { dir: dir.into(), left: Arc::new(AtomicU64::new(max_bytes)), max_bytes })
     }
 }
 
@@ -140,12 +196,36 @@ fn create_new(path: &Path) -> Result<BufWriter<File>, OutputError> {
         .map_err(|source| OutputError::Io { path: path.into(), source })
 }
 
-impl EncodedOutput for FramesOutput {
-    fn open(&mut self, desc: &EncodedDesc) -> Result<Box<dyn EncodedSink>, OutputError> {
+impl FramesOutput {
+    /// A stream's files are `BASE.CODEC.jsonl`, `.bin` and `.decoded.jsonl`.
+    fn base(&self, desc: &EncodedDesc) -> PathBuf {
         let app = super::file_name_part(&desc.open.app.name);
         let pid = std::process::id();
-        let stem = format!("p{pid}-s{}-stream{}-{app}.{}", desc.session, desc.stream, desc.open.codec.name());
-        let base = self.dir.join(stem);
+        self.dir.join(format!("p{pid}-s{}-stream{}-{app}.{}", desc.session, desc.stream, desc.open.codec.name()))
+    }
+
+    fn decoded(&self, desc: &EncodedDesc) -> Result<FrameLog, OutputError> {
+        let path = self.base(desc).with_extension(format!("{}.decoded.jsonl", desc.open.codec.name()));
+        let file = create_new(&path)?.into_inner().map_err(|e| OutputError::Io { path, source: e.into_error() })?;
+        Ok(FrameLog::new(file, self.left.clone()))
+    }
+}
+
+impl EncodedOutput for FramesOutput {
+    fn show(&mut self, desc: &EncodedDesc) -> Result<Option<Show>, OutputError> {
+        self.decoded(desc).map(|log| Some(Show::Frames(log)))
+    }
+
+    fn decoded_log(&mut self, desc: &EncodedDesc) -> Result<Option<FrameLog>, OutputError> {
+        self.decoded(desc).map(Some)
+    }
+
+    fn decodes_video(&self) -> bool {
+        true
+    }
+
+    fn open(&mut self, desc: &EncodedDesc) -> Result<Box<dyn EncodedSink>, OutputError> {
+        let base = self.base(desc);
         let index_path = base.with_extension(format!("{}.jsonl", desc.open.codec.name()));
         let data_path = base.with_extension(format!("{}.bin", desc.open.codec.name()));
         let index = create_new(&index_path)?;
@@ -178,7 +258,7 @@ struct FramesSink {
     index: BufWriter<File>,
     data: BufWriter<File>,
     offset: u64,
-    left: std::rc::Rc<std::cell::Cell<u64>>,
+    left: Arc<AtomicU64>,
     /// The run's byte cap was reached (said once, in the index).
     full: bool,
 }
@@ -190,15 +270,13 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 
 impl FramesSink {
     fn take(&mut self, bytes: u64) -> bool {
-        let left = self.left.get();
-        if bytes > left {
+        if self.left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(bytes)).is_err() {
             if !self.full {
                 self.full = true;
                 let _ = writeln!(self.index, "{}", json!({"event": "full"}));
             }
             return false;
         }
-        self.left.set(left - bytes);
         true
     }
 
@@ -211,14 +289,15 @@ impl FramesSink {
 }
 
 impl EncodedSink for FramesSink {
-    fn access_unit(&mut self, au: &AccessUnit) {
+    fn access_unit(&mut self, arrival_ns: u64, au: &AccessUnit) {
         if !self.take(au.data.len() as u64 + 256) {
             return;
         }
         let line = json!({"event": "au", "seq": au.seq, "pts_ns": au.pts_ns, "dts_ns": au.dts(),
             "duration_ns": au.duration_ns, "keyframe": au.is_keyframe(),
             "discontinuity": au.flags & au_flags::DISCONTINUITY != 0,
-            "size": au.data.len(), "offset": self.offset, "fnv": fnv1a(&au.data)});
+            "decode_only": au.flags & au_flags::DECODE_ONLY != 0,
+            "size": au.data.len(), "offset": self.offset, "fnv": fnv1a(&au.data), "arrival_ns": arrival_ns});
         if self.data.write_all(&au.data).is_ok() {
             self.offset += au.data.len() as u64;
             let _ = writeln!(self.index, "{line}");

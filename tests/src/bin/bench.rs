@@ -269,7 +269,7 @@ fn setup(system: System, dir: &Path, index: usize) -> Result<Setup, String> {
     let (guest_side, host_side) = match system {
         System::MelangeOpus | System::MelangeOpusVideo | System::MelangeLowLatency | System::MelangePcm => {
             let host_side = start_host(
-                &["--listen", &format!("unix:{}", sock.display()), "--output", "pipewire"],
+                &["--listen", &format!("unix:{}", sock.display()), "--output", "pipewire", "--video-output", "null"],
                 Some(&host),
                 dir,
             );

@@ -180,6 +180,9 @@ fn run(args: &Args) -> Result<(), Stop> {
                     force_key = true;
                     writeln!(log, "{}", json!({"event": "keyframe-request", "before": seq}))?;
                 }
+                ClientEvent::Latency(_, render_ns) => {
+                    writeln!(log, "{}", json!({"event": "latency", "render_ns": render_ns}))?;
+                }
                 ClientEvent::Rejected(_, reason) => {
                     writeln!(log, "{}", json!({"event": "rejected", "reason": reason}))?;
                     log.flush()?;
@@ -230,6 +233,7 @@ fn run(args: &Args) -> Result<(), Stop> {
                             writeln!(log, "{}", json!({"event": "keyframe-request", "before": seq + 1}))?;
                         }
                         ClientEvent::Rejected(_, reason) => return Err(Stop::Refused(reason)),
+                        ClientEvent::Latency(..) => {}
                     }
                 }
             }
