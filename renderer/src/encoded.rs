@@ -29,6 +29,13 @@ const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_secs(1);
 /// Least time between a decoder failing and the next one starting.
 pub const DECODER_RETRY: Duration = Duration::from_secs(5);
 
+/// Most video streams decoded at once: each is a decoder, its threads and its frames,
+/// whatever size the guest announced.
+pub const MAX_VIDEOS: usize = 8;
+
+/// Most players' audio streams decoded at once.
+pub const MAX_AUDIOS: usize = 16;
+
 /// Longest the host's thread waits for a closing audio stream's decoder.
 const AUDIO_DRAIN: Duration = Duration::from_millis(5);
 
@@ -242,6 +249,24 @@ impl EncodedStreams {
     pub fn open(&mut self, stream: u32, open: &StreamOpen, audio: AudioOut<'_>) -> Result<String, String> {
         if self.codecs & open.codec.bit() == 0 {
             return Err(format!("melange-host does not take {} {}", open.media.name(), open.codec.name()));
+        }
+        let (videos, audios) = self
+            .streams
+            .values()
+            .fold((0, 0), |(v, a), s| (v + usize::from(s.video.is_some()), a + usize::from(s.audio.is_some())));
+        match &open.media {
+            MediaKind::EncodedVideo(_) if videos >= MAX_VIDEOS && self.output.decodes_video() => {
+                return Err(format!("melange-host shows at most {MAX_VIDEOS} videos at once"));
+            }
+            MediaKind::EncodedAudio(_) if audios >= MAX_AUDIOS => {
+                return Err(format!("melange-host plays at most {MAX_AUDIOS} players' audio streams at once"));
+            }
+            _ => {}
+        }
+        let decoded = !matches!(open.media, MediaKind::EncodedVideo(_)) || self.output.decodes_video();
+        if decoded {
+            melange_gst::caps::decoder_caps(&open.media, &open.codec, &open.codec_data)
+                .map_err(|e| format!("cannot decode {}: {e}", open.codec.name()))?;
         }
         let desc = EncodedDesc { stream, session: audio.session, open: open.clone() };
         let sink = self.output.open(&desc).map_err(|e| e.to_string())?;
@@ -577,5 +602,68 @@ impl Stream {
         }
         self.last_request = Some(now);
         Some(Reply::KeyframeRequest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::output::encoded::FramesOutput;
+    use crate::output::NullOutput;
+    use melange_transport::message::{AppInfo, VideoFormat};
+
+    fn open_of(media: MediaKind, codec: Codec, codec_data: Vec<u8>) -> StreamOpen {
+        StreamOpen { media, codec, frame_samples: 0, app: AppInfo::default(), codec_data }
+    }
+
+    /// A guest cannot make the host run more decoders than the limits, and setup data
+    /// that does not parse is refused, not decoded.
+    #[test]
+    fn decoders_are_bounded_and_bad_setup_data_is_refused() {
+        crate::decode::init().unwrap();
+        let dir = std::env::temp_dir().join(format!("melange-encoded-limits-{}", std::process::id()));
+        let mut streams = EncodedStreams::new(Box::new(FramesOutput::new(&dir, 1 << 20).unwrap()), codec_bits::ENCODED);
+        let mut output = NullOutput;
+        let latency = |_: u32, _: u32| (1024, true);
+        let quantum = |_: u32, _: u32| 256;
+        let volume = Volume::unity();
+        let mut open = |streams: &mut EncodedStreams, id: u32, o: &StreamOpen| {
+            let out = AudioOut {
+                output: &mut output,
+                session: 1,
+                latency_frames: &latency,
+                quantum: &quantum,
+                volume: &volume,
+            };
+            streams.open(id, o, out)
+        };
+        let video = open_of(
+            MediaKind::EncodedVideo(VideoFormat { width: 64, height: 64, framerate_num: 30, framerate_den: 1 }),
+            Codec::Vp8,
+            Vec::new(),
+        );
+        for id in 1..=MAX_VIDEOS as u32 {
+            open(&mut streams, id, &video).unwrap();
+        }
+        let refused = open(&mut streams, 100, &video).unwrap_err();
+        assert!(refused.contains("at most 8 videos"), "{refused}");
+        let audio = AudioFormat { rate: 48_000, channels: 2, positions: vec![] };
+        let aac = open_of(MediaKind::EncodedAudio(audio.clone()), Codec::Aac, vec![0x11, 0x90]);
+        for id in 200..200 + MAX_AUDIOS as u32 {
+            open(&mut streams, id, &aac).unwrap();
+        }
+        assert!(open(&mut streams, 300, &aac).unwrap_err().contains("at most 16"));
+        // Closing one makes room again.
+        assert!(streams.close(1, "done").is_some());
+        open(&mut streams, 101, &video).unwrap();
+        // Vorbis headers that do not parse, AAC without its config: refused.
+        streams.close_all("done");
+        let vorbis = open_of(MediaKind::EncodedAudio(audio.clone()), Codec::Vorbis, vec![0, 0, 0, 9, 1]);
+        assert!(open(&mut streams, 400, &vorbis).unwrap_err().contains("malformed"));
+        let bare_aac = open_of(MediaKind::EncodedAudio(audio), Codec::Aac, Vec::new());
+        assert!(open(&mut streams, 401, &bare_aac).is_err());
+        streams.finish();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -93,6 +93,11 @@ impl Proc {
         Proc { child: Some(child), log, stop_signal: libc::SIGTERM }
     }
 
+    /// Its exit status, if it has ended.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// Uses SIGINT instead of SIGTERM to stop it.
     pub fn stop_with_sigint(mut self) -> Self {
         self.stop_signal = libc::SIGINT;

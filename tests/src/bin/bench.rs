@@ -38,6 +38,7 @@ use melange_tests::audio;
 use melange_tests::{
     child_named, cpu_seconds, reports, scratch, start_guest_with, start_host, wait_until, GuestCodec, PipeWire, Proc,
 };
+use melange_transport::frame::HEADER_LEN;
 use serde_json::json;
 
 const RATE: u32 = 48_000;
@@ -52,10 +53,22 @@ enum System {
     MelangePcm,
     Rtp,
     PulseTunnel,
+    MelangeOpusPlayer,
 }
 
 impl System {
-    const ALL: [System; 6] = [
+    const ALL: [System; 7] = [
+        System::MelangeOpus,
+        System::MelangeOpusVideo,
+        System::MelangeLowLatency,
+        System::MelangePcm,
+        System::Rtp,
+        System::PulseTunnel,
+        System::MelangeOpusPlayer,
+    ];
+
+    /// What runs without `--systems`: the audio comparison.
+    const DEFAULT: [System; 6] = [
         System::MelangeOpus,
         System::MelangeOpusVideo,
         System::MelangeLowLatency,
@@ -72,6 +85,7 @@ impl System {
             System::MelangePcm => "melange-pcm",
             System::Rtp => "rtp-l16",
             System::PulseTunnel => "pulse-tunnel",
+            System::MelangeOpusPlayer => "melange-opus-player",
         }
     }
 
@@ -85,22 +99,35 @@ impl System {
             System::MelangePcm => "Melange, PCM s16",
             System::Rtp => "module-rtp-sink -> module-rtp-source, L16, defaults",
             System::PulseTunnel => "module-pulse-tunnel -> pipewire-pulse, defaults",
+            System::MelangeOpusPlayer => {
+                "Melange, Opus as above, while a playbin player forwards a 720p30 H.264 + AAC clip \
+                 (melange-player), against the same player decoding in the guest (one stream only)"
+            }
         }
     }
 
     /// The guest sink apps play into.
     fn sink(self) -> &'static str {
         match self {
-            System::MelangeOpus | System::MelangeOpusVideo | System::MelangeLowLatency | System::MelangePcm => {
-                "melange"
-            }
+            System::MelangeOpus
+            | System::MelangeOpusVideo
+            | System::MelangeLowLatency
+            | System::MelangePcm
+            | System::MelangeOpusPlayer => "melange",
             System::Rtp => "bench-rtp-sink",
             System::PulseTunnel => "bench-tunnel-sink",
         }
     }
 
     fn is_melange(self) -> bool {
-        matches!(self, System::MelangeOpus | System::MelangeOpusVideo | System::MelangeLowLatency | System::MelangePcm)
+        matches!(
+            self,
+            System::MelangeOpus
+                | System::MelangeOpusVideo
+                | System::MelangeLowLatency
+                | System::MelangePcm
+                | System::MelangeOpusPlayer
+        )
     }
 }
 
@@ -147,6 +174,23 @@ struct Run {
     latencies_ms: Vec<f64>,
     quality: Option<f64>,
     underruns: u64,
+    player: Option<PlayerFigures>,
+}
+
+/// What `melange-opus-player` measures besides the tapped stream.
+#[derive(Debug, Default, Clone)]
+struct PlayerFigures {
+    /// The player's CPU, % of one core, forwarding and decoding in the guest.
+    cpu_forwarding_pct: f64,
+    cpu_decoding_pct: f64,
+    /// The guest module's process (taps and broker) while the player forwards.
+    module_pct: f64,
+    /// Bytes of its streams on the port against the file's, per second.
+    wire_bytes_per_s: f64,
+    file_bytes_per_s: f64,
+    /// Picture minus sound on the host, ms, per frame after the first 3 s.
+    av_offsets_ms: Vec<f64>,
+    frames_shown: usize,
 }
 
 fn percentile(v: &[f64], p: f64) -> f64 {
@@ -267,12 +311,16 @@ fn setup(system: System, dir: &Path, index: usize) -> Result<Setup, String> {
     let guest = PipeWire::start(&dir.join("guest"));
     let sock = dir.join("port.sock");
     let (guest_side, host_side) = match system {
-        System::MelangeOpus | System::MelangeOpusVideo | System::MelangeLowLatency | System::MelangePcm => {
-            let host_side = start_host(
-                &["--listen", &format!("unix:{}", sock.display()), "--output", "pipewire", "--video-output", "null"],
-                Some(&host),
-                dir,
-            );
+        System::MelangeOpus
+        | System::MelangeOpusVideo
+        | System::MelangeLowLatency
+        | System::MelangePcm
+        | System::MelangeOpusPlayer => {
+            let listen = format!("unix:{}", sock.display());
+            let frames = format!("frames:{}", dir.join("frames").display());
+            let video = if system == System::MelangeOpusPlayer { frames.as_str() } else { "null" };
+            let host_side =
+                start_host(&["--listen", &listen, "--output", "pipewire", "--video-output", video], Some(&host), dir);
             wait_until(Duration::from_secs(10), || sock.exists().then_some(())).ok_or("melange-host did not start")?;
             let (codec, extra): (GuestCodec, &[&str]) = match system {
                 System::MelangePcm => (GuestCodec::Pcm, &[]),
@@ -399,10 +447,18 @@ fn measure(system: System, streams: usize, seconds: f64, dir: &Path, index: usiz
     } else {
         None
     };
+    let clip = (system == System::MelangeOpusPlayer).then(|| player_clip(&dir, seconds)).transpose()?;
+    let player = match &clip {
+        Some(clip) => Some(start_player(&s.guest, &dir, clip, true)?),
+        None => None,
+    };
     std::thread::sleep(Duration::from_secs(1));
+    let player_cpu0 = player.as_ref().map(|p| cpu_seconds(p.pid()));
     let (c1, l1, t1) = (cpu_seconds(pid), loopback_tx_bytes(), Instant::now());
     std::thread::sleep(Duration::from_secs_f64(seconds - 2.0));
     let busy = (cpu_seconds(pid) - c1) / t1.elapsed().as_secs_f64();
+    let player_cpu =
+        player_cpu0.zip(player.as_ref()).map(|(c0, p)| (cpu_seconds(p.pid()) - c0) / t1.elapsed().as_secs_f64());
     let lo_rate = loopback_tx_bytes().saturating_sub(l1) as f64 / t1.elapsed().as_secs_f64();
     let _ = std::fs::write(dir.join("cpu.txt"), format!("idle {idle:.5} busy {busy:.5} (cores)\n"));
     // An app that has not finished well after its file ended is stuck (see "Known
@@ -425,6 +481,10 @@ fn measure(system: System, streams: usize, seconds: f64, dir: &Path, index: usiz
     }
     if let Some(mut v) = video {
         v.stop();
+    }
+    if let Some(mut p) = player {
+        wait_until(Duration::from_secs(15), || p.try_wait());
+        p.stop();
     }
     if let Some(mut r) = recorder {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -453,9 +513,124 @@ fn measure(system: System, streams: usize, seconds: f64, dir: &Path, index: usiz
         run.latencies_ms = latencies(&played, &heard);
         run.quality = quality(&wav, seconds);
     }
+    if let (Some(clip), Some(forwarding)) = (&clip, player_cpu) {
+        // The same player, decoding in the guest (no melange plugin), for comparison.
+        let mut p = start_player(&s.guest, &dir, clip, false)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let (c0, t0) = (cpu_seconds(p.pid()), Instant::now());
+        std::thread::sleep(Duration::from_secs_f64(seconds - 2.0));
+        let decoding = (cpu_seconds(p.pid()) - c0) / t0.elapsed().as_secs_f64();
+        wait_until(Duration::from_secs(15), || p.try_wait());
+        p.stop();
+        run.player = Some(player_figures(&dir, clip, forwarding, decoding, busy)?);
+    }
     s.guest.stop();
     s.host.stop();
     Ok(run)
+}
+
+/// A 720p30 H.264 (B-frames, 3 Mbit/s) + AAC clip of `seconds` + 2 s, made once.
+fn player_clip(dir: &Path, seconds: f64) -> Result<PathBuf, String> {
+    let clip = dir.join("clip-720p.mp4");
+    let frames = ((seconds + 2.0) * 30.0) as u32;
+    let audio = ((seconds + 2.0) * 50.0) as u32;
+    let pipeline = format!(
+        "mp4mux name=m ! filesink location={} \
+         videotestsrc num-buffers={frames} pattern=smpte horizontal-speed=4 ! \
+         video/x-raw,width=1280,height=720,framerate=30/1 ! videoconvert ! \
+         x264enc bitrate=3000 key-int-max=60 bframes=2 speed-preset=veryfast ! h264parse ! queue ! m. \
+         audiotestsrc num-buffers={audio} samplesperbuffer=960 freq=440 volume=0.4 ! \
+         audio/x-raw,rate=48000,channels=2 ! voaacenc bitrate=128000 ! aacparse ! queue ! m.",
+        clip.display()
+    );
+    let out = std::process::Command::new("gst-launch-1.0")
+        .args(["-q", "-e"])
+        .args(pipeline.split_whitespace())
+        .output()
+        .map_err(|e| format!("gst-launch-1.0: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("making the clip: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(clip)
+}
+
+/// `melange-player` on `clip` in the guest session: with the melange plugin
+/// (`forwarding`), or without it, decoding into a fake video sink (there is no display)
+/// and the guest's PipeWire.
+fn start_player(guest: &PipeWire, dir: &Path, clip: &Path, forwarding: bool) -> Result<Proc, String> {
+    let plugins = dir.join(if forwarding { "gst-plugin" } else { "gst-none" });
+    std::fs::create_dir_all(&plugins).map_err(|e| e.to_string())?;
+    if forwarding {
+        std::fs::copy(melange_tests::profile_dir().join("libgstmelange.so"), plugins.join("libgstmelange.so"))
+            .map_err(|e| format!("libgstmelange.so: {e}"))?;
+    }
+    let mut cmd = guest.command(melange_tests::bin("melange-player"));
+    cmd.env("GST_PLUGIN_PATH", &plugins).env("GST_REGISTRY", plugins.join("registry.bin")).arg(clip);
+    if !forwarding {
+        cmd.args(["--video-sink", "fakesink sync=true"]);
+    }
+    let name = if forwarding { "player-forwarding.log" } else { "player-decoding.log" };
+    Ok(Proc::spawn(cmd, dir.join(name)))
+}
+
+/// The player's figures from the host's frame logs (`dir/frames`).
+fn player_figures(
+    dir: &Path,
+    clip: &Path,
+    forwarding: f64,
+    decoding: f64,
+    module: f64,
+) -> Result<PlayerFigures, String> {
+    let frames_dir = dir.join("frames");
+    let lines = |suffix: &str| -> Vec<serde_json::Value> {
+        std::fs::read_dir(&frames_dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.to_string_lossy().ends_with(suffix))
+            .flat_map(|p| std::fs::read_to_string(p).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>())
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    };
+    let (video, audio) = (lines(".h264.decoded.jsonl"), lines(".aac.decoded.jsonl"));
+    let heard = |pts: i64| -> Option<f64> {
+        audio.iter().find_map(|l| {
+            let (start, n, due) = (l["pts_ns"].as_i64()?, l["frames"].as_i64()?, l["due_ns"].as_i64()?);
+            (start..start + n * 1_000_000_000 / i64::from(RATE)).contains(&pts).then(|| (due + pts - start) as f64)
+        })
+    };
+    let first = video.first().and_then(|f| f["pts_ns"].as_i64()).unwrap_or(0);
+    let av_offsets_ms = video
+        .iter()
+        .filter_map(|f| Some((f["pts_ns"].as_i64()?, f["shown_ns"].as_f64()?)))
+        .filter(|(pts, _)| pts - first >= 3_000_000_000)
+        .filter_map(|(pts, shown)| Some((shown - heard(pts)?) / 1e6))
+        .collect();
+    // On the port: each unit's bytes, its 36-byte header and a frame header per 16 KiB.
+    let units: Vec<serde_json::Value> =
+        [".h264.jsonl", ".aac.jsonl"].iter().flat_map(|s| lines(s)).filter(|l| l["event"] == "au").collect();
+    let wire: u64 = units
+        .iter()
+        .filter_map(|u| u["size"].as_u64())
+        .map(|n| n + 36 + (n + 36).div_ceil(16 * 1024) * HEADER_LEN as u64)
+        .sum();
+    let span = |key: &str| -> f64 {
+        let t: Vec<f64> = units.iter().filter_map(|u| u[key].as_f64()).collect();
+        let (lo, hi) = t.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        ((hi - lo) / 1e9).max(1e-3)
+    };
+    let seconds = span("pts_ns");
+    let file_bytes = std::fs::metadata(clip).map_err(|e| e.to_string())?.len() as f64;
+    let clip_seconds = (video.len().max(1) as f64 / 30.0).max(seconds);
+    Ok(PlayerFigures {
+        cpu_forwarding_pct: forwarding * 100.0,
+        cpu_decoding_pct: decoding * 100.0,
+        module_pct: module * 100.0,
+        wire_bytes_per_s: wire as f64 / seconds,
+        file_bytes_per_s: file_bytes / clip_seconds,
+        av_offsets_ms,
+        frames_shown: video.len(),
+    })
 }
 
 fn svg(results: &[(System, Vec<f64>)]) -> String {
@@ -518,7 +693,7 @@ fn run(args: Args) -> Result<(), String> {
     if counts.contains(&0) {
         return Err("--streams: each count must be at least 1".into());
     }
-    let systems = if systems.is_empty() { System::ALL.to_vec() } else { systems };
+    let systems = if systems.is_empty() { System::DEFAULT.to_vec() } else { systems };
     let dir = scratch("bench");
     let json_path = json.unwrap_or_else(|| dir.join("bench.json"));
     let svg_path = svg_file.unwrap_or_else(|| dir.join("bench-latency.svg"));
@@ -586,6 +761,30 @@ fn run(args: Args) -> Result<(), String> {
          cpu: guest-side process, % of one core per stream)",
         counts.first().copied().unwrap_or(1)
     );
+    for (system, runs) in &results {
+        for (n, r) in runs {
+            let Some(p) = &r.player else { continue };
+            let mut abs: Vec<f64> = p.av_offsets_ms.iter().map(|o| o.abs()).collect();
+            abs.sort_by(f64::total_cmp);
+            println!(
+                "{} x{n}: player CPU {:.1} % forwarding vs {:.1} % decoding in the guest ({:.2}x); guest module \
+                 (taps and broker) {:.1} %; its streams on the port {:.0} B/s vs the file's {:.0} B/s ({:.3}x); \
+                 picture minus sound on the host: median {:.1} ms, |p99| {:.1} ms over {} frames ({} shown)",
+                system.name(),
+                p.cpu_forwarding_pct,
+                p.cpu_decoding_pct,
+                p.cpu_forwarding_pct / p.cpu_decoding_pct.max(1e-9),
+                p.module_pct,
+                p.wire_bytes_per_s,
+                p.file_bytes_per_s,
+                p.wire_bytes_per_s / p.file_bytes_per_s.max(1e-9),
+                percentile(&p.av_offsets_ms, 0.5),
+                percentile(&abs, 0.99),
+                p.av_offsets_ms.len(),
+                p.frames_shown
+            );
+        }
+    }
     let text = serde_json::to_string_pretty(&objects).map_err(|e| e.to_string())?;
     std::fs::write(&json_path, text + "\n").map_err(|e| format!("{}: {e}", json_path.display()))?;
     std::fs::write(&svg_path, svg(&plot)).map_err(|e| format!("{}: {e}", svg_path.display()))?;
