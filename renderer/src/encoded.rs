@@ -36,6 +36,55 @@ pub const MAX_VIDEOS: usize = 8;
 /// Most players' audio streams decoded at once.
 pub const MAX_AUDIOS: usize = 16;
 
+/// Media time a stream may save up to hand its decoder in a burst (a seek's lead-in,
+/// a player catching up after a stall).
+const BUDGET_SAVE: Duration = Duration::from_secs(10);
+
+/// Media time a new stream may hand its decoder at once.
+const BUDGET_START: Duration = Duration::from_secs(2);
+
+/// A stream's real-time budget, as tapped audio has one (docs/host.md): what it hands
+/// its decoder may run ahead of wall time by what it saved, at most [`BUDGET_SAVE`].
+/// A guest cannot make the host decode faster than real time for long.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    left_ns: u64,
+    at: Instant,
+    last_pts: Option<u64>,
+}
+
+impl Budget {
+    fn new(now: Instant) -> Self {
+        Self { left_ns: BUDGET_START.as_nanos() as u64, at: now, last_pts: None }
+    }
+
+    /// The media time a unit stands for: its duration, else the step from the last
+    /// unit's time (within a second), else a frame's or an audio packet's usual length.
+    fn media_ns(&mut self, au: &AccessUnit, video: bool) -> u64 {
+        let step = self.last_pts.map(|p| au.pts_ns.saturating_sub(p)).filter(|d| (1..1_000_000_000).contains(d));
+        self.last_pts = Some(au.pts_ns);
+        if au.duration_ns > 0 {
+            au.duration_ns.min(1_000_000_000)
+        } else {
+            step.unwrap_or(if video { 33_333_333 } else { 20_000_000 })
+        }
+    }
+
+    /// Takes `ns` of media at `now`; false when over budget.
+    fn take(&mut self, now: Instant, ns: u64) -> bool {
+        let earned = now.saturating_duration_since(self.at).as_nanos() as u64;
+        self.at = self.at.max(now);
+        self.left_ns = self.left_ns.saturating_add(earned).min(BUDGET_SAVE.as_nanos() as u64);
+        match self.left_ns.checked_sub(ns) {
+            Some(left) => {
+                self.left_ns = left;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// Longest the host's thread waits for a closing audio stream's decoder.
 const AUDIO_DRAIN: Duration = Duration::from_millis(5);
 
@@ -157,6 +206,10 @@ struct Stream {
     reported: Option<(u64, Instant)>,
     /// Units the decoder could not take (it fell behind).
     decoder_dropped: u64,
+    /// What the stream may still hand its decoder.
+    budget: Budget,
+    /// Units dropped undecoded for coming faster than real time.
+    over_budget: u64,
     app: String,
     units: u64,
     bytes: u64,
@@ -175,6 +228,8 @@ pub struct EncodedStreams {
     waker: Option<Arc<Waker>>,
     /// Closed video streams showing their last frames.
     finishing: Vec<std::thread::JoinHandle<()>>,
+    /// Lines for the log, taken by [`EncodedStreams::pump`].
+    notes: Vec<String>,
 }
 
 impl std::fmt::Debug for EncodedStreams {
@@ -221,6 +276,7 @@ impl EncodedStreams {
             streams: BTreeMap::new(),
             waker: None,
             finishing: Vec::new(),
+            notes: Vec::new(),
         }
     }
 
@@ -246,7 +302,13 @@ impl EncodedStreams {
 
     /// Opens a stream; the error is the reason to refuse it with. Encoded audio plays
     /// through `audio`'s output.
-    pub fn open(&mut self, stream: u32, open: &StreamOpen, audio: AudioOut<'_>) -> Result<String, String> {
+    pub fn open(
+        &mut self,
+        now: Instant,
+        stream: u32,
+        open: &StreamOpen,
+        audio: AudioOut<'_>,
+    ) -> Result<String, String> {
         if self.codecs & open.codec.bit() == 0 {
             return Err(format!("melange-host does not take {} {}", open.media.name(), open.codec.name()));
         }
@@ -295,6 +357,8 @@ impl EncodedStreams {
             failed_at: None,
             reported: None,
             decoder_dropped: 0,
+            budget: Budget::new(now),
+            over_budget: 0,
             app,
             units: 0,
             bytes: 0,
@@ -348,7 +412,7 @@ impl EncodedStreams {
     /// finds render delays to report to the senders. `now_ns` is `now` on
     /// `CLOCK_MONOTONIC`.
     pub fn pump(&mut self, now: Instant, now_ns: u64) -> Pumped {
-        let mut lines = Vec::new();
+        let mut lines = std::mem::take(&mut self.notes);
         let mut latencies = Vec::new();
         for (id, s) in &mut self.streams {
             if let Some(a) = &mut s.audio {
@@ -420,6 +484,22 @@ impl EncodedStreams {
         s.units += 1;
         s.bytes += au.data.len() as u64;
         s.sink.access_unit(now_ns, au);
+        let is_video = s.video.is_some();
+        let media_ns = s.budget.media_ns(au, is_video);
+        if (s.video.is_some() || s.audio.is_some()) && !s.budget.take(now, media_ns) {
+            s.over_budget += 1;
+            if s.over_budget == 1 {
+                self.notes.push(format!(
+                    "stream {stream} (\"{}\") delivers media faster than real time; what is beyond it is dropped \
+                     undecoded (counted in its close line)",
+                    s.app
+                ));
+            }
+            if is_video {
+                s.need_keyframe = true;
+            }
+            return s.need_keyframe.then(|| s.request(now)).flatten();
+        }
         if !s.need_keyframe {
             let taken = match (&mut s.video, &mut s.audio) {
                 (Some(VideoPlay { decoder: Some(d), .. }), _) => d.push(now_ns, au),
@@ -613,6 +693,39 @@ mod tests {
     use crate::output::NullOutput;
     use melange_transport::message::{AppInfo, VideoFormat};
 
+    fn unit(pts_ns: u64, duration_ns: u64) -> AccessUnit {
+        AccessUnit { seq: 0, flags: 0, pts_ns, dts_ns: 0, duration_ns, data: vec![0] }
+    }
+
+    /// Real time passes whole; a flood passes what was saved (2 s at the start, at most
+    /// 10 s after a pause) and then real time only.
+    #[test]
+    fn the_real_time_budget_passes_real_time_and_bounds_a_flood() {
+        let t0 = Instant::now();
+        let mut b = Budget::new(t0);
+        // 20 s at its pace: every unit taken.
+        let ms = Duration::from_millis;
+        for i in 0..1000u64 {
+            let ns = b.media_ns(&unit(i * 20_000_000, 0), false);
+            assert!(b.take(t0 + ms(20 * i), ns), "unit {i}");
+        }
+        // Then 100 s of media within 1 s: what was saved (at most 10 s... here 2 s left
+        // and 20 ms a unit earned back) and no more.
+        let start = t0 + ms(20_000);
+        let taken = (0..5000u64)
+            .filter(|i| {
+                let ns = b.media_ns(&unit(20_000_000_000 + i * 20_000_000, 20_000_000), false);
+                b.take(start + Duration::from_micros(200 * i), ns)
+            })
+            .count();
+        assert!((100..=160).contains(&taken), "{taken} units of 20 ms taken in 1 s");
+        // Units without duration or a sane step count as a frame.
+        let mut v = Budget::new(t0);
+        assert_eq!(v.media_ns(&unit(5, 0), true), 33_333_333);
+        assert_eq!(v.media_ns(&unit(5 + 40_000_000, 0), true), 40_000_000);
+        assert_eq!(v.media_ns(&unit(0, u64::MAX), true), 1_000_000_000);
+    }
+
     fn open_of(media: MediaKind, codec: Codec, codec_data: Vec<u8>) -> StreamOpen {
         StreamOpen { media, codec, frame_samples: 0, app: AppInfo::default(), codec_data }
     }
@@ -636,7 +749,7 @@ mod tests {
                 quantum: &quantum,
                 volume: &volume,
             };
-            streams.open(id, o, out)
+            streams.open(Instant::now(), id, o, out)
         };
         let video = open_of(
             MediaKind::EncodedVideo(VideoFormat { width: 64, height: 64, framerate_num: 30, framerate_den: 1 }),

@@ -600,7 +600,7 @@ impl Host {
             quantum: &output_quantum,
             volume: &self.volume,
         };
-        match self.encoded.open(stream, open, audio) {
+        match self.encoded.open(now, stream, open, audio) {
             Ok(to) => {
                 self.log.line(
                     now,
