@@ -86,6 +86,17 @@ const TRIM_WINDOW_MS: u32 = 250;
 const TRIM_WINDOWS: u32 = 4;
 /// See [`TRIM_WINDOW_MS`].
 const TRIM_FLOOR_MS: u32 = 2;
+/// Once drift control has settled, the fill's lowest point is also watched over every
+/// second: when even that stayed this far above the set point, the fill stepped up
+/// (the output lost cycles it did not report as missed, or the receiving side caught
+/// up after a stall under the cut margin) and is cut back to the set point. Drift
+/// control cannot drain a step: its error is clamped at 5 ms and its rate at
+/// 1000 ppm, so it would sit saturated, reporting a drift that is not there, while
+/// the latency stays raised. The fill normally dips below the set point; 5 ms
+/// above it for a whole second is no jitter.
+const HELD_HIGH_MS: u32 = 5;
+/// See [`HELD_HIGH_MS`]: the window, in [`TRIM_WINDOW_MS`] units.
+const HELD_HIGH_WINDOWS: u32 = 4;
 /// Most a stream's output may find queued when it starts before that is a backlog
 /// (a stream announced during a stall) rather than what came while it was opening
 /// (measured: up to 60 ms).
@@ -200,6 +211,8 @@ pub struct RenderCore {
     stats: Arc<RenderStats>,
     /// After a cut or an outage: see [`Trim`].
     trim: Option<Trim>,
+    /// The steady watch for a fill held high ([`HELD_HIGH_MS`]); `windows` unused.
+    held: Trim,
     /// The jitter underruns the set point was last learned after.
     learned_jitter: u64,
     /// Cycles left in the three seconds after an outage, in which an underrun is part
@@ -233,6 +246,7 @@ impl RenderCore {
             config,
             stats: Arc::new(RenderStats::default()),
             trim: None,
+            held: Trim { min: usize::MAX, left: 0, windows: 0 },
             cuts_armed: false,
             outage_grace: 0,
             learned_jitter: 0,
@@ -383,7 +397,7 @@ impl RenderCore {
             return (buffered as f64 - target - dip).max(0.0) as usize;
         }
         let cycles = self.trim_cycles();
-        let Some(trim) = &mut self.trim else { return 0 };
+        let Some(trim) = &mut self.trim else { return self.held_high(buffered, target, settled) };
         trim.min = trim.min.min(buffered);
         trim.left = trim.left.saturating_sub(1);
         if trim.left > 0 {
@@ -409,9 +423,33 @@ impl RenderCore {
         }
     }
 
+    /// What to cut when the fill's lowest point over the last second stayed
+    /// [`HELD_HIGH_MS`] above `target`: down to the target (see [`HELD_HIGH_MS`]).
+    fn held_high(&mut self, buffered: usize, target: f64, settled: bool) -> usize {
+        if !settled || !self.playout.is_playing() || self.drift.catching_up() {
+            self.held = Trim { min: usize::MAX, left: 0, windows: 0 };
+            return 0;
+        }
+        if self.held.left == 0 {
+            self.held = Trim { min: usize::MAX, left: self.trim_cycles() * HELD_HIGH_WINDOWS, windows: 0 };
+        }
+        self.held.min = self.held.min.min(buffered);
+        self.held.left -= 1;
+        if self.held.left > 0 {
+            return 0;
+        }
+        let over = self.held.min as f64 - target;
+        if over > f64::from(self.config.rate * HELD_HIGH_MS / 1000) {
+            over as usize
+        } else {
+            0
+        }
+    }
+
     /// Trims what a backlog leaves for the next [`TRIM_WINDOWS`], where drift control
     /// has a set point to trim to.
     fn arm_trim(&mut self, settled: bool) {
+        self.held.left = 0;
         self.trim = settled.then(|| Trim { min: usize::MAX, left: self.trim_cycles(), windows: TRIM_WINDOWS - 1 });
     }
 
@@ -645,6 +683,46 @@ mod tests {
             );
             assert!(underruns <= 2, "{length} s stall: {underruns} underruns");
             assert!(drift.abs() < 100.0, "{length} s stall: drift control measures {drift:.0} ppm of none");
+        }
+    }
+
+    #[test]
+    fn a_fill_that_stepped_up_under_the_cut_margin_is_cut_back_within_a_second_or_two() {
+        for trim in [false, true] {
+            let mut config = config();
+            config.trim = trim;
+            let (mut tx, mut core) = render_ring(config, 48_000);
+            let mut out = vec![0u8; 256 * 4];
+            // Cycle by cycle, what the output's resampler would take at the ratio the
+            // last cycle returned (256 frames in fewer or more here, as the core reads
+            // 256), plus `extra` frames before the first.
+            let (mut next, mut cycle, mut ratio, mut owed) = (0u32, 0u64, 1.0, 0.0f64);
+            let mut run = |tx: &mut Producer<f32>, core: &mut RenderCore, cycles: u64, extra: usize| {
+                for n in 0..cycles {
+                    owed += 256.0 / ratio;
+                    let whole = owed.floor();
+                    owed -= whole;
+                    for _ in 0..whole as usize + if n == 0 { extra } else { 0 } {
+                        tx.push(next as f32).unwrap();
+                        next += 1;
+                    }
+                    ratio = core.cycle(at(cycle * 256), &mut out).unwrap_or(1.0);
+                    cycle += 1;
+                }
+            };
+            // Ten steady seconds: never cut.
+            run(&mut tx, &mut core, 1875, 512);
+            assert_eq!(core.stats().latency_cuts.load(Ordering::Relaxed), 0, "trim {trim}: no cut while steady");
+            let target = core.drift.target();
+            // 20 ms more than the output took, at once: under the margin of 30 ms.
+            run(&mut tx, &mut core, 375, 960);
+            let cut = core.stats().cut_frames.load(Ordering::Relaxed);
+            assert_eq!(core.stats().latency_cuts.load(Ordering::Relaxed), 1, "trim {trim}: one cut");
+            // Drift control drains a little of it meanwhile (at most 48 frames a second).
+            assert!((850..=980).contains(&cut), "trim {trim}: cut {cut} frames of a 960-frame step");
+            let fill = core.consumer.slots() as f64;
+            assert!((fill - target).abs() < 300.0, "trim {trim}: fill {fill} for a set point of {target}");
+            assert!(core.drift.drift_ppm().abs() < 600.0, "trim {trim}: drift {} ppm", core.drift.drift_ppm());
         }
     }
 
