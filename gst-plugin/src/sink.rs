@@ -56,6 +56,8 @@ struct State {
     after_flush: bool,
     /// The host went away or refused the stream (said once, as an element error).
     failed: bool,
+    /// Said that sound at a rate other than 1 is left out.
+    said_rate: bool,
 }
 
 impl Inner {
@@ -67,6 +69,7 @@ impl Inner {
                 socket: None,
                 after_flush: false,
                 failed: false,
+                said_rate: false,
             })),
         }
     }
@@ -188,6 +191,16 @@ impl Inner {
         if before_segment(sink, buffer) {
             let times = lead_in_times(sink, buffer);
             return forward(sink, &mut state, buffer, times);
+        }
+        // At another rate the units come faster or slower than their sound plays: a
+        // local decoder would stretch it (scaletempo); the host cannot, so the sound
+        // of a trick mode is left out, as many players mute it. Video follows the rate.
+        let rate = segment.downcast_ref::<gst::ClockTime>().map_or(1.0, |s| s.rate());
+        if self.kind == Kind::Audio && (rate - 1.0).abs() > 1e-6 {
+            if !std::mem::replace(&mut state.said_rate, true) {
+                gst::info!(CAT, obj = sink, "{}: not forwarding sound at rate {rate}", self.name());
+            }
+            return Ok(gst::FlowSuccess::Ok);
         }
         let times = Times {
             pts_ns: pts,

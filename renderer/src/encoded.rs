@@ -377,7 +377,9 @@ impl EncodedStreams {
         let stream_desc = StreamDesc {
             stream: desc.stream,
             session: out.session,
-            open: desc.open.clone(),
+            // What lands at once sizes the output's ring and its backlog margin: without
+            // it a decoder's two-unit bursts were cut as backlog, then underran.
+            open: StreamOpen { frame_samples, ..desc.open.clone() },
             format: format.clone(),
             from_s16: false,
             latency_frames,
@@ -724,6 +726,59 @@ mod tests {
         assert_eq!(v.media_ns(&unit(5, 0), true), 33_333_333);
         assert_eq!(v.media_ns(&unit(5 + 40_000_000, 0), true), 40_000_000);
         assert_eq!(v.media_ns(&unit(0, u64::MAX), true), 1_000_000_000);
+    }
+
+    /// An output that keeps what it was asked to open.
+    #[derive(Default)]
+    struct Recording(Vec<StreamDesc>);
+
+    impl Output for Recording {
+        fn open(
+            &mut self,
+            desc: &StreamDesc,
+        ) -> Result<Box<dyn crate::output::StreamSink>, crate::output::OutputError> {
+            self.0.push(desc.clone());
+            NullOutput.open(desc)
+        }
+
+        fn describe(&self) -> String {
+            "recording".into()
+        }
+    }
+
+    /// The output learns how much of a codec's audio lands at once, whatever the
+    /// guest's open said: its ring and backlog margin are sized by it.
+    #[test]
+    fn passthrough_audio_tells_the_output_what_lands_at_once() {
+        crate::decode::init().unwrap();
+        let dir = std::env::temp_dir().join(format!("melange-encoded-packets-{}", std::process::id()));
+        let mut streams = EncodedStreams::new(Box::new(FramesOutput::new(&dir, 1 << 20).unwrap()), codec_bits::ENCODED);
+        let mut output = Recording::default();
+        let volume = Volume::unity();
+        let audio = AudioFormat { rate: 48_000, channels: 2, positions: vec![] };
+        let opens = [(Codec::Aac, vec![0x11, 0x90], 2048), (Codec::Opus { bitrate: 0 }, Vec::new(), 1920)];
+        for (id, (codec, data, expected)) in opens.into_iter().enumerate() {
+            let out = AudioOut {
+                output: &mut output,
+                session: 1,
+                latency_frames: &|frames, _| (frames as usize * 2, true),
+                quantum: &|_, _| 256,
+                volume: &volume,
+            };
+            streams
+                .open(
+                    Instant::now(),
+                    id as u32 + 1,
+                    &open_of(MediaKind::EncodedAudio(audio.clone()), codec.clone(), data),
+                    out,
+                )
+                .unwrap();
+            let desc = output.0.last().unwrap();
+            assert_eq!(desc.open.frame_samples, expected, "{codec:?}");
+            assert_eq!(desc.latency_frames, 2 * expected as usize, "{codec:?}");
+        }
+        streams.finish();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn open_of(media: MediaKind, codec: Codec, codec_data: Vec<u8>) -> StreamOpen {

@@ -602,14 +602,20 @@ struct Xvfb {
 }
 
 impl Xvfb {
+    /// A display Xvfb picked itself (`-displayfd`: a free one, told once it accepts
+    /// clients), so a stale socket or another test's server is never mistaken for it.
     fn start(dir: &Path) -> Xvfb {
-        let display = format!(":{}", 90 + std::process::id() % 100);
         let mut c = Command::new("Xvfb");
-        c.args([display.as_str(), "-screen", "0", "640x480x24", "-nolisten", "tcp"]);
-        let proc = melange_tests::Proc::spawn(c, dir.join("xvfb.log"));
-        let socket = PathBuf::from(format!("/tmp/.X11-unix/X{}", &display[1..]));
-        assert!(wait_until(Duration::from_secs(10), || socket.exists().then_some(())).is_some(), "Xvfb did not start");
-        Xvfb { display, proc }
+        c.args(["-displayfd", "1", "-screen", "0", "640x480x24", "-nolisten", "tcp"]);
+        let log = dir.join("xvfb.log");
+        let proc = melange_tests::Proc::spawn(c, log.clone());
+        let number = wait_until(Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.lines().find_map(|l| l.trim().parse::<u32>().ok())
+        });
+        let number = number
+            .unwrap_or_else(|| panic!("Xvfb did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        Xvfb { display: format!(":{number}"), proc }
     }
 }
 

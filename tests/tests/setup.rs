@@ -139,3 +139,24 @@ fn melange_host_without_pipewire_says_so_in_one_line_and_exits() {
     assert_eq!(log.trim().lines().count(), 1, "one line, not more: {log}");
     println!("host: {}", said[0]);
 }
+
+#[test]
+fn melange_host_asked_for_a_window_without_a_display_says_so_in_one_line_and_exits() {
+    let dir = scratch("setup-host-no-display");
+    let mut cmd = Command::new(bin("melange-host"));
+    cmd.args(["--connect", &format!("unix:{}", dir.join("vm1.sock").display())])
+        .args(["--output", "null", "--video-output", "window"])
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY");
+    if running_as_root() {
+        cmd.arg("--allow-root");
+    }
+    let out = cmd.output().expect("melange-host runs");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    let said = lines_with(&log, "--video-output window needs a display");
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(said[0].contains("use --video-output null or frames:DIR"), "no fix in: {}", said[0]);
+    assert_eq!(log.trim().lines().count(), 1, "one line, not more: {log}");
+    println!("host: {}", said[0]);
+}
