@@ -3,6 +3,7 @@
 //! melange-host through the guest's media broker (docs/guest.md, "Players").
 
 pub mod forward;
+mod overlay;
 pub mod sink;
 
 use gstreamer as gst;

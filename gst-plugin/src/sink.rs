@@ -20,7 +20,9 @@ use gstreamer::subclass::prelude::*;
 use gstreamer_base as gst_base;
 use gstreamer_base::prelude::*;
 use gstreamer_base::subclass::prelude::*;
-use melange_transport::message::StreamControl;
+use gstreamer_video as gst_video;
+use gstreamer_video::prelude::*;
+use melange_transport::message::{Geometry, StreamControl};
 
 use crate::forward::{Forwarder, Note, Times};
 use melange_gst::caps::{self, Kind};
@@ -58,6 +60,10 @@ struct State {
     failed: bool,
     /// Said that sound at a rate other than 1 is left out.
     said_rate: bool,
+    /// The app's window (`GstVideoOverlay`), 0 for none.
+    window: usize,
+    /// Where in it the app shows the video, when it said.
+    geometry: Option<Geometry>,
 }
 
 impl Inner {
@@ -70,6 +76,8 @@ impl Inner {
                 after_flush: false,
                 failed: false,
                 said_rate: false,
+                window: 0,
+                geometry: None,
             })),
         }
     }
@@ -161,13 +169,47 @@ impl Inner {
     }
 
     fn set_caps(&self, sink: &gst_base::BaseSink, caps: &gst::Caps) -> Result<(), gst::LoggableError> {
+        // As video sinks do: the app may hand its window (and a rectangle in it) now,
+        // from its bus's sync handler, which calls back into this element.
+        let windowless = self.state().window == 0;
+        if let Some(overlay) = sink.dynamic_cast_ref::<gst_video::VideoOverlay>().filter(|_| windowless) {
+            overlay.prepare_window_handle();
+        }
         let mut state = self.state();
         state
             .forwarder
             .open(caps)
             .map_err(|e| gst::loggable_error!(CAT, "{}: cannot forward {caps}: {e}", self.name()))?;
         gst::info!(CAT, obj = sink, "{}: forwarding {caps}", self.name());
+        if let Some(geometry) = state.geometry {
+            if let Err(e) = state.forwarder.control(StreamControl::Geometry(geometry)) {
+                fail(sink, &mut state, &e.to_string());
+            }
+        }
         Ok(())
+    }
+
+    /// `GstVideoOverlay::set_render_rectangle`: forwarded once a stream is open (or when
+    /// it opens). The whole window (-1s) has no size known here: nothing is sent, and the
+    /// host keeps what it had.
+    fn set_render_rectangle(&self, sink: &gst_base::BaseSink, x: i32, y: i32, width: i32, height: i32) {
+        let geometry =
+            (width > 0 && height > 0).then_some(Geometry { x, y, width: width as u32, height: height as u32 });
+        gst::info!(CAT, obj = sink, "{}: the app shows the video at {geometry:?}", self.name());
+        let mut state = self.state();
+        state.geometry = geometry;
+        if let Some(geometry) = geometry {
+            if let Err(e) = state.forwarder.control(StreamControl::Geometry(geometry)) {
+                fail(sink, &mut state, &e.to_string());
+            }
+        }
+    }
+
+    /// `GstVideoOverlay::set_window_handle`: the app's window, kept so that it is not
+    /// asked for again.
+    fn set_window_handle(&self, sink: &gst_base::BaseSink, handle: usize) {
+        gst::debug!(CAT, obj = sink, "{}: the app's window is {handle:#x}", self.name());
+        self.state().window = handle;
     }
 
     fn render(&self, sink: &gst_base::BaseSink, buffer: &gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
@@ -321,12 +363,13 @@ fn forward(
 
 /// Defines one sink element around [`Inner`].
 macro_rules! melange_sink {
-    ($module:ident, $wrapper:ident, $type_name:literal, $kind:expr, $long_name:literal, $klass:literal, $description:literal) => {
+    ($module:ident, $wrapper:ident, $type_name:literal, $kind:expr, $long_name:literal, $klass:literal, $description:literal,
+     interfaces: $interfaces:ty, implements: [$($implements:path),*]) => {
         pub mod $module {
             use super::*;
 
             #[derive(Debug)]
-            pub struct Imp(Inner);
+            pub struct Imp(pub(crate) Inner);
 
             impl Default for Imp {
                 fn default() -> Self {
@@ -339,6 +382,7 @@ macro_rules! melange_sink {
                 const NAME: &'static str = $type_name;
                 type Type = $wrapper;
                 type ParentType = gst_base::BaseSink;
+                type Interfaces = $interfaces;
             }
 
             impl ObjectImpl for Imp {
@@ -409,7 +453,8 @@ macro_rules! melange_sink {
 
         glib::wrapper! {
             /// See the module docs.
-            pub struct $wrapper(ObjectSubclass<$module::Imp>) @extends gst_base::BaseSink, gst::Element, gst::Object;
+            pub struct $wrapper(ObjectSubclass<$module::Imp>) @extends gst_base::BaseSink, gst::Element, gst::Object
+                $(, @implements $implements)*;
         }
     };
 }
@@ -421,8 +466,20 @@ melange_sink!(
     Kind::Video,
     "Melange video sink",
     "Sink/Video",
-    "Forwards a player's encoded video undecoded to melange-host on the user's device"
+    "Forwards a player's encoded video undecoded to melange-host on the user's device",
+    interfaces: (gst_video::VideoOverlay,),
+    implements: [gst_video::VideoOverlay]
 );
+
+impl crate::overlay::Overlay for video::Imp {
+    fn set_render_rectangle(&self, x: i32, y: i32, width: i32, height: i32) {
+        self.0.set_render_rectangle(self.obj().upcast_ref(), x, y, width, height);
+    }
+
+    fn set_window_handle(&self, handle: usize) {
+        self.0.set_window_handle(self.obj().upcast_ref(), handle);
+    }
+}
 
 melange_sink!(
     audio,
@@ -431,7 +488,9 @@ melange_sink!(
     Kind::Audio,
     "Melange audio sink",
     "Sink/Audio",
-    "Forwards a player's encoded audio undecoded to melange-host on the user's device"
+    "Forwards a player's encoded audio undecoded to melange-host on the user's device",
+    interfaces: (),
+    implements: []
 );
 
 /// Registers both sinks.

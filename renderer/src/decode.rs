@@ -313,6 +313,23 @@ impl Pipeline {
     }
 }
 
+impl Drop for Pipeline {
+    /// However a decoder ends (a stream dropped without a close, a host that stops),
+    /// its elements stop and let go of their threads, windows and devices.
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+/// Raw video of `width` x `height` (at most 8192 each): the size of a stream's window.
+fn window_caps(width: u32, height: u32) -> gst::Caps {
+    gst::Caps::builder("video/x-raw")
+        .field("width", width.clamp(1, 8192) as i32)
+        .field("height", height.clamp(1, 8192) as i32)
+        .field("pixel-aspect-ratio", gst::Fraction::new(1, 1))
+        .build()
+}
+
 fn make(name: &str) -> Result<gst::Element, String> {
     gst::ElementFactory::make(name).build().map_err(|_| format!("GStreamer element {name} is missing"))
 }
@@ -326,6 +343,9 @@ pub struct VideoDecoder {
     /// Decoded frames still to drop: one per decode-only unit since the last flush
     /// (the decoder puts them out first: they come before the segment).
     skip: Arc<AtomicU64>,
+    /// In a window: the size the picture is scaled to, and whether the window exists
+    /// (the video sink made it at the first frame, with that size; it keeps it).
+    size: Option<(gst::Element, Arc<std::sync::atomic::AtomicBool>)>,
 }
 
 impl std::fmt::Debug for VideoDecoder {
@@ -343,6 +363,7 @@ impl VideoDecoder {
         Pipeline::link_decoded(&decodebin, "video/", convert.static_pad("sink").ok_or("videoconvert without a pad")?);
         let guest_offset = Arc::new(AtomicU64::new(0));
         let skip = Arc::new(AtomicU64::new(0));
+        let mut size = None;
         if let Some(pad) = convert.static_pad("sink") {
             let skip = skip.clone();
             pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
@@ -359,11 +380,7 @@ impl VideoDecoder {
                 let scale = make("videoscale")?;
                 let filter = make("capsfilter")?;
                 if width > 0 && height > 0 {
-                    let caps = gst::Caps::builder("video/x-raw")
-                        .field("width", width.min(8192) as i32)
-                        .field("height", height.min(8192) as i32)
-                        .build();
-                    filter.set_property("caps", &caps);
+                    filter.set_property("caps", window_caps(width, height));
                 }
                 let sink = make("autovideosink")?;
                 p.pipeline.add_many([&scale, &filter, &sink]).map_err(|e| e.to_string())?;
@@ -376,12 +393,16 @@ impl VideoDecoder {
                     }
                     t
                 };
+                let shown = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 if let Some(pad) = filter.static_pad("src") {
+                    let shown = shown.clone();
                     pad.add_probe(gst::PadProbeType::BUFFER, move |pad, _| {
                         pad.push_event(gst::event::Tag::new(tags.clone()));
+                        shown.store(true, Ordering::Relaxed);
                         gst::PadProbeReturn::Remove
                     });
                 }
+                size = Some((filter, shown));
             }
             Show::Frames(log) => {
                 let caps = gst::Caps::builder("video/x-raw").field("format", "I420").build();
@@ -421,7 +442,7 @@ impl VideoDecoder {
             }
         }
         p.start()?;
-        Ok(Self { p, anchor: Anchor::default(), guest_offset, skip })
+        Ok(Self { p, anchor: Anchor::default(), guest_offset, skip, size })
     }
 
     /// Queues an access unit that arrived at `arrival_ns` (`CLOCK_MONOTONIC`); false
@@ -454,6 +475,15 @@ impl VideoDecoder {
                 self.skip.store(0, Ordering::Relaxed);
             }
             StreamControl::Resume => self.anchor.reset(),
+            StreamControl::Geometry(g) => {
+                // Before the first frame the window is made at this size; after, its
+                // video sink keeps the window it has (the user can resize it).
+                if let Some((filter, shown)) = &self.size {
+                    if !shown.load(Ordering::Relaxed) {
+                        filter.set_property("caps", window_caps(g.width, g.height));
+                    }
+                }
+            }
             StreamControl::EndOfStream | StreamControl::Pause | StreamControl::KeyframeRequest => {}
         }
     }

@@ -33,6 +33,9 @@ pub const DECODER_RETRY: Duration = Duration::from_secs(5);
 /// whatever size the guest announced.
 pub const MAX_VIDEOS: usize = 8;
 
+/// Largest side of a player's window the host sizes its own from (8K).
+const MAX_VIDEO_SIDE: u32 = 8192;
+
 /// Most players' audio streams decoded at once.
 pub const MAX_AUDIOS: usize = 16;
 
@@ -529,7 +532,24 @@ impl EncodedStreams {
 
     /// Hands over the sender's control.
     pub fn control(&mut self, stream: u32, control: StreamControl) {
+        let control = match control {
+            StreamControl::Geometry(g) if g.width == 0 || g.height == 0 || g.width.max(g.height) > MAX_VIDEO_SIDE => {
+                self.notes.push(format!("stream {stream}: ignoring the player's window of {}x{}", g.width, g.height));
+                return;
+            }
+            c => c,
+        };
         if let Some(s) = self.streams.get_mut(&stream) {
+            if let (Some(v), StreamControl::Geometry(g)) = (&mut s.video, control) {
+                self.notes.push(format!(
+                    "stream {stream} (\"{}\"): the player shows it at {}x{} in its window (at {},{})",
+                    s.app, g.width, g.height, g.x, g.y
+                ));
+                // A decoder made again (after an error) sizes its window the same.
+                if let Show::Window { width, height, .. } = &mut v.show {
+                    (*width, *height) = (g.width, g.height);
+                }
+            }
             if control == StreamControl::Flush {
                 s.need_keyframe = true;
             }
@@ -777,6 +797,39 @@ mod tests {
             assert_eq!(desc.open.frame_samples, expected, "{codec:?}");
             assert_eq!(desc.latency_frames, 2 * expected as usize, "{codec:?}");
         }
+        streams.finish();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A player's window is taken when it has a size a screen can have; one with no
+    /// size or beyond 8K is said and ignored.
+    #[test]
+    fn a_players_window_is_taken_when_sane_and_ignored_when_not() {
+        use melange_transport::message::Geometry;
+        crate::decode::init().unwrap();
+        let dir = std::env::temp_dir().join(format!("melange-encoded-geometry-{}", std::process::id()));
+        let mut streams = EncodedStreams::new(Box::new(FramesOutput::new(&dir, 1 << 20).unwrap()), codec_bits::ENCODED);
+        let video = open_of(
+            MediaKind::EncodedVideo(VideoFormat { width: 64, height: 64, framerate_num: 30, framerate_den: 1 }),
+            Codec::Vp8,
+            Vec::new(),
+        );
+        let volume = Volume::unity();
+        let out = AudioOut {
+            output: &mut NullOutput,
+            session: 1,
+            latency_frames: &|_, _| (1024, true),
+            quantum: &|_, _| 256,
+            volume: &volume,
+        };
+        streams.open(Instant::now(), 1, &video, out).unwrap();
+        let at = |width, height| StreamControl::Geometry(Geometry { x: -5, y: 7, width, height });
+        for control in [at(640, 360), at(0, 360), at(640, 0), at(100_000, 10), at(u32::MAX, u32::MAX)] {
+            streams.control(1, control);
+        }
+        let lines = streams.pump(Instant::now(), 0).lines;
+        assert!(lines[0].contains("shows it at 640x360 in its window (at -5,7)"), "{lines:?}");
+        assert_eq!(lines.iter().filter(|l| l.contains("ignoring the player's window")).count(), 4, "{lines:?}");
         streams.finish();
         let _ = std::fs::remove_dir_all(&dir);
     }

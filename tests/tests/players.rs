@@ -557,23 +557,7 @@ fn the_host_shows_the_video_in_a_window_titled_after_the_app() {
         &["--video-output", "window"],
         &[("DISPLAY", display.as_str())],
     );
-    let green = dir.join("green.mp4");
-    let made = Command::new("gst-launch-1.0")
-        .args([
-            "-q",
-            "-e",
-            "videotestsrc",
-            "num-buffers=150",
-            "pattern=solid-color",
-            "foreground-color=0xff00c000",
-            "!",
-        ])
-        .args(["video/x-raw,width=320,height=240,framerate=30/1", "!", "videoconvert", "!", "x264enc", "!", "mp4mux"])
-        .args(["!", "filesink"])
-        .arg(format!("location={}", green.display()))
-        .output()
-        .expect("gst-launch");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let green = green_clip(&dir);
     let mut cmd = player(&rig.guest_pw, "gst-launch-1.0", &dir.join("dots"));
     cmd.arg("playbin").arg(format!("uri=file://{}", green.display()));
     let mut app = cmd.spawn().expect("the player");
@@ -591,8 +575,87 @@ fn the_host_shows_the_video_in_a_window_titled_after_the_app() {
     drop(xvfb);
     let pixels = xwd_pixels(&shot.stdout).expect("an XWD image");
     // The picture: at least most of a 320x240 window of the clip's green.
-    let green_pixels = pixels.iter().filter(|&&(r, g, b)| r < 40 && (150..=230).contains(&g) && b < 40).count();
+    let green_pixels = pixels.iter().filter(|&&(r, g, b)| is_green(r, g, b)).count();
     assert!(green_pixels > 320 * 240 * 8 / 10, "{green_pixels} green pixels on the screen");
+}
+
+/// An app that gives its video sink a window and a rectangle in it (`GstVideoOverlay`,
+/// as GTK and Qt players do): the host's window takes the rectangle's size, and the
+/// picture fills it.
+#[test]
+fn the_hosts_window_takes_the_size_the_app_shows_the_video_at() {
+    let _serial = serial();
+    let dir = scratch("player-geometry");
+    let xvfb = Xvfb::start(&dir);
+    let display = xvfb.display.clone();
+    let mut rig = Redirected::start_with_host_env(
+        &dir,
+        GuestCodec::Opus(128_000),
+        &["--video-output", "window"],
+        &[("DISPLAY", display.as_str())],
+    );
+    let green = green_clip(&dir);
+    let mut cmd =
+        player(&rig.guest_pw, melange_tests::bin("melange-player").to_str().expect("a path"), &dir.join("dots"));
+    cmd.arg(&green).args(["--render-rectangle", "16,24,400,300"]);
+    let mut app = cmd.spawn().expect("the player");
+    let title = "melange-player (guest)";
+    let size = wait_until(Duration::from_secs(10), || window_size(&display, title));
+    std::thread::sleep(Duration::from_millis(1500));
+    let shot = Command::new("xwd").args(["-root", "-silent", "-display", &display]).output().expect("xwd");
+    let tree = Command::new("xwininfo").args(["-root", "-tree", "-display", &display]).output().expect("xwininfo");
+    let _ = app.wait();
+    rig.host.stop();
+    drop(xvfb);
+    let log = rig.host.log_text();
+    let tree = String::from_utf8_lossy(&tree.stdout);
+    assert_eq!(size, Some((400, 300)), "the host's window {title:?} in\n{tree}\n{log}");
+    assert!(log.contains("the player shows it at 400x300 in its window (at 16,24)"), "{log}");
+    let pixels = xwd_pixels(&shot.stdout).expect("an XWD image");
+    let green_pixels = pixels.iter().filter(|&&(r, g, b)| is_green(r, g, b)).count();
+    assert!(green_pixels > 400 * 300 * 8 / 10, "{green_pixels} green pixels on the screen");
+}
+
+/// The clip's green (0x00c000), as a screen shows it.
+fn is_green(r: u8, g: u8, b: u8) -> bool {
+    r < 40 && (150..=230).contains(&g) && b < 40
+}
+
+/// Five seconds of 320x240 H.264 in MP4, all of it one green.
+fn green_clip(dir: &Path) -> PathBuf {
+    let green = dir.join("green.mp4");
+    let made = Command::new("gst-launch-1.0")
+        .args([
+            "-q",
+            "-e",
+            "videotestsrc",
+            "num-buffers=150",
+            "pattern=solid-color",
+            "foreground-color=0xff00c000",
+            "!",
+        ])
+        .args(["video/x-raw,width=320,height=240,framerate=30/1", "!", "videoconvert", "!", "x264enc", "!", "mp4mux"])
+        .args(["!", "filesink"])
+        .arg(format!("location={}", green.display()))
+        .output()
+        .expect("gst-launch");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    green
+}
+
+/// The size of the top-level window titled `title` on `display`, if there is one.
+fn window_size(display: &str, title: &str) -> Option<(u32, u32)> {
+    let out = Command::new("xwininfo").args(["-root", "-tree", "-display", display]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Video sinks add the program's name: "Totem (guest) : melange-host".
+    let line = text.lines().find(|l| l.contains(&format!("\"{title}")))?;
+    // `0x200001 "title": ("class" "class")  400x300+0+0  +0+0`
+    line.split_whitespace().find_map(|word| {
+        // WxH+X+Y (the window id, 0x..., has no offset after it).
+        let (w, rest) = word.split_once('x')?;
+        let (h, _) = rest.split_once(['+', '-'])?;
+        Some((w.parse().ok()?, h.parse().ok()?))
+    })
 }
 
 /// A virtual X display for a test's windows (the host's, or a guest player's own).

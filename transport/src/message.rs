@@ -588,6 +588,23 @@ pub enum StreamControl {
     EndOfStream,
     /// Receiver to sender: send a keyframe (the receiver lost data or joined late).
     KeyframeRequest,
+    /// Sender to receiver: where the player shows the video, for the receiver to size
+    /// (and where it can, place) its picture: the rectangle the app gave its video
+    /// sink (`GstVideoOverlay`), in the app's window, in pixels.
+    Geometry(Geometry),
+}
+
+/// A video's rectangle in its app's window ([`StreamControl::Geometry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Geometry {
+    /// Left edge, pixels from the window's left.
+    pub x: i32,
+    /// Top edge, pixels from the window's top.
+    pub y: i32,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
 }
 
 /// Bytes of the binary header that starts an access unit's first frame.

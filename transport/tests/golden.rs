@@ -7,8 +7,8 @@
 use melange_transport::frame::{encode_frame, FrameDecoder, FrameKind};
 use melange_transport::message::{
     au_flags, encode_control, AccessUnit, AppInfo, AudioFormat, Capabilities, CaptureDemand, CaptureDevice, Codec,
-    Heartbeat, Hello, MediaKind, MediaPacket, Reason, Role, StreamControl, StreamEnd, StreamLatency, StreamOpen,
-    VideoFormat, Volume, Welcome,
+    Geometry, Heartbeat, Hello, MediaKind, MediaPacket, Reason, Role, StreamControl, StreamEnd, StreamLatency,
+    StreamOpen, VideoFormat, Volume, Welcome,
 };
 
 fn hex(bytes: &[u8]) -> String {
@@ -84,7 +84,7 @@ fn every_frame_kind_is_pinned() {
         p.extend_from_slice(&au.data[..2]);
         p
     };
-    let cases: [(&str, FrameKind, u32, Vec<u8>, &str); 16] = [
+    let cases: [(&str, FrameKind, u32, Vec<u8>, &str); 17] = [
         (
             "hello",
             FrameKind::Hello,
@@ -184,6 +184,17 @@ fn every_frame_kind_is_pinned() {
             9,
             encode_control("stream-control", &StreamControl::KeyframeRequest).unwrap(),
             "4d4c4e4701160000090000000100030604",
+        ),
+        (
+            "stream-control geometry",
+            FrameKind::StreamControl,
+            9,
+            encode_control(
+                "stream-control",
+                &StreamControl::Geometry(Geometry { x: -8, y: 40, width: 1280, height: 720 }),
+            )
+            .unwrap(),
+            "4d4c4e4701160000090000000700a5ac050f50800ad005",
         ),
         (
             "au-start",

@@ -311,6 +311,10 @@ impl EncodedSink for FramesSink {
             StreamControl::Resume => "resume",
             StreamControl::EndOfStream => "eos",
             StreamControl::KeyframeRequest => "keyframe-request",
+            StreamControl::Geometry(g) => {
+                let line = json!({"event": "geometry", "x": g.x, "y": g.y, "width": g.width, "height": g.height});
+                return self.line(&line);
+            }
         };
         self.line(&json!({"event": name}));
     }

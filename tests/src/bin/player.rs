@@ -2,6 +2,9 @@
 //! and pauses a user makes, at given positions. What it autoplugs is GStreamer's own
 //! choice, as in any playbin-based player (Totem, gst-play-1.0).
 //!
+//! With `--render-rectangle`, it answers its video sink's `prepare-window-handle` as
+//! an app with a window does (`GstVideoOverlay`), giving the rectangle to draw in.
+//!
 //! Prints one JSON line per thing it did (`seek`, `pause`, `resume`, `eos`) with the
 //! position and `CLOCK_MONOTONIC`. Exit status: 0 at the end of the file, 1 on an
 //! error (printed), 2 when it did not end within `--timeout`.
@@ -31,6 +34,10 @@ struct Args {
     /// The player's own video sink (a gst-launch description), as apps that set one.
     #[arg(long)]
     video_sink: Option<String>,
+    /// Where in its window the app shows the video: X,Y,WIDTH,HEIGHT, given to the
+    /// video sink through `GstVideoOverlay` when it asks for a window.
+    #[arg(long, value_name = "X,Y,W,H", value_parser = rectangle)]
+    render_rectangle: Option<[i32; 4]>,
     /// Seconds before giving up.
     #[arg(long, default_value_t = 60.0)]
     timeout: f64,
@@ -39,6 +46,14 @@ struct Args {
 fn pair(s: &str) -> Result<(f64, f64), String> {
     let (a, b) = s.split_once(':').ok_or("expected A:B")?;
     Ok((a.parse().map_err(|_| "not a number")?, b.parse().map_err(|_| "not a number")?))
+}
+
+fn rectangle(s: &str) -> Result<[i32; 4], String> {
+    let v: Vec<i32> = s
+        .split(',')
+        .map(|n| n.trim().parse().map_err(|_| format!("{n:?} is not a number")))
+        .collect::<Result<_, _>>()?;
+    v.try_into().map_err(|_| "expected X,Y,W,H".into())
 }
 
 fn say(event: &str, position: Option<gst::ClockTime>) {
@@ -63,6 +78,18 @@ fn main() -> ExitCode {
         playbin.set_property("video-sink", sink);
     }
     let bus = playbin.bus().expect("a bus");
+    if let Some([x, y, w, h]) = args.render_rectangle {
+        use gstreamer_video::prelude::*;
+        bus.set_sync_handler(move |_, msg| {
+            if gstreamer_video::is_video_overlay_prepare_window_handle_message(msg) {
+                if let Some(overlay) = msg.src().and_then(|s| s.dynamic_cast_ref::<gstreamer_video::VideoOverlay>()) {
+                    let _ = overlay.set_render_rectangle(x, y, w, h);
+                    say("render-rectangle", None);
+                }
+            }
+            gst::BusSyncReply::Pass
+        });
+    }
     playbin.set_state(gst::State::Playing).expect("playing");
     let deadline = Instant::now() + Duration::from_secs_f64(args.timeout);
     let (mut seek, mut pause) = (args.seek, args.pause);
