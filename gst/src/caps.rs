@@ -67,11 +67,65 @@ fn codec_caps(bit: u64) -> gst::Caps {
 pub fn offered(kind: Kind, accepted: u64) -> gst::Caps {
     let mut caps = gst::Caps::new_empty();
     for &bit in codecs(kind) {
-        if accepted & bit != 0 {
-            caps.merge(codec_caps(bit));
+        if accepted & bit == 0 {
+            continue;
         }
+        let mut one = codec_caps(bit);
+        // Without its profile bit only the common profiles: a stream of another says
+        // so in its caps and is not taken. (One that names no profile is.)
+        if accepted & codec_bits::profiles_of(bit) == 0 && !common_profiles(bit).is_empty() {
+            if let Some(s) = one.make_mut().structure_mut(0) {
+                s.set("profile", gst::List::new(common_profiles(bit).iter().copied()));
+            }
+        }
+        caps.merge(one);
     }
     caps
+}
+
+/// The profiles of codec `bit` every decoder of it takes (GStreamer's names), offered
+/// without the codec's profile bit (`codec_bits::profiles_of`); empty for codecs
+/// without profile bits.
+pub fn common_profiles(bit: u64) -> &'static [&'static str] {
+    match bit {
+        codec_bits::H264 => {
+            &["constrained-baseline", "baseline", "main", "extended", "high", "progressive-high", "constrained-high"]
+        }
+        codec_bits::H265 => &["main", "main-10", "main-still-picture"],
+        codec_bits::VP9 => &["0"],
+        codec_bits::AV1 => &["main"],
+        _ => &[],
+    }
+}
+
+/// The profiles of codec `bit` its profile bit adds: a host sets the bit when its
+/// decoders take every one of them.
+pub fn high_profiles(bit: u64) -> &'static [&'static str] {
+    match bit {
+        codec_bits::H264 => &[
+            "high-10",
+            "high-4:2:2",
+            "high-4:4:4",
+            "high-10-intra",
+            "high-4:2:2-intra",
+            "high-4:4:4-intra",
+            "cavlc-4:4:4-intra",
+        ],
+        codec_bits::H265 => &[
+            "main-12",
+            "main-422-10",
+            "main-422-12",
+            "main-444",
+            "main-444-10",
+            "main-444-12",
+            "main-intra",
+            "main-10-intra",
+            "main-444-still-picture",
+        ],
+        codec_bits::VP9 => &["1", "2", "3"],
+        codec_bits::AV1 => &["high", "professional"],
+        _ => &[],
+    }
 }
 
 /// The pad template's caps: every codec of the kind.
@@ -292,6 +346,42 @@ mod tests {
         // Raw video never matches: autovideosink and friends never pick a Melange sink.
         assert!(!template(Kind::Video).can_intersect(&gst::Caps::builder("video/x-raw").build()));
         assert!(!template(Kind::Audio).can_intersect(&gst::Caps::builder("audio/x-raw").build()));
+    }
+
+    /// Without a codec's profile bit, a stream that names another profile is not
+    /// taken (the player decodes it locally); one that names none is.
+    #[test]
+    fn offers_only_the_profiles_the_host_decodes() {
+        init();
+        let stream = |name: &str, profile: Option<&str>| {
+            let mut b = gst::Caps::builder(name);
+            if name == "video/x-h264" {
+                b = b.field("stream-format", "avc").field("alignment", "au");
+            }
+            match profile {
+                Some(p) => b.field("profile", p).build(),
+                None => b.build(),
+            }
+        };
+        use codec_bits::*;
+        let cases = [
+            ("video/x-h264", H264, H264_HIGH_PROFILES, "high", "high-4:4:4"),
+            ("video/x-vp9", VP9, VP9_HIGH_PROFILES, "0", "2"),
+        ];
+        for (name, codec, profiles, common, high) in cases {
+            let common_only = offered(Kind::Video, codec);
+            assert!(common_only.can_intersect(&stream(name, Some(common))), "{name} {common}");
+            assert!(!common_only.can_intersect(&stream(name, Some(high))), "{name} {high}");
+            assert!(common_only.can_intersect(&stream(name, None)), "{name} without a profile");
+            let all = offered(Kind::Video, codec | profiles);
+            assert!(all.can_intersect(&stream(name, Some(high))), "{name} {high} with its bit");
+            assert!(all.can_intersect(&stream(name, Some(common))), "{name} {common} with its bit");
+        }
+        // Every profile either is common or comes with the bit, never both.
+        for &bit in codecs(Kind::Video) {
+            assert!(common_profiles(bit).iter().all(|p| !high_profiles(bit).contains(p)));
+            assert_eq!(common_profiles(bit).is_empty(), codec_bits::profiles_of(bit) == 0);
+        }
     }
 
     #[test]

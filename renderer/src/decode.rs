@@ -50,21 +50,38 @@ pub fn init() -> Result<(), String> {
     Ok(())
 }
 
-/// Of `codecs` (`codec_bits`), those a decoder on this host takes.
+/// Of `codecs` (`codec_bits`), those a decoder on this host takes. A profile bit
+/// (`codec_bits::PROFILES`) is set when every profile it stands for has a decoder
+/// (software decoders take them all; a hardware one lists the profiles it takes).
 pub fn decodable(codecs: u64) -> u64 {
     let decoders = gst::ElementFactory::factories_with_type(gst::ElementFactoryType::DECODER, gst::Rank::MARGINAL);
+    let takes = |caps: &gst::Caps| decoders.iter().any(|f| f.can_sink_any_caps(caps));
     let mut out = 0;
     for bit in (0..64).map(|i| 1u64 << i).filter(|b| codecs & b != 0 && codec_bits::ENCODED & b != 0) {
         let Some((media, codec, data)) = probe_stream(bit) else { continue };
         let Ok(caps) = melange_gst::caps::decoder_caps(&media, &codec, &data) else { continue };
         // A parser in between (h264parse's byte-stream to avc) counts as well: decodebin
         // finds it. Matching the codec's own caps without setup data is enough.
-        let bare = gst::Caps::builder(caps.structure(0).map_or("", |s| s.name().as_str())).build();
-        if decoders.iter().any(|f| f.can_sink_any_caps(&caps) || f.can_sink_any_caps(&bare)) {
+        let name = caps.structure(0).map_or("", |s| s.name().as_str()).to_owned();
+        let bare = gst::Caps::builder(name.as_str()).build();
+        if takes(&caps) || takes(&bare) {
             out |= bit;
         }
+        let profiles = codec_bits::profiles_of(bit);
+        let high = melange_gst::caps::high_profiles(bit);
+        if codecs & profiles != 0
+            && !high.is_empty()
+            && high.iter().all(|p| takes(&gst::Caps::builder(name.as_str()).field("profile", *p).build()))
+        {
+            out |= profiles;
+        }
     }
-    out
+    out & !(codec_bits::PROFILES & !profile_bits_of(out))
+}
+
+/// The profile bits whose codec's bit is in `codecs`.
+fn profile_bits_of(codecs: u64) -> u64 {
+    (0..64).map(|i| 1u64 << i).filter(|b| codecs & b != 0).fold(0, |acc, b| acc | codec_bits::profiles_of(b))
 }
 
 /// A stream of codec `bit` as a player would announce it, for [`decodable`].
@@ -625,6 +642,20 @@ impl AudioDecoder {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Debian's software decoders (gst-libav, which scripts/setup installs) take every
+    /// profile of H.264 and H.265; a profile bit never comes without its codec's.
+    #[test]
+    fn profile_bits_follow_the_decoders_and_never_come_alone() {
+        init().unwrap();
+        let all = decodable(codec_bits::ENCODED);
+        for codec in [codec_bits::H264, codec_bits::H265] {
+            assert_ne!(all & codec, 0, "a decoder for {codec:#x}");
+            assert_ne!(all & codec_bits::profiles_of(codec), 0, "every profile of {codec:#x}");
+        }
+        assert_eq!(decodable(codec_bits::PROFILES), 0, "profile bits alone");
+        assert_eq!(decodable(codec_bits::H264_HIGH_PROFILES | codec_bits::VP8), decodable(codec_bits::VP8));
+    }
 
     #[test]
     fn the_anchor_takes_the_least_trip_and_follows_drift() {

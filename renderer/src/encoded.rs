@@ -247,7 +247,8 @@ pub fn parse_codecs(list: &str) -> Result<u64, String> {
         return Ok(codec_bits::ENCODED);
     }
     list.split(',').filter(|n| !n.is_empty()).try_fold(0, |bits, name| match Codec::from_name(name.trim()) {
-        Some(c) if c.bit() & codec_bits::ENCODED != 0 => Ok(bits | c.bit()),
+        // A codec named is taken in every profile the decoders take.
+        Some(c) if c.bit() & codec_bits::ENCODED != 0 => Ok(bits | c.bit() | codec_bits::profiles_of(c.bit())),
         _ => Err(format!("unknown codec {name:?} (h264, h265, vp8, vp9, av1, mp3, aac, opus, vorbis, flac)")),
     })
 }
@@ -266,7 +267,18 @@ pub fn codec_names(bits: u64) -> String {
         Codec::Vorbis,
         Codec::Flac,
     ];
-    ALL.iter().filter(|c| bits & c.bit() != 0).map(|c| c.name()).collect::<Vec<_>>().join(", ")
+    let profiles = [
+        (codec_bits::H264_HIGH_PROFILES, "h264's profiles beyond High"),
+        (codec_bits::H265_RANGE_PROFILES, "h265's range extensions"),
+        (codec_bits::VP9_HIGH_PROFILES, "vp9's profiles 1 to 3"),
+        (codec_bits::AV1_HIGH_PROFILES, "av1's High and Professional profiles"),
+    ];
+    let codecs = ALL.iter().filter(|c| bits & c.bit() != 0).map(|c| c.name());
+    // A profile bit without its codec says nothing more.
+    let extra = profiles.iter().filter(|(b, _)| {
+        bits & b != 0 && ALL.iter().all(|c| bits & c.bit() == 0 || codec_bits::profiles_of(c.bit()) != *b)
+    });
+    codecs.chain(extra.map(|(_, name)| *name)).collect::<Vec<_>>().join(", ")
 }
 
 impl EncodedStreams {
@@ -832,6 +844,18 @@ mod tests {
         assert_eq!(lines.iter().filter(|l| l.contains("ignoring the player's window")).count(), 4, "{lines:?}");
         streams.finish();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A codec named on the command line comes with all its profiles; the log names a
+    /// missing profile set only when its codec is not missing whole.
+    #[test]
+    fn codec_lists_carry_profiles_and_name_them_when_missing_alone() {
+        let h264 = parse_codecs("h264,aac").unwrap();
+        assert_eq!(h264, codec_bits::H264 | codec_bits::H264_HIGH_PROFILES | codec_bits::AAC);
+        assert_eq!(parse_codecs("all").unwrap(), codec_bits::ENCODED);
+        assert!(parse_codecs("h264,foo").unwrap_err().contains("unknown codec \"foo\""));
+        assert_eq!(codec_names(codec_bits::H264 | codec_bits::H264_HIGH_PROFILES), "h264");
+        assert_eq!(codec_names(codec_bits::H264_HIGH_PROFILES | codec_bits::VP9), "vp9, h264's profiles beyond High");
     }
 
     fn open_of(media: MediaKind, codec: Codec, codec_data: Vec<u8>) -> StreamOpen {

@@ -187,7 +187,8 @@ fn encoded_streams(cli: &Cli) -> Result<EncodedStreams, String> {
 }
 
 /// The video codecs, as `codec_bits`.
-const VIDEO_CODECS: u64 = codec_bits::H264 | codec_bits::H265 | codec_bits::VP8 | codec_bits::VP9 | codec_bits::AV1;
+const VIDEO_CODECS: u64 =
+    codec_bits::H264 | codec_bits::H265 | codec_bits::VP8 | codec_bits::VP9 | codec_bits::AV1 | codec_bits::PROFILES;
 
 fn run(cli: Cli) -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.

@@ -616,6 +616,53 @@ fn the_hosts_window_takes_the_size_the_app_shows_the_video_at() {
     assert!(green_pixels > 400 * 300 * 8 / 10, "{green_pixels} green pixels on the screen");
 }
 
+/// A host whose only H.264 decoder takes the common profiles (openh264dec, as a
+/// hardware decoder lists its own): a High 4:4:4 clip is declined by the guest's sink
+/// and decoded in the guest, a High one is forwarded and decoded on the host; the
+/// host's log names what it lacks.
+#[test]
+fn a_host_whose_decoder_lacks_a_profile_gets_only_the_profiles_it_decodes() {
+    let _serial = serial();
+    let dir = scratch("player-profiles");
+    let out = dir.join("out");
+    let frames_arg = format!("frames:{}", out.display());
+    let mut rig = Redirected::start_with_host_env(
+        &dir,
+        GuestCodec::Opus(128_000),
+        &["--video-output", &frames_arg],
+        &[("GST_PLUGIN_FEATURE_RANK", "avdec_h264:NONE")],
+    );
+    let log = rig.host.log_text();
+    assert!(log.contains("no GStreamer decoder here for h264's profiles beyond High"), "{log}");
+    let clip = |name: &str, format: &str| {
+        let path = dir.join(name);
+        let made = Command::new("gst-launch-1.0")
+            .args(["-q", "-e", "videotestsrc", "num-buffers=60", "!"])
+            .arg(format!("video/x-raw,format={format},width=320,height=240,framerate=30/1"))
+            .args(["!", "x264enc", "!", "mp4mux", "!", "filesink"])
+            .arg(format!("location={}", path.display()))
+            .output()
+            .expect("gst-launch");
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        path
+    };
+    let (high, high444) = (clip("high.mp4", "I420"), clip("high444.mp4", "Y444"));
+    // The guest's own display, for the clip it decodes.
+    let xvfb = Xvfb::start(&dir);
+    for file in [&high444, &high] {
+        let mut cmd = player(&rig.guest_pw, "gst-launch-1.0", &dir.join("dots"));
+        cmd.env("DISPLAY", &xvfb.display).arg("playbin").arg(format!("uri=file://{}", file.display()));
+        let played = timed_output(cmd, Duration::from_secs(60));
+        assert!(played.status.success(), "{}", String::from_utf8_lossy(&played.stdout));
+    }
+    wait_closed(&mut rig, 1);
+    rig.host.stop();
+    let log = rig.host.log_text();
+    assert_eq!(log.matches("encoded video h264").count(), 1, "only the High clip reaches the host:\n{log}");
+    let frames = host_frames(&out, "h264");
+    assert_eq!(frames.len(), 60, "every frame of the High clip decoded on the host");
+}
+
 /// The clip's green (0x00c000), as a screen shows it.
 fn is_green(r: u8, g: u8, b: u8) -> bool {
     r < 40 && (150..=230).contains(&g) && b < 40

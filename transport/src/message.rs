@@ -54,8 +54,34 @@ pub mod codec_bits {
     pub const VP9: u64 = 1 << 11;
     /// AV1.
     pub const AV1: u64 = 1 << 12;
-    /// Every codec of encoded audio and video streams.
-    pub const ENCODED: u64 = OPUS | MP3 | AAC | VORBIS | FLAC | H264 | H265 | VP8 | VP9 | AV1;
+    /// With [`H264`]: also the profiles beyond High (High 10, High 4:2:2, High 4:4:4
+    /// and their intra forms). [`H264`] alone is Constrained Baseline to High, 8-bit
+    /// 4:2:0: what every decoder takes, hardware ones included.
+    pub const H264_HIGH_PROFILES: u64 = 1 << 16;
+    /// With [`H265`]: also the range extensions (4:2:2, 4:4:4, 12-bit, ...). [`H265`]
+    /// alone is Main, Main 10 and Main Still Picture.
+    pub const H265_RANGE_PROFILES: u64 = 1 << 17;
+    /// With [`VP9`]: also profiles 1 to 3 (4:2:2 and 4:4:4, 10 and 12-bit). [`VP9`]
+    /// alone is profile 0.
+    pub const VP9_HIGH_PROFILES: u64 = 1 << 18;
+    /// With [`AV1`]: also High and Professional. [`AV1`] alone is Main.
+    pub const AV1_HIGH_PROFILES: u64 = 1 << 19;
+    /// The profile bits above, each meaningful only with its codec's bit. A peer that
+    /// predates them sets none: its guests offer the common profiles only.
+    pub const PROFILES: u64 = H264_HIGH_PROFILES | H265_RANGE_PROFILES | VP9_HIGH_PROFILES | AV1_HIGH_PROFILES;
+    /// Every codec of encoded audio and video streams, every profile.
+    pub const ENCODED: u64 = OPUS | MP3 | AAC | VORBIS | FLAC | H264 | H265 | VP8 | VP9 | AV1 | PROFILES;
+
+    /// The profile bit that goes with `codec`'s bit, 0 for a codec without one.
+    pub const fn profiles_of(codec: u64) -> u64 {
+        match codec {
+            H264 => H264_HIGH_PROFILES,
+            H265 => H265_RANGE_PROFILES,
+            VP9 => VP9_HIGH_PROFILES,
+            AV1 => AV1_HIGH_PROFILES,
+            _ => 0,
+        }
+    }
 }
 
 /// Stream kind bits, used in [`Capabilities::kinds`]. Unknown bits are ignored.
