@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use melange_guest::client::{ClientError, ClientEvent, MediaClient};
-use melange_transport::message::{au_flags, AccessUnit, AppInfo, StreamControl, StreamOpen};
+use melange_transport::message::{au_flags, kind_bits, AccessUnit, AppInfo, Capabilities, StreamControl, StreamOpen};
 
 use melange_gst::caps::{self, Announced, Kind};
 
@@ -120,7 +120,7 @@ impl Forwarder {
         };
         match MediaClient::connect(&path, concat!("gst-plugin-melange ", env!("CARGO_PKG_VERSION")), CONNECT_TIMEOUT) {
             Ok(client) => {
-                self.host_codecs = client.host_capabilities().map_or(0, |c| c.codecs);
+                self.host_codecs = client.host_capabilities().map_or(0, |c| usable_codecs(self.kind, c));
                 self.unavailable = None;
                 *lock(&self.client) = Conn { client: Some(client), events: Vec::new() };
                 self.stop.store(false, Ordering::Relaxed);
@@ -241,6 +241,20 @@ impl Forwarder {
 impl Drop for Forwarder {
     fn drop(&mut self) {
         self.disconnect();
+    }
+}
+
+/// What a sink of `kind` may offer of the host's `codecs`: nothing where the host
+/// takes no players' streams of that kind (the Opus bit also stands for tapped audio).
+fn usable_codecs(kind: Kind, caps: &Capabilities) -> u64 {
+    let bit = match kind {
+        Kind::Video => kind_bits::ENCODED_VIDEO,
+        Kind::Audio => kind_bits::ENCODED_AUDIO,
+    };
+    if caps.kinds & bit == 0 {
+        0
+    } else {
+        caps.codecs
     }
 }
 

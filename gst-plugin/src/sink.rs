@@ -64,6 +64,10 @@ struct State {
     window: usize,
     /// Where in it the app shows the video, when it said.
     geometry: Option<Geometry>,
+    /// What to tell GStreamer once the state's lock is let go (posting while holding
+    /// it would deadlock an app whose bus sync handler calls back into the element).
+    pending_error: Option<String>,
+    pending_delay: Option<gst::ClockTime>,
 }
 
 impl Inner {
@@ -78,6 +82,8 @@ impl Inner {
                 said_rate: false,
                 window: 0,
                 geometry: None,
+                pending_error: None,
+                pending_delay: None,
             })),
         }
     }
@@ -275,23 +281,39 @@ impl Inner {
     fn fail(&self, sink: &gst_base::BaseSink, state: &mut State, why: &str) {
         fail(sink, state, why);
     }
+
+    /// Tells GStreamer what the last call found, with the state's lock let go: the
+    /// host's render delay (basesink posts the latency message) and a failure.
+    fn settle(&self, sink: &gst_base::BaseSink) {
+        let (error, delay) = {
+            let mut state = self.state();
+            (state.pending_error.take(), state.pending_delay.take())
+        };
+        if let Some(delay) = delay.filter(|d| sink.render_delay() != *d) {
+            gst::info!(CAT, obj = sink, "the host renders {delay} after arrival");
+            sink.set_render_delay(delay);
+        }
+        if let Some(why) = error {
+            gst::element_error!(
+                sink,
+                gst::ResourceError::Write,
+                ("{}: {why}", sink.factory().map_or("melange sink".into(), |f| f.name().to_string()))
+            );
+        }
+    }
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Posts one clear element error: the stream cannot go on (the player shows it and
-/// stops; played again, it decodes locally if the host is still gone).
-fn fail(sink: &gst_base::BaseSink, state: &mut State, why: &str) {
-    if std::mem::replace(&mut state.failed, true) {
-        return;
+/// Marks the stream failed, for one clear element error once the lock is let go
+/// ([`Inner::settle`]): the stream cannot go on (the player shows it and stops; played
+/// again, it decodes locally if the host is still gone).
+fn fail(_sink: &gst_base::BaseSink, state: &mut State, why: &str) {
+    if !std::mem::replace(&mut state.failed, true) {
+        state.pending_error = Some(why.to_owned());
     }
-    gst::element_error!(
-        sink,
-        gst::ResourceError::Write,
-        ("{}: {why}", sink.factory().map_or("melange sink".into(), |f| f.name().to_string()))
-    );
 }
 
 /// True for a buffer shown wholly before the current segment (by its presentation
@@ -300,7 +322,7 @@ fn before_segment(sink: &gst_base::BaseSink, buffer: &gst::BufferRef) -> bool {
     let segment = sink.segment();
     let Some(segment) = segment.downcast_ref::<gst::ClockTime>() else { return false };
     let Some(start) = buffer.pts().or(buffer.dts()) else { return false };
-    let stop = buffer.duration().map(|d| start + d);
+    let stop = buffer.duration().and_then(|d| start.checked_add(d));
     segment.clip(start, stop).is_none() && segment.start().is_some_and(|s| start < s)
 }
 
@@ -339,12 +361,7 @@ fn forward(
                 match note {
                     Note::KeyframeRequest => gst::debug!(CAT, obj = sink, "the host asked for a keyframe"),
                     Note::Latency(ns) => {
-                        let delay = gst::ClockTime::from_nseconds(ns.min(MAX_RENDER_DELAY_NS));
-                        if sink.render_delay() != delay {
-                            gst::info!(CAT, obj = sink, "the host renders {delay} after arrival");
-                            sink.set_render_delay(delay);
-                            let _ = sink.post_message(gst::message::Latency::builder().src(sink).build());
-                        }
+                        state.pending_delay = Some(gst::ClockTime::from_nseconds(ns.min(MAX_RENDER_DELAY_NS)));
                     }
                     Note::Rejected(reason) => {
                         fail(sink, state, &format!("melange-host refused the stream: {reason}"));
@@ -427,6 +444,7 @@ macro_rules! melange_sink {
                     transition: gst::StateChange,
                 ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
                     self.0.on_state_change(self.obj().upcast_ref(), transition);
+                    self.0.settle(self.obj().upcast_ref());
                     self.parent_change_state(transition)
                 }
             }
@@ -437,15 +455,20 @@ macro_rules! melange_sink {
                 }
 
                 fn set_caps(&self, caps: &gst::Caps) -> Result<(), gst::LoggableError> {
-                    self.0.set_caps(self.obj().upcast_ref(), caps)
+                    let result = self.0.set_caps(self.obj().upcast_ref(), caps);
+                    self.0.settle(self.obj().upcast_ref());
+                    result
                 }
 
                 fn render(&self, buffer: &gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
-                    self.0.render(self.obj().upcast_ref(), buffer)
+                    let result = self.0.render(self.obj().upcast_ref(), buffer);
+                    self.0.settle(self.obj().upcast_ref());
+                    result
                 }
 
                 fn event(&self, event: gst::Event) -> bool {
                     self.0.event(self.obj().upcast_ref(), &event);
+                    self.0.settle(self.obj().upcast_ref());
                     self.parent_event(event)
                 }
             }
@@ -474,6 +497,7 @@ melange_sink!(
 impl crate::overlay::Overlay for video::Imp {
     fn set_render_rectangle(&self, x: i32, y: i32, width: i32, height: i32) {
         self.0.set_render_rectangle(self.obj().upcast_ref(), x, y, width, height);
+        self.0.settle(self.obj().upcast_ref());
     }
 
     fn set_window_handle(&self, handle: usize) {

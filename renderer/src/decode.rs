@@ -272,8 +272,24 @@ impl Pipeline {
         });
     }
 
+    /// Starts the pipeline; on failure, says why as its elements told the bus (a window
+    /// sink without a display, a device that would not open) rather than only that a
+    /// state change failed.
     fn start(&self) -> Result<(), String> {
-        self.pipeline.set_state(gst::State::Playing).map(|_| ()).map_err(|e| format!("cannot start decoding: {e}"))
+        let Err(e) = self.pipeline.set_state(gst::State::Playing) else { return Ok(()) };
+        let _ = self.pipeline.set_state(gst::State::Null);
+        let mut why = Vec::new();
+        while let Some(msg) = self.bus.pop_filtered(&[gst::MessageType::Error]) {
+            if let gst::MessageView::Error(err) = msg.view() {
+                let from = msg.src().map(|s| s.name().to_string()).unwrap_or_default();
+                why.push(format!("{from}: {}", err.error()));
+            }
+        }
+        Err(if why.is_empty() {
+            format!("cannot start decoding: {e}")
+        } else {
+            format!("cannot start decoding: {}", why.join("; "))
+        })
     }
 
     /// Queues a buffer; false when the queue is full (the unit was dropped).
@@ -340,9 +356,13 @@ impl Drop for Pipeline {
 
 /// Raw video of `width` x `height` (at most 8192 each): the size of a stream's window.
 fn window_caps(width: u32, height: u32) -> gst::Caps {
+    // At most 8K UHD's pixels, the shape kept: every frame is scaled to this.
+    const MAX_AREA: f64 = 7680.0 * 4320.0;
+    let (w, h) = (f64::from(width.clamp(1, 8192)), f64::from(height.clamp(1, 8192)));
+    let k = (MAX_AREA / (w * h)).sqrt().min(1.0);
     gst::Caps::builder("video/x-raw")
-        .field("width", width.clamp(1, 8192) as i32)
-        .field("height", height.clamp(1, 8192) as i32)
+        .field("width", (w * k).max(1.0) as i32)
+        .field("height", (h * k).max(1.0) as i32)
         .field("pixel-aspect-ratio", gst::Fraction::new(1, 1))
         .build()
 }
@@ -600,6 +620,15 @@ impl AudioDecoder {
         );
         p.start()?;
         Ok(Self { p, rx, origin_ns: None })
+    }
+
+    /// A flush (a seek): drops what the decoder holds and what it decoded, and takes
+    /// the next unit's time as the new origin (a seek back goes before the old one).
+    pub fn flush(&mut self) {
+        self.p.src.send_event(gst::event::FlushStart::new());
+        self.p.src.send_event(gst::event::FlushStop::new(false));
+        while self.rx.try_recv().is_ok() {}
+        self.origin_ns = None;
     }
 
     /// Queues an access unit; false when it was dropped (the decoder fell behind).

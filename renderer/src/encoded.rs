@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use melange_transport::message::{
-    codec_bits, AccessUnit, AudioFormat, Codec, MediaKind, StreamControl, StreamOpen, Volume,
+    codec_bits, kind_bits, AccessUnit, AudioFormat, Codec, MediaKind, StreamControl, StreamOpen, Volume,
 };
 use melange_transport::port::Waker;
 use serde_json::json;
@@ -35,6 +35,26 @@ pub const MAX_VIDEOS: usize = 8;
 
 /// Largest side of a player's window the host sizes its own from (8K).
 const MAX_VIDEO_SIDE: u32 = 8192;
+
+/// Most pixels of a host window sized from a player's report (8K UHD): each frame is
+/// scaled to it.
+const MAX_VIDEO_AREA: u64 = 7680 * 4320;
+
+/// Access units' times (pts, dts, duration) are below this: 2^62 ns.
+const MAX_TIME_NS: u64 = 1 << 62;
+
+/// Least media time a unit is charged against the budget: a guest cannot make units
+/// free by claiming tiny durations (a 120 fps frame; a 2.5 ms audio packet).
+const MIN_VIDEO_UNIT_NS: u64 = 8_333_333;
+/// See [`MIN_VIDEO_UNIT_NS`].
+const MIN_AUDIO_UNIT_NS: u64 = 2_500_000;
+
+/// Closed videos whose decoders may still be showing their last frames; past this,
+/// a closing video's decoder stops at once.
+const MAX_FINISHING: usize = MAX_VIDEOS;
+
+/// Players' audio rates the host plays.
+const AUDIO_RATES: std::ops::RangeInclusive<u32> = 8_000..=384_000;
 
 /// Most players' audio streams decoded at once.
 pub const MAX_AUDIOS: usize = 16;
@@ -66,11 +86,13 @@ impl Budget {
     fn media_ns(&mut self, au: &AccessUnit, video: bool) -> u64 {
         let step = self.last_pts.map(|p| au.pts_ns.saturating_sub(p)).filter(|d| (1..1_000_000_000).contains(d));
         self.last_pts = Some(au.pts_ns);
-        if au.duration_ns > 0 {
+        let least = if video { MIN_VIDEO_UNIT_NS } else { MIN_AUDIO_UNIT_NS };
+        let claimed = if au.duration_ns > 0 {
             au.duration_ns.min(1_000_000_000)
         } else {
             step.unwrap_or(if video { 33_333_333 } else { 20_000_000 })
-        }
+        };
+        claimed.max(least)
     }
 
     /// Takes `ns` of media at `now`; false when over budget.
@@ -213,6 +235,8 @@ struct Stream {
     budget: Budget,
     /// Units dropped undecoded for coming faster than real time.
     over_budget: u64,
+    /// Units dropped for times no player gives ([`MAX_TIME_NS`]).
+    bad_times: u64,
     app: String,
     units: u64,
     bytes: u64,
@@ -305,7 +329,21 @@ impl EncodedStreams {
         self.output.decodes_video()
     }
 
-    /// The codecs taken, for the handshake.
+    /// The kinds of players' streams taken (`kind_bits`), for the handshake: none of a
+    /// kind whose codecs are all declined.
+    pub fn kinds(&self) -> u32 {
+        let taken = |kind| melange_gst::caps::codecs(kind).iter().any(|b| self.codecs & b != 0);
+        let mut kinds = 0;
+        if taken(melange_gst::caps::Kind::Audio) {
+            kinds |= kind_bits::ENCODED_AUDIO;
+        }
+        if taken(melange_gst::caps::Kind::Video) {
+            kinds |= kind_bits::ENCODED_VIDEO;
+        }
+        kinds
+    }
+
+    /// The codecs taken, as `codec_bits`.
     pub fn codecs(&self) -> u64 {
         self.codecs
     }
@@ -338,6 +376,15 @@ impl EncodedStreams {
             MediaKind::EncodedAudio(_) if audios >= MAX_AUDIOS => {
                 return Err(format!("melange-host plays at most {MAX_AUDIOS} players' audio streams at once"));
             }
+            MediaKind::EncodedAudio(f) if !AUDIO_RATES.contains(&f.rate) || !(1..=8).contains(&f.channels) => {
+                return Err(format!(
+                    "{} Hz with {} channels is no audio melange-host plays ({} to {} Hz, 1 to 8 channels)",
+                    f.rate,
+                    f.channels,
+                    AUDIO_RATES.start(),
+                    AUDIO_RATES.end()
+                ));
+            }
             _ => {}
         }
         let decoded = !matches!(open.media, MediaKind::EncodedVideo(_)) || self.output.decodes_video();
@@ -352,7 +399,7 @@ impl EncodedStreams {
         match &open.media {
             MediaKind::EncodedVideo(_) => {
                 if let Some(show) = self.output.show(&desc).map_err(|e| e.to_string())? {
-                    let decoder = VideoDecoder::new(open, show.clone())?;
+                    let decoder = new_video_decoder(open, &show)?;
                     to = format!("{to}, decoded ({})", describe_show(&show));
                     video = Some(VideoPlay { decoder: Some(decoder), show });
                 }
@@ -374,6 +421,7 @@ impl EncodedStreams {
             decoder_dropped: 0,
             budget: Budget::new(now),
             over_budget: 0,
+            bad_times: 0,
             app,
             units: 0,
             bytes: 0,
@@ -490,6 +538,16 @@ impl EncodedStreams {
     /// Hands over an access unit that arrived at `now` (`now_ns` on
     /// `CLOCK_MONOTONIC`); may ask for a keyframe.
     pub fn access_unit(&mut self, now: Instant, now_ns: u64, stream: u32, au: &AccessUnit) -> Option<Reply> {
+        // Times past 2^62 ns (146 years) are no player's: taken as a lost unit, so no
+        // timestamp arithmetic downstream can overflow.
+        if au.pts_ns.max(au.dts()).max(au.duration_ns) >= MAX_TIME_NS {
+            let s = self.streams.get_mut(&stream)?;
+            s.bad_times += 1;
+            if s.bad_times == 1 {
+                self.notes.push(format!("stream {stream} (\"{}\"): a unit timed beyond 2^62 ns, dropped", s.app));
+            }
+            return self.lost(now, stream);
+        }
         let s = self.streams.get_mut(&stream)?;
         if au.is_keyframe() {
             s.need_keyframe = false;
@@ -545,7 +603,12 @@ impl EncodedStreams {
     /// Hands over the sender's control.
     pub fn control(&mut self, stream: u32, control: StreamControl) {
         let control = match control {
-            StreamControl::Geometry(g) if g.width == 0 || g.height == 0 || g.width.max(g.height) > MAX_VIDEO_SIDE => {
+            StreamControl::Geometry(g)
+                if g.width == 0
+                    || g.height == 0
+                    || g.width.max(g.height) > MAX_VIDEO_SIDE
+                    || u64::from(g.width) * u64::from(g.height) > MAX_VIDEO_AREA =>
+            {
                 self.notes.push(format!("stream {stream}: ignoring the player's window of {}x{}", g.width, g.height));
                 return;
             }
@@ -570,6 +633,9 @@ impl EncodedStreams {
             }
             if let (Some(a), StreamControl::Flush) = (&mut s.audio, control) {
                 a.delay.reset();
+                if let Some(d) = &mut a.decoder {
+                    d.flush();
+                }
             }
             s.sink.control(control);
         }
@@ -582,7 +648,11 @@ impl EncodedStreams {
         // here (a short wait: other streams wait meanwhile).
         if let Some(d) = s.video.as_mut().and_then(|v| v.decoder.take()) {
             self.finishing.retain(|t| !t.is_finished());
-            self.finishing.extend(d.finish());
+            if self.finishing.len() < MAX_FINISHING {
+                self.finishing.extend(d.finish());
+            } else {
+                d.stop();
+            }
         }
         if let Some(a) = &mut s.audio {
             if let Some(d) = a.decoder.take() {
@@ -607,11 +677,15 @@ impl EncodedStreams {
             s.app,
             s.units,
             s.bytes,
-            if s.decoder_dropped > 0 {
-                format!(", {} not decoded (the decoder fell behind)", s.decoder_dropped)
-            } else {
-                String::new()
-            },
+            [
+                (s.decoder_dropped, "not decoded (the decoder fell behind)"),
+                (s.over_budget, "dropped (faster than real time)"),
+                (s.bad_times, "dropped (times beyond 2^62 ns)"),
+            ]
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| format!(", {n} {what}"))
+            .collect::<String>(),
             result.err().map(|e| format!("; {e}")).unwrap_or_default()
         ))
     }
@@ -658,6 +732,19 @@ fn nominal_frame_samples(codec: &Codec, rate: u32) -> u32 {
     }
 }
 
+/// A video's decoder. A window sink that cannot open its display is tried once more
+/// (seen under Xvfb: one connection refused among many taken), so that one refused
+/// connection does not send the whole video back to the guest.
+fn new_video_decoder(open: &StreamOpen, show: &Show) -> Result<VideoDecoder, String> {
+    VideoDecoder::new(open, show.clone()).or_else(|e| {
+        if !matches!(show, Show::Window { .. }) {
+            return Err(e);
+        }
+        log::debug!("melange-host: {e}; trying the window once more");
+        VideoDecoder::new(open, show.clone())
+    })
+}
+
 fn describe_show(show: &Show) -> String {
     match show {
         Show::Window { title, .. } => format!("a window \"{title}\""),
@@ -692,7 +779,7 @@ impl Stream {
     fn restart_decoder(&mut self, now: Instant, waker: Option<Arc<Waker>>) {
         self.stop_decoder();
         if let Some(v) = &mut self.video {
-            v.decoder = VideoDecoder::new(&self.open, v.show.clone()).ok();
+            v.decoder = new_video_decoder(&self.open, &v.show).ok();
         }
         if let (Some(a), MediaKind::EncodedAudio(format)) = (&mut self.audio, &self.open.media) {
             let format = AudioFormat { rate: format.rate, channels: a.channels as u8, positions: Vec::new() };
@@ -725,7 +812,7 @@ mod tests {
     use super::*;
     use crate::output::encoded::FramesOutput;
     use crate::output::NullOutput;
-    use melange_transport::message::{AppInfo, VideoFormat};
+    use melange_transport::message::{au_flags, AppInfo, VideoFormat};
 
     fn unit(pts_ns: u64, duration_ns: u64) -> AccessUnit {
         AccessUnit { seq: 0, flags: 0, pts_ns, dts_ns: 0, duration_ns, data: vec![0] }
@@ -758,6 +845,9 @@ mod tests {
         assert_eq!(v.media_ns(&unit(5, 0), true), 33_333_333);
         assert_eq!(v.media_ns(&unit(5 + 40_000_000, 0), true), 40_000_000);
         assert_eq!(v.media_ns(&unit(0, u64::MAX), true), 1_000_000_000);
+        // Tiny claimed durations cost a 120 fps frame or a 2.5 ms packet at least.
+        assert_eq!(v.media_ns(&unit(10, 1), true), MIN_VIDEO_UNIT_NS);
+        assert_eq!(v.media_ns(&unit(11, 1), false), MIN_AUDIO_UNIT_NS);
     }
 
     /// An output that keeps what it was asked to open.
@@ -839,9 +929,26 @@ mod tests {
         for control in [at(640, 360), at(0, 360), at(640, 0), at(100_000, 10), at(u32::MAX, u32::MAX)] {
             streams.control(1, control);
         }
+        streams.control(1, at(8192, 8192));
         let lines = streams.pump(Instant::now(), 0).lines;
         assert!(lines[0].contains("shows it at 640x360 in its window (at -5,7)"), "{lines:?}");
-        assert_eq!(lines.iter().filter(|l| l.contains("ignoring the player's window")).count(), 4, "{lines:?}");
+        assert_eq!(lines.iter().filter(|l| l.contains("ignoring the player's window")).count(), 5, "{lines:?}");
+        // Times no player gives: dropped as lost (a keyframe is asked for), said once.
+        for (pts_ns, dts_ns, duration_ns) in [(u64::MAX, 0, 0), (0, 1 << 63, 0), (0, 0, u64::MAX)] {
+            let au = AccessUnit {
+                seq: 0,
+                flags: au_flags::KEYFRAME | au_flags::HAS_DTS,
+                pts_ns,
+                dts_ns,
+                duration_ns,
+                data: vec![0; 8],
+            };
+            streams.access_unit(Instant::now(), 1, 1, &au);
+        }
+        let lines = streams.pump(Instant::now(), 0).lines;
+        assert_eq!(lines.iter().filter(|l| l.contains("timed beyond 2^62 ns")).count(), 1, "{lines:?}");
+        let closed = streams.close(1, "done").unwrap();
+        assert!(closed.contains("3 dropped (times beyond 2^62 ns)"), "{closed}");
         streams.finish();
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -908,6 +1015,12 @@ mod tests {
         assert!(open(&mut streams, 400, &vorbis).unwrap_err().contains("malformed"));
         let bare_aac = open_of(MediaKind::EncodedAudio(audio), Codec::Aac, Vec::new());
         assert!(open(&mut streams, 401, &bare_aac).is_err());
+        // Rates and layouts no player has: refused before anything is sized by them.
+        for (rate, channels) in [(1_500_000_000, 2), (0, 2), (48_000, 0), (48_000, 9)] {
+            let odd = AudioFormat { rate, channels, positions: vec![] };
+            let refused = open(&mut streams, 402, &open_of(MediaKind::EncodedAudio(odd), Codec::Aac, vec![0x11, 0x90]));
+            assert!(refused.unwrap_err().contains("no audio melange-host plays"), "{rate} Hz, {channels} channels");
+        }
         streams.finish();
         let _ = std::fs::remove_dir_all(&dir);
     }

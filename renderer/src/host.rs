@@ -395,7 +395,7 @@ impl Host {
             Capabilities {
                 codecs: codec_bits::PCM_S16LE | codec_bits::OPUS | self.encoded.codecs(),
                 max_streams: MAX_STREAMS,
-                kinds: kind_bits::AUDIO | kind_bits::ENCODED_AUDIO | kind_bits::ENCODED_VIDEO,
+                kinds: kind_bits::AUDIO | self.encoded.kinds(),
             },
         );
         cfg.clock_id = self.clock_id.clone();

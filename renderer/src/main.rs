@@ -183,8 +183,18 @@ fn encoded_streams(cli: &Cli) -> Result<EncodedStreams, String> {
             melange_renderer::encoded::codec_names(missing)
         );
     }
-    Ok(EncodedStreams::new(video, codecs & !missing))
+    let mut taken = codecs & !missing;
+    // The handshake's Opus bit also stands for tapped audio, which the host always
+    // takes: so players' Opus is taken whenever players' audio is, or a sink would
+    // offer Opus only to be refused.
+    if taken & AUDIO_CODECS != 0 && melange_renderer::decode::decodable(codec_bits::OPUS) != 0 {
+        taken |= codec_bits::OPUS;
+    }
+    Ok(EncodedStreams::new(video, taken))
 }
+
+/// The codecs of players' audio, as `codec_bits`.
+const AUDIO_CODECS: u64 = codec_bits::ENCODED & !VIDEO_CODECS;
 
 /// The video codecs, as `codec_bits`.
 const VIDEO_CODECS: u64 =

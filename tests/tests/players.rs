@@ -663,6 +663,30 @@ fn a_host_whose_decoder_lacks_a_profile_gets_only_the_profiles_it_decodes() {
     assert_eq!(frames.len(), 60, "every frame of the High clip decoded on the host");
 }
 
+/// A host that takes VP9 but no players' audio: the sound of a VP9 + Opus file is
+/// decoded in the guest (tapped like any app's), not offered to a host that would
+/// refuse it, though the host's handshake names Opus for tapped audio.
+#[test]
+fn a_host_taking_no_players_audio_gets_only_the_video() {
+    let _serial = serial();
+    let dir = scratch("player-video-only");
+    let out = dir.join("out");
+    let frames_arg = format!("frames:{}", out.display());
+    let mut rig = Redirected::start_with_host_args(
+        &dir,
+        GuestCodec::Opus(128_000),
+        &["--video-output", &frames_arg, "--video-codecs", "vp9"],
+    );
+    let played = playbin(&rig.guest_pw, &clip(Clip::Vp9Opus), &dir.join("dots"), &[]);
+    assert!(played.status.success(), "{}", String::from_utf8_lossy(&played.stderr));
+    wait_closed(&mut rig, 1);
+    rig.host.stop();
+    let log = rig.host.log_text();
+    assert!(log.contains("encoded video vp9"), "{log}");
+    assert!(!log.contains("encoded audio"), "no players' audio offered:\n{log}");
+    assert_eq!(host_frames(&out, "vp9").len(), clip_frames(Clip::Vp9Opus));
+}
+
 /// The clip's green (0x00c000), as a screen shows it.
 fn is_green(r: u8, g: u8, b: u8) -> bool {
     r < 40 && (150..=230).contains(&g) && b < 40
@@ -725,7 +749,15 @@ impl Xvfb {
         });
         let number = number
             .unwrap_or_else(|| panic!("Xvfb did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
-        Xvfb { display: format!(":{number}"), proc }
+        let display = format!(":{number}");
+        // Until a client gets in: the last server on this number may still hold its
+        // abstract socket while it exits, and Xlib tries that one first.
+        let serving = wait_until(Duration::from_secs(10), || {
+            let probe = Command::new("xwininfo").args(["-root", "-display", &display]).output().ok()?;
+            probe.status.success().then_some(())
+        });
+        assert!(serving.is_some(), "Xvfb on {display} takes no clients");
+        Xvfb { display, proc }
     }
 }
 
