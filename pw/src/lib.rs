@@ -9,6 +9,8 @@
 //! The real-time callbacks ([`capture_into`], [`play_from`]) never allocate, lock, log,
 //! sleep or make a system call: they read the graph's clock, copy, and store atomics.
 
+pub mod video;
+
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Arc;

@@ -1,0 +1,70 @@
+//! A camera for tests: a `Video/Source` node on this user's PipeWire whose every frame
+//! says which it is. Frame `n` (from 0) is I420 with its first 8 luma bytes `n`
+//! (little-endian) and every other byte a function of `n` and its offset
+//! ([`frame`]), so a consumer can tell order, loss and corruption apart.
+//!
+//! Runs until killed; prints one line once the node exists.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use clap::Parser;
+use melange_pw::video::{FrameSlot, RawVideo, VideoSource};
+use pipewire as pw;
+use pw::properties::properties;
+
+/// A test camera on PipeWire.
+#[derive(Debug, Parser)]
+#[command(name = "melange-test-camera")]
+struct Args {
+    /// The node's name (`target-object` for pipewiresrc).
+    #[arg(long, default_value = "test-camera")]
+    name: String,
+    #[arg(long, default_value_t = 640)]
+    width: u32,
+    #[arg(long, default_value_t = 360)]
+    height: u32,
+    #[arg(long, default_value_t = 30)]
+    fps: u32,
+}
+
+/// Frame `n` of `video`: see the module docs.
+fn frame(video: RawVideo, n: u64) -> Vec<u8> {
+    let mut f: Vec<u8> =
+        (0..video.frame_bytes()).map(|i| (n as usize).wrapping_mul(31).wrapping_add(i / 7) as u8).collect();
+    f[..8].copy_from_slice(&n.to_le_bytes());
+    f
+}
+
+fn main() {
+    let args = Args::parse();
+    pw::init();
+    let video = RawVideo { width: args.width, height: args.height, fps: args.fps };
+    let main_loop: &'static pw::main_loop::MainLoopRc =
+        Box::leak(Box::new(pw::main_loop::MainLoopRc::new(None).expect("a main loop")));
+    let context = pw::context::ContextRc::new(main_loop, None).expect("a context");
+    let core = context.connect_rc(None).expect("a connection to PipeWire");
+    let props = properties! {
+        "media.type" => "Video",
+        "media.category" => "Capture",
+        "media.role" => "Camera",
+        "media.class" => "Video/Source",
+        "node.name" => args.name.as_str(),
+        "node.description" => "Melange test camera",
+        "session.suspend-timeout-seconds" => "0",
+    };
+    let stream = pw::stream::StreamRc::new(core, "melange-test-camera", props).expect("a stream");
+    let slot = FrameSlot::default();
+    let source = VideoSource::start(stream, main_loop.loop_(), video, slot.clone()).expect("the source");
+    let feeder = slot.clone();
+    let n = std::cell::Cell::new(0u64);
+    // A frame ready for each cycle: the timer below runs on the same loop as the source's.
+    let timer = main_loop.loop_().add_timer(move |_| {
+        feeder.put(frame(video, n.get()));
+        n.set(n.get() + 1);
+    });
+    timer.update_timer(Some(video.interval() / 2), Some(video.interval())).into_result().expect("a timer");
+    println!("melange-test-camera: {} ({}x{} I420 at {} fps)", args.name, args.width, args.height, args.fps);
+    main_loop.run();
+    drop(timer);
+    drop(source);
+}
