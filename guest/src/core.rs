@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use melange_shim::tap::TapEncoder;
 use melange_transport::message::{
-    codec_bits, kind_bits, AccessUnit, Capabilities, Codec, MediaKind, MediaPacket, Role, StreamControl, StreamOpen,
-    Volume, MAX_STREAMS,
+    codec_bits, kind_bits, AccessUnit, Capabilities, CaptureDemand, CaptureDevice, Codec, MediaKind, MediaPacket, Role,
+    StreamControl, StreamOpen, Volume, MAX_STREAMS,
 };
 use melange_transport::session::{CloseReason, Event, Session, SessionConfig};
 
@@ -92,6 +92,8 @@ pub struct GuestStats {
 pub enum Command {
     /// Whether a guest app records from the virtual microphone now.
     MicWanted(bool),
+    /// Whether an app captures from the virtual camera.
+    CameraWanted(bool),
     /// The redirect sink's volume changed; nothing is sent while it is muted.
     Volume(Volume),
     /// A stream whose media the core encodes from `encoder`'s tap. It closes by itself
@@ -112,6 +114,7 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::MicWanted(w) => write!(f, "MicWanted({w})"),
+            Command::CameraWanted(w) => write!(f, "CameraWanted({w})"),
             Command::Volume(v) => write!(f, "Volume({v:?})"),
             Command::Tap(id, _, _) => write!(f, "Tap({id})"),
             Command::Open(id, _) => write!(f, "Open({id})"),
@@ -193,6 +196,8 @@ pub struct GuestCore {
     stats: Arc<GuestStats>,
     /// The virtual microphone's feed, if the guest has one.
     mic: Option<MicReceiver>,
+    /// Whether an app captures from the virtual camera.
+    camera_wanted: bool,
     /// The redirect sink's volume; nothing is sent while it is muted.
     volume: Volume,
     session: Option<Session>,
@@ -223,6 +228,7 @@ impl GuestCore {
             config,
             stats,
             mic: mic.map(MicReceiver::new),
+            camera_wanted: false,
             volume: Volume::unity(),
             session: None,
             streams: BTreeMap::new(),
@@ -262,6 +268,11 @@ impl GuestCore {
                     self.skip_sources();
                 }
                 self.send_volume();
+            }
+            Command::CameraWanted(wanted) => {
+                if std::mem::replace(&mut self.camera_wanted, wanted) != wanted {
+                    self.send_camera_demand();
+                }
             }
             Command::MicWanted(wanted) => {
                 if self.mic.as_mut().is_some_and(|m| m.set_wanted(wanted)) {
@@ -445,6 +456,19 @@ impl GuestCore {
         }
     }
 
+    /// Tells the host whether the virtual camera is wanted, if a host is there (a new
+    /// session is told at its start).
+    fn send_camera_demand(&mut self) {
+        let Some(s) = self.session.as_mut().filter(|s| s.is_established()) else { return };
+        let demand = CaptureDemand { device: CaptureDevice::Camera, active: self.camera_wanted, frame_us: 0 };
+        if s.demand_capture(demand).is_ok() {
+            log::info!(
+                "melange guest: {} the host's camera",
+                if demand.active { "a guest app captures: asking for" } else { "no guest app captures: releasing" }
+            );
+        }
+    }
+
     fn handle_events(&mut self, now: Instant) {
         let mut mic_burst: Vec<MediaPacket> = Vec::new();
         let mut mic_stream = 0;
@@ -482,6 +506,9 @@ impl GuestCore {
                 self.send_volume();
                 if self.mic.as_ref().is_some_and(MicReceiver::wanted) {
                     self.send_mic_demand();
+                }
+                if self.camera_wanted {
+                    self.send_camera_demand();
                 }
                 self.events.push_back(CoreEvent::Broker(BrokerNote::HostReady(peer.capabilities.clone())));
                 let ids: Vec<u32> = self.streams.keys().copied().collect();

@@ -89,6 +89,11 @@ impl GuestHandle {
         self.send(Command::MicWanted(wanted));
     }
 
+    /// Tells the host whether an app captures from the virtual camera.
+    pub fn want_camera(&self, wanted: bool) {
+        self.send(Command::CameraWanted(wanted));
+    }
+
     /// Tells the host the redirect sink's volume and mute: it applies them to every
     /// stream, and while muted nothing is sent at all.
     pub fn set_volume(&self, volume: Volume) {

@@ -134,6 +134,11 @@ impl Config {
         format!("{}.standby", self.sink_name)
     }
 
+    /// `node.name` of the virtual camera: the redirect sink's, plus `.camera`.
+    pub fn camera_name(&self) -> String {
+        format!("{}.camera", self.sink_name)
+    }
+
     /// `node.name` of the virtual microphone: the redirect sink's, plus `.mic`.
     pub fn mic_name(&self) -> String {
         format!("{}.mic", self.sink_name)

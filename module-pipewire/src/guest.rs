@@ -33,6 +33,7 @@ use pw::registry::RegistryBox;
 use pw::spa::utils::dict::DictRef;
 use pw::types::ObjectType;
 
+use crate::camera::CameraSource;
 use crate::config::Config;
 use crate::mic::{mic_ring, MicSource};
 use crate::policy::{Action, GraphPolicy, LinkFacts, NodeFacts, NodeRole, OwnNames, OwnNode};
@@ -73,6 +74,9 @@ struct State {
     /// The microphone's render core until its source is made, then the source.
     mic_core: Option<RenderCore>,
     mic: Option<MicSource>,
+    /// The virtual camera, once made; its timer runs on `main_loop`.
+    camera: Option<CameraSource>,
+    main_loop: &'static pw::loop_::Loop,
 }
 
 /// The running guest side. Dropping it tears everything down in order.
@@ -111,7 +115,16 @@ impl Guest {
         })
         .map_err(|e| format!("cannot open port {}: {e}", config.port))?;
 
-        let names = OwnNames { sink: config.sink_name.clone(), standby: config.standby_name(), mic: config.mic_name() };
+        let names = OwnNames {
+            sink: config.sink_name.clone(),
+            standby: config.standby_name(),
+            mic: config.mic_name(),
+            camera: config.camera_name(),
+        };
+        // SAFETY: Loop is a transparent wrapper over pw_loop; the context's main loop
+        // outlives the module, and the timers (ours and the camera's) are dropped in `release`.
+        let main_loop: &'static pw::loop_::Loop =
+            unsafe { &*(pw::sys::pw_context_get_main_loop(context.as_raw_ptr()) as *const pw::loop_::Loop) };
         let state = Rc::new(RefCell::new(State {
             config,
             core: Rc::downgrade(&core),
@@ -125,6 +138,8 @@ impl Guest {
             taps: BTreeMap::new(),
             mic_core: Some(mic_core),
             mic: None,
+            camera: None,
+            main_loop,
         }));
 
         let (weak, weak_registry) = (Rc::downgrade(&state), Rc::downgrade(&registry));
@@ -177,10 +192,6 @@ impl Guest {
             })
             .register();
 
-        // SAFETY: Loop is a transparent wrapper over pw_loop; the context's main loop
-        // outlives the module, and the timer is dropped in `release`.
-        let main_loop: &'static pw::loop_::Loop =
-            unsafe { &*(pw::sys::pw_context_get_main_loop(context.as_raw_ptr()) as *const pw::loop_::Loop) };
         let weak = Rc::downgrade(&state);
         let link_stats = link.handle().stats().clone();
         let ticks = std::cell::Cell::new(0u32);
@@ -234,6 +245,7 @@ impl Guest {
             s.taps.clear();
             s.watched.clear();
             s.mic.take();
+            s.camera.take();
             s.sink_listener.take();
             s.sink_proxy.take();
             s.standby_proxy.take();
@@ -310,6 +322,7 @@ fn on_global(
             let (role, actions) = s.policy.node_added(global.id, NodeFacts { class, name, serial }, now);
             match role {
                 NodeRole::Own(OwnNode::Microphone) => log::info!("melange: microphone {name} is node {}", global.id),
+                NodeRole::Own(OwnNode::Camera) => log::info!("melange: camera {name} is node {}", global.id),
                 NodeRole::Own(OwnNode::RedirectSink) => {
                     log::info!("melange: redirect sink {name} is node {}", global.id)
                 }
@@ -385,6 +398,7 @@ fn on_global_remove(state: &Rc<RefCell<State>>, id: u32) {
             Some(OwnNode::RedirectSink) => log::warn!("melange: redirect sink {id} was removed"),
             Some(OwnNode::StandbySink) => log::warn!("melange: standby sink {id} was removed"),
             Some(OwnNode::Microphone) => log::warn!("melange: microphone {id} was removed"),
+            Some(OwnNode::Camera) => log::warn!("melange: camera {id} was removed"),
             None => {}
         }
         (s.policy.removed(id, Instant::now()), s.watched.remove(&id))
@@ -422,6 +436,7 @@ fn apply(state: &Rc<RefCell<State>>, actions: Vec<Action>) {
                 }
                 Action::CloseTap { app } => closed.extend(s.taps.remove(&app)),
                 Action::WantMic(wanted) => s.link.want_mic(wanted),
+                Action::WantCamera(wanted) => s.link.want_camera(wanted),
                 Action::Link { app, out_port, tap_node, tap_port } => {
                     match link_ports(&s.core, app, out_port, tap_node, tap_port) {
                         Ok(proxy) => {
@@ -490,6 +505,10 @@ fn ensure_sinks(state: &Rc<RefCell<State>>) {
         match MicSource::create(&core, &s.config, render) {
             Ok(mic) => s.mic = Some(mic),
             Err(e) => log::error!("melange: cannot create the microphone: {e}"),
+        }
+        match CameraSource::create(&core, s.main_loop, &s.config) {
+            Ok(camera) => s.camera = Some(camera),
+            Err(e) => log::error!("melange: cannot create the camera: {e}"),
         }
     }
 }

@@ -15,6 +15,7 @@
 // Tests fail by panicking; production code may not.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+mod camera;
 pub mod config;
 mod guest;
 mod mic;

@@ -49,6 +49,8 @@ pub struct OwnNames {
     pub standby: String,
     /// The virtual microphone.
     pub mic: String,
+    /// The virtual camera.
+    pub camera: String,
 }
 
 /// What the registry says of a new node.
@@ -71,6 +73,8 @@ pub enum OwnNode {
     StandbySink,
     /// The virtual microphone.
     Microphone,
+    /// The virtual camera.
+    Camera,
 }
 
 /// What a new node is to the module.
@@ -122,6 +126,8 @@ pub enum Action {
     },
     /// Tell the host whether an app records from the virtual microphone.
     WantMic(bool),
+    /// Tell the host whether an app captures from the virtual camera.
+    WantCamera(bool),
     /// Link `app`'s output port `out_port` to input port `tap_port` of its tap's node
     /// `tap_node`. If the link cannot be made, say so with [`GraphPolicy::link_failed`].
     Link {
@@ -196,6 +202,7 @@ pub struct GraphPolicy {
     sink: Option<u32>,
     standby: Option<u32>,
     mic: Option<u32>,
+    camera: Option<u32>,
     /// Every `Audio/Sink` node, ours or not.
     sinks: BTreeSet<u32>,
     apps: BTreeMap<u32, App>,
@@ -206,6 +213,7 @@ pub struct GraphPolicy {
     /// Tapped apps linked to no sink at all, and since when (see [`MOVE_GRACE`]).
     unlinked_since: BTreeMap<u32, Instant>,
     mic_wanted: bool,
+    camera_wanted: bool,
 }
 
 impl GraphPolicy {
@@ -216,6 +224,7 @@ impl GraphPolicy {
             sink: None,
             standby: None,
             mic: None,
+            camera: None,
             sinks: BTreeSet::new(),
             apps: BTreeMap::new(),
             ports: BTreeMap::new(),
@@ -223,6 +232,7 @@ impl GraphPolicy {
             taps: BTreeMap::new(),
             unlinked_since: BTreeMap::new(),
             mic_wanted: false,
+            camera_wanted: false,
         }
     }
 
@@ -244,6 +254,8 @@ impl GraphPolicy {
             Some(OwnNode::StandbySink)
         } else if self.mic == Some(id) {
             Some(OwnNode::Microphone)
+        } else if self.camera == Some(id) {
+            Some(OwnNode::Camera)
         } else {
             None
         }
@@ -264,6 +276,10 @@ impl GraphPolicy {
         if node.class == "Audio/Source" && node.name == self.names.mic {
             self.mic = Some(id);
             return (NodeRole::Own(OwnNode::Microphone), Vec::new());
+        }
+        if node.class == "Video/Source" && node.name == self.names.camera {
+            self.camera = Some(id);
+            return (NodeRole::Own(OwnNode::Camera), Vec::new());
         }
         if node.class == "Audio/Sink" && (node.name == self.names.sink || node.name == self.names.standby) {
             let own = if node.name == self.names.sink {
@@ -317,6 +333,9 @@ impl GraphPolicy {
         if self.mic == Some(id) {
             self.mic = None;
         }
+        if self.camera == Some(id) {
+            self.camera = None;
+        }
         self.sinks.remove(&id);
         self.unlinked_since.remove(&id);
         if self.taps.remove(&id).is_some() {
@@ -364,7 +383,7 @@ impl GraphPolicy {
     fn reconcile(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         let ours = [self.sink, self.standby];
-        let own = |id: u32| ours.contains(&Some(id)) || self.mic == Some(id);
+        let own = |id: u32| ours.contains(&Some(id)) || self.mic == Some(id) || self.camera == Some(id);
         let linked: BTreeSet<u32> = self
             .links
             .values()
@@ -391,6 +410,11 @@ impl GraphPolicy {
         if recording != self.mic_wanted {
             self.mic_wanted = recording;
             actions.push(Action::WantMic(recording));
+        }
+        let capturing = self.camera.is_some_and(|camera| self.links.values().any(|l| l.out_node == camera));
+        if capturing != self.camera_wanted {
+            self.camera_wanted = capturing;
+            actions.push(Action::WantCamera(capturing));
         }
         for id in linked {
             if self.taps.contains_key(&id) {
@@ -482,8 +506,12 @@ mod tests {
 
     impl Graph {
         fn new() -> Self {
-            let names =
-                OwnNames { sink: "melange".into(), standby: "melange.standby".into(), mic: "melange.mic".into() };
+            let names = OwnNames {
+                sink: "melange".into(),
+                standby: "melange.standby".into(),
+                mic: "melange.mic".into(),
+                camera: "melange.camera".into(),
+            };
             let mut g = Graph { p: GraphPolicy::new(names), t0: Instant::now() };
             assert_eq!(g.node(SINK, "Audio/Sink", "melange", "1").0, NodeRole::Own(OwnNode::RedirectSink));
             assert_eq!(g.node(STANDBY, "Audio/Sink", "melange.standby", "2").0, NodeRole::Own(OwnNode::StandbySink));

@@ -970,6 +970,12 @@ impl Host {
                     self.mic.release_at = Some(now + MIC_HOLD);
                 }
             }
+            // Work in progress (branch `camera`): the demand is heard; capture follows.
+            CaptureDevice::Camera => {
+                let what = if demand.active { "wants" } else { "no longer wants" };
+                self.log.line(now, Level::Info, format_args!("the guest {what} the camera"));
+                return;
+            }
         }
         self.pump_mic(now);
     }

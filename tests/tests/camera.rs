@@ -66,3 +66,52 @@ fn a_raw_video_source_hands_pipewiresrc_its_frames_whole_and_in_order() {
     }
     camera.stop();
 }
+
+/// Without a host the guest's "Melange camera" is there, a `Video/Source`, says why no
+/// frames come, and a video-call app can link to it (it waits for frames; nothing
+/// fails).
+#[test]
+fn without_a_host_the_guests_camera_is_there_and_says_why_it_is_dark() {
+    let _serial = serial();
+    let dir = scratch("camera-no-host");
+    let pw = PipeWire::start(&dir.join("pw"));
+    let port = dir.join("no-host.sock");
+    let mut guest = melange_tests::start_guest(
+        &pw,
+        &format!("unix:{}", port.display()),
+        melange_tests::GuestCodec::Opus(64_000),
+        dir.join("guest.log"),
+    );
+    let props = melange_tests::wait_until(Duration::from_secs(10), || {
+        pw.node_props("melange.camera").filter(|p| p.get("melange.camera.status").is_some())
+    })
+    .unwrap_or_else(|| panic!("no camera node:\n{}", guest.log_text()));
+    assert_eq!(props["media.class"], "Video/Source", "{props}");
+    assert_eq!(props["node.description"], "Melange camera", "{props}");
+    assert_eq!(props["melange.camera.status"], "no host connected", "{props}");
+    let mut cmd = pw.command("gst-launch-1.0");
+    cmd.args(["-q", "pipewiresrc", "target-object=melange.camera", "!", "video/x-raw,format=I420", "!", "fakesink"]);
+    let mut app = Proc::spawn(cmd, dir.join("app.log"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(app.try_wait().is_none(), "the app ended: {}", app.log_text());
+    app.stop();
+    guest.stop();
+}
+
+/// The host hears the guest's demand for the camera: when the first app starts
+/// capturing from "Melange camera", and when the last one stops.
+#[test]
+fn an_app_capturing_from_the_guests_camera_asks_the_host_for_it_and_leaving_releases_it() {
+    let _serial = serial();
+    let dir = scratch("camera-demand");
+    let mut rig = melange_tests::Redirected::start(&dir, melange_tests::GuestCodec::Opus(64_000));
+    let mut cmd = rig.guest_pw.command("gst-launch-1.0");
+    cmd.args(["-q", "pipewiresrc", "target-object=melange.camera", "!", "video/x-raw,format=I420", "!", "fakesink"]);
+    let mut app = Proc::spawn(cmd, dir.join("app.log"));
+    rig.host.wait_for_log("the guest wants the camera", Duration::from_secs(10));
+    app.stop();
+    rig.host.wait_for_log("the guest no longer wants the camera", Duration::from_secs(10));
+    let guest = rig.guest.log_text();
+    assert!(guest.contains("asking for the host's camera"), "{guest}");
+    assert!(guest.contains("releasing the host's camera"), "{guest}");
+}

@@ -469,6 +469,8 @@ pub struct StreamLatency {
 pub enum CaptureDevice {
     /// The user's microphone, as the guest's virtual source.
     Microphone,
+    /// The user's camera, as the guest's "Melange camera" (`frame_us` unused).
+    Camera,
 }
 
 /// Streams Melange's guest and host each announce at most at once (their Hello's

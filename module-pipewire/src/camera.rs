@@ -1,0 +1,64 @@
+//! The virtual camera: a `Video/Source` stream of this process, `sink.name` +
+//! `.camera` ("Melange camera"), the default camera by its priority. It hands its
+//! consumers the host camera's frames while the host sends them, and nothing without
+//! them: a consumer waits for its next frame, never an error, never another device.
+//! Why nothing comes is on its node (`melange.camera.status`).
+
+use melange_pw::video::{FrameSlot, RawVideo, VideoSource};
+use pipewire as pw;
+use pw::properties::properties;
+
+use crate::config::Config;
+use crate::stream::{new_stream, update_properties};
+
+/// The camera's format: raw I420 at the common video-call size and rate.
+pub(crate) const CAMERA_VIDEO: RawVideo = RawVideo { width: 640, height: 360, fps: 30 };
+
+/// The virtual camera, open on the session's PipeWire.
+pub(crate) struct CameraSource {
+    source: VideoSource<pw::stream::StreamBox<'static>>,
+    /// Where the host's frames go.
+    pub(crate) frames: FrameSlot,
+    published: Vec<(&'static str, String)>,
+}
+
+impl CameraSource {
+    /// Makes the camera on `core`, driven by `main_loop`'s timer.
+    pub(crate) fn create(
+        core: &pw::core::Core,
+        main_loop: &'static pw::loop_::Loop,
+        config: &Config,
+    ) -> Result<CameraSource, String> {
+        let name = config.camera_name();
+        let description = format!("{} camera", config.sink_description);
+        let props = properties! {
+            "media.type" => "Video",
+            "media.category" => "Capture",
+            "media.role" => "Camera",
+            "media.class" => "Video/Source",
+            "node.name" => name.as_str(),
+            "node.description" => description.as_str(),
+            "priority.session" => "2000",
+            // WirePlumber 0.4.13's idle-suspend timer outlives a suspended node that
+            // goes away and crashes the session manager (DESIGN): never suspend it.
+            "session.suspend-timeout-seconds" => "0",
+        };
+        let stream =
+            new_stream(core, "melange-camera", props).map_err(|e| format!("cannot create the camera's stream: {e}"))?;
+        let frames = FrameSlot::default();
+        let source = VideoSource::start(stream, main_loop, CAMERA_VIDEO, frames.clone())?;
+        log::info!("melange: created the camera {name} (\"{description}\")");
+        let mut camera = CameraSource { source, frames, published: Vec::new() };
+        camera.set_status("no host connected");
+        Ok(camera)
+    }
+
+    /// Says on the node why frames do (not) come: `melange.camera.status`.
+    pub(crate) fn set_status(&mut self, status: &str) {
+        update_properties(
+            self.source.stream(),
+            vec![("melange.camera.status", status.to_owned())],
+            &mut self.published,
+        );
+    }
+}
