@@ -300,10 +300,11 @@ pub fn decoder_caps(media: &MediaKind, codec: &Codec, codec_data: &[u8]) -> Resu
             gst::Caps::builder("audio/x-flac").field("framed", true).field("streamheader", headers()?).build()
         }
         Codec::PcmS16Le => return Err("PCM is not an encoded stream".into()),
+        Codec::RawI420 => return Err("raw video is not an encoded stream".into()),
     };
     let Some(s) = caps.make_mut().structure_mut(0) else { return Err("empty caps".into()) };
     match media {
-        MediaKind::EncodedVideo(v) => {
+        MediaKind::EncodedVideo(v) | MediaKind::Camera(v) => {
             if v.width > 0 && v.height > 0 {
                 s.set("width", v.width.min(i32::MAX as u32) as i32);
                 s.set("height", v.height.min(i32::MAX as u32) as i32);

@@ -38,6 +38,7 @@ use melange_transport::message::{
 };
 use melange_transport::session::{CloseReason, Event, Session, SessionConfig};
 
+use crate::camera::{CameraFeed, CameraReceiver};
 use crate::congestion::{BitrateLadder, Step};
 use crate::latency::LatencyEstimate;
 use crate::mic::{MicFeed, MicReceiver};
@@ -196,8 +197,8 @@ pub struct GuestCore {
     stats: Arc<GuestStats>,
     /// The virtual microphone's feed, if the guest has one.
     mic: Option<MicReceiver>,
-    /// Whether an app captures from the virtual camera.
-    camera_wanted: bool,
+    /// The virtual camera's feed, if the guest has one.
+    camera: Option<CameraReceiver>,
     /// The redirect sink's volume; nothing is sent while it is muted.
     volume: Volume,
     session: Option<Session>,
@@ -222,13 +223,14 @@ pub struct GuestCore {
 }
 
 impl GuestCore {
-    /// A core with no session yet; `mic` is the virtual microphone's feed, if any.
-    pub fn new(config: CoreConfig, mic: Option<MicFeed>, stats: Arc<GuestStats>) -> Self {
+    /// A core with no session yet; `mic` and `camera` are the virtual microphone's and
+    /// camera's feeds, if the guest has them.
+    pub fn new(config: CoreConfig, mic: Option<MicFeed>, camera: Option<CameraFeed>, stats: Arc<GuestStats>) -> Self {
         Self {
             config,
             stats,
             mic: mic.map(MicReceiver::new),
-            camera_wanted: false,
+            camera: camera.map(CameraReceiver::new),
             volume: Volume::unity(),
             session: None,
             streams: BTreeMap::new(),
@@ -270,7 +272,7 @@ impl GuestCore {
                 self.send_volume();
             }
             Command::CameraWanted(wanted) => {
-                if std::mem::replace(&mut self.camera_wanted, wanted) != wanted {
+                if self.camera.as_mut().is_some_and(|c| c.set_wanted(wanted)) {
                     self.send_camera_demand();
                 }
             }
@@ -330,9 +332,12 @@ impl GuestCore {
             Role::Guest,
             self.config.software.clone(),
             Capabilities {
-                codecs: codec_bits::PCM_S16LE | codec_bits::OPUS | codec_bits::ENCODED,
+                codecs: codec_bits::PCM_S16LE | codec_bits::OPUS | codec_bits::ENCODED | codec_bits::RAW_I420,
                 max_streams: MAX_STREAMS,
-                kinds: kind_bits::AUDIO | kind_bits::ENCODED_AUDIO | kind_bits::ENCODED_VIDEO,
+                kinds: kind_bits::AUDIO
+                    | kind_bits::ENCODED_AUDIO
+                    | kind_bits::ENCODED_VIDEO
+                    | if self.camera.is_some() { kind_bits::CAMERA } else { 0 },
             },
         );
         cfg.epoch = (now_ns & !0xFFFF) | (self.epoch & 0xFFFF);
@@ -356,6 +361,9 @@ impl GuestCore {
         }
         if let Some(mic) = &mut self.mic {
             mic.end_session();
+        }
+        if let Some(camera) = &mut self.camera {
+            camera.disconnected();
         }
         self.session.take().is_some()
     }
@@ -460,7 +468,8 @@ impl GuestCore {
     /// session is told at its start).
     fn send_camera_demand(&mut self) {
         let Some(s) = self.session.as_mut().filter(|s| s.is_established()) else { return };
-        let demand = CaptureDemand { device: CaptureDevice::Camera, active: self.camera_wanted, frame_us: 0 };
+        let active = self.camera.as_ref().is_some_and(CameraReceiver::wanted);
+        let demand = CaptureDemand { device: CaptureDevice::Camera, active, frame_us: 0 };
         if s.demand_capture(demand).is_ok() {
             log::info!(
                 "melange guest: {} the host's camera",
@@ -507,8 +516,11 @@ impl GuestCore {
                 if self.mic.as_ref().is_some_and(MicReceiver::wanted) {
                     self.send_mic_demand();
                 }
-                if self.camera_wanted {
-                    self.send_camera_demand();
+                if let Some(camera) = &mut self.camera {
+                    camera.connected(&peer.capabilities);
+                    if camera.wanted() {
+                        self.send_camera_demand();
+                    }
                 }
                 self.events.push_back(CoreEvent::Broker(BrokerNote::HostReady(peer.capabilities.clone())));
                 let ids: Vec<u32> = self.streams.keys().copied().collect();
@@ -543,7 +555,22 @@ impl GuestCore {
                 self.events.push_back(CoreEvent::HangUp);
             }
             Event::Error(e) => log::debug!("melange guest: skipped bad input from host: {e}"),
-            // The only stream a host opens is the microphone.
+            Event::StreamOpened { stream, open } if matches!(open.media, MediaKind::Camera(_)) => {
+                let taken = match &mut self.camera {
+                    Some(camera) => camera.open(stream, &open),
+                    None => Err("this guest has no virtual camera".into()),
+                };
+                match taken {
+                    Ok(()) => log::info!("melange guest: the host's camera arrives as stream {stream}"),
+                    Err(reason) => {
+                        log::warn!("melange guest: refusing host stream {stream}: {reason}");
+                        if let Some(s) = &mut self.session {
+                            s.reject_stream(stream, &reason);
+                        }
+                    }
+                }
+            }
+            // The other stream a host opens is the microphone.
             Event::StreamOpened { stream, open } => {
                 let taken = match &mut self.mic {
                     Some(mic) => mic.open(now, stream, &open),
@@ -564,6 +591,11 @@ impl GuestCore {
             }
             Event::Media { .. } => {}
             Event::StreamClosed { stream, reason } => {
+                if let Some(camera) = &mut self.camera {
+                    if camera.close(stream, &reason) {
+                        log::info!("melange guest: the host's camera stream ended ({reason})");
+                    }
+                }
                 if let Some(mic) = &mut self.mic {
                     if mic.close(stream) {
                         log::info!("melange guest: the host's microphone stopped ({reason}); {}", mic.describe());
@@ -581,8 +613,12 @@ impl GuestCore {
             {
                 self.events.push_back(CoreEvent::Broker(BrokerNote::KeyframeRequest(stream)));
             }
-            // Encoded streams from the host (the camera): none yet.
-            Event::AccessUnit { .. } | Event::StreamControl { .. } => {}
+            Event::AccessUnit { stream, au } => {
+                if let Some(camera) = self.camera.as_mut().filter(|c| c.is_camera(stream)) {
+                    camera.unit(au);
+                }
+            }
+            Event::StreamControl { .. } => {}
         }
     }
 
@@ -841,7 +877,7 @@ mod tests {
         fn new(mic: Option<MicFeed>) -> Self {
             let config = CoreConfig { software: "test guest".into(), clock_id: "test".into() };
             Self {
-                core: GuestCore::new(config, mic, Arc::default()),
+                core: GuestCore::new(config, mic, None, Arc::default()),
                 host: None,
                 t0: Instant::now(),
                 t: 0,

@@ -9,6 +9,7 @@
 //! - [`congestion`]: Opus's bitrate against a port that cannot keep up.
 //! - [`latency`]: the latency the guest tells its apps, from the parts each side measures.
 //! - [`mic`]: the receiving end of the host's microphone, into the virtual source's ring.
+//! - [`camera`]: the receiving end of the host's camera, into the virtual camera.
 //! - [`broker`]: the media broker, sans-IO: players' in-app stubs reach the port
 //!   through it; [`broker_thread`] owns its socket and drives it; [`client`] is the
 //!   stubs' end.
@@ -22,6 +23,7 @@
 
 pub mod broker;
 pub mod broker_thread;
+pub mod camera;
 pub mod client;
 pub mod congestion;
 pub mod core;

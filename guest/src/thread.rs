@@ -125,6 +125,8 @@ pub struct GuestConfig {
     pub software: String,
     /// The virtual microphone's render ring, if the guest has one.
     pub mic: Option<MicFeed>,
+    /// Where the host's camera frames go, if the guest has a virtual camera.
+    pub camera: Option<crate::camera::CameraFeed>,
     /// Where the media broker listens for players' stubs, if it runs.
     pub broker: Option<PathBuf>,
 }
@@ -153,8 +155,12 @@ impl GuestThread {
             stats: stats.clone(),
             host_volume: Arc::default(),
         };
-        let core =
-            GuestCore::new(CoreConfig { software: config.software, clock_id: clock::clock_id() }, config.mic, stats);
+        let core = GuestCore::new(
+            CoreConfig { software: config.software, clock_id: clock::clock_id() },
+            config.mic,
+            config.camera,
+            stats,
+        );
         let (broker, notes) = match &config.broker {
             Some(path) => {
                 let (tx, rx) = crossbeam_channel::bounded(NOTE_QUEUE);

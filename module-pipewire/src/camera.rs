@@ -14,20 +14,30 @@ use crate::stream::{new_stream, update_properties};
 /// The camera's format: raw I420 at the common video-call size and rate.
 pub(crate) const CAMERA_VIDEO: RawVideo = RawVideo { width: 640, height: 360, fps: 30 };
 
+/// [`CAMERA_VIDEO`] as the protocol says it: what the guest takes from the host.
+pub(crate) fn camera_format() -> melange_transport::message::VideoFormat {
+    melange_transport::message::VideoFormat {
+        width: CAMERA_VIDEO.width,
+        height: CAMERA_VIDEO.height,
+        framerate_num: CAMERA_VIDEO.fps,
+        framerate_den: 1,
+    }
+}
+
 /// The virtual camera, open on the session's PipeWire.
 pub(crate) struct CameraSource {
     source: VideoSource<pw::stream::StreamBox<'static>>,
-    /// Where the host's frames go.
-    pub(crate) frames: FrameSlot,
     published: Vec<(&'static str, String)>,
 }
 
 impl CameraSource {
-    /// Makes the camera on `core`, driven by `main_loop`'s timer.
+    /// Makes the camera on `core`, showing the frames put in `frames` (woken on
+    /// `main_loop`).
     pub(crate) fn create(
         core: &pw::core::Core,
         main_loop: &'static pw::loop_::Loop,
         config: &Config,
+        frames: FrameSlot,
     ) -> Result<CameraSource, String> {
         let name = config.camera_name();
         let description = format!("{} camera", config.sink_description);
@@ -45,10 +55,9 @@ impl CameraSource {
         };
         let stream =
             new_stream(core, "melange-camera", props).map_err(|e| format!("cannot create the camera's stream: {e}"))?;
-        let frames = FrameSlot::default();
-        let source = VideoSource::start(stream, main_loop, CAMERA_VIDEO, frames.clone())?;
+        let source = VideoSource::start(stream, main_loop, CAMERA_VIDEO, frames)?;
         log::info!("melange: created the camera {name} (\"{description}\")");
-        let mut camera = CameraSource { source, frames, published: Vec::new() };
+        let mut camera = CameraSource { source, published: Vec::new() };
         camera.set_status("no host connected");
         Ok(camera)
     }

@@ -21,6 +21,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::{Rc, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use melange_guest::thread::{GuestConfig, GuestHandle, GuestThread};
@@ -39,6 +40,8 @@ use crate::mic::{mic_ring, MicSource};
 use crate::policy::{Action, GraphPolicy, LinkFacts, NodeFacts, NodeRole, OwnNames, OwnNode};
 use crate::sink::{apply_host_volume, create_sink, watch_volume, SinkKind};
 use crate::tap::Tap;
+use melange_guest::camera::CameraFeed;
+use melange_pw::video::FrameSlot;
 
 /// How often the main loop looks for new latency figures to tell the apps (and, every
 /// [`COUNTER_TICKS`] of it, puts each tap's counters on its node), and lets the
@@ -74,8 +77,12 @@ struct State {
     /// The microphone's render core until its source is made, then the source.
     mic_core: Option<RenderCore>,
     mic: Option<MicSource>,
-    /// The virtual camera, once made; its timer runs on `main_loop`.
+    /// The virtual camera, once made; it is woken on `main_loop`.
     camera: Option<CameraSource>,
+    /// Where the guest thread puts the host's camera frames for it.
+    camera_frames: FrameSlot,
+    /// What the camera's node says (`melange.camera.status`), as the guest thread sees it.
+    camera_status: Arc<Mutex<String>>,
     main_loop: &'static pw::loop_::Loop,
 }
 
@@ -107,10 +114,19 @@ impl Guest {
         );
         let registry = Rc::new(registry_of(&core)?);
         let (mic_feed, mic_core) = mic_ring(&config);
+        let camera_frames = FrameSlot::new().map_err(|e| format!("cannot make the camera's frame slot: {e}"))?;
+        let camera_status = Arc::new(Mutex::new(String::new()));
+        let slot = camera_frames.clone();
+        let camera_feed = CameraFeed {
+            video: crate::camera::camera_format(),
+            frames: Box::new(move |frame| slot.put(frame)),
+            status: camera_status.clone(),
+        };
         let link = GuestThread::spawn(GuestConfig {
             port: config.port.clone(),
             software: format!("melange-guest {}", env!("CARGO_PKG_VERSION")),
             mic: Some(mic_feed),
+            camera: Some(camera_feed),
             broker: config.media_socket.path(),
         })
         .map_err(|e| format!("cannot open port {}: {e}", config.port))?;
@@ -139,6 +155,8 @@ impl Guest {
             mic_core: Some(mic_core),
             mic: None,
             camera: None,
+            camera_frames,
+            camera_status,
             main_loop,
         }));
 
@@ -208,6 +226,10 @@ impl Guest {
                 if let Some(mic) = &mut state.borrow_mut().mic {
                     mic.publish_counters();
                 }
+            }
+            let status = state.borrow().camera_status.lock().map(|s| s.clone()).unwrap_or_default();
+            if let Some(camera) = &mut state.borrow_mut().camera {
+                camera.set_status(&status);
             }
             for tap in state.borrow_mut().taps.values_mut() {
                 tap.publish_latency();
@@ -506,7 +528,7 @@ fn ensure_sinks(state: &Rc<RefCell<State>>) {
             Ok(mic) => s.mic = Some(mic),
             Err(e) => log::error!("melange: cannot create the microphone: {e}"),
         }
-        match CameraSource::create(&core, s.main_loop, &s.config) {
+        match CameraSource::create(&core, s.main_loop, &s.config, s.camera_frames.clone()) {
             Ok(camera) => s.camera = Some(camera),
             Err(e) => log::error!("melange: cannot create the camera: {e}"),
         }

@@ -1,14 +1,18 @@
 //! A raw video source node: a PipeWire output stream with `media.class=Video/Source`
-//! that drives its own graph at its frame rate and hands consumers the frames put in
-//! its [`FrameSlot`] (I420, one size and rate). With no frame waiting it delivers
-//! nothing that cycle: a consumer simply gets no new frame.
+//! that drives its own graph and hands consumers the frames put in its [`FrameSlot`]
+//! (I420, one size and rate). A graph cycle runs when a frame arrives, so a frame
+//! waits for no timer: it reaches consumers as soon as it is put. With no frame coming
+//! nothing runs, and a consumer simply gets no new frame.
 //!
 //! As verified on PipeWire 0.3.65 (docs: DESIGN, "Facts verified for video"): flags
-//! `DRIVER | MAP_BUFFERS`, a timer calling `trigger_process()` once a frame, and a
-//! `ParamBuffers` sent once the format is agreed (without it consumers get empty
-//! frames). `pipewiresrc target-object=NAME ! video/x-raw ! ...` then receives every
-//! frame sent, in order.
+//! `DRIVER | MAP_BUFFERS`, `trigger_process()` once a frame, and a `ParamBuffers` sent
+//! once the format is agreed (without it consumers get empty frames).
+//! `pipewiresrc target-object=NAME ! video/x-raw ! ...` then receives every frame
+//! sent, in order.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pipewire as pw;
@@ -40,31 +44,74 @@ impl RawVideo {
 }
 
 /// Where frames wait for the source: the newest one wins (a consumer wants the latest
-/// picture, not a backlog). Fed from any thread; the source takes at most one a cycle.
-#[derive(Debug, Clone)]
+/// picture, not a backlog). Fed from any thread; each frame put wakes the source's
+/// loop through an eventfd, and the source hands it on at once.
+#[derive(Clone)]
 pub struct FrameSlot {
     tx: crossbeam_channel::Sender<Vec<u8>>,
     rx: crossbeam_channel::Receiver<Vec<u8>>,
+    /// An eventfd the source's loop watches.
+    wake: Arc<OwnedFd>,
+    /// Frames put while two were waiting already, so the oldest was dropped.
+    dropped: Arc<AtomicU64>,
 }
 
-impl Default for FrameSlot {
-    fn default() -> Self {
-        let (tx, rx) = crossbeam_channel::bounded(2);
-        Self { tx, rx }
+impl std::fmt::Debug for FrameSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameSlot").field("waiting", &self.rx.len()).finish_non_exhaustive()
     }
 }
 
 impl FrameSlot {
+    /// An empty slot; fails only if the process is out of file descriptors.
+    pub fn new() -> std::io::Result<Self> {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: see above.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let (tx, rx) = crossbeam_channel::bounded(2);
+        Ok(Self { tx, rx, wake, dropped: Arc::default() })
+    }
+
     /// Offers a frame; when two already wait, the oldest is dropped for it.
     pub fn put(&self, frame: Vec<u8>) {
         if let Err(crossbeam_channel::TrySendError::Full(frame)) = self.tx.try_send(frame) {
             let _ = self.rx.try_recv();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
             let _ = self.tx.try_send(frame);
         }
+        self.signal();
+    }
+
+    /// Frames dropped unseen because newer ones came before the source took them.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Drops the frames waiting (the stream they came from ended).
+    pub fn clear(&self) {
+        while self.rx.try_recv().is_ok() {}
     }
 
     fn take(&self) -> Option<Vec<u8>> {
         self.rx.try_recv().ok()
+    }
+
+    fn signal(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our eventfd. It cannot fail but
+        // by overflowing the counter, which still leaves the loop woken.
+        let _ = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+
+    /// Resets the eventfd (the loop was woken).
+    fn drain_signal(&self) {
+        let mut count = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live buffer from our non-blocking eventfd.
+        let _ = unsafe { libc::read(self.wake.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
     }
 }
 
@@ -114,6 +161,69 @@ fn buffers_pod(video: RawVideo) -> Result<Vec<u8>, String> {
     serialize(Value::Object(obj))
 }
 
+/// The `Meta` pod asking for a `spa_meta_header` on every buffer: consumers
+/// (pipewiresrc) take a frame's time from it, and without it get none.
+fn header_meta_pod() -> Result<Vec<u8>, String> {
+    let obj = Object {
+        type_: spa::sys::SPA_TYPE_OBJECT_ParamMeta,
+        id: spa::sys::SPA_PARAM_Meta,
+        properties: vec![
+            Property {
+                key: spa::sys::SPA_PARAM_META_type,
+                flags: PropertyFlags::empty(),
+                value: Value::Id(spa::utils::Id(spa::sys::SPA_META_Header)),
+            },
+            Property {
+                key: spa::sys::SPA_PARAM_META_size,
+                flags: PropertyFlags::empty(),
+                value: Value::Int(std::mem::size_of::<spa::sys::spa_meta_header>() as i32),
+            },
+        ],
+    };
+    serialize(Value::Object(obj))
+}
+
+/// Hands `frame` to the stream in its next free buffer, stamped with the time now on
+/// `CLOCK_MONOTONIC` (as PipeWire's V4L2 cameras stamp theirs) and its number; false
+/// if no buffer was free.
+fn put_frame(stream: &pw::stream::Stream, frame: &[u8], state: &SourceState) -> bool {
+    // SAFETY: a buffer dequeued from the stream is ours until queued back, below; its
+    // spa_buffer, datas, chunk and metas are PipeWire's for that buffer, and the data
+    // is mapped (MAP_BUFFERS) with `maxsize` bytes.
+    unsafe {
+        let b = stream.dequeue_raw_buffer();
+        if b.is_null() {
+            return false;
+        }
+        let buf = (*b).buffer;
+        let mut put = false;
+        if !buf.is_null() && (*buf).n_datas > 0 && !(*buf).datas.is_null() {
+            let d = &mut *(*buf).datas;
+            if !d.data.is_null() && !d.chunk.is_null() {
+                let n = frame.len().min(d.maxsize as usize);
+                std::ptr::copy_nonoverlapping(frame.as_ptr(), d.data.cast::<u8>(), n);
+                (*d.chunk).offset = 0;
+                (*d.chunk).size = n as u32;
+                (*d.chunk).stride = state.video.width as i32;
+                (*d.chunk).flags = 0;
+                let size = std::mem::size_of::<spa::sys::spa_meta_header>();
+                let h = spa::sys::spa_buffer_find_meta_data(buf, spa::sys::SPA_META_Header, size)
+                    .cast::<spa::sys::spa_meta_header>();
+                if !h.is_null() {
+                    (*h).flags = 0;
+                    (*h).offset = 0;
+                    (*h).pts = melange_shim::clock::monotonic_ns() as i64;
+                    (*h).dts_offset = 0;
+                    (*h).seq = state.delivered;
+                }
+                put = true;
+            }
+        }
+        stream.queue_raw_buffer(b);
+        put
+    }
+}
+
 fn serialize(value: Value) -> Result<Vec<u8>, String> {
     spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &value)
         .map(|(cursor, _)| cursor.into_inner())
@@ -132,7 +242,7 @@ pub struct SourceState {
 /// A raw video source on a PipeWire connection. See the module docs.
 pub struct VideoSource<S: std::ops::Deref<Target = pw::stream::Stream>> {
     // Dropped first: its callback triggers the stream.
-    _timer: pw::loop_::TimerSource<'static>,
+    _wake: pw::loop_::IoSource<'static, Arc<OwnedFd>>,
     stream: crate::RtStream<S, SourceState>,
 }
 
@@ -144,7 +254,8 @@ impl<S: std::ops::Deref<Target = pw::stream::Stream>> std::fmt::Debug for VideoS
 
 impl<S: std::ops::Deref<Target = pw::stream::Stream> + 'static> VideoSource<S> {
     /// Connects `stream` (made with `media.class=Video/Source` and a `node.name`) as a
-    /// source of `video`, taking its frames from `frames`, on `main_loop`'s timer.
+    /// source of `video`, taking its frames from `frames` as they come; `main_loop` is
+    /// the stream's, and is woken by [`FrameSlot::put`].
     pub fn start(
         stream: S,
         main_loop: &'static pw::loop_::Loop,
@@ -152,31 +263,28 @@ impl<S: std::ops::Deref<Target = pw::stream::Stream> + 'static> VideoSource<S> {
         frames: FrameSlot,
     ) -> Result<Self, String> {
         let listener = stream
-            .add_local_listener_with_user_data(SourceState { video, frames, delivered: 0 })
+            .add_local_listener_with_user_data(SourceState { video, frames: frames.clone(), delivered: 0 })
             .param_changed(|stream, state, id, param| {
                 if id != spa::param::ParamType::Format.as_raw() || param.is_none() {
                     return;
                 }
-                // The format is agreed: say how big buffers must be.
-                if let Ok(pod) = buffers_pod(state.video) {
-                    if let Some(pod) = Pod::from_bytes(&pod) {
-                        let _ = stream.update_params(&mut [pod]);
+                // The format is agreed: say how big buffers must be, and that
+                // each carries a header (its time and sequence number).
+                if let (Ok(buffers), Ok(meta)) = (buffers_pod(state.video), header_meta_pod()) {
+                    if let (Some(buffers), Some(meta)) = (Pod::from_bytes(&buffers), Pod::from_bytes(&meta)) {
+                        let _ = stream.update_params(&mut [buffers, meta]);
                     }
                 }
             })
             .process(|stream, state| {
                 let Some(frame) = state.frames.take() else { return };
-                let Some(mut buffer) = stream.dequeue_buffer() else { return };
-                let Some(data) = buffer.datas_mut().first_mut() else { return };
-                let stride = state.video.width as i32;
-                let Some(bytes) = data.data() else { return };
-                let n = frame.len().min(bytes.len());
-                bytes[..n].copy_from_slice(&frame[..n]);
-                let chunk = data.chunk_mut();
-                *chunk.offset_mut() = 0;
-                *chunk.size_mut() = n as u32;
-                *chunk.stride_mut() = stride;
-                state.delivered += 1;
+                if put_frame(stream, &frame, state) {
+                    state.delivered += 1;
+                }
+                if !state.frames.rx.is_empty() {
+                    // A frame came while this one was handed on: a cycle for it too.
+                    state.frames.signal();
+                }
             })
             .register()
             .map_err(|e| format!("cannot listen on the video source: {e}"))?;
@@ -192,15 +300,13 @@ impl<S: std::ops::Deref<Target = pw::stream::Stream> + 'static> VideoSource<S> {
             )
             .map_err(|e| format!("cannot connect the video source: {e}"))?;
         let raw = stream.as_raw_ptr();
-        let timer = main_loop.add_timer(move |_| {
-            // SAFETY: the timer is dropped with the source, before its stream.
+        let slot = frames.clone();
+        let wake = main_loop.add_io(frames.wake.clone(), spa::support::system::IoFlags::IN, move |_| {
+            slot.drain_signal();
+            // SAFETY: the io source is dropped with the source, before its stream.
             unsafe { pw::sys::pw_stream_trigger_process(raw) };
         });
-        timer
-            .update_timer(Some(video.interval()), Some(video.interval()))
-            .into_result()
-            .map_err(|e| format!("cannot start the video source's timer: {e}"))?;
-        Ok(Self { _timer: timer, stream })
+        Ok(Self { _wake: wake, stream })
     }
 
     /// The stream, for its properties and state.

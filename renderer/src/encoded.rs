@@ -362,6 +362,9 @@ impl EncodedStreams {
         open: &StreamOpen,
         audio: AudioOut<'_>,
     ) -> Result<String, String> {
+        if matches!(open.media, MediaKind::Camera(_)) {
+            return Err("a camera stream goes from the host to the guest, never back".into());
+        }
         if self.codecs & open.codec.bit() == 0 {
             return Err(format!("melange-host does not take {} {}", open.media.name(), open.codec.name()));
         }
@@ -409,6 +412,7 @@ impl EncodedStreams {
                 to = format!("{to}, decoded -> {}", play.sink.describe());
                 audio_play = Some(play);
             }
+            MediaKind::Camera(_) => return Err("a camera stream goes from the host to the guest, never back".into()),
         }
         let app = open.app.name.clone();
         let stream_state = Stream {

@@ -20,12 +20,13 @@ use melange_shim::clock;
 use melange_shim::receive::{BurstPool, Dropped, Receiver};
 use melange_transport::frame::HEADER_LEN;
 use melange_transport::message::{
-    codec_bits, kind_bits, Capabilities, CaptureDemand, CaptureDevice, Codec, MediaKind, MediaPacket, Role,
-    StreamControl, StreamOpen, Volume, MEDIA_HEADER_LEN,
+    au_flags, codec_bits, kind_bits, AccessUnit, Capabilities, CaptureDemand, CaptureDevice, Codec, MediaKind,
+    MediaPacket, Role, StreamControl, StreamOpen, Volume, MEDIA_HEADER_LEN,
 };
 use melange_transport::port::{Port, PortEvent, Waker};
 use melange_transport::session::{Event, Session, SessionConfig, SessionError};
 
+use crate::camera::{CameraCapture, CameraSpec};
 use crate::encoded::{AudioOut, EncodedStreams, Reply};
 use crate::guest_log::{GuestLog, Level};
 use crate::mic::{MicCapture, MicSpec, MIC_RATE};
@@ -72,11 +73,20 @@ pub struct HostConfig {
     pub stats: bool,
     /// The source the guest's virtual microphone records from (`--mic`).
     pub mic: MicSpec,
+    /// The camera the guest's virtual camera shows (`--camera`).
+    pub camera: CameraSpec,
 }
 
 impl Default for HostConfig {
     fn default() -> Self {
-        Self { latency: None, report: None, idle_timeout: Duration::from_secs(30), stats: false, mic: MicSpec::Default }
+        Self {
+            latency: None,
+            report: None,
+            idle_timeout: Duration::from_secs(30),
+            stats: false,
+            mic: MicSpec::Default,
+            camera: CameraSpec::Default,
+        }
     }
 }
 
@@ -105,6 +115,40 @@ struct Mic {
     /// The guest asked while `--mic none` (said once per session).
     said_none: bool,
 }
+
+/// The camera's capture while the guest wants it (and [`MIC_HOLD`] after).
+struct CameraOpen {
+    capture: CameraCapture,
+    /// Whether the guest was told of the stream (at the first frame).
+    announced: bool,
+    since: Instant,
+    seq: u32,
+    /// Frames sent to the guest.
+    sent: u64,
+}
+
+/// The guest's demand for the camera, with the microphone's hysteresis ([`MIC_HOLD`],
+/// [`MIC_REOPEN`]).
+struct Camera {
+    /// `--camera` can be had here (not `none`, and GStreamer can capture).
+    usable: bool,
+    open: Option<CameraOpen>,
+    wanted: bool,
+    release_at: Option<Instant>,
+    next_open: Option<Instant>,
+    /// The guest asked for a camera it cannot have (said once per session).
+    said_none: bool,
+    /// Woken by each frame captured.
+    waker: Option<Waker>,
+}
+
+/// How long a camera may take to give its first frame before the capture counts as
+/// failed.
+pub const CAMERA_FIRST_FRAME: Duration = Duration::from_secs(5);
+/// How long after a failed capture the camera is tried again, while still wanted.
+pub const CAMERA_RETRY: Duration = Duration::from_secs(5);
+/// The id of the camera stream the host sends.
+pub const CAMERA_STREAM: u32 = 2;
 
 /// How long a capture the guest no longer wants stays open, silent: short enough that
 /// the host's microphone indicator goes off well within a second of the last app
@@ -234,6 +278,7 @@ pub struct Host {
     /// When `--stats` last printed.
     stats_at: Instant,
     mic: Mic,
+    camera: Camera,
     /// The guest's output volume, applied to every stream (see [`Volume`]).
     volume: Volume,
     /// The starting bursts of the guest's streams, across sessions (see [`BurstPool`]).
@@ -274,10 +319,25 @@ impl Host {
                 next_open: None,
                 said_none: false,
             },
+            camera: Camera {
+                usable: false,
+                open: None,
+                wanted: false,
+                release_at: None,
+                next_open: None,
+                said_none: false,
+                waker: None,
+            },
             volume: Volume::unity(),
             bursts: BurstPool::new(clock.0),
             report_bytes: 0,
         }
+    }
+
+    /// Says whether `--camera` can be had (not `none`, and GStreamer can capture): only
+    /// then does the handshake offer the guest a camera.
+    pub fn set_camera_usable(&mut self, usable: bool) {
+        self.camera.usable = usable && self.config.camera != CameraSpec::None;
     }
 
     /// Sends encoded streams (protocol v2) to `encoded` instead of discarding them.
@@ -299,13 +359,15 @@ impl Host {
         );
         let mut buf = vec![0u8; 64 * 1024];
         self.encoded.set_waker(waker.try_clone()?);
+        self.camera.waker = Some(waker.try_clone()?);
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             let mic_due = self.pump_mic(now);
+            let camera_due = self.pump_camera(now);
             self.flush(port);
             let mut wake =
                 self.session.as_ref().and_then(Session::poll_timeout).unwrap_or(now + Duration::from_secs(1));
-            if let Some(at) = mic_due {
+            for at in [mic_due, camera_due].into_iter().flatten() {
                 wake = wake.min(at);
             }
             let want_write = self.session.as_ref().is_some_and(|s| !s.pending_output().is_empty());
@@ -395,7 +457,7 @@ impl Host {
             Capabilities {
                 codecs: codec_bits::PCM_S16LE | codec_bits::OPUS | self.encoded.codecs(),
                 max_streams: MAX_STREAMS,
-                kinds: kind_bits::AUDIO | self.encoded.kinds(),
+                kinds: kind_bits::AUDIO | self.encoded.kinds() | if self.camera.usable { kind_bits::CAMERA } else { 0 },
             },
         );
         cfg.clock_id = self.clock_id.clone();
@@ -944,6 +1006,10 @@ impl Host {
         self.mic.wanted = false;
         self.mic.release_at = None;
         self.mic.said_none = false;
+        self.close_camera(now, reason);
+        self.camera.wanted = false;
+        self.camera.release_at = None;
+        self.camera.said_none = false;
     }
 
     /// Puts the guest's volume on every stream's output.
@@ -970,14 +1036,145 @@ impl Host {
                     self.mic.release_at = Some(now + MIC_HOLD);
                 }
             }
-            // Work in progress (branch `camera`): the demand is heard; capture follows.
+            CaptureDevice::Camera if demand.active => {
+                self.camera.wanted = true;
+                self.camera.release_at = None;
+                self.pump_camera(now);
+                return;
+            }
             CaptureDevice::Camera => {
-                let what = if demand.active { "wants" } else { "no longer wants" };
-                self.log.line(now, Level::Info, format_args!("the guest {what} the camera"));
+                self.camera.wanted = false;
+                if self.camera.open.is_some() && self.camera.release_at.is_none() {
+                    self.camera.release_at = Some(now + MIC_HOLD);
+                }
                 return;
             }
         }
         self.pump_mic(now);
+    }
+
+    /// Starts capturing the camera for the guest; [`Host::pump_camera`] announces its
+    /// stream with the first frame. On failure the guest's camera stays dark and says
+    /// why, and so does the log.
+    fn open_camera(&mut self, now: Instant) {
+        if !self.camera.usable {
+            if !std::mem::replace(&mut self.camera.said_none, true) {
+                self.log.line(
+                    now,
+                    Level::Info,
+                    format_args!("a guest app captures from its camera; melange-host has none to give (--camera none)"),
+                );
+            }
+            return;
+        }
+        self.camera.next_open = Some(now + MIC_REOPEN);
+        let Some(waker) = self.camera.waker.as_ref().and_then(|w| w.try_clone().ok()) else { return };
+        match CameraCapture::open(&self.config.camera, waker) {
+            Ok(capture) => {
+                self.log.line(now, Level::Info, format_args!("opening {} for the guest", self.config.camera));
+                self.camera.open = Some(CameraOpen { capture, announced: false, since: now, seq: 0, sent: 0 });
+            }
+            Err(e) => self.fail_camera(now, &e),
+        }
+    }
+
+    /// The capture failed: the guest is told why (a camera stream that ends at once),
+    /// and the camera is tried again [`CAMERA_RETRY`] later if still wanted.
+    fn fail_camera(&mut self, now: Instant, why: &str) {
+        let announced = self.camera.open.take().is_some_and(|o| o.announced);
+        self.camera.next_open = Some(now + CAMERA_RETRY);
+        self.log.line(now, Level::Warn, format_args!("cannot capture {} for the guest: {why}", self.config.camera));
+        if let Some(s) = self.session.as_mut().filter(|s| s.is_established()) {
+            if announced || s.open_stream(CAMERA_STREAM, &crate::camera::stream_open()).is_ok() {
+                s.close_stream(CAMERA_STREAM, why);
+            }
+        }
+    }
+
+    fn close_camera(&mut self, now: Instant, why: &str) {
+        self.camera.release_at = None;
+        let Some(open) = self.camera.open.take() else { return };
+        self.camera.next_open = Some(now + MIC_REOPEN);
+        if open.announced {
+            if let Some(s) = &mut self.session {
+                s.close_stream(CAMERA_STREAM, why);
+            }
+        }
+        let secs = now.saturating_duration_since(open.since).as_secs_f64();
+        self.log.line(
+            now,
+            Level::Info,
+            format_args!("camera closed ({why}): {} frames to the guest in {secs:.1} s", open.sent),
+        );
+    }
+
+    /// Sends the guest the frames captured, closes the camera once it is no longer
+    /// wanted, opens it when it is; returns when to look again.
+    fn pump_camera(&mut self, now: Instant) -> Option<Instant> {
+        if self.camera.release_at.is_some_and(|at| at <= now) {
+            self.close_camera(now, "no guest app captures any more");
+        }
+        let established = self.session.as_ref().is_some_and(Session::is_established);
+        if self.camera.wanted && self.camera.open.is_none() && established {
+            match self.camera.next_open {
+                Some(at) if at > now => return Some(at),
+                _ => self.open_camera(now),
+            }
+        }
+        let release = self.camera.release_at;
+        let (Some(open), Some(s)) = (&mut self.camera.open, &mut self.session) else { return release };
+        let frames = match open.capture.poll() {
+            Ok(frames) => frames,
+            Err(why) => {
+                self.fail_camera(now, &why);
+                return release;
+            }
+        };
+        if !open.announced && !frames.is_empty() && self.camera.wanted {
+            if let Err(e) = s.open_stream(CAMERA_STREAM, &crate::camera::stream_open()) {
+                let why = format!("cannot announce the camera to the guest: {e}");
+                self.fail_camera(now, &why);
+                return release;
+            }
+            open.announced = true;
+            let v = crate::camera::CAMERA_VIDEO;
+            let ms = now.saturating_duration_since(open.since).as_millis();
+            self.log.line(
+                now,
+                Level::Info,
+                format_args!(
+                    "camera opened for the guest: {}, {}x{} I420 raw at up to {} fps, first frame after {ms} ms",
+                    self.config.camera, v.width, v.height, v.framerate_num
+                ),
+            );
+        }
+        if open.announced && self.camera.wanted {
+            for frame in frames {
+                let au = AccessUnit {
+                    seq: open.seq,
+                    flags: au_flags::KEYFRAME,
+                    pts_ns: frame.at_ns,
+                    dts_ns: frame.at_ns,
+                    duration_ns: 1_000_000_000 / u64::from(crate::camera::CAMERA_VIDEO.framerate_num),
+                    data: frame.data,
+                };
+                open.seq = open.seq.wrapping_add(1);
+                // Dropped by the session, oldest first, if the port falls behind.
+                if s.send_access_unit(CAMERA_STREAM, &au).unwrap_or(false) {
+                    open.sent += 1;
+                }
+            }
+        }
+        if !open.announced && now.saturating_duration_since(open.since) >= CAMERA_FIRST_FRAME {
+            let why = format!(
+                "no frame within {} s (is the camera there, and not held by another app?)",
+                CAMERA_FIRST_FRAME.as_secs()
+            );
+            self.fail_camera(now, &why);
+            return release;
+        }
+        let deadline = (!open.announced).then(|| open.since + CAMERA_FIRST_FRAME);
+        [release, deadline].into_iter().flatten().min()
     }
 
     /// Starts opening the microphone for the guest; [`Host::pump_mic`] announces its

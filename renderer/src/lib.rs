@@ -17,6 +17,7 @@
 // Unsafe code only where PipeWire hands us its rate-match area (output::pipewire).
 #![deny(unsafe_code)]
 
+pub mod camera;
 pub mod decode;
 pub mod encoded;
 pub mod guest_log;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
 use clap::{ArgGroup, Parser};
+use melange_renderer::camera::CameraSpec;
 use melange_renderer::encoded::{parse_codecs, EncodedStreams};
 use melange_renderer::host::MAX_STREAMS;
 use melange_renderer::host::{Host, HostConfig};
@@ -75,6 +76,12 @@ struct Cli {
     /// records, closed as soon as none does.
     #[arg(long, value_name = "default|none|NAME", default_value = "default")]
     mic: melange_renderer::mic::MicSpec,
+    /// The camera the guest's virtual camera ("Melange camera") shows: default (the
+    /// host's default camera), none, or a camera's node.name (a PipeWire Video/Source).
+    /// Captured only while a guest app captures, closed within a second of the last
+    /// one stopping; each open and close is logged.
+    #[arg(long, value_name = "default|none|NAME", default_value = "default")]
+    camera: melange_renderer::camera::CameraSpec,
     /// Run even as root. melange-host needs no privileges: run it as the user whose
     /// PipeWire plays the sound.
     #[arg(long)]
@@ -227,9 +234,19 @@ fn run(cli: Cli) -> Result<(), String> {
         idle_timeout: Duration::from_secs(cli.idle_timeout),
         stats: cli.stats,
         mic: cli.mic,
+        camera: cli.camera.clone(),
     };
+    let camera_usable = cli.camera != CameraSpec::None
+        && match melange_renderer::camera::available() {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("melange-host: {e}: the guest's camera stays dark");
+                false
+            }
+        };
     let mut host = Host::new(config, output, melange_shim::clock::now_pair());
     host.set_encoded(encoded);
+    host.set_camera_usable(camera_usable);
     host.run(&mut port, &waker, &STOP).map_err(|e| format!("port error on {}: {e}", port.describe()))?;
     log::info!("melange-host: stopped");
     Ok(())

@@ -98,20 +98,136 @@ fn without_a_host_the_guests_camera_is_there_and_says_why_it_is_dark() {
     guest.stop();
 }
 
-/// The host hears the guest's demand for the camera: when the first app starts
-/// capturing from "Melange camera", and when the last one stops.
+/// Bytes of a 640x360 I420 frame: what "Melange camera" shows.
+const CALL_FRAME: usize = 640 * 360 * 3 / 2;
+
+/// Starts `melange-test-camera` as `name` on `pw`, at 640x360 and 30 fps.
+fn test_camera(pw: &PipeWire, name: &str, log: std::path::PathBuf) -> Proc {
+    let mut cmd = pw.command(bin("melange-test-camera"));
+    cmd.args(["--name", name, "--width", "640", "--height", "360", "--fps", "30"]);
+    let mut camera = Proc::spawn(cmd, log);
+    camera.wait_for_log(&format!("melange-test-camera: {name}"), Duration::from_secs(10));
+    camera
+}
+
+/// The guest camera's status, once it says something starting with `prefix`.
+fn wait_status(pw: &PipeWire, prefix: &str) -> String {
+    melange_tests::wait_until(Duration::from_secs(15), || {
+        pw.node_props("melange.camera")
+            .and_then(|p| p.get("melange.camera.status").and_then(|v| v.as_str()).map(str::to_owned))
+            .filter(|s| s.starts_with(prefix))
+    })
+    .unwrap_or_else(|| {
+        let now = pw.node_props("melange.camera").map(|p| p.to_string()).unwrap_or_default();
+        panic!("the camera's status never began with {prefix:?}: {now}")
+    })
+}
+
+/// The frame numbers of `frames` (as `melange-test-camera` stamps them), checking that
+/// each is the camera's own, whole, and that they come in order with few skipped.
+fn check_camera_frames(frames: &[Vec<u8>], size: usize) -> Vec<u64> {
+    let numbers: Vec<u64> = frames.iter().map(|f| u64::from_le_bytes(f[..8].try_into().expect("8 bytes"))).collect();
+    for (f, n) in frames.iter().zip(&numbers) {
+        assert_eq!(f.len(), size, "frame {n} is cut");
+        let mut want: Vec<u8> = (0..size).map(|i| (*n as usize).wrapping_mul(31).wrapping_add(i / 7) as u8).collect();
+        want[..8].copy_from_slice(&n.to_le_bytes());
+        assert!(*f == want, "frame {n} is not the camera's");
+    }
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "out of order: {numbers:?}");
+    let skipped = numbers[numbers.len() - 1] - numbers[0] + 1 - numbers.len() as u64;
+    eprintln!("frames {} to {}, {skipped} skipped", numbers[0], numbers[numbers.len() - 1]);
+    assert!(skipped <= 3, "{skipped} frames skipped: {numbers:?}");
+    numbers
+}
+
+/// The host's camera reaches a guest app through "Melange camera" exactly: every frame
+/// the app gets is the host camera's own, byte for byte, in order; the host captures
+/// only while the app does, and says so in its log.
 #[test]
-fn an_app_capturing_from_the_guests_camera_asks_the_host_for_it_and_leaving_releases_it() {
+fn the_hosts_camera_reaches_a_guest_app_exact_in_order_and_only_while_it_captures() {
     let _serial = serial();
-    let dir = scratch("camera-demand");
-    let mut rig = melange_tests::Redirected::start(&dir, melange_tests::GuestCodec::Opus(64_000));
+    let dir = scratch("camera-call");
+    let rig = melange_tests::Redirected::start_with_host_args(
+        &dir,
+        melange_tests::GuestCodec::Opus(64_000),
+        &["--camera", "test-cam"],
+    );
+    let mut camera = test_camera(&rig.host_pw, "test-cam", dir.join("camera.log"));
+    assert!(wait_status(&rig.guest_pw, "idle").contains("closed"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!rig.host.log_text().contains("camera opened"), "opened with no app: {}", rig.host.log_text());
+
+    for round in 0..2 {
+        let out = dir.join(format!("call-{round}.yuv"));
+        let mut cmd = rig.guest_pw.command("gst-launch-1.0");
+        cmd.args(["-q", "pipewiresrc", "target-object=melange.camera", "num-buffers=60", "!"])
+            .args(["video/x-raw,format=I420,width=640,height=360", "!", "filesink"])
+            .arg(format!("location={}", out.display()));
+        let started = std::time::Instant::now();
+        assert!(run_with_timeout(cmd, Duration::from_secs(30)), "round {round}: the app got no 60 frames");
+        let ended = std::time::Instant::now();
+        let bytes = std::fs::read(&out).expect("the app's file");
+        assert_eq!(bytes.len(), 60 * CALL_FRAME, "round {round}");
+        let frames: Vec<Vec<u8>> = bytes.chunks(CALL_FRAME).map(<[u8]>::to_vec).collect();
+        check_camera_frames(&frames, CALL_FRAME);
+        let log = melange_tests::wait_until(Duration::from_secs(5), || {
+            let log = rig.host.log_text();
+            (log.matches("camera closed").count() > round).then_some(log)
+        })
+        .unwrap_or_else(|| panic!("round {round}: the host's camera stayed open: {}", rig.host.log_text()));
+        let close_delay = ended.elapsed();
+        assert_eq!(log.matches("camera opened for the guest: camera test-cam").count(), round + 1, "{log}");
+        eprintln!(
+            "round {round}: app ran {:.0} ms for 60 frames; the host closed the camera at most {:.0} ms after the app ended",
+            (ended - started).as_secs_f64() * 1000.0,
+            close_delay.as_secs_f64() * 1000.0
+        );
+        assert!(wait_status(&rig.guest_pw, "idle").contains("closed"));
+        // The close's hysteresis: the next open is at least half a second later.
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    camera.stop();
+}
+
+/// A host without a camera to give (`--camera none`, or a camera that is not there):
+/// the guest's camera says why it is dark, an app capturing from it waits without an
+/// error, and the host says so in its log.
+#[test]
+fn a_host_without_the_camera_leaves_the_guests_dark_and_says_why() {
+    let _serial = serial();
+    let dir = scratch("camera-none");
+    let mut rig = melange_tests::Redirected::start_with_host_args(
+        &dir,
+        melange_tests::GuestCodec::Opus(64_000),
+        &["--camera", "none"],
+    );
+    wait_status(&rig.guest_pw, "the host has no camera to give");
     let mut cmd = rig.guest_pw.command("gst-launch-1.0");
     cmd.args(["-q", "pipewiresrc", "target-object=melange.camera", "!", "video/x-raw,format=I420", "!", "fakesink"]);
     let mut app = Proc::spawn(cmd, dir.join("app.log"));
-    rig.host.wait_for_log("the guest wants the camera", Duration::from_secs(10));
+    rig.host.wait_for_log("melange-host has none to give (--camera none)", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(app.try_wait().is_none(), "the app ended: {}", app.log_text());
     app.stop();
-    rig.host.wait_for_log("the guest no longer wants the camera", Duration::from_secs(10));
-    let guest = rig.guest.log_text();
-    assert!(guest.contains("asking for the host's camera"), "{guest}");
-    assert!(guest.contains("releasing the host's camera"), "{guest}");
+    drop(rig);
+
+    let dir = scratch("camera-missing");
+    let rig = melange_tests::Redirected::start_with_host_args(
+        &dir,
+        melange_tests::GuestCodec::Opus(64_000),
+        &["--camera", "no-such-camera"],
+    );
+    wait_status(&rig.guest_pw, "idle");
+    let mut cmd = rig.guest_pw.command("gst-launch-1.0");
+    cmd.args(["-q", "pipewiresrc", "target-object=melange.camera", "!", "video/x-raw,format=I420", "!", "fakesink"]);
+    let mut app = Proc::spawn(cmd, dir.join("app.log"));
+    let status = wait_status(&rig.guest_pw, "the host's camera failed");
+    assert!(
+        rig.host.log_text().contains("cannot capture camera no-such-camera for the guest"),
+        "{}",
+        rig.host.log_text()
+    );
+    eprintln!("status: {status}");
+    assert!(app.try_wait().is_none(), "the app ended: {}", app.log_text());
+    app.stop();
 }

@@ -54,6 +54,9 @@ pub mod codec_bits {
     pub const VP9: u64 = 1 << 11;
     /// AV1.
     pub const AV1: u64 = 1 << 12;
+    /// Raw I420 video frames (the camera where the port is local): each access unit
+    /// is one whole frame, its planes packed without padding.
+    pub const RAW_I420: u64 = 1 << 13;
     /// With [`H264`]: also the profiles beyond High (High 10, High 4:2:2, High 4:4:4
     /// and their intra forms). [`H264`] alone is Constrained Baseline to High, 8-bit
     /// 4:2:0: what every decoder takes, hardware ones included.
@@ -92,6 +95,10 @@ pub mod kind_bits {
     pub const ENCODED_AUDIO: u32 = 1 << 1;
     /// A player's encoded video: [`super::MediaKind::EncodedVideo`], access units.
     pub const ENCODED_VIDEO: u32 = 1 << 2;
+    /// The user's camera, host to guest: [`super::MediaKind::Camera`], access units.
+    /// The host sets it when it has a camera to give (not `--camera none`), the guest
+    /// when it has a virtual camera to show it in.
+    pub const CAMERA: u32 = 1 << 3;
 }
 
 /// What a peer can do.
@@ -266,6 +273,8 @@ pub enum MediaKind {
     EncodedAudio(AudioFormat),
     /// A player's own encoded video: [`AccessUnit`]s.
     EncodedVideo(VideoFormat),
+    /// The user's camera, host to guest: one [`AccessUnit`] a frame.
+    Camera(VideoFormat),
 }
 
 impl MediaKind {
@@ -275,6 +284,7 @@ impl MediaKind {
             MediaKind::Audio(_) => kind_bits::AUDIO,
             MediaKind::EncodedAudio(_) => kind_bits::ENCODED_AUDIO,
             MediaKind::EncodedVideo(_) => kind_bits::ENCODED_VIDEO,
+            MediaKind::Camera(_) => kind_bits::CAMERA,
         }
     }
 
@@ -289,6 +299,7 @@ impl MediaKind {
             MediaKind::Audio(_) => "audio",
             MediaKind::EncodedAudio(_) => "encoded audio",
             MediaKind::EncodedVideo(_) => "encoded video",
+            MediaKind::Camera(_) => "camera",
         }
     }
 }
@@ -347,6 +358,8 @@ pub enum Codec {
     Vp9,
     /// AV1.
     Av1,
+    /// Raw I420 frames, one per access unit (see [`codec_bits::RAW_I420`]).
+    RawI420,
 }
 
 impl Codec {
@@ -364,6 +377,7 @@ impl Codec {
             Codec::Vp8 => codec_bits::VP8,
             Codec::Vp9 => codec_bits::VP9,
             Codec::Av1 => codec_bits::AV1,
+            Codec::RawI420 => codec_bits::RAW_I420,
         }
     }
 
@@ -381,6 +395,7 @@ impl Codec {
             Codec::Vp8 => "vp8",
             Codec::Vp9 => "vp9",
             Codec::Av1 => "av1",
+            Codec::RawI420 => "i420",
         }
     }
 
@@ -398,6 +413,7 @@ impl Codec {
             "vp8" => Codec::Vp8,
             "vp9" => Codec::Vp9,
             "av1" => Codec::Av1,
+            "i420" => Codec::RawI420,
             _ => return None,
         })
     }

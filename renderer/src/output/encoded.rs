@@ -232,7 +232,7 @@ impl EncodedOutput for FramesOutput {
         let data = create_new(&data_path)?;
         let mut sink = FramesSink { path: data_path, index, data, offset: 0, left: self.left.clone(), full: false };
         let (kind, size) = match &desc.open.media {
-            MediaKind::EncodedVideo(v) => (
+            MediaKind::EncodedVideo(v) | MediaKind::Camera(v) => (
                 "video",
                 json!({"width": v.width, "height": v.height,
                 "framerate": [v.framerate_num, v.framerate_den]}),

@@ -53,7 +53,7 @@ fn main() {
         "session.suspend-timeout-seconds" => "0",
     };
     let stream = pw::stream::StreamRc::new(core, "melange-test-camera", props).expect("a stream");
-    let slot = FrameSlot::default();
+    let slot = FrameSlot::new().expect("an eventfd");
     let source = VideoSource::start(stream, main_loop.loop_(), video, slot.clone()).expect("the source");
     let feeder = slot.clone();
     let n = std::cell::Cell::new(0u64);
