@@ -1025,6 +1025,12 @@ mod tests {
             let refused = open(&mut streams, 402, &open_of(MediaKind::EncodedAudio(odd), Codec::Aac, vec![0x11, 0x90]));
             assert!(refused.unwrap_err().contains("no audio melange-host plays"), "{rate} Hz, {channels} channels");
         }
+        // A guest's camera stream, of any codec: the camera only goes host to guest.
+        let camera = VideoFormat { width: 640, height: 360, framerate_num: 30, framerate_den: 1 };
+        for codec in [Codec::RawI420, Codec::Vp8] {
+            let refused = open(&mut streams, 403, &open_of(MediaKind::Camera(camera.clone()), codec, Vec::new()));
+            assert!(refused.unwrap_err().contains("host to the guest"));
+        }
         streams.finish();
         let _ = std::fs::remove_dir_all(&dir);
     }

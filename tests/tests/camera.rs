@@ -231,3 +231,34 @@ fn a_host_without_the_camera_leaves_the_guests_dark_and_says_why() {
     assert!(app.try_wait().is_none(), "the app ended: {}", app.log_text());
     app.stop();
 }
+
+/// A V4L2 app (GStreamer's `v4l2src`, through `pw-v4l2`) gets the host's camera from
+/// "Melange camera" exactly as a PipeWire app does. `pw-v4l2` needs a `/dev/video0` to
+/// exist: a placeholder in a private mount namespace stands in for it.
+#[test]
+fn a_v4l2_app_gets_the_hosts_camera_through_pw_v4l2() {
+    let _serial = serial();
+    let dir = scratch("camera-v4l2");
+    let rig = melange_tests::Redirected::start_with_host_args(
+        &dir,
+        melange_tests::GuestCodec::Opus(64_000),
+        &["--camera", "test-cam"],
+    );
+    let mut camera = test_camera(&rig.host_pw, "test-cam", dir.join("camera.log"));
+    wait_status(&rig.guest_pw, "idle");
+    let out = dir.join("v4l2.yuv");
+    let app = format!(
+        "mount -t tmpfs tmpfs /dev && mknod /dev/video0 c 81 0 && mknod /dev/null c 1 3 && \
+         exec pw-v4l2 gst-launch-1.0 -q v4l2src device=/dev/video0 num-buffers=45 \
+         ! video/x-raw,format=I420,width=640,height=360 ! filesink location={}",
+        out.display()
+    );
+    let mut cmd = rig.guest_pw.command("unshare");
+    cmd.args(["-m", "sh", "-c", &app]);
+    assert!(run_with_timeout(cmd, Duration::from_secs(30)), "the V4L2 app got no 45 frames");
+    let bytes = std::fs::read(&out).expect("the app's file");
+    assert_eq!(bytes.len(), 45 * CALL_FRAME);
+    let frames: Vec<Vec<u8>> = bytes.chunks(CALL_FRAME).map(<[u8]>::to_vec).collect();
+    check_camera_frames(&frames, CALL_FRAME);
+    camera.stop();
+}

@@ -881,6 +881,14 @@ mod tests {
         assert_eq!(decode_control::<StreamOpen>("stream-open", &bytes).unwrap(), open);
         let audio = MediaKind::EncodedAudio(AudioFormat { rate: 44100, channels: 2, positions: vec![3, 4] });
         assert_eq!(encode_control("kind", &audio).unwrap(), [1, 0xC4, 0xD8, 0x02, 2, 2, 3, 4]);
+        // The camera: kind 3, codec 11, capture device 1.
+        let camera = MediaKind::Camera(VideoFormat { width: 640, height: 360, framerate_num: 30, framerate_den: 1 });
+        assert_eq!(encode_control("kind", &camera).unwrap(), [3, 0x80, 0x05, 0xE8, 0x02, 30, 1]);
+        assert_eq!(encode_control("codec", &Codec::RawI420).unwrap(), [11]);
+        let demand = CaptureDemand { device: CaptureDevice::Camera, active: true, frame_us: 0 };
+        assert_eq!(encode_control("capture-demand", &demand).unwrap(), [1, 1, 0]);
+        assert_eq!(codec_bits::RAW_I420, 1 << 13);
+        assert_eq!(kind_bits::CAMERA, 1 << 3);
         let controls = [
             StreamControl::Flush,
             StreamControl::Pause,

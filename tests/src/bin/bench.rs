@@ -54,10 +54,11 @@ enum System {
     Rtp,
     PulseTunnel,
     MelangeOpusPlayer,
+    MelangeCamera,
 }
 
 impl System {
-    const ALL: [System; 7] = [
+    const ALL: [System; 8] = [
         System::MelangeOpus,
         System::MelangeOpusVideo,
         System::MelangeLowLatency,
@@ -65,6 +66,7 @@ impl System {
         System::Rtp,
         System::PulseTunnel,
         System::MelangeOpusPlayer,
+        System::MelangeCamera,
     ];
 
     /// What runs without `--systems`: the audio comparison.
@@ -86,6 +88,7 @@ impl System {
             System::Rtp => "rtp-l16",
             System::PulseTunnel => "pulse-tunnel",
             System::MelangeOpusPlayer => "melange-opus-player",
+            System::MelangeCamera => "melange-camera",
         }
     }
 
@@ -103,6 +106,10 @@ impl System {
                 "Melange, Opus as above, while a playbin player forwards a 720p30 H.264 + AAC clip \
                  (melange-player), against the same player decoding in the guest (one stream only)"
             }
+            System::MelangeCamera => {
+                "the host's camera (melange-test-camera, 640x360 I420 at 30 fps) to a guest app (pipewiresrc) \
+                 through \"Melange camera\", raw: latency from the camera's frame to the app, guest CPU"
+            }
         }
     }
 
@@ -113,7 +120,8 @@ impl System {
             | System::MelangeOpusVideo
             | System::MelangeLowLatency
             | System::MelangePcm
-            | System::MelangeOpusPlayer => "melange",
+            | System::MelangeOpusPlayer
+            | System::MelangeCamera => "melange",
             System::Rtp => "bench-rtp-sink",
             System::PulseTunnel => "bench-tunnel-sink",
         }
@@ -127,6 +135,7 @@ impl System {
                 | System::MelangeLowLatency
                 | System::MelangePcm
                 | System::MelangeOpusPlayer
+                | System::MelangeCamera
         )
     }
 }
@@ -311,11 +320,13 @@ fn setup(system: System, dir: &Path, index: usize) -> Result<Setup, String> {
     let guest = PipeWire::start(&dir.join("guest"));
     let sock = dir.join("port.sock");
     let (guest_side, host_side) = match system {
+        // (melange-camera is measured by measure_camera, with a session of its own.)
         System::MelangeOpus
         | System::MelangeOpusVideo
         | System::MelangeLowLatency
         | System::MelangePcm
-        | System::MelangeOpusPlayer => {
+        | System::MelangeOpusPlayer
+        | System::MelangeCamera => {
             let listen = format!("unix:{}", sock.display());
             let frames = format!("frames:{}", dir.join("frames").display());
             let video = if system == System::MelangeOpusPlayer { frames.as_str() } else { "null" };
@@ -685,6 +696,99 @@ fn svg(results: &[(System, Vec<f64>)]) -> String {
     s
 }
 
+/// What `melange-camera` measures.
+struct CameraFigures {
+    /// From the test camera putting a frame to the guest app reading it, each frame after
+    /// the first second.
+    latencies_ms: Vec<f64>,
+    /// Frame numbers the app never got, between its first and last.
+    skipped: u64,
+    fps: f64,
+    /// The guest module's process, melange-host and the app, % of one core.
+    guest_cpu_pct: f64,
+    host_cpu_pct: f64,
+    app_cpu_pct: f64,
+}
+
+/// The host's camera to a guest app, raw (see [`System::MelangeCamera`]): the app
+/// reads frames from a pipe as `pipewiresrc ... ! fdsink` writes them, and each frame's
+/// number (its first 8 bytes) finds when the camera put it (`melange-test-camera
+/// --times`); both sides share `CLOCK_MONOTONIC`.
+fn measure_camera(seconds: f64, dir: &Path) -> Result<CameraFigures, String> {
+    use std::io::Read;
+    const FRAME: usize = 640 * 360 * 3 / 2;
+    let dir = dir.join("melange-camera");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let host = PipeWire::start(&dir.join("host"));
+    let guest = PipeWire::start(&dir.join("guest"));
+    let times = dir.join("camera-times.txt");
+    let mut cmd = host.command(melange_tests::bin("melange-test-camera"));
+    cmd.args(["--name", "bench-cam", "--times"]).arg(&times);
+    let mut camera = Proc::spawn(cmd, dir.join("camera.log"));
+    camera.wait_for_log("melange-test-camera: bench-cam", Duration::from_secs(10));
+    let sock = dir.join("port.sock");
+    let listen = format!("unix:{}", sock.display());
+    let host_side = start_host(&["--listen", &listen, "--output", "null", "--camera", "bench-cam"], Some(&host), &dir);
+    wait_until(Duration::from_secs(10), || sock.exists().then_some(())).ok_or("melange-host did not start")?;
+    let mut g = start_guest_with(
+        &guest,
+        &format!("unix:{}", sock.display()),
+        GuestCodec::Opus(128_000),
+        &[],
+        dir.join("guest.log"),
+    );
+    g.wait_for_log("connected to melange-host", Duration::from_secs(10));
+    let module = child_named(g.pid(), "pipewire");
+    let mut app = guest
+        .command("gst-launch-1.0")
+        .args(["-q", "pipewiresrc", "target-object=melange.camera", "!"])
+        .args(["video/x-raw,format=I420,width=640,height=360", "!", "fdsink", "fd=1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the app: {e}"))?;
+    let mut out = app.stdout.take().ok_or("the app has no stdout")?;
+    let mut frame = vec![0u8; FRAME];
+    let mut arrivals: Vec<(u64, u64)> = Vec::new();
+    let started = Instant::now();
+    let mut cpu0 = None;
+    while started.elapsed().as_secs_f64() < seconds {
+        out.read_exact(&mut frame).map_err(|e| format!("the app's frames ended: {e}"))?;
+        let at = melange_shim::clock::monotonic_ns();
+        let n = u64::from_le_bytes(frame[..8].try_into().map_err(|_| "a short frame")?);
+        if started.elapsed() >= Duration::from_secs(1) {
+            if cpu0.is_none() {
+                cpu0 = Some((cpu_seconds(module), cpu_seconds(host_side.pid()), cpu_seconds(app.id()), Instant::now()));
+            }
+            arrivals.push((n, at));
+        }
+    }
+    let (m0, h0, a0, t0) = cpu0.ok_or("no frames after the first second")?;
+    let secs = t0.elapsed().as_secs_f64();
+    let pct = |now: f64, then: f64| (now - then) / secs * 100.0;
+    let (guest_cpu_pct, host_cpu_pct, app_cpu_pct) =
+        (pct(cpu_seconds(module), m0), pct(cpu_seconds(host_side.pid()), h0), pct(cpu_seconds(app.id()), a0));
+    let _ = app.kill();
+    let _ = app.wait();
+    camera.stop();
+    let put: std::collections::HashMap<u64, u64> = std::fs::read_to_string(&times)
+        .map_err(|e| e.to_string())?
+        .lines()
+        .filter_map(|l| l.split_once(' ').and_then(|(n, t)| Some((n.parse().ok()?, t.parse().ok()?))))
+        .collect();
+    let latencies_ms: Vec<f64> =
+        arrivals.iter().filter_map(|(n, at)| put.get(n).map(|p| at.saturating_sub(*p) as f64 / 1e6)).collect();
+    let (first, last) = (arrivals.first().map_or(0, |a| a.0), arrivals.last().map_or(0, |a| a.0));
+    let skipped = (last + 1).saturating_sub(first).saturating_sub(arrivals.len() as u64);
+    Ok(CameraFigures {
+        latencies_ms,
+        skipped,
+        fps: arrivals.len() as f64 / secs,
+        guest_cpu_pct,
+        host_cpu_pct,
+        app_cpu_pct,
+    })
+}
+
 fn run(args: Args) -> Result<(), String> {
     let Args { seconds, streams: counts, systems, json, svg: svg_file } = args;
     if seconds.is_nan() || seconds < 6.0 {
@@ -700,7 +804,13 @@ fn run(args: Args) -> Result<(), String> {
 
     let mut results = Vec::new();
     let mut index = 0;
+    let mut camera = None;
     for &system in &systems {
+        if system == System::MelangeCamera {
+            eprintln!("melange-bench: {}, {seconds} s ...", system.name());
+            camera = Some(measure_camera(seconds, &dir).map_err(|e| format!("{}: {e}", system.name()))?);
+            continue;
+        }
         let mut runs = Vec::new();
         for &n in &counts {
             eprintln!("melange-bench: {} with {n} stream(s), {seconds} s ...", system.name());
@@ -711,16 +821,20 @@ fn run(args: Args) -> Result<(), String> {
         results.push((system, runs));
     }
 
-    println!(
-        "{:<20} {:>8} {:>8} {:>9} {:>12} {:>8}  {}",
-        "system",
-        "p50 ms",
-        "p99 ms",
-        "quality",
-        "bytes/s",
-        "underrun",
-        counts.iter().map(|n| format!("cpu%/stream x{n}")).collect::<Vec<_>>().join("  ")
-    );
+    if results.is_empty() {
+        // Only the camera: its own line below.
+    } else {
+        println!(
+            "{:<20} {:>8} {:>8} {:>9} {:>12} {:>8}  {}",
+            "system",
+            "p50 ms",
+            "p99 ms",
+            "quality",
+            "bytes/s",
+            "underrun",
+            counts.iter().map(|n| format!("cpu%/stream x{n}")).collect::<Vec<_>>().join("  ")
+        );
+    }
     let mut objects = Vec::new();
     let mut plot = Vec::new();
     for (system, runs) in &results {
@@ -756,11 +870,13 @@ fn run(args: Args) -> Result<(), String> {
         }));
         plot.push((*system, one.latencies_ms));
     }
-    println!(
-        "(latency: app to host output on one clock, after {SETTLE_S} s; bytes/s per stream at {} stream(s); \
-         cpu: guest-side process, % of one core per stream)",
-        counts.first().copied().unwrap_or(1)
-    );
+    if !results.is_empty() {
+        println!(
+            "(latency: app to host output on one clock, after {SETTLE_S} s; bytes/s per stream at {} stream(s); \
+             cpu: guest-side process, % of one core per stream)",
+            counts.first().copied().unwrap_or(1)
+        );
+    }
     for (system, runs) in &results {
         for (n, r) in runs {
             let Some(p) = &r.player else { continue };
@@ -784,6 +900,32 @@ fn run(args: Args) -> Result<(), String> {
                 p.frames_shown
             );
         }
+    }
+    if let Some(c) = &camera {
+        let (p50, p99) = (percentile(&c.latencies_ms, 0.5), percentile(&c.latencies_ms, 0.99));
+        println!(
+            "melange-camera: 640x360 I420 at 30 fps, raw: camera frame to guest app p50 {p50:.1} ms, p99 {p99:.1} ms \
+             over {} frames ({} skipped, {:.1} fps); guest module {:.1} % of a core, melange-host {:.1} %, \
+             the app (pipewiresrc) {:.1} %",
+            c.latencies_ms.len(),
+            c.skipped,
+            c.fps,
+            c.guest_cpu_pct,
+            c.host_cpu_pct,
+            c.app_cpu_pct
+        );
+        objects.push(json!({
+            "system": System::MelangeCamera.name(),
+            "description": System::MelangeCamera.describe(),
+            "latency_ms_p50": p50,
+            "latency_ms_p99": p99,
+            "latency_samples": c.latencies_ms.len(),
+            "frames_skipped": c.skipped,
+            "fps": c.fps,
+            "guest_cpu_pct": c.guest_cpu_pct,
+            "host_cpu_pct": c.host_cpu_pct,
+            "app_cpu_pct": c.app_cpu_pct,
+        }));
     }
     let text = serde_json::to_string_pretty(&objects).map_err(|e| e.to_string())?;
     std::fs::write(&json_path, text + "\n").map_err(|e| format!("{}: {e}", json_path.display()))?;

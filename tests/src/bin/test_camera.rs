@@ -3,7 +3,8 @@
 //! (little-endian) and every other byte a function of `n` and its offset
 //! ([`frame`]), so a consumer can tell order, loss and corruption apart.
 //!
-//! Runs until killed; prints one line once the node exists.
+//! Runs until killed; prints one line once the node exists. With `--times FILE` it
+//! writes a line `N NS` as it puts frame N, NS on `CLOCK_MONOTONIC` (for latency).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -25,6 +26,9 @@ struct Args {
     height: u32,
     #[arg(long, default_value_t = 30)]
     fps: u32,
+    /// Writes `N NS` for each frame put: its number and the time, ns on CLOCK_MONOTONIC.
+    #[arg(long)]
+    times: Option<std::path::PathBuf>,
 }
 
 /// Frame `n` of `video`: see the module docs.
@@ -57,9 +61,15 @@ fn main() {
     let source = VideoSource::start(stream, main_loop.loop_(), video, slot.clone()).expect("the source");
     let feeder = slot.clone();
     let n = std::cell::Cell::new(0u64);
-    // A frame ready for each cycle: the timer below runs on the same loop as the source's.
+    let times = args.times.as_ref().map(|p| std::fs::File::create(p).expect("the --times file"));
+    // A frame at each tick, on the source's own loop.
     let timer = main_loop.loop_().add_timer(move |_| {
-        feeder.put(frame(video, n.get()));
+        let f = frame(video, n.get());
+        if let Some(mut t) = times.as_ref() {
+            use std::io::Write;
+            let _ = writeln!(t, "{} {}", n.get(), melange_shim::clock::monotonic_ns());
+        }
+        feeder.put(f);
         n.set(n.get() + 1);
     });
     timer.update_timer(Some(video.interval() / 2), Some(video.interval())).into_result().expect("a timer");
