@@ -5,8 +5,9 @@
 //! app captures ([`CameraReceiver::set_wanted`]); the link tells the host
 //! (`CaptureDemand { device: Camera }`) at every change and at the start of every
 //! session. The host answers with a camera stream of its own: one access unit a frame,
-//! raw I420 at the size the virtual camera offers. [`CameraReceiver`] checks the
-//! stream and every frame and hands whole frames to the node ([`CameraFeed::frames`]).
+//! raw I420 at the size the virtual camera offers, or VP8 or H.264 (`--camera-codec`)
+//! for the [`CameraSink`] to decode. [`CameraReceiver`] checks the stream and every
+//! raw frame and hands them to the sink.
 //! What the node should say about it is [`CameraReceiver::status`]: why no frames
 //! come, or that they do.
 //!
@@ -18,14 +19,40 @@ use std::sync::{Arc, Mutex};
 
 use melange_transport::message::{AccessUnit, Capabilities, Codec, MediaKind, StreamOpen, VideoFormat};
 
+/// What shows the host's frames: the virtual camera, behind a decoder for encoded
+/// streams. Called on the guest thread, in order.
+pub trait CameraSink: Send {
+    /// The codecs of encoded camera streams it decodes, as `codec_bits`.
+    fn decodes(&self) -> u64;
+    /// A stream of `codec` starts: raw I420, or one of [`CameraSink::decodes`]. The
+    /// error says why it cannot be shown.
+    fn start(&mut self, codec: &Codec) -> Result<(), String>;
+    /// A frame: raw I420 of the feed's size, or an access unit of the started codec.
+    /// False when the decoder lost its way and needs a keyframe.
+    fn frame(&mut self, au: AccessUnit) -> bool;
+    /// The stream ended.
+    fn stop(&mut self);
+}
+
 /// Where the host's frames go, and where the camera's status is told.
 pub struct CameraFeed {
     /// The one picture format the virtual camera offers (raw I420).
     pub video: VideoFormat,
-    /// Called with every whole frame, in order, on the guest thread.
-    pub frames: Box<dyn FnMut(Vec<u8>) + Send>,
+    /// Shows the frames.
+    pub sink: Box<dyn CameraSink>,
     /// What the node says ([`CameraReceiver::status`]), updated at every change.
     pub status: Arc<Mutex<String>>,
+}
+
+/// What became of a frame of the camera's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Handed to the sink.
+    Shown,
+    /// Not a frame of the offered size: dropped, counted.
+    Refused,
+    /// Handed on, and the decoder needs a keyframe: ask the host.
+    WantKeyframe,
 }
 
 impl std::fmt::Debug for CameraFeed {
@@ -48,8 +75,8 @@ pub struct CameraReceiver {
     wanted: bool,
     /// `None` without a session; then whether the host has a camera to give.
     host_has_camera: Option<bool>,
-    /// The host's camera stream, while open.
-    stream: Option<u32>,
+    /// The host's camera stream, while open, and its codec.
+    stream: Option<(u32, Codec)>,
     /// Why the host's last camera stream ended while it was still wanted.
     failure: Option<String>,
     /// Frames handed to the node, and refused (of the wrong size), this run.
@@ -86,7 +113,9 @@ impl CameraReceiver {
     /// A session is established with a host of `capabilities`.
     pub fn connected(&mut self, capabilities: &Capabilities) {
         self.host_has_camera = Some(capabilities.kinds & melange_transport::message::kind_bits::CAMERA != 0);
-        self.stream = None;
+        if self.stream.take().is_some() {
+            self.feed.sink.stop();
+        }
         self.failure = None;
         self.publish();
     }
@@ -94,7 +123,9 @@ impl CameraReceiver {
     /// The session ended: its stream with it.
     pub fn disconnected(&mut self) {
         self.host_has_camera = None;
-        self.stream = None;
+        if self.stream.take().is_some() {
+            self.feed.sink.stop();
+        }
         self.publish();
     }
 
@@ -103,8 +134,32 @@ impl CameraReceiver {
         let MediaKind::Camera(video) = &open.media else {
             return Err(format!("a host stream of {} is no camera", open.media.name()));
         };
-        if open.codec != Codec::RawI420 {
-            return Err(format!("the guest's camera takes raw I420 frames, not {}", open.codec.name()));
+        if let Some((old, _)) = self.stream {
+            return Err(format!("the host's camera already arrives as stream {old}"));
+        }
+        let checked = self.check(video, &open.codec).and_then(|()| self.feed.sink.start(&open.codec));
+        if let Err(why) = checked {
+            self.failure = Some(why.clone());
+            self.publish();
+            return Err(why);
+        }
+        self.stream = Some((stream, open.codec.clone()));
+        self.failure = None;
+        self.publish();
+        Ok(())
+    }
+
+    fn check(&self, video: &VideoFormat, codec: &Codec) -> Result<(), String> {
+        if *codec != Codec::RawI420 && self.feed.sink.decodes() & codec.bit() == 0 {
+            return Err(format!(
+                "the guest's camera cannot decode {} (raw I420{} only here)",
+                codec.name(),
+                ["vp8", "h264"]
+                    .into_iter()
+                    .filter(|c| Codec::from_name(c).is_some_and(|c| self.feed.sink.decodes() & c.bit() != 0))
+                    .map(|c| format!(", {c}"))
+                    .collect::<String>()
+            ));
         }
         if (video.width, video.height) != (self.feed.video.width, self.feed.video.height) {
             return Err(format!(
@@ -112,24 +167,19 @@ impl CameraReceiver {
                 self.feed.video.width, self.feed.video.height, video.width, video.height
             ));
         }
-        if let Some(old) = self.stream {
-            return Err(format!("the host's camera already arrives as stream {old}"));
-        }
-        self.stream = Some(stream);
-        self.failure = None;
-        self.publish();
         Ok(())
     }
 
     /// True if `stream` is the camera's.
     pub fn is_camera(&self, stream: u32) -> bool {
-        self.stream == Some(stream)
+        self.stream.as_ref().is_some_and(|(s, _)| *s == stream)
     }
 
-    /// A frame of the camera's stream: handed on if whole, else counted and dropped
-    /// (false).
-    pub fn unit(&mut self, au: AccessUnit) -> bool {
-        if au.data.len() != i420_bytes(&self.feed.video) {
+    /// A frame of the camera's stream: raw frames are handed on if whole, else counted
+    /// and dropped; encoded ones go to the sink's decoder.
+    pub fn unit(&mut self, au: AccessUnit) -> Delivery {
+        let raw = self.stream.as_ref().is_some_and(|(_, c)| *c == Codec::RawI420);
+        if raw && au.data.len() != i420_bytes(&self.feed.video) {
             self.refused += 1;
             if self.refused.is_power_of_two() {
                 log::warn!(
@@ -139,19 +189,23 @@ impl CameraReceiver {
                     self.refused
                 );
             }
-            return false;
+            return Delivery::Refused;
         }
         self.delivered += 1;
-        (self.feed.frames)(au.data);
-        true
+        if self.feed.sink.frame(au) {
+            Delivery::Shown
+        } else {
+            Delivery::WantKeyframe
+        }
     }
 
     /// The host ended `stream`; true if it was the camera's.
     pub fn close(&mut self, stream: u32, reason: &str) -> bool {
-        if self.stream != Some(stream) {
+        if !self.is_camera(stream) {
             return false;
         }
         self.stream = None;
+        self.feed.sink.stop();
         if self.wanted {
             self.failure = Some(reason.to_owned());
         }
@@ -198,15 +252,29 @@ mod tests {
     /// Frames as the node got them.
     type Got = Arc<Mutex<Vec<Vec<u8>>>>;
 
+    /// A sink that keeps what it gets, decodes VP8 (by keeping it too), and wants a
+    /// keyframe after a unit of one byte.
+    struct Keep(Got);
+
+    impl CameraSink for Keep {
+        fn decodes(&self) -> u64 {
+            melange_transport::message::codec_bits::VP8
+        }
+        fn start(&mut self, _: &Codec) -> Result<(), String> {
+            Ok(())
+        }
+        fn frame(&mut self, au: AccessUnit) -> bool {
+            let lost = au.data.len() == 1;
+            self.0.lock().unwrap().push(au.data);
+            !lost
+        }
+        fn stop(&mut self) {}
+    }
+
     fn receiver() -> (CameraReceiver, Got, Arc<Mutex<String>>) {
         let got = Arc::new(Mutex::new(Vec::new()));
         let status = Arc::new(Mutex::new(String::new()));
-        let sink = got.clone();
-        let feed = CameraFeed {
-            video: VIDEO,
-            frames: Box::new(move |f| sink.lock().unwrap().push(f)),
-            status: status.clone(),
-        };
+        let feed = CameraFeed { video: VIDEO, sink: Box::new(Keep(got.clone())), status: status.clone() };
         (CameraReceiver::new(feed), got, status)
     }
 
@@ -251,18 +319,24 @@ mod tests {
         let wrong_size = VideoFormat { width: 640, ..VIDEO };
         assert!(cam.open(1, &open(MediaKind::Camera(wrong_size), Codec::RawI420)).is_err());
         assert!(cam.open(1, &open(MediaKind::EncodedVideo(VIDEO), Codec::RawI420)).is_err());
-        assert!(cam.open(1, &open(MediaKind::Camera(VIDEO), Codec::Vp8)).is_err());
+        let h264 = cam.open(1, &open(MediaKind::Camera(VIDEO), Codec::H264)).unwrap_err();
+        assert!(h264.contains("cannot decode h264 (raw I420, vp8 only here)"), "{h264}");
         cam.open(2, &open(MediaKind::Camera(VIDEO), Codec::RawI420)).unwrap();
         assert!(cam.open(3, &open(MediaKind::Camera(VIDEO), Codec::RawI420)).is_err(), "one camera stream");
         let whole = i420_bytes(&VIDEO);
         assert_eq!(whole, 64 * 36 * 3 / 2);
-        assert!(cam.unit(frame(whole, 1)));
-        assert!(!cam.unit(frame(whole - 1, 2)));
-        assert!(!cam.unit(frame(whole + 1, 3)));
-        assert!(!cam.unit(frame(0, 4)));
-        assert!(cam.unit(frame(whole, 5)));
-        let got = got.lock().unwrap();
-        assert_eq!(got.iter().map(|f| f[0]).collect::<Vec<_>>(), [1, 5]);
+        assert_eq!(cam.unit(frame(whole, 1)), Delivery::Shown);
+        assert_eq!(cam.unit(frame(whole - 1, 2)), Delivery::Refused);
+        assert_eq!(cam.unit(frame(whole + 1, 3)), Delivery::Refused);
+        assert_eq!(cam.unit(frame(0, 4)), Delivery::Refused);
+        assert_eq!(cam.unit(frame(whole, 5)), Delivery::Shown);
+        assert_eq!(got.lock().unwrap().iter().map(|f| f[0]).collect::<Vec<_>>(), [1, 5]);
         assert_eq!(cam.delivered(), 2);
+        // An encoded stream's units go to the decoder whatever their size.
+        assert!(cam.close(2, "done"));
+        cam.open(3, &open(MediaKind::Camera(VIDEO), Codec::Vp8)).unwrap();
+        assert_eq!(cam.unit(frame(100, 6)), Delivery::Shown);
+        assert_eq!(cam.unit(frame(1, 7)), Delivery::WantKeyframe);
+        assert_eq!(got.lock().unwrap().len(), 4);
     }
 }

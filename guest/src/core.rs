@@ -614,8 +614,11 @@ impl GuestCore {
                 self.events.push_back(CoreEvent::Broker(BrokerNote::KeyframeRequest(stream)));
             }
             Event::AccessUnit { stream, au } => {
-                if let Some(camera) = self.camera.as_mut().filter(|c| c.is_camera(stream)) {
-                    camera.unit(au);
+                let Some(camera) = self.camera.as_mut().filter(|c| c.is_camera(stream)) else { return };
+                if camera.unit(au) == crate::camera::Delivery::WantKeyframe {
+                    if let Some(s) = &mut self.session {
+                        let _ = s.send_stream_control(stream, StreamControl::KeyframeRequest);
+                    }
                 }
             }
             Event::StreamControl { .. } => {}

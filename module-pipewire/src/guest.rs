@@ -116,10 +116,9 @@ impl Guest {
         let (mic_feed, mic_core) = mic_ring(&config);
         let camera_frames = FrameSlot::new().map_err(|e| format!("cannot make the camera's frame slot: {e}"))?;
         let camera_status = Arc::new(Mutex::new(String::new()));
-        let slot = camera_frames.clone();
         let camera_feed = CameraFeed {
             video: crate::camera::camera_format(),
-            frames: Box::new(move |frame| slot.put(frame)),
+            sink: Box::new(crate::camera_sink::ModuleCameraSink::new(camera_frames.clone())),
             status: camera_status.clone(),
         };
         let link = GuestThread::spawn(GuestConfig {

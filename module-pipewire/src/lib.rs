@@ -16,6 +16,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 mod camera;
+mod camera_sink;
 pub mod config;
 mod guest;
 mod mic;

@@ -11,9 +11,11 @@
 //! ```
 //!
 //! Each frame is copied off the streaming thread into a short queue, the session
-//! thread is woken, and the frame goes to the guest whole, raw, as one access unit of
-//! the camera stream ([`CAMERA_VIDEO`]). A camera that already gives I420 at that size
-//! passes through unconverted, byte for byte.
+//! thread is woken, and the frame goes to the guest whole, as one access unit of the
+//! camera stream ([`CAMERA_VIDEO`]): raw by default (a camera that already gives I420
+//! at that size passes through byte for byte), or encoded with `--camera-codec`
+//! (`vp8enc` or `x264enc`/`openh264enc` after the caps filter, real-time settings, a
+//! keyframe at least every 2 s and whenever the guest or a dropped frame asks).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -26,6 +28,65 @@ use melange_transport::port::Waker;
 
 /// What the guest's camera shows: raw I420, the common video-call size and rate.
 pub const CAMERA_VIDEO: VideoFormat = VideoFormat { width: 640, height: 360, framerate_num: 30, framerate_den: 1 };
+/// Bits per second of an encoded camera stream: 640x360 at 30 fps, a video call's rate.
+pub const CAMERA_BITRATE: u32 = 2_000_000;
+/// Frames between keyframes at most (2 s).
+const KEYFRAME_DISTANCE: u32 = 60;
+
+/// `--camera-codec`: how the camera's frames go to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CameraCodec {
+    /// Raw I420, 10.4 MB/s: where the port is local.
+    Raw,
+    /// VP8 at [`CAMERA_BITRATE`], decoded in the guest.
+    Vp8,
+    /// H.264 Constrained Baseline at [`CAMERA_BITRATE`], decoded in the guest.
+    H264,
+}
+
+impl FromStr for CameraCodec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "raw" => Ok(CameraCodec::Raw),
+            "vp8" => Ok(CameraCodec::Vp8),
+            "h264" => Ok(CameraCodec::H264),
+            other => Err(format!("--camera-codec takes raw, vp8 or h264, not {other:?}")),
+        }
+    }
+}
+
+impl CameraCodec {
+    /// The protocol's codec.
+    pub fn codec(self) -> Codec {
+        match self {
+            CameraCodec::Raw => Codec::RawI420,
+            CameraCodec::Vp8 => Codec::Vp8,
+            CameraCodec::H264 => Codec::H264,
+        }
+    }
+
+    /// The GStreamer encoder used, the first of these found.
+    fn encoders(self) -> &'static [&'static str] {
+        match self {
+            CameraCodec::Raw => &[],
+            CameraCodec::Vp8 => &["vp8enc"],
+            CameraCodec::H264 => &["x264enc", "openh264enc"],
+        }
+    }
+}
+
+impl std::fmt::Display for CameraCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CameraCodec::Raw => f.write_str("raw I420"),
+            CameraCodec::Vp8 => write!(f, "VP8 {} kbit/s", CAMERA_BITRATE / 1000),
+            CameraCodec::H264 => write!(f, "H.264 {} kbit/s", CAMERA_BITRATE / 1000),
+        }
+    }
+}
+
 /// Frames waiting for the session thread; beyond it the newest is dropped (the
 /// session thread is late by more than 100 ms).
 const QUEUE: usize = 3;
@@ -71,9 +132,9 @@ pub fn frame_bytes() -> usize {
     w * h + 2 * (w.div_ceil(2) * h.div_ceil(2))
 }
 
-/// Whether this machine can capture a camera at all: GStreamer and its PipeWire
-/// source are there. The error says what to install.
-pub fn available() -> Result<(), String> {
+/// Whether this machine can capture a camera and send it as `codec`: GStreamer, its
+/// PipeWire source and the encoder are there. The error says what to install.
+pub fn available(codec: CameraCodec) -> Result<(), String> {
     crate::decode::init()?;
     for element in ["pipewiresrc", "videoconvert", "videoscale", "videorate", "appsink"] {
         if gst::ElementFactory::find(element).is_none() {
@@ -82,14 +143,78 @@ pub fn available() -> Result<(), String> {
             ));
         }
     }
+    let encoders = codec.encoders();
+    if !encoders.is_empty() && !encoders.iter().any(|e| gst::ElementFactory::find(e).is_some()) {
+        return Err(format!(
+            "GStreamer has no {} here for --camera-codec (install gstreamer1.0-plugins-good for VP8, \
+             gstreamer1.0-plugins-ugly or -bad for H.264)",
+            encoders.join(" or ")
+        ));
+    }
     Ok(())
 }
 
+/// The encoder for `codec` (not raw), set for a live call, and the caps after it.
+fn encoder(codec: CameraCodec) -> Result<(gst::Element, Option<gst::Caps>), String> {
+    let name = codec
+        .encoders()
+        .iter()
+        .find(|e| gst::ElementFactory::find(e).is_some())
+        .ok_or_else(|| format!("no encoder for {codec}"))?;
+    let e = gst::ElementFactory::make(name).build().map_err(|e| format!("cannot make GStreamer's {name}: {e}"))?;
+    let set = |k: &str, v: &str| {
+        if e.find_property(k).is_some() {
+            e.set_property_from_str(k, v);
+        }
+    };
+    let (bitrate, kbit, distance) =
+        (CAMERA_BITRATE.to_string(), (CAMERA_BITRATE / 1000).to_string(), KEYFRAME_DISTANCE.to_string());
+    let caps = match *name {
+        "vp8enc" => {
+            set("deadline", "1");
+            set("cpu-used", "8");
+            set("end-usage", "cbr");
+            set("target-bitrate", &bitrate);
+            set("keyframe-max-dist", &distance);
+            set("lag-in-frames", "0");
+            set("threads", "2");
+            set("error-resilient", "default");
+            None
+        }
+        "x264enc" => {
+            set("tune", "zerolatency");
+            set("speed-preset", "ultrafast");
+            set("bitrate", &kbit);
+            set("key-int-max", &distance);
+            set("byte-stream", "true");
+            Some(
+                gst::Caps::builder("video/x-h264")
+                    .field("profile", "constrained-baseline")
+                    .field("stream-format", "byte-stream")
+                    .field("alignment", "au")
+                    .build(),
+            )
+        }
+        _ => {
+            set("bitrate", &bitrate);
+            set("gop-size", &distance);
+            set("rate-control", "bitrate");
+            Some(
+                gst::Caps::builder("video/x-h264")
+                    .field("stream-format", "byte-stream")
+                    .field("alignment", "au")
+                    .build(),
+            )
+        }
+    };
+    Ok((e, caps))
+}
+
 /// The announcement of the camera stream to the guest.
-pub fn stream_open() -> StreamOpen {
+pub fn stream_open(codec: CameraCodec) -> StreamOpen {
     StreamOpen {
         media: MediaKind::Camera(CAMERA_VIDEO),
-        codec: Codec::RawI420,
+        codec: codec.codec(),
         frame_samples: 0,
         app: AppInfo { name: "Camera".into(), role: "Camera".into(), ..AppInfo::default() },
         codec_data: Vec::new(),
@@ -100,16 +225,20 @@ pub fn stream_open() -> StreamOpen {
 /// `CLOCK_MONOTONIC`.
 #[derive(Debug)]
 pub struct Captured {
-    /// [`frame_bytes`] of I420.
+    /// [`frame_bytes`] of I420, or the encoded frame.
     pub data: Vec<u8>,
     /// ns.
     pub at_ns: u64,
+    /// Decodable on its own (every raw frame is).
+    pub keyframe: bool,
 }
 
 /// A running capture. Dropping it stops the camera (off the caller's thread).
 pub struct CameraCapture {
     pipeline: gst::Pipeline,
     source: gst::Element,
+    /// Where keyframe requests go in (upstream from here), for an encoded stream.
+    sink: Option<gst::Element>,
     frames: crossbeam_channel::Receiver<Captured>,
     /// The starting thread's word: pipewiresrc's start waits until a camera is linked,
     /// forever if there is none.
@@ -123,14 +252,15 @@ impl std::fmt::Debug for CameraCapture {
 }
 
 impl CameraCapture {
-    /// Starts capturing `spec` (not [`CameraSpec::None`]); each frame wakes `waker`.
-    pub fn open(spec: &CameraSpec, waker: Waker) -> Result<Self, String> {
+    /// Starts capturing `spec` (not [`CameraSpec::None`]) as `codec`; each frame wakes
+    /// `waker`.
+    pub fn open(spec: &CameraSpec, codec: CameraCodec, waker: Waker) -> Result<Self, String> {
         let target = match spec {
             CameraSpec::None => return Err("no camera (--camera none)".into()),
             CameraSpec::Default => None,
             CameraSpec::Named(n) => Some(n.as_str()),
         };
-        available()?;
+        available(codec)?;
         let make = |name: &str| {
             gst::ElementFactory::make(name).build().map_err(|e| format!("cannot make GStreamer's {name}: {e}"))
         };
@@ -163,14 +293,30 @@ impl CameraCapture {
             .build();
         let max_rate = CAMERA_VIDEO.framerate_num / CAMERA_VIDEO.framerate_den.max(1);
         rate.set_property("max-rate", max_rate as i32);
-        let sink = gst_app::AppSink::builder().caps(&caps).sync(false).max_buffers(2).drop(true).build();
+        let filter = make("capsfilter")?;
+        filter.set_property("caps", &caps);
+        let mut elements = vec![source.clone(), convert, scale, rate, filter];
+        let mut sink_caps = caps;
+        if codec != CameraCodec::Raw {
+            let (enc, enc_caps) = encoder(codec)?;
+            elements.push(enc);
+            if let Some(c) = enc_caps {
+                let f = make("capsfilter")?;
+                f.set_property("caps", &c);
+                elements.push(f);
+                sink_caps = c;
+            } else {
+                sink_caps = gst::Caps::new_any();
+            }
+        }
+        let sink = gst_app::AppSink::builder().caps(&sink_caps).sync(false).max_buffers(2).drop(true).build();
+        elements.push(sink.clone().upcast());
         let pipeline = gst::Pipeline::with_name("melange-camera");
-        let elements = [&source, &convert, &scale, &rate, sink.upcast_ref()];
-        pipeline.add_many(elements).map_err(|e| e.to_string())?;
-        gst::Element::link_many(elements).map_err(|e| format!("cannot link the camera's pipeline: {e}"))?;
+        pipeline.add_many(&elements).map_err(|e| e.to_string())?;
+        gst::Element::link_many(&elements).map_err(|e| format!("cannot link the camera's pipeline: {e}"))?;
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
         let waker = Arc::new(waker);
-        let expected = frame_bytes();
+        let expected = (codec == CameraCodec::Raw).then(frame_bytes);
         sink.set_callbacks(
             gst_app::AppSinkCallbacks::builder()
                 .new_sample(move |sink| {
@@ -178,9 +324,10 @@ impl CameraCapture {
                     let Some(buffer) = sample.buffer() else { return Ok(gst::FlowSuccess::Ok) };
                     let Ok(map) = buffer.map_readable() else { return Ok(gst::FlowSuccess::Ok) };
                     // Default strides at this size pack the planes; anything else is not a frame.
-                    if map.len() == expected {
+                    if expected.is_none_or(|e| map.len() == e) && !map.is_empty() {
                         let at_ns = melange_shim::clock::monotonic_ns();
-                        if tx.try_send(Captured { data: map.to_vec(), at_ns }).is_ok() {
+                        let keyframe = !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT);
+                        if tx.try_send(Captured { data: map.to_vec(), at_ns, keyframe }).is_ok() {
                             waker.wake();
                         }
                     }
@@ -200,7 +347,17 @@ impl CameraCapture {
                 let _ = started_tx.send(result);
             })
             .map_err(|e| format!("cannot start the camera's thread: {e}"))?;
-        Ok(Self { pipeline, source, frames: rx, started })
+        let sink = (codec != CameraCodec::Raw).then(|| sink.upcast());
+        Ok(Self { pipeline, source, sink, frames: rx, started })
+    }
+
+    /// Asks the encoder for a keyframe (the guest lost one, or a frame was dropped);
+    /// nothing for raw frames, every one of which is a keyframe.
+    pub fn request_keyframe(&self) {
+        if let Some(sink) = &self.sink {
+            let s = gst::Structure::builder("GstForceKeyUnit").field("all-headers", true).build();
+            sink.send_event(gst::event::CustomUpstream::new(s));
+        }
     }
 
     /// The frames captured since the last call, oldest first, or why the capture
@@ -263,9 +420,19 @@ mod tests {
     }
 
     #[test]
+    fn parses_camera_codecs() {
+        assert_eq!("raw".parse(), Ok(CameraCodec::Raw));
+        assert_eq!("vp8".parse(), Ok(CameraCodec::Vp8));
+        assert_eq!("h264".parse(), Ok(CameraCodec::H264));
+        assert!("VP8".parse::<CameraCodec>().is_err());
+        assert!("".parse::<CameraCodec>().is_err());
+        assert_eq!(CameraCodec::H264.codec(), Codec::H264);
+    }
+
+    #[test]
     fn a_frame_is_the_packed_i420_of_the_cameras_size() {
         assert_eq!(frame_bytes(), 640 * 360 * 3 / 2);
-        let open = stream_open();
+        let open = stream_open(CameraCodec::Raw);
         assert_eq!(open.media, MediaKind::Camera(CAMERA_VIDEO));
         assert_eq!(open.codec, Codec::RawI420);
     }

@@ -26,7 +26,7 @@ use melange_transport::message::{
 use melange_transport::port::{Port, PortEvent, Waker};
 use melange_transport::session::{Event, Session, SessionConfig, SessionError};
 
-use crate::camera::{CameraCapture, CameraSpec};
+use crate::camera::{CameraCapture, CameraCodec, CameraSpec};
 use crate::encoded::{AudioOut, EncodedStreams, Reply};
 use crate::guest_log::{GuestLog, Level};
 use crate::mic::{MicCapture, MicSpec, MIC_RATE};
@@ -75,6 +75,8 @@ pub struct HostConfig {
     pub mic: MicSpec,
     /// The camera the guest's virtual camera shows (`--camera`).
     pub camera: CameraSpec,
+    /// How its frames go to the guest (`--camera-codec`).
+    pub camera_codec: CameraCodec,
 }
 
 impl Default for HostConfig {
@@ -86,6 +88,7 @@ impl Default for HostConfig {
             stats: false,
             mic: MicSpec::Default,
             camera: CameraSpec::Default,
+            camera_codec: CameraCodec::Raw,
         }
     }
 }
@@ -123,8 +126,11 @@ struct CameraOpen {
     announced: bool,
     since: Instant,
     seq: u32,
-    /// Frames sent to the guest.
+    /// Frames and bytes sent to the guest.
     sent: u64,
+    bytes: u64,
+    /// When the encoder was last asked for a keyframe.
+    keyframe_asked: Option<Instant>,
 }
 
 /// The guest's demand for the camera, with the microphone's hysteresis ([`MIC_HOLD`],
@@ -149,6 +155,8 @@ pub const CAMERA_FIRST_FRAME: Duration = Duration::from_secs(5);
 pub const CAMERA_RETRY: Duration = Duration::from_secs(5);
 /// The id of the camera stream the host sends.
 pub const CAMERA_STREAM: u32 = 2;
+/// How often the camera's encoder may be asked for a keyframe at most.
+const KEYFRAME_ASK: Duration = Duration::from_millis(200);
 
 /// How long a capture the guest no longer wants stays open, silent: short enough that
 /// the host's microphone indicator goes off well within a second of the last app
@@ -604,6 +612,12 @@ impl Host {
                     let reply = self.encoded.access_unit(now, self.mono_ns(now), stream, &au);
                     self.reply_encoded(stream, reply);
                 }
+                // A keyframe request is for a stream the host sends: the camera's.
+                Event::StreamControl { stream: CAMERA_STREAM, control: StreamControl::KeyframeRequest } => {
+                    if let Some(open) = &mut self.camera.open {
+                        open.capture.request_keyframe();
+                    }
+                }
                 Event::StreamControl { stream, control } => self.encoded.control(stream, control),
                 Event::Media { .. } => {}
                 Event::CaptureDemand(demand) => self.on_capture_demand(now, demand),
@@ -614,6 +628,10 @@ impl Host {
                 Event::PeerRestarted => {
                     self.log.line(now, Level::Info, format_args!("the guest side restarted; starting a new session"));
                     self.close_all(now, "guest restarted");
+                }
+                Event::StreamRejected { stream: CAMERA_STREAM, reason } => {
+                    let why = format!("the guest refused the camera: {reason}");
+                    self.fail_camera(now, &why);
                 }
                 Event::StreamRejected { stream, reason } => {
                     self.log.line(now, Level::Warn, format_args!("guest refused stream {stream}: {reason}"));
@@ -1069,10 +1087,18 @@ impl Host {
         }
         self.camera.next_open = Some(now + MIC_REOPEN);
         let Some(waker) = self.camera.waker.as_ref().and_then(|w| w.try_clone().ok()) else { return };
-        match CameraCapture::open(&self.config.camera, waker) {
+        match CameraCapture::open(&self.config.camera, self.config.camera_codec, waker) {
             Ok(capture) => {
                 self.log.line(now, Level::Info, format_args!("opening {} for the guest", self.config.camera));
-                self.camera.open = Some(CameraOpen { capture, announced: false, since: now, seq: 0, sent: 0 });
+                self.camera.open = Some(CameraOpen {
+                    capture,
+                    announced: false,
+                    since: now,
+                    seq: 0,
+                    sent: 0,
+                    bytes: 0,
+                    keyframe_asked: None,
+                });
             }
             Err(e) => self.fail_camera(now, &e),
         }
@@ -1085,7 +1111,8 @@ impl Host {
         self.camera.next_open = Some(now + CAMERA_RETRY);
         self.log.line(now, Level::Warn, format_args!("cannot capture {} for the guest: {why}", self.config.camera));
         if let Some(s) = self.session.as_mut().filter(|s| s.is_established()) {
-            if announced || s.open_stream(CAMERA_STREAM, &crate::camera::stream_open()).is_ok() {
+            if announced || s.open_stream(CAMERA_STREAM, &crate::camera::stream_open(self.config.camera_codec)).is_ok()
+            {
                 s.close_stream(CAMERA_STREAM, why);
             }
         }
@@ -1104,7 +1131,10 @@ impl Host {
         self.log.line(
             now,
             Level::Info,
-            format_args!("camera closed ({why}): {} frames to the guest in {secs:.1} s", open.sent),
+            format_args!(
+                "camera closed ({why}): {} frames, {} bytes to the guest in {secs:.1} s",
+                open.sent, open.bytes
+            ),
         );
     }
 
@@ -1131,7 +1161,7 @@ impl Host {
             }
         };
         if !open.announced && !frames.is_empty() && self.camera.wanted {
-            if let Err(e) = s.open_stream(CAMERA_STREAM, &crate::camera::stream_open()) {
+            if let Err(e) = s.open_stream(CAMERA_STREAM, &crate::camera::stream_open(self.config.camera_codec)) {
                 let why = format!("cannot announce the camera to the guest: {e}");
                 self.fail_camera(now, &why);
                 return release;
@@ -1143,8 +1173,8 @@ impl Host {
                 now,
                 Level::Info,
                 format_args!(
-                    "camera opened for the guest: {}, {}x{} I420 raw at up to {} fps, first frame after {ms} ms",
-                    self.config.camera, v.width, v.height, v.framerate_num
+                    "camera opened for the guest: {}, {}x{} {} at up to {} fps, first frame after {ms} ms",
+                    self.config.camera, v.width, v.height, self.config.camera_codec, v.framerate_num
                 ),
             );
         }
@@ -1152,16 +1182,21 @@ impl Host {
             for frame in frames {
                 let au = AccessUnit {
                     seq: open.seq,
-                    flags: au_flags::KEYFRAME,
+                    flags: if frame.keyframe { au_flags::KEYFRAME } else { 0 },
                     pts_ns: frame.at_ns,
                     dts_ns: frame.at_ns,
                     duration_ns: 1_000_000_000 / u64::from(crate::camera::CAMERA_VIDEO.framerate_num),
                     data: frame.data,
                 };
                 open.seq = open.seq.wrapping_add(1);
-                // Dropped by the session, oldest first, if the port falls behind.
+                // Dropped by the session, oldest first, if the port falls behind; the
+                // stream then waits for a keyframe, which the encoder is asked for.
                 if s.send_access_unit(CAMERA_STREAM, &au).unwrap_or(false) {
                     open.sent += 1;
+                    open.bytes += au.data.len() as u64;
+                } else if open.keyframe_asked.is_none_or(|at| now.saturating_duration_since(at) >= KEYFRAME_ASK) {
+                    open.keyframe_asked = Some(now);
+                    open.capture.request_keyframe();
                 }
             }
         }

@@ -8,6 +8,7 @@
 
 pub mod audio;
 mod scripted;
+pub mod video;
 
 pub use scripted::{ScriptedGuest, ScriptedHost};
 

@@ -6,16 +6,15 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use melange_tests::video::{self, Pattern};
 use melange_tests::{bin, scratch, serial, PipeWire, Proc};
 
 /// Bytes of a 320x240 I420 frame.
 const FRAME: usize = 320 * 240 * 3 / 2;
 
-/// Frame `n` as `melange-test-camera` makes it.
+/// Frame `n` as `melange-test-camera` makes it by default.
 fn expected(n: u64) -> Vec<u8> {
-    let mut f: Vec<u8> = (0..FRAME).map(|i| (n as usize).wrapping_mul(31).wrapping_add(i / 7) as u8).collect();
-    f[..8].copy_from_slice(&n.to_le_bytes());
-    f
+    video::frame(Pattern::Counter, 320, 240, n)
 }
 
 /// `num` frames read from node `target` by `pipewiresrc`, as raw I420 320x240.
@@ -103,8 +102,17 @@ const CALL_FRAME: usize = 640 * 360 * 3 / 2;
 
 /// Starts `melange-test-camera` as `name` on `pw`, at 640x360 and 30 fps.
 fn test_camera(pw: &PipeWire, name: &str, log: std::path::PathBuf) -> Proc {
+    test_camera_showing(pw, name, Pattern::Counter, log)
+}
+
+/// As [`test_camera`], showing `pattern`.
+fn test_camera_showing(pw: &PipeWire, name: &str, pattern: Pattern, log: std::path::PathBuf) -> Proc {
+    let pattern = match pattern {
+        Pattern::Counter => "counter",
+        Pattern::Smooth => "smooth",
+    };
     let mut cmd = pw.command(bin("melange-test-camera"));
-    cmd.args(["--name", name, "--width", "640", "--height", "360", "--fps", "30"]);
+    cmd.args(["--name", name, "--width", "640", "--height", "360", "--fps", "30", "--pattern", pattern]);
     let mut camera = Proc::spawn(cmd, log);
     camera.wait_for_log(&format!("melange-test-camera: {name}"), Duration::from_secs(10));
     camera
@@ -126,12 +134,10 @@ fn wait_status(pw: &PipeWire, prefix: &str) -> String {
 /// The frame numbers of `frames` (as `melange-test-camera` stamps them), checking that
 /// each is the camera's own, whole, and that they come in order with few skipped.
 fn check_camera_frames(frames: &[Vec<u8>], size: usize) -> Vec<u64> {
-    let numbers: Vec<u64> = frames.iter().map(|f| u64::from_le_bytes(f[..8].try_into().expect("8 bytes"))).collect();
+    let numbers: Vec<u64> = frames.iter().map(|f| video::number(Pattern::Counter, 640, f)).collect();
     for (f, n) in frames.iter().zip(&numbers) {
         assert_eq!(f.len(), size, "frame {n} is cut");
-        let mut want: Vec<u8> = (0..size).map(|i| (*n as usize).wrapping_mul(31).wrapping_add(i / 7) as u8).collect();
-        want[..8].copy_from_slice(&n.to_le_bytes());
-        assert!(*f == want, "frame {n} is not the camera's");
+        assert!(*f == video::frame(Pattern::Counter, 640, 360, *n), "frame {n} is not the camera's");
     }
     assert!(numbers.windows(2).all(|w| w[0] < w[1]), "out of order: {numbers:?}");
     let skipped = numbers[numbers.len() - 1] - numbers[0] + 1 - numbers.len() as u64;
@@ -261,4 +267,47 @@ fn a_v4l2_app_gets_the_hosts_camera_through_pw_v4l2() {
     let frames: Vec<Vec<u8>> = bytes.chunks(CALL_FRAME).map(<[u8]>::to_vec).collect();
     check_camera_frames(&frames, CALL_FRAME);
     camera.stop();
+}
+
+/// Encoded (`--camera-codec vp8`, `h264`): every frame a guest app gets is the host
+/// camera's, in order, at a PSNR of at least 35 dB against the camera's own picture.
+#[test]
+fn the_hosts_camera_encoded_reaches_a_guest_app_at_35_db_and_in_order() {
+    let _serial = serial();
+    for codec in ["vp8", "h264"] {
+        let dir = scratch(&format!("camera-{codec}"));
+        let mut rig = melange_tests::Redirected::start_with_host_args(
+            &dir,
+            melange_tests::GuestCodec::Opus(64_000),
+            &["--camera", "test-cam", "--camera-codec", codec],
+        );
+        let mut camera = test_camera_showing(&rig.host_pw, "test-cam", Pattern::Smooth, dir.join("camera.log"));
+        wait_status(&rig.guest_pw, "idle");
+        let out = dir.join("call.yuv");
+        let mut cmd = rig.guest_pw.command("gst-launch-1.0");
+        cmd.args(["-q", "pipewiresrc", "target-object=melange.camera", "num-buffers=60", "!"])
+            .args(["video/x-raw,format=I420,width=640,height=360", "!", "filesink"])
+            .arg(format!("location={}", out.display()));
+        assert!(run_with_timeout(cmd, Duration::from_secs(30)), "{codec}: the app got no 60 frames");
+        let bytes = std::fs::read(&out).expect("the app's file");
+        assert_eq!(bytes.len(), 60 * CALL_FRAME, "{codec}");
+        let frames: Vec<&[u8]> = bytes.chunks(CALL_FRAME).collect();
+        let numbers: Vec<u64> = frames.iter().map(|f| video::number(Pattern::Smooth, 640, f)).collect();
+        assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{codec}: out of order: {numbers:?}");
+        let psnr: Vec<f64> = frames
+            .iter()
+            .zip(&numbers)
+            .map(|(f, n)| video::psnr(f, &video::frame(Pattern::Smooth, 640, 360, *n)))
+            .collect();
+        let min = psnr.iter().copied().fold(f64::INFINITY, f64::min);
+        let mean = psnr.iter().sum::<f64>() / psnr.len() as f64;
+        let skipped = numbers[59] - numbers[0] - 59;
+        rig.host.wait_for_log("camera closed", Duration::from_secs(5));
+        let log = rig.host.log_text();
+        let sent = log.lines().find(|l| l.contains("camera closed")).unwrap_or_default().to_owned();
+        eprintln!("{codec}: PSNR min {min:.1} dB, mean {mean:.1} dB; {skipped} skipped; host: {sent}");
+        assert!(min >= 35.0, "{codec}: a frame at {min:.1} dB: {psnr:?}");
+        assert!(skipped <= 3, "{codec}: {skipped} skipped: {numbers:?}");
+        camera.stop();
+    }
 }

@@ -55,10 +55,12 @@ enum System {
     PulseTunnel,
     MelangeOpusPlayer,
     MelangeCamera,
+    MelangeCameraVp8,
+    MelangeCameraH264,
 }
 
 impl System {
-    const ALL: [System; 8] = [
+    const ALL: [System; 10] = [
         System::MelangeOpus,
         System::MelangeOpusVideo,
         System::MelangeLowLatency,
@@ -67,6 +69,8 @@ impl System {
         System::PulseTunnel,
         System::MelangeOpusPlayer,
         System::MelangeCamera,
+        System::MelangeCameraVp8,
+        System::MelangeCameraH264,
     ];
 
     /// What runs without `--systems`: the audio comparison.
@@ -89,6 +93,8 @@ impl System {
             System::PulseTunnel => "pulse-tunnel",
             System::MelangeOpusPlayer => "melange-opus-player",
             System::MelangeCamera => "melange-camera",
+            System::MelangeCameraVp8 => "melange-camera-vp8",
+            System::MelangeCameraH264 => "melange-camera-h264",
         }
     }
 
@@ -110,6 +116,8 @@ impl System {
                 "the host's camera (melange-test-camera, 640x360 I420 at 30 fps) to a guest app (pipewiresrc) \
                  through \"Melange camera\", raw: latency from the camera's frame to the app, guest CPU"
             }
+            System::MelangeCameraVp8 => "the camera as melange-camera, encoded: melange-host --camera-codec vp8",
+            System::MelangeCameraH264 => "the camera as melange-camera, encoded: melange-host --camera-codec h264",
         }
     }
 
@@ -121,7 +129,9 @@ impl System {
             | System::MelangeLowLatency
             | System::MelangePcm
             | System::MelangeOpusPlayer
-            | System::MelangeCamera => "melange",
+            | System::MelangeCamera
+            | System::MelangeCameraVp8
+            | System::MelangeCameraH264 => "melange",
             System::Rtp => "bench-rtp-sink",
             System::PulseTunnel => "bench-tunnel-sink",
         }
@@ -136,7 +146,19 @@ impl System {
                 | System::MelangePcm
                 | System::MelangeOpusPlayer
                 | System::MelangeCamera
+                | System::MelangeCameraVp8
+                | System::MelangeCameraH264
         )
+    }
+
+    /// `--camera-codec` of the camera systems.
+    fn camera_codec(self) -> Option<&'static str> {
+        match self {
+            System::MelangeCamera => Some("raw"),
+            System::MelangeCameraVp8 => Some("vp8"),
+            System::MelangeCameraH264 => Some("h264"),
+            _ => None,
+        }
     }
 }
 
@@ -326,7 +348,9 @@ fn setup(system: System, dir: &Path, index: usize) -> Result<Setup, String> {
         | System::MelangeLowLatency
         | System::MelangePcm
         | System::MelangeOpusPlayer
-        | System::MelangeCamera => {
+        | System::MelangeCamera
+        | System::MelangeCameraVp8
+        | System::MelangeCameraH264 => {
             let listen = format!("unix:{}", sock.display());
             let frames = format!("frames:{}", dir.join("frames").display());
             let video = if system == System::MelangeOpusPlayer { frames.as_str() } else { "null" };
@@ -704,31 +728,37 @@ struct CameraFigures {
     /// Frame numbers the app never got, between its first and last.
     skipped: u64,
     fps: f64,
+    /// The camera stream's bytes on the port, per second (melange-host's count).
+    wire_bytes_per_s: f64,
+    /// The worst frame's PSNR against the camera's own picture (infinite: exact).
+    psnr_min_db: f64,
     /// The guest module's process, melange-host and the app, % of one core.
     guest_cpu_pct: f64,
     host_cpu_pct: f64,
     app_cpu_pct: f64,
 }
 
-/// The host's camera to a guest app, raw (see [`System::MelangeCamera`]): the app
-/// reads frames from a pipe as `pipewiresrc ... ! fdsink` writes them, and each frame's
-/// number (its first 8 bytes) finds when the camera put it (`melange-test-camera
-/// --times`); both sides share `CLOCK_MONOTONIC`.
-fn measure_camera(seconds: f64, dir: &Path) -> Result<CameraFigures, String> {
+/// The host's camera to a guest app as `codec` (see [`System::MelangeCamera`]): the
+/// app reads frames from a pipe as `pipewiresrc ... ! fdsink` writes them, and each
+/// frame's number (in blocks, `Pattern::Smooth`) finds when the camera put it
+/// (`melange-test-camera --times`); both sides share `CLOCK_MONOTONIC`.
+fn measure_camera(seconds: f64, dir: &Path, codec: &str) -> Result<CameraFigures, String> {
+    use melange_tests::video::{self, Pattern};
     use std::io::Read;
     const FRAME: usize = 640 * 360 * 3 / 2;
-    let dir = dir.join("melange-camera");
+    let dir = dir.join(format!("melange-camera-{codec}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let host = PipeWire::start(&dir.join("host"));
     let guest = PipeWire::start(&dir.join("guest"));
     let times = dir.join("camera-times.txt");
     let mut cmd = host.command(melange_tests::bin("melange-test-camera"));
-    cmd.args(["--name", "bench-cam", "--times"]).arg(&times);
+    cmd.args(["--name", "bench-cam", "--pattern", "smooth", "--times"]).arg(&times);
     let mut camera = Proc::spawn(cmd, dir.join("camera.log"));
     camera.wait_for_log("melange-test-camera: bench-cam", Duration::from_secs(10));
     let sock = dir.join("port.sock");
     let listen = format!("unix:{}", sock.display());
-    let host_side = start_host(&["--listen", &listen, "--output", "null", "--camera", "bench-cam"], Some(&host), &dir);
+    let host_args = ["--listen", &listen, "--output", "null", "--camera", "bench-cam", "--camera-codec", codec];
+    let mut host_side = start_host(&host_args, Some(&host), &dir);
     wait_until(Duration::from_secs(10), || sock.exists().then_some(())).ok_or("melange-host did not start")?;
     let mut g = start_guest_with(
         &guest,
@@ -751,10 +781,15 @@ fn measure_camera(seconds: f64, dir: &Path) -> Result<CameraFigures, String> {
     let mut arrivals: Vec<(u64, u64)> = Vec::new();
     let started = Instant::now();
     let mut cpu0 = None;
+    let mut psnr_min_db = f64::INFINITY;
     while started.elapsed().as_secs_f64() < seconds {
         out.read_exact(&mut frame).map_err(|e| format!("the app's frames ended: {e}"))?;
         let at = melange_shim::clock::monotonic_ns();
-        let n = u64::from_le_bytes(frame[..8].try_into().map_err(|_| "a short frame")?);
+        let n = video::number(Pattern::Smooth, 640, &frame);
+        // One frame a second checked against the camera's: the check costs a core.
+        if n % 30 == 0 {
+            psnr_min_db = psnr_min_db.min(video::psnr(&frame, &video::frame(Pattern::Smooth, 640, 360, n)));
+        }
         if started.elapsed() >= Duration::from_secs(1) {
             if cpu0.is_none() {
                 cpu0 = Some((cpu_seconds(module), cpu_seconds(host_side.pid()), cpu_seconds(app.id()), Instant::now()));
@@ -769,6 +804,15 @@ fn measure_camera(seconds: f64, dir: &Path) -> Result<CameraFigures, String> {
         (pct(cpu_seconds(module), m0), pct(cpu_seconds(host_side.pid()), h0), pct(cpu_seconds(app.id()), a0));
     let _ = app.kill();
     let _ = app.wait();
+    // "camera closed (...): N frames, B bytes to the guest in S s"
+    host_side.wait_for_log("camera closed", Duration::from_secs(5));
+    let log = host_side.log_text();
+    let closed = log.lines().find(|l| l.contains("camera closed")).unwrap_or_default();
+    let field = |after: &str, before: &str| -> Option<f64> {
+        let rest = &closed[closed.find(after)? + after.len()..];
+        rest[..rest.find(before)?].trim().parse().ok()
+    };
+    let wire_bytes_per_s = field("frames, ", " bytes").zip(field(" in ", " s")).map_or(0.0, |(b, s)| b / s.max(1e-9));
     camera.stop();
     let put: std::collections::HashMap<u64, u64> = std::fs::read_to_string(&times)
         .map_err(|e| e.to_string())?
@@ -783,6 +827,8 @@ fn measure_camera(seconds: f64, dir: &Path) -> Result<CameraFigures, String> {
         latencies_ms,
         skipped,
         fps: arrivals.len() as f64 / secs,
+        wire_bytes_per_s,
+        psnr_min_db,
         guest_cpu_pct,
         host_cpu_pct,
         app_cpu_pct,
@@ -804,11 +850,12 @@ fn run(args: Args) -> Result<(), String> {
 
     let mut results = Vec::new();
     let mut index = 0;
-    let mut camera = None;
+    let mut cameras = Vec::new();
     for &system in &systems {
-        if system == System::MelangeCamera {
+        if let Some(codec) = system.camera_codec() {
             eprintln!("melange-bench: {}, {seconds} s ...", system.name());
-            camera = Some(measure_camera(seconds, &dir).map_err(|e| format!("{}: {e}", system.name()))?);
+            let figures = measure_camera(seconds, &dir, codec).map_err(|e| format!("{}: {e}", system.name()))?;
+            cameras.push((system, figures));
             continue;
         }
         let mut runs = Vec::new();
@@ -901,22 +948,28 @@ fn run(args: Args) -> Result<(), String> {
             );
         }
     }
-    if let Some(c) = &camera {
+    for (system, c) in &cameras {
         let (p50, p99) = (percentile(&c.latencies_ms, 0.5), percentile(&c.latencies_ms, 0.99));
         println!(
-            "melange-camera: 640x360 I420 at 30 fps, raw: camera frame to guest app p50 {p50:.1} ms, p99 {p99:.1} ms \
-             over {} frames ({} skipped, {:.1} fps); guest module {:.1} % of a core, melange-host {:.1} %, \
-             the app (pipewiresrc) {:.1} %",
+            "{}: 640x360 at 30 fps, {}: camera frame to guest app p50 {p50:.1} ms, p99 {p99:.1} ms \
+             over {} frames ({} skipped, {:.1} fps); {:.0} B/s on the port; PSNR min {:.1} dB; guest module {:.1} % \
+             of a core, melange-host {:.1} %, the app (pipewiresrc) {:.1} %",
+            system.name(),
+            system.camera_codec().unwrap_or_default(),
             c.latencies_ms.len(),
             c.skipped,
             c.fps,
+            c.wire_bytes_per_s,
+            c.psnr_min_db,
             c.guest_cpu_pct,
             c.host_cpu_pct,
             c.app_cpu_pct
         );
         objects.push(json!({
-            "system": System::MelangeCamera.name(),
-            "description": System::MelangeCamera.describe(),
+            "system": system.name(),
+            "description": system.describe(),
+            "wire_bytes_per_s": c.wire_bytes_per_s,
+            "psnr_min_db": c.psnr_min_db,
             "latency_ms_p50": p50,
             "latency_ms_p99": p99,
             "latency_samples": c.latencies_ms.len(),

@@ -1,7 +1,7 @@
 //! A camera for tests: a `Video/Source` node on this user's PipeWire whose every frame
-//! says which it is. Frame `n` (from 0) is I420 with its first 8 luma bytes `n`
-//! (little-endian) and every other byte a function of `n` and its offset
-//! ([`frame`]), so a consumer can tell order, loss and corruption apart.
+//! says which it is ([`melange_tests::video`]: `--pattern counter`, exact bytes, the
+//! default; `--pattern smooth`, a moving picture encoders code well, its number in
+//! blocks).
 //!
 //! Runs until killed; prints one line once the node exists. With `--times FILE` it
 //! writes a line `N NS` as it puts frame N, NS on `CLOCK_MONOTONIC` (for latency).
@@ -10,6 +10,7 @@
 
 use clap::Parser;
 use melange_pw::video::{FrameSlot, RawVideo, VideoSource};
+use melange_tests::video::Pattern;
 use pipewire as pw;
 use pw::properties::properties;
 
@@ -26,17 +27,12 @@ struct Args {
     height: u32,
     #[arg(long, default_value_t = 30)]
     fps: u32,
+    /// What the frames show.
+    #[arg(long, value_enum, default_value = "counter")]
+    pattern: Pattern,
     /// Writes `N NS` for each frame put: its number and the time, ns on CLOCK_MONOTONIC.
     #[arg(long)]
     times: Option<std::path::PathBuf>,
-}
-
-/// Frame `n` of `video`: see the module docs.
-fn frame(video: RawVideo, n: u64) -> Vec<u8> {
-    let mut f: Vec<u8> =
-        (0..video.frame_bytes()).map(|i| (n as usize).wrapping_mul(31).wrapping_add(i / 7) as u8).collect();
-    f[..8].copy_from_slice(&n.to_le_bytes());
-    f
 }
 
 fn main() {
@@ -60,11 +56,12 @@ fn main() {
     let slot = FrameSlot::new().expect("an eventfd");
     let source = VideoSource::start(stream, main_loop.loop_(), video, slot.clone()).expect("the source");
     let feeder = slot.clone();
+    let pattern = args.pattern;
     let n = std::cell::Cell::new(0u64);
     let times = args.times.as_ref().map(|p| std::fs::File::create(p).expect("the --times file"));
     // A frame at each tick, on the source's own loop.
     let timer = main_loop.loop_().add_timer(move |_| {
-        let f = frame(video, n.get());
+        let f = melange_tests::video::frame(pattern, video.width as usize, video.height as usize, n.get());
         if let Some(mut t) = times.as_ref() {
             use std::io::Write;
             let _ = writeln!(t, "{} {}", n.get(), melange_shim::clock::monotonic_ns());
