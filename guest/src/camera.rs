@@ -98,6 +98,11 @@ impl CameraReceiver {
         self.wanted
     }
 
+    /// Whether the host of this session offers a camera (its handshake's kind bit).
+    pub fn host_has_camera(&self) -> bool {
+        self.host_has_camera == Some(true)
+    }
+
     /// Sets whether an app captures; true if that changed (the host is to be told).
     pub fn set_wanted(&mut self, wanted: bool) -> bool {
         if std::mem::replace(&mut self.wanted, wanted) == wanted {

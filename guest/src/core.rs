@@ -467,6 +467,10 @@ impl GuestCore {
     /// Tells the host whether the virtual camera is wanted, if a host is there (a new
     /// session is told at its start).
     fn send_camera_demand(&mut self) {
+        // A host that offers no camera (or predates it) is not asked.
+        if !self.camera.as_ref().is_some_and(CameraReceiver::host_has_camera) {
+            return;
+        }
         let Some(s) = self.session.as_mut().filter(|s| s.is_established()) else { return };
         let active = self.camera.as_ref().is_some_and(CameraReceiver::wanted);
         let demand = CaptureDemand { device: CaptureDevice::Camera, active, frame_us: 0 };

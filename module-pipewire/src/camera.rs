@@ -4,7 +4,7 @@
 //! them: a consumer waits for its next frame, never an error, never another device.
 //! Why nothing comes is on its node (`melange.camera.status`).
 
-use melange_pw::video::{FrameSlot, RawVideo, VideoSource};
+use melange_pw::video::{FrameSlot, PixelFormat, RawVideo, VideoSource};
 use pipewire as pw;
 use pw::properties::properties;
 
@@ -13,6 +13,14 @@ use crate::stream::{new_stream, update_properties};
 
 /// The camera's format: raw I420 at the common video-call size and rate.
 pub(crate) const CAMERA_VIDEO: RawVideo = RawVideo { width: 640, height: 360, fps: 30 };
+
+/// The layouts apps may ask for, the frames' own first: NV12 for hardware encoders, YUY2
+/// for V4L2 apps (most ask for it first).
+const CAMERA_FORMATS: [PixelFormat; 3] = [PixelFormat::I420, PixelFormat::Nv12, PixelFormat::Yuy2];
+/// The sizes apps may ask for besides [`CAMERA_VIDEO`]'s own (which they get unless
+/// they ask otherwise): the usual camera sizes. Another aspect is cropped at the
+/// centre; a larger size is scaled up from 640x360.
+const CAMERA_SIZES: [(u32, u32); 5] = [(1280, 720), (960, 540), (640, 480), (320, 240), (320, 180)];
 
 /// [`CAMERA_VIDEO`] as the protocol says it: what the guest takes from the host.
 pub(crate) fn camera_format() -> melange_transport::message::VideoFormat {
@@ -55,7 +63,8 @@ impl CameraSource {
         };
         let stream =
             new_stream(core, "melange-camera", props).map_err(|e| format!("cannot create the camera's stream: {e}"))?;
-        let source = VideoSource::start(stream, main_loop, CAMERA_VIDEO, frames)?;
+        let source =
+            VideoSource::start_offering(stream, main_loop, CAMERA_VIDEO, &CAMERA_FORMATS, &CAMERA_SIZES, frames)?;
         log::info!("melange: created the camera {name} (\"{description}\")");
         let mut camera = CameraSource { source, published: Vec::new() };
         camera.set_status("no host connected");

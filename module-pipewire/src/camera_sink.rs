@@ -26,20 +26,45 @@ const DECODERS: [(u64, &[&str]); 2] = [
     (codec_bits::H264, &["avdec_h264", "openh264dec", "vah264dec", "v4l2h264dec"]),
 ];
 
+/// Most bytes waiting for the decoder; beyond it units are dropped until a keyframe.
+const MAX_QUEUED: u64 = 4 << 20;
+/// Decoder failures in a row after which the host is no longer asked for keyframes.
+const MAX_FAILURES: u32 = 3;
+
 /// The virtual camera's [`CameraSink`].
 pub(crate) struct ModuleCameraSink {
     slot: FrameSlot,
-    decodes: u64,
+    /// Which codecs it decodes: found on first use (starting GStreamer may scan its
+    /// plugins, which the module's load must not wait for).
+    decodes: std::sync::OnceLock<u64>,
     codec: Option<Codec>,
     decoder: Option<Decoder>,
-    /// The decoder failed: units are dropped until a keyframe starts a new one.
+    /// Units are dropped until a keyframe (the decoder failed, or fell behind); a
+    /// failed decoder is made anew then.
     broken: bool,
+    skip_to_keyframe: bool,
+    /// Decoder failures in a row.
+    failures: u32,
 }
 
 impl ModuleCameraSink {
-    /// A sink into `slot`; which codecs it decodes is found once, here.
+    /// A sink into `slot`.
     pub(crate) fn new(slot: FrameSlot) -> Self {
-        let decodes = match gst::init() {
+        Self {
+            slot,
+            decodes: std::sync::OnceLock::new(),
+            codec: None,
+            decoder: None,
+            broken: false,
+            skip_to_keyframe: false,
+            failures: 0,
+        }
+    }
+}
+
+impl CameraSink for ModuleCameraSink {
+    fn decodes(&self) -> u64 {
+        *self.decodes.get_or_init(|| match gst::init() {
             Ok(()) => DECODERS
                 .iter()
                 .filter(|(_, names)| names.iter().any(|n| gst::ElementFactory::find(n).is_some()))
@@ -48,14 +73,7 @@ impl ModuleCameraSink {
                 log::warn!("melange: cannot start GStreamer ({e}): the camera takes raw frames only");
                 0
             }
-        };
-        Self { slot, decodes, codec: None, decoder: None, broken: false }
-    }
-}
-
-impl CameraSink for ModuleCameraSink {
-    fn decodes(&self) -> u64 {
-        self.decodes
+        })
     }
 
     fn start(&mut self, codec: &Codec) -> Result<(), String> {
@@ -66,6 +84,8 @@ impl CameraSink for ModuleCameraSink {
         }
         self.codec = Some(codec.clone());
         self.broken = false;
+        self.skip_to_keyframe = false;
+        self.failures = 0;
         Ok(())
     }
 
@@ -75,10 +95,11 @@ impl CameraSink for ModuleCameraSink {
             self.slot.put(au.data);
             return true;
         }
+        if (self.broken || self.skip_to_keyframe) && !au.is_keyframe() {
+            return true;
+        }
+        self.skip_to_keyframe = false;
         if self.broken {
-            if !au.is_keyframe() {
-                return true;
-            }
             match Decoder::start(codec, self.slot.clone()) {
                 Ok(d) => {
                     self.decoder = Some(d);
@@ -91,13 +112,28 @@ impl CameraSink for ModuleCameraSink {
             }
         }
         let Some(decoder) = &mut self.decoder else { return true };
+        if decoder.queued() > MAX_QUEUED {
+            // The decoder fell behind: what it holds is late already.
+            self.skip_to_keyframe = true;
+            return false;
+        }
         match decoder.push(au) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.failures = 0;
+                true
+            }
             Err(e) => {
-                log::warn!("melange: the camera's decoder failed ({e}); waiting for a keyframe");
                 self.decoder = None;
                 self.broken = true;
-                false
+                self.failures += 1;
+                if self.failures.is_power_of_two() {
+                    log::warn!(
+                        "melange: the camera's decoder failed ({e}; {} in a row); waiting for a keyframe",
+                        self.failures
+                    );
+                }
+                // A decoder that fails on every keyframe asks no more of the host.
+                self.failures <= MAX_FAILURES
             }
         }
     }
@@ -177,6 +213,11 @@ impl Decoder {
         );
         pipeline.set_state(gst::State::Playing).map_err(|e| format!("cannot start the camera's decoder: {e}"))?;
         Ok(Self { pipeline, src })
+    }
+
+    /// Bytes waiting in the decoder's input.
+    fn queued(&self) -> u64 {
+        self.src.current_level_bytes()
     }
 
     /// Hands the decoder a unit; the error is the first the pipeline reported.

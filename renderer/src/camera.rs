@@ -18,6 +18,7 @@
 //! keyframe at least every 2 s and whenever the guest or a dropped frame asks).
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use gstreamer as gst;
@@ -240,9 +241,13 @@ pub struct CameraCapture {
     /// Where keyframe requests go in (upstream from here), for an encoded stream.
     sink: Option<gst::Element>,
     frames: crossbeam_channel::Receiver<Captured>,
-    /// The starting thread's word: pipewiresrc's start waits until a camera is linked,
-    /// forever if there is none.
+    /// The starting thread's word: pipewiresrc's start waits until a camera is linked
+    /// (0.3.65 gives up after 30 s).
     started: crossbeam_channel::Receiver<Result<(), String>>,
+    /// A frame was dropped since the last poll (the session thread was late).
+    lost: Arc<AtomicBool>,
+    /// Frames of another size or layout than packed I420 at [`CAMERA_VIDEO`], dropped.
+    odd: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for CameraCapture {
@@ -266,8 +271,9 @@ impl CameraCapture {
         };
         let source = make("pipewiresrc")?;
         let mut props = gst::Structure::builder("props")
-            .field("node.name", "melange.camera")
-            .field("node.description", "Guest camera")
+            // Not the guest's camera's name: a guest and its host may share a PipeWire.
+            .field("node.name", "melange-host.camera")
+            .field("node.description", "Camera for the guest")
             .field("application.name", "Melange")
             .field("media.role", "Camera");
         if let Some(target) = target {
@@ -315,7 +321,10 @@ impl CameraCapture {
         pipeline.add_many(&elements).map_err(|e| e.to_string())?;
         gst::Element::link_many(&elements).map_err(|e| format!("cannot link the camera's pipeline: {e}"))?;
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+        let (bus_waker, start_waker) = (waker.try_clone().ok(), waker.try_clone().ok());
         let waker = Arc::new(waker);
+        let (lost, odd) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let (lost_in, odd_in) = (lost.clone(), odd.clone());
         let expected = (codec == CameraCodec::Raw).then(frame_bytes);
         sink.set_callbacks(
             gst_app::AppSinkCallbacks::builder()
@@ -327,14 +336,26 @@ impl CameraCapture {
                     if expected.is_none_or(|e| map.len() == e) && !map.is_empty() {
                         let at_ns = melange_shim::clock::monotonic_ns();
                         let keyframe = !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT);
-                        if tx.try_send(Captured { data: map.to_vec(), at_ns, keyframe }).is_ok() {
-                            waker.wake();
+                        if tx.try_send(Captured { data: map.to_vec(), at_ns, keyframe }).is_err() {
+                            lost_in.store(true, Ordering::Relaxed);
                         }
+                        waker.wake();
+                    } else {
+                        odd_in.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(gst::FlowSuccess::Ok)
                 })
                 .build(),
         );
+        // Errors wake the session thread too, so a failure is seen at once.
+        if let (Some(bus), Some(w)) = (pipeline.bus(), bus_waker) {
+            bus.set_sync_handler(move |_, msg| {
+                if matches!(msg.view(), gst::MessageView::Error(_)) {
+                    w.wake();
+                }
+                gst::BusSyncReply::Pass
+            });
+        }
         let (started_tx, started) = crossbeam_channel::bounded(1);
         let starting = pipeline.clone();
         std::thread::Builder::new()
@@ -345,10 +366,13 @@ impl CameraCapture {
                     format!("cannot start the camera's capture: {why}")
                 });
                 let _ = started_tx.send(result);
+                if let Some(w) = start_waker {
+                    w.wake();
+                }
             })
             .map_err(|e| format!("cannot start the camera's thread: {e}"))?;
         let sink = (codec != CameraCodec::Raw).then(|| sink.upcast());
-        Ok(Self { pipeline, source, sink, frames: rx, started })
+        Ok(Self { pipeline, source, sink, frames: rx, started, lost, odd })
     }
 
     /// Asks the encoder for a keyframe (the guest lost one, or a frame was dropped);
@@ -360,16 +384,21 @@ impl CameraCapture {
         }
     }
 
-    /// The frames captured since the last call, oldest first, or why the capture
-    /// failed (it is then useless and should be dropped).
-    pub fn poll(&mut self) -> Result<Vec<Captured>, String> {
+    /// The frames captured since the last call, oldest first, and whether one was lost
+    /// before them; or why the capture failed (it is then useless and should be dropped).
+    pub fn poll(&mut self) -> Result<(Vec<Captured>, bool), String> {
         if let Ok(Err(why)) = self.started.try_recv() {
             return Err(why);
         }
         if let Some(why) = bus_error(&self.pipeline) {
             return Err(why);
         }
-        Ok(self.frames.try_iter().collect())
+        let frames: Vec<Captured> = self.frames.try_iter().collect();
+        let odd = self.odd.load(Ordering::Relaxed);
+        if frames.is_empty() && odd > 0 {
+            return Err(format!("{odd} frames came in another layout than packed I420 at 640x360"));
+        }
+        Ok((frames, self.lost.swap(false, Ordering::Relaxed)))
     }
 }
 

@@ -131,6 +131,14 @@ struct CameraOpen {
     bytes: u64,
     /// When the encoder was last asked for a keyframe.
     keyframe_asked: Option<Instant>,
+    /// A frame was lost (dropped, or captured while not wanted): the next one sent
+    /// must be a keyframe, or an encoded stream would show a broken picture.
+    need_keyframe: bool,
+    /// When the last frame came: a camera that stops giving frames counts as failed.
+    last_frame: Instant,
+    /// The stream id of this capture (a new one each, so that a new stream never
+    /// meets the old one's close still queued behind its frames).
+    stream: u32,
 }
 
 /// The guest's demand for the camera, with the microphone's hysteresis ([`MIC_HOLD`],
@@ -146,14 +154,25 @@ struct Camera {
     said_none: bool,
     /// Woken by each frame captured.
     waker: Option<Waker>,
+    /// The guest refused the camera's stream: not offered again until it asks anew.
+    refused: bool,
+    /// How long after the next failure the camera is tried again (doubling).
+    retry: Duration,
+    /// The last camera stream id used.
+    last_stream: u32,
 }
 
 /// How long a camera may take to give its first frame before the capture counts as
 /// failed.
 pub const CAMERA_FIRST_FRAME: Duration = Duration::from_secs(5);
-/// How long after a failed capture the camera is tried again, while still wanted.
+/// How long after a failed capture the camera is tried again, while still wanted; it
+/// doubles with each failure in a row, up to [`CAMERA_RETRY_MAX`].
 pub const CAMERA_RETRY: Duration = Duration::from_secs(5);
-/// The id of the camera stream the host sends.
+/// The longest wait between two tries of a failing camera.
+pub const CAMERA_RETRY_MAX: Duration = Duration::from_secs(60);
+/// How long an open camera may give no frame before it counts as gone.
+pub const CAMERA_SILENCE: Duration = Duration::from_secs(3);
+/// The id of the first camera stream the host sends; each capture takes the next.
 pub const CAMERA_STREAM: u32 = 2;
 /// How often the camera's encoder may be asked for a keyframe at most.
 const KEYFRAME_ASK: Duration = Duration::from_millis(200);
@@ -335,6 +354,9 @@ impl Host {
                 next_open: None,
                 said_none: false,
                 waker: None,
+                refused: false,
+                retry: CAMERA_RETRY,
+                last_stream: CAMERA_STREAM - 1,
             },
             volume: Volume::unity(),
             bursts: BurstPool::new(clock.0),
@@ -613,9 +635,13 @@ impl Host {
                     self.reply_encoded(stream, reply);
                 }
                 // A keyframe request is for a stream the host sends: the camera's.
-                Event::StreamControl { stream: CAMERA_STREAM, control: StreamControl::KeyframeRequest } => {
-                    if let Some(open) = &mut self.camera.open {
-                        open.capture.request_keyframe();
+                Event::StreamControl { stream, control: StreamControl::KeyframeRequest } => {
+                    if let Some(open) = self.camera.open.as_mut().filter(|o| o.stream == stream) {
+                        // At most every KEYFRAME_ASK, however often the guest asks.
+                        if open.keyframe_asked.is_none_or(|at| now.saturating_duration_since(at) >= KEYFRAME_ASK) {
+                            open.keyframe_asked = Some(now);
+                            open.capture.request_keyframe();
+                        }
                     }
                 }
                 Event::StreamControl { stream, control } => self.encoded.control(stream, control),
@@ -629,7 +655,12 @@ impl Host {
                     self.log.line(now, Level::Info, format_args!("the guest side restarted; starting a new session"));
                     self.close_all(now, "guest restarted");
                 }
-                Event::StreamRejected { stream: CAMERA_STREAM, reason } => {
+                Event::StreamRejected { stream, reason }
+                    if self.camera.open.as_ref().is_some_and(|o| o.stream == stream) =>
+                {
+                    // Final until the guest asks anew: no camera light blinking every
+                    // few seconds for a guest that cannot take it.
+                    self.camera.refused = true;
                     let why = format!("the guest refused the camera: {reason}");
                     self.fail_camera(now, &why);
                 }
@@ -1028,6 +1059,9 @@ impl Host {
         self.camera.wanted = false;
         self.camera.release_at = None;
         self.camera.said_none = false;
+        self.camera.refused = false;
+        self.camera.retry = CAMERA_RETRY;
+        self.camera.next_open = None;
     }
 
     /// Puts the guest's volume on every stream's output.
@@ -1055,6 +1089,11 @@ impl Host {
                 }
             }
             CaptureDevice::Camera if demand.active => {
+                if !self.camera.wanted {
+                    // Asked anew: a refusal or a run of failures is forgotten.
+                    self.camera.refused = false;
+                    self.camera.retry = CAMERA_RETRY;
+                }
                 self.camera.wanted = true;
                 self.camera.release_at = None;
                 self.pump_camera(now);
@@ -1075,13 +1114,22 @@ impl Host {
     /// stream with the first frame. On failure the guest's camera stays dark and says
     /// why, and so does the log.
     fn open_camera(&mut self, now: Instant) {
-        if !self.camera.usable {
+        let codec = self.config.camera_codec.codec();
+        let takes = self
+            .session
+            .as_ref()
+            .and_then(Session::peer)
+            .is_some_and(|p| p.capabilities.accepts(&MediaKind::Camera(crate::camera::CAMERA_VIDEO), &codec));
+        if !self.camera.usable || !takes || self.camera.refused {
             if !std::mem::replace(&mut self.camera.said_none, true) {
-                self.log.line(
-                    now,
-                    Level::Info,
-                    format_args!("a guest app captures from its camera; melange-host has none to give (--camera none)"),
-                );
+                let why = if !self.camera.usable {
+                    "melange-host has none to give (--camera none)".to_owned()
+                } else if self.camera.refused {
+                    "the guest refused it; not opened again until asked anew".to_owned()
+                } else {
+                    format!("the guest takes no camera as {}", codec.name())
+                };
+                self.log.line(now, Level::Info, format_args!("a guest app captures from its camera; {why}"));
             }
             return;
         }
@@ -1090,6 +1138,9 @@ impl Host {
         match CameraCapture::open(&self.config.camera, self.config.camera_codec, waker) {
             Ok(capture) => {
                 self.log.line(now, Level::Info, format_args!("opening {} for the guest", self.config.camera));
+                // Never 0 (reserved) nor 1 (the microphone's).
+                let stream = self.camera.last_stream.checked_add(1).unwrap_or(CAMERA_STREAM).max(CAMERA_STREAM);
+                self.camera.last_stream = stream;
                 self.camera.open = Some(CameraOpen {
                     capture,
                     announced: false,
@@ -1098,6 +1149,9 @@ impl Host {
                     sent: 0,
                     bytes: 0,
                     keyframe_asked: None,
+                    need_keyframe: true,
+                    last_frame: now,
+                    stream,
                 });
             }
             Err(e) => self.fail_camera(now, &e),
@@ -1105,15 +1159,24 @@ impl Host {
     }
 
     /// The capture failed: the guest is told why (a camera stream that ends at once),
-    /// and the camera is tried again [`CAMERA_RETRY`] later if still wanted.
+    /// and the camera is tried again later if still wanted, each time later.
     fn fail_camera(&mut self, now: Instant, why: &str) {
-        let announced = self.camera.open.take().is_some_and(|o| o.announced);
-        self.camera.next_open = Some(now + CAMERA_RETRY);
-        self.log.line(now, Level::Warn, format_args!("cannot capture {} for the guest: {why}", self.config.camera));
+        let open = self.camera.open.take();
+        let retry = self.camera.retry;
+        self.camera.next_open = Some(now + retry);
+        self.camera.retry = (retry * 2).min(CAMERA_RETRY_MAX);
+        let again =
+            if self.camera.refused { String::new() } else { format!("; trying again in {} s", retry.as_secs()) };
+        self.log.line(
+            now,
+            Level::Warn,
+            format_args!("cannot capture {} for the guest: {why}{again}", self.config.camera),
+        );
+        let stream = open.as_ref().map_or(self.camera.last_stream.max(CAMERA_STREAM), |o| o.stream);
+        let announced = open.as_ref().is_some_and(|o| o.announced);
         if let Some(s) = self.session.as_mut().filter(|s| s.is_established()) {
-            if announced || s.open_stream(CAMERA_STREAM, &crate::camera::stream_open(self.config.camera_codec)).is_ok()
-            {
-                s.close_stream(CAMERA_STREAM, why);
+            if announced || s.open_stream(stream, &crate::camera::stream_open(self.config.camera_codec)).is_ok() {
+                s.close_stream(stream, why);
             }
         }
     }
@@ -1124,7 +1187,7 @@ impl Host {
         self.camera.next_open = Some(now + MIC_REOPEN);
         if open.announced {
             if let Some(s) = &mut self.session {
-                s.close_stream(CAMERA_STREAM, why);
+                s.close_stream(open.stream, why);
             }
         }
         let secs = now.saturating_duration_since(open.since).as_secs_f64();
@@ -1153,20 +1216,27 @@ impl Host {
         }
         let release = self.camera.release_at;
         let (Some(open), Some(s)) = (&mut self.camera.open, &mut self.session) else { return release };
-        let frames = match open.capture.poll() {
-            Ok(frames) => frames,
+        let (frames, lost) = match open.capture.poll() {
+            Ok(polled) => polled,
             Err(why) => {
                 self.fail_camera(now, &why);
                 return release;
             }
         };
+        if lost {
+            open.need_keyframe = true;
+        }
+        if !frames.is_empty() {
+            open.last_frame = now;
+        }
         if !open.announced && !frames.is_empty() && self.camera.wanted {
-            if let Err(e) = s.open_stream(CAMERA_STREAM, &crate::camera::stream_open(self.config.camera_codec)) {
+            if let Err(e) = s.open_stream(open.stream, &crate::camera::stream_open(self.config.camera_codec)) {
                 let why = format!("cannot announce the camera to the guest: {e}");
                 self.fail_camera(now, &why);
                 return release;
             }
             open.announced = true;
+            self.camera.retry = CAMERA_RETRY;
             let v = crate::camera::CAMERA_VIDEO;
             let ms = now.saturating_duration_since(open.since).as_millis();
             self.log.line(
@@ -1178,27 +1248,41 @@ impl Host {
                 ),
             );
         }
-        if open.announced && self.camera.wanted {
-            for frame in frames {
-                let au = AccessUnit {
-                    seq: open.seq,
-                    flags: if frame.keyframe { au_flags::KEYFRAME } else { 0 },
-                    pts_ns: frame.at_ns,
-                    dts_ns: frame.at_ns,
-                    duration_ns: 1_000_000_000 / u64::from(crate::camera::CAMERA_VIDEO.framerate_num),
-                    data: frame.data,
-                };
-                open.seq = open.seq.wrapping_add(1);
-                // Dropped by the session, oldest first, if the port falls behind; the
-                // stream then waits for a keyframe, which the encoder is asked for.
-                if s.send_access_unit(CAMERA_STREAM, &au).unwrap_or(false) {
-                    open.sent += 1;
-                    open.bytes += au.data.len() as u64;
-                } else if open.keyframe_asked.is_none_or(|at| now.saturating_duration_since(at) >= KEYFRAME_ASK) {
-                    open.keyframe_asked = Some(now);
-                    open.capture.request_keyframe();
-                }
+        let sending = open.announced && self.camera.wanted;
+        let mut ask = false;
+        for frame in frames {
+            if !sending || (open.need_keyframe && !frame.keyframe) {
+                // Not sent: an encoded stream goes on from a keyframe only.
+                open.need_keyframe = true;
+                ask = true;
+                continue;
             }
+            let au = AccessUnit {
+                seq: open.seq,
+                flags: if frame.keyframe { au_flags::KEYFRAME } else { 0 },
+                pts_ns: frame.at_ns,
+                dts_ns: frame.at_ns,
+                duration_ns: 1_000_000_000 / u64::from(crate::camera::CAMERA_VIDEO.framerate_num),
+                data: frame.data,
+            };
+            open.seq = open.seq.wrapping_add(1);
+            // Dropped by the session, oldest first, if the port falls behind; the
+            // stream then waits for a keyframe, which the encoder is asked for.
+            if s.send_access_unit(open.stream, &au).unwrap_or(false) {
+                open.sent += 1;
+                open.bytes += au.data.len() as u64;
+                open.need_keyframe = false;
+            } else {
+                open.need_keyframe = true;
+                ask = true;
+            }
+        }
+        if (ask || lost)
+            && sending
+            && open.keyframe_asked.is_none_or(|at| now.saturating_duration_since(at) >= KEYFRAME_ASK)
+        {
+            open.keyframe_asked = Some(now);
+            open.capture.request_keyframe();
         }
         if !open.announced && now.saturating_duration_since(open.since) >= CAMERA_FIRST_FRAME {
             let why = format!(
@@ -1208,8 +1292,13 @@ impl Host {
             self.fail_camera(now, &why);
             return release;
         }
-        let deadline = (!open.announced).then(|| open.since + CAMERA_FIRST_FRAME);
-        [release, deadline].into_iter().flatten().min()
+        if open.announced && now.saturating_duration_since(open.last_frame) >= CAMERA_SILENCE {
+            let why = format!("no frame for {} s (was the camera unplugged?)", CAMERA_SILENCE.as_secs());
+            self.fail_camera(now, &why);
+            return release;
+        }
+        let deadline = if open.announced { open.last_frame + CAMERA_SILENCE } else { open.since + CAMERA_FIRST_FRAME };
+        [release, Some(deadline)].into_iter().flatten().min()
     }
 
     /// Starts opening the microphone for the guest; [`Host::pump_mic`] announces its

@@ -242,15 +242,17 @@ fn run(cli: Cli) -> Result<(), String> {
         camera_codec: cli.camera_codec,
     };
     let camera_usable = cli.camera != CameraSpec::None
-        && match melange_renderer::camera::available(cli.camera_codec) {
+        && match melange_renderer::camera::available(CameraCodec::Raw) {
             Ok(()) => true,
-            // Asked for by name, an encoder that is not there is a wrong setting.
-            Err(e) if cli.camera_codec != CameraCodec::Raw => return Err(e),
             Err(e) => {
                 log::warn!("melange-host: {e}: the guest's camera stays dark");
                 false
             }
         };
+    if camera_usable {
+        // Asked for by name, an encoder that is not there is a wrong setting.
+        melange_renderer::camera::available(cli.camera_codec)?;
+    }
     let mut host = Host::new(config, output, melange_shim::clock::now_pair());
     host.set_encoded(encoded);
     host.set_camera_usable(camera_usable);

@@ -84,6 +84,38 @@ pub fn number(pattern: Pattern, width: usize, f: &[u8]) -> u64 {
     }
 }
 
+/// The number a [`Pattern::Smooth`] frame scaled by `scale` (same aspect) says it is:
+/// its blocks are `scale` times as large.
+pub fn number_scaled(width: usize, f: &[u8], scale: f64) -> u64 {
+    (0..CODE_BITS)
+        .map(|bit| {
+            let y = (BLOCK as f64 / 2.0 * scale) as usize;
+            let x = ((bit * BLOCK) as f64 * scale + BLOCK as f64 / 2.0 * scale) as usize;
+            u64::from(f.get(y * width + x).copied().unwrap_or(0) > 128) << bit
+        })
+        .sum()
+}
+
+/// Packed YUY2 (`Y0 U Y1 V`) of `width` x `height` back to I420, the chroma of each even
+/// row kept.
+pub fn yuy2_to_i420(f: &[u8], width: usize, height: usize) -> Vec<u8> {
+    let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
+    let stride = 4 * cw;
+    let mut out = vec![0u8; i420_bytes(width, height)];
+    for y in 0..height {
+        for x in 0..width {
+            out[y * width + x] = f[y * stride + 2 * x];
+        }
+    }
+    for y2 in 0..ch {
+        for x2 in 0..cw {
+            out[width * height + y2 * cw + x2] = f[2 * y2 * stride + 4 * x2 + 1];
+            out[width * height + cw * ch + y2 * cw + x2] = f[2 * y2 * stride + 4 * x2 + 3];
+        }
+    }
+    out
+}
+
 /// Peak signal-to-noise ratio of `got` against `want` over all planes, dB (infinite
 /// when equal).
 pub fn psnr(got: &[u8], want: &[u8]) -> f64 {
