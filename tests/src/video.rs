@@ -87,10 +87,16 @@ pub fn number(pattern: Pattern, width: usize, f: &[u8]) -> u64 {
 /// The number a [`Pattern::Smooth`] frame scaled by `scale` (same aspect) says it is:
 /// its blocks are `scale` times as large.
 pub fn number_scaled(width: usize, f: &[u8], scale: f64) -> u64 {
+    number_at(width, f, scale, 0, 0)
+}
+
+/// As [`number_scaled`], the picture's top left corner at (`x0`, `y0`) of the frame
+/// (a picture scaled into a frame of another aspect, with borders).
+pub fn number_at(width: usize, f: &[u8], scale: f64, x0: usize, y0: usize) -> u64 {
     (0..CODE_BITS)
         .map(|bit| {
-            let y = (BLOCK as f64 / 2.0 * scale) as usize;
-            let x = ((bit * BLOCK) as f64 * scale + BLOCK as f64 / 2.0 * scale) as usize;
+            let y = y0 + (BLOCK as f64 / 2.0 * scale) as usize;
+            let x = x0 + ((bit * BLOCK) as f64 * scale + BLOCK as f64 / 2.0 * scale) as usize;
             u64::from(f.get(y * width + x).copied().unwrap_or(0) > 128) << bit
         })
         .sum()

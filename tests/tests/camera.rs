@@ -39,6 +39,22 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> bool {
     ended.is_some_and(|s| s.success())
 }
 
+/// Both sessions, melange-host with `host_args` (`--camera ...`) and the guest module.
+fn call_rig(dir: &Path, host_args: &[&str]) -> melange_tests::Redirected {
+    melange_tests::Redirected::start_with_host_args(dir, melange_tests::GuestCodec::Opus(64_000), host_args)
+}
+
+/// What a guest app (`pipewiresrc` from "Melange camera", with `caps`) wrote of `n`
+/// frames into `out`; fails the test if it did not end with them.
+fn capture(pw: &PipeWire, caps: &str, n: u32, out: &Path) -> Vec<u8> {
+    let mut cmd = pw.command("gst-launch-1.0");
+    cmd.args(["-q", "pipewiresrc", "target-object=melange.camera", &format!("num-buffers={n}"), "!", caps])
+        .args(["!", "filesink"])
+        .arg(format!("location={}", out.display()));
+    assert!(run_with_timeout(cmd, Duration::from_secs(30)), "the app got no {n} frames as {caps}");
+    std::fs::read(out).expect("the app's file")
+}
+
 /// Every frame a consumer gets is one the camera made, whole, and in the order made;
 /// few are skipped; a second consumer after the first gets frames too.
 #[test]
@@ -97,6 +113,9 @@ fn without_a_host_the_guests_camera_is_there_and_says_why_it_is_dark() {
     guest.stop();
 }
 
+/// The caps of what "Melange camera" shows unless asked otherwise.
+const I420: &str = "video/x-raw,format=I420,width=640,height=360";
+
 /// Bytes of a 640x360 I420 frame: what "Melange camera" shows.
 const CALL_FRAME: usize = 640 * 360 * 3 / 2;
 
@@ -107,12 +126,17 @@ fn test_camera(pw: &PipeWire, name: &str, log: std::path::PathBuf) -> Proc {
 
 /// As [`test_camera`], showing `pattern`.
 fn test_camera_showing(pw: &PipeWire, name: &str, pattern: Pattern, log: std::path::PathBuf) -> Proc {
+    test_camera_as(pw, name, pattern, &["--width", "640", "--height", "360"], log)
+}
+
+/// As [`test_camera_showing`], with more `melange-test-camera` arguments (size, layout).
+fn test_camera_as(pw: &PipeWire, name: &str, pattern: Pattern, args: &[&str], log: std::path::PathBuf) -> Proc {
     let pattern = match pattern {
         Pattern::Counter => "counter",
         Pattern::Smooth => "smooth",
     };
     let mut cmd = pw.command(bin("melange-test-camera"));
-    cmd.args(["--name", name, "--width", "640", "--height", "360", "--fps", "30", "--pattern", pattern]);
+    cmd.args(["--name", name, "--fps", "30", "--pattern", pattern]).args(args);
     let mut camera = Proc::spawn(cmd, log);
     camera.wait_for_log(&format!("melange-test-camera: {name}"), Duration::from_secs(10));
     camera
@@ -153,11 +177,7 @@ fn check_camera_frames(frames: &[Vec<u8>], size: usize) -> Vec<u64> {
 fn the_hosts_camera_reaches_a_guest_app_exact_in_order_and_only_while_it_captures() {
     let _serial = serial();
     let dir = scratch("camera-call");
-    let rig = melange_tests::Redirected::start_with_host_args(
-        &dir,
-        melange_tests::GuestCodec::Opus(64_000),
-        &["--camera", "test-cam"],
-    );
+    let rig = call_rig(&dir, &["--camera", "test-cam"]);
     let mut camera = test_camera(&rig.host_pw, "test-cam", dir.join("camera.log"));
     assert!(wait_status(&rig.guest_pw, "idle").contains("closed"));
     std::thread::sleep(Duration::from_secs(1));
@@ -165,14 +185,9 @@ fn the_hosts_camera_reaches_a_guest_app_exact_in_order_and_only_while_it_capture
 
     for round in 0..2 {
         let out = dir.join(format!("call-{round}.yuv"));
-        let mut cmd = rig.guest_pw.command("gst-launch-1.0");
-        cmd.args(["-q", "pipewiresrc", "target-object=melange.camera", "num-buffers=60", "!"])
-            .args(["video/x-raw,format=I420,width=640,height=360", "!", "filesink"])
-            .arg(format!("location={}", out.display()));
         let started = std::time::Instant::now();
-        assert!(run_with_timeout(cmd, Duration::from_secs(30)), "round {round}: the app got no 60 frames");
+        let bytes = capture(&rig.guest_pw, I420, 60, &out);
         let ended = std::time::Instant::now();
-        let bytes = std::fs::read(&out).expect("the app's file");
         assert_eq!(bytes.len(), 60 * CALL_FRAME, "round {round}");
         let frames: Vec<Vec<u8>> = bytes.chunks(CALL_FRAME).map(<[u8]>::to_vec).collect();
         check_camera_frames(&frames, CALL_FRAME);
@@ -202,11 +217,7 @@ fn the_hosts_camera_reaches_a_guest_app_exact_in_order_and_only_while_it_capture
 fn a_host_without_the_camera_leaves_the_guests_dark_and_says_why() {
     let _serial = serial();
     let dir = scratch("camera-none");
-    let rig = melange_tests::Redirected::start_with_host_args(
-        &dir,
-        melange_tests::GuestCodec::Opus(64_000),
-        &["--camera", "none"],
-    );
+    let rig = call_rig(&dir, &["--camera", "none"]);
     wait_status(&rig.guest_pw, "the host has no camera to give");
     let mut cmd = rig.guest_pw.command("gst-launch-1.0");
     cmd.args(["-q", "pipewiresrc", "target-object=melange.camera", "!", "video/x-raw,format=I420", "!", "fakesink"]);
@@ -221,11 +232,7 @@ fn a_host_without_the_camera_leaves_the_guests_dark_and_says_why() {
     drop(rig);
 
     let dir = scratch("camera-missing");
-    let rig = melange_tests::Redirected::start_with_host_args(
-        &dir,
-        melange_tests::GuestCodec::Opus(64_000),
-        &["--camera", "no-such-camera"],
-    );
+    let rig = call_rig(&dir, &["--camera", "no-such-camera"]);
     wait_status(&rig.guest_pw, "idle");
     let mut cmd = rig.guest_pw.command("gst-launch-1.0");
     cmd.args(["-q", "pipewiresrc", "target-object=melange.camera", "!", "video/x-raw,format=I420", "!", "fakesink"]);
@@ -248,11 +255,7 @@ fn a_host_without_the_camera_leaves_the_guests_dark_and_says_why() {
 fn a_v4l2_app_gets_the_hosts_camera_through_pw_v4l2() {
     let _serial = serial();
     let dir = scratch("camera-v4l2");
-    let rig = melange_tests::Redirected::start_with_host_args(
-        &dir,
-        melange_tests::GuestCodec::Opus(64_000),
-        &["--camera", "test-cam"],
-    );
+    let rig = call_rig(&dir, &["--camera", "test-cam"]);
     let mut camera = test_camera(&rig.host_pw, "test-cam", dir.join("camera.log"));
     wait_status(&rig.guest_pw, "idle");
     // pw-v4l2 0.3.65 shows V4L2 apps the node's first format only: I420 at 640x360.
@@ -287,20 +290,11 @@ fn the_hosts_camera_encoded_reaches_a_guest_app_at_35_db_and_in_order() {
     let _serial = serial();
     for codec in ["vp8", "h264"] {
         let dir = scratch(&format!("camera-{codec}"));
-        let mut rig = melange_tests::Redirected::start_with_host_args(
-            &dir,
-            melange_tests::GuestCodec::Opus(64_000),
-            &["--camera", "test-cam", "--camera-codec", codec],
-        );
+        let mut rig = call_rig(&dir, &["--camera", "test-cam", "--camera-codec", codec]);
         let mut camera = test_camera_showing(&rig.host_pw, "test-cam", Pattern::Smooth, dir.join("camera.log"));
         wait_status(&rig.guest_pw, "idle");
         let out = dir.join("call.yuv");
-        let mut cmd = rig.guest_pw.command("gst-launch-1.0");
-        cmd.args(["-q", "pipewiresrc", "target-object=melange.camera", "num-buffers=60", "!"])
-            .args(["video/x-raw,format=I420,width=640,height=360", "!", "filesink"])
-            .arg(format!("location={}", out.display()));
-        assert!(run_with_timeout(cmd, Duration::from_secs(30)), "{codec}: the app got no 60 frames");
-        let bytes = std::fs::read(&out).expect("the app's file");
+        let bytes = capture(&rig.guest_pw, I420, 60, &out);
         assert_eq!(bytes.len(), 60 * CALL_FRAME, "{codec}");
         let frames: Vec<&[u8]> = bytes.chunks(CALL_FRAME).collect();
         let numbers: Vec<u64> = frames.iter().map(|f| video::number(Pattern::Smooth, 640, f)).collect();
@@ -330,22 +324,13 @@ fn the_hosts_camera_encoded_reaches_a_guest_app_at_35_db_and_in_order() {
 fn apps_get_the_layout_and_size_they_ask_for() {
     let _serial = serial();
     let dir = scratch("camera-formats");
-    let rig = melange_tests::Redirected::start_with_host_args(
-        &dir,
-        melange_tests::GuestCodec::Opus(64_000),
-        &["--camera", "test-cam"],
-    );
+    let rig = call_rig(&dir, &["--camera", "test-cam"]);
     let mut camera = test_camera_showing(&rig.host_pw, "test-cam", Pattern::Smooth, dir.join("camera.log"));
     wait_status(&rig.guest_pw, "idle");
     for (format, width, height) in [("YUY2", 640usize, 360usize), ("NV12", 1280, 720)] {
         let out = dir.join(format!("{format}.raw"));
-        let mut cmd = rig.guest_pw.command("gst-launch-1.0");
-        cmd.args(["-q", "pipewiresrc", "target-object=melange.camera", "num-buffers=30", "!"])
-            .arg(format!("video/x-raw,format={format},width={width},height={height}"))
-            .args(["!", "filesink"])
-            .arg(format!("location={}", out.display()));
-        assert!(run_with_timeout(cmd, Duration::from_secs(30)), "{format}: the app got no 30 frames");
-        let bytes = std::fs::read(&out).expect("the app's file");
+        let caps = format!("video/x-raw,format={format},width={width},height={height}");
+        let bytes = capture(&rig.guest_pw, &caps, 30, &out);
         let size = if format == "YUY2" { width * height * 2 } else { video::i420_bytes(width, height) };
         assert_eq!(bytes.len(), 30 * size, "{format}");
         let mut numbers = Vec::new();
@@ -371,5 +356,32 @@ fn apps_get_the_layout_and_size_they_ask_for() {
         assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{format}: out of order: {numbers:?}");
         eprintln!("{format} {width}x{height}: frames {} to {}", numbers[0], numbers[29]);
     }
+    camera.stop();
+}
+
+/// A camera of another size and layout than the guest shows (640x480 YUY2, as many USB
+/// cameras give): the host converts and scales it into 640x360 I420, the 4:3 picture
+/// between black borders, and the guest app gets every frame in order.
+#[test]
+fn a_camera_of_another_size_and_layout_is_scaled_to_what_the_guest_shows() {
+    let _serial = serial();
+    let dir = scratch("camera-4x3");
+    let rig = call_rig(&dir, &["--camera", "test-cam"]);
+    let args = ["--width", "640", "--height", "480", "--format", "yuy2"];
+    let mut camera = test_camera_as(&rig.host_pw, "test-cam", Pattern::Smooth, &args, dir.join("camera.log"));
+    wait_status(&rig.guest_pw, "idle");
+    let out = dir.join("4x3.yuv");
+    let bytes = capture(&rig.guest_pw, I420, 30, &out);
+    assert_eq!(bytes.len(), 30 * CALL_FRAME);
+    // 640x480 into 640x360: scaled by 0.75 to 480x360, centred: borders 80 pixels wide.
+    let numbers: Vec<u64> = bytes.chunks(CALL_FRAME).map(|f| video::number_at(640, f, 0.75, 80, 0)).collect();
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "out of order: {numbers:?}");
+    let skipped = numbers[29] - numbers[0] - 29;
+    assert!(skipped <= 3, "{skipped} skipped: {numbers:?}");
+    let f = &bytes[..CALL_FRAME];
+    let border: Vec<u8> = (0..360).flat_map(|y| f[y * 640..y * 640 + 70].to_vec()).collect();
+    let mean = border.iter().map(|&v| f64::from(v)).sum::<f64>() / border.len() as f64;
+    assert!((mean - 16.0).abs() < 4.0, "the border's luma is {mean:.1}, not black");
+    eprintln!("4:3 YUY2 camera: frames {} to {}, {skipped} skipped, border luma {mean:.1}", numbers[0], numbers[29]);
     camera.stop();
 }

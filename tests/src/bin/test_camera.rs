@@ -9,10 +9,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use clap::Parser;
-use melange_pw::video::{FrameSlot, RawVideo, VideoSource};
+use melange_pw::video::{FrameSlot, PixelFormat, RawVideo, VideoSource};
 use melange_tests::video::Pattern;
 use pipewire as pw;
 use pw::properties::properties;
+
+/// `--format`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Format {
+    I420,
+    Nv12,
+    Yuy2,
+}
 
 /// A test camera on PipeWire.
 #[derive(Debug, Parser)]
@@ -27,6 +35,9 @@ struct Args {
     height: u32,
     #[arg(long, default_value_t = 30)]
     fps: u32,
+    /// The one layout the node offers (frames are made as I420 and converted).
+    #[arg(long, value_enum, default_value = "i420")]
+    format: Format,
     /// What the frames show.
     #[arg(long, value_enum, default_value = "counter")]
     pattern: Pattern,
@@ -54,7 +65,13 @@ fn main() {
     };
     let stream = pw::stream::StreamRc::new(core, "melange-test-camera", props).expect("a stream");
     let slot = FrameSlot::new().expect("an eventfd");
-    let source = VideoSource::start(stream, main_loop.loop_(), video, slot.clone()).expect("the source");
+    let format = match args.format {
+        Format::I420 => PixelFormat::I420,
+        Format::Nv12 => PixelFormat::Nv12,
+        Format::Yuy2 => PixelFormat::Yuy2,
+    };
+    let source = VideoSource::start_offering(stream, main_loop.loop_(), video, &[format], &[], slot.clone())
+        .expect("the source");
     let feeder = slot.clone();
     let pattern = args.pattern;
     let n = std::cell::Cell::new(0u64);
